@@ -1,0 +1,96 @@
+//! The one error type of `ci-core`.
+
+use crate::model::{AgentId, Attempt, BuildId, BuildStatus};
+
+/// A boxed error from a lower layer (a store, a runner).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in the core.
+///
+/// The variants split into three groups, and callers act on the group:
+/// - *the caller's fault* (`Invalid`, `BuildNotFound`, `AgentNotFound`,
+///   `Superseded`, `Conflict`, `NotRunning`): retrying the same request
+///   cannot succeed;
+/// - *transient* (`Store`, `Unavailable`): retrying later may succeed,
+///   see [`Error::is_retryable`];
+/// - *runner* failures (`Runner`): the build could not run at all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A value failed validation (a commit ref, a URL, a setting).
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Which value, as the user named it (`hash`, `repo`, ...).
+        field: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// No build has this id.
+    #[error("build {0} not found")]
+    BuildNotFound(BuildId),
+
+    /// No registered agent has this id (it may have been dropped).
+    #[error("agent {0} not found")]
+    AgentNotFound(AgentId),
+
+    /// The build exists but is not running, so it takes no heartbeat.
+    #[error("build {id} is not running (status {status})")]
+    NotRunning {
+        /// The build.
+        id: BuildId,
+        /// Its current status.
+        status: BuildStatus,
+    },
+
+    /// A heartbeat or result for an attempt that a newer one replaced.
+    #[error("build {id} attempt {attempt} was superseded by attempt {current}")]
+    Superseded {
+        /// The build.
+        id: BuildId,
+        /// The attempt the caller spoke for.
+        attempt: Attempt,
+        /// The attempt that counts now.
+        current: Attempt,
+    },
+
+    /// The request contradicts the recorded state, e.g. a second,
+    /// different result for a build that already completed.
+    #[error("{0}")]
+    Conflict(String),
+
+    /// The store failed; the operation did not happen and may be retried.
+    #[error("store error: {0}")]
+    Store(#[source] BoxError),
+
+    /// A runner could not run the build (checkout failed, engine down).
+    #[error("runner error: {0}")]
+    Runner(String),
+
+    /// The service is shutting down or otherwise not taking work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Wraps a store's own error.
+    pub fn store(err: impl Into<BoxError>) -> Self {
+        Error::Store(err.into())
+    }
+
+    /// True when the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Store(_) | Error::Unavailable(_))
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,607 @@
+//! Domain types: builds, attempts, agents, and the validated values they
+//! are made of.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+
+// === ids ===
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $inner);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A build number: the store's primary key, unique and never reused.
+    BuildId(i64)
+);
+id_type!(
+    /// An agent's id, handed out at registration and never reused.
+    AgentId(i64)
+);
+id_type!(
+    /// The number of a dispatch of a build. The first dispatch is attempt 1;
+    /// 0 means the build was never dispatched.
+    Attempt(u32)
+);
+
+impl Attempt {
+    /// The attempt after this one.
+    pub fn next(self) -> Attempt {
+        Attempt(self.0.saturating_add(1))
+    }
+}
+
+// === status ===
+
+/// Where a build is in its life.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildStatus {
+    /// Waiting for an agent (the original design called this `new`).
+    #[serde(alias = "new")]
+    Queued,
+    /// Dispatched to an agent; an attempt holds a lease on it.
+    Running,
+    /// Finished with exit status 0.
+    Success,
+    /// Finished with a non-zero exit status, or could not run.
+    Failed,
+    /// Stopped by a user before it finished.
+    Canceled,
+}
+
+impl BuildStatus {
+    /// Every status, in life order.
+    pub const ALL: [BuildStatus; 5] = [
+        BuildStatus::Queued,
+        BuildStatus::Running,
+        BuildStatus::Success,
+        BuildStatus::Failed,
+        BuildStatus::Canceled,
+    ];
+
+    /// The wire and database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Queued => "queued",
+            BuildStatus::Running => "running",
+            BuildStatus::Success => "success",
+            BuildStatus::Failed => "failed",
+            BuildStatus::Canceled => "canceled",
+        }
+    }
+
+    /// True once the build can no longer change.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Success | BuildStatus::Failed | BuildStatus::Canceled
+        )
+    }
+
+    /// The status a build ends in for an exit code.
+    pub fn from_exit_code(code: i32) -> BuildStatus {
+        if code == 0 {
+            BuildStatus::Success
+        } else {
+            BuildStatus::Failed
+        }
+    }
+}
+
+impl fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BuildStatus {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "queued" | "new" => Ok(BuildStatus::Queued),
+            "running" => Ok(BuildStatus::Running),
+            "success" => Ok(BuildStatus::Success),
+            "failed" => Ok(BuildStatus::Failed),
+            "canceled" => Ok(BuildStatus::Canceled),
+            other => Err(Error::invalid("status", format!("unknown status {other:?}"))),
+        }
+    }
+}
+
+// === commit refs ===
+
+/// A commit to build: a hex SHA (4 to 64 digits) or a safe ref name.
+///
+/// N.B.: this is the only gate between a user's string and `git`. A valid
+/// ref never starts with `-`, so it cannot be read as an option, and it holds
+/// no characters with a meaning to git's revision syntax (`^ ~ : @{ ..`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct CommitRef(String);
+
+impl CommitRef {
+    /// Longest accepted ref name, in bytes.
+    pub const MAX_LEN: usize = 255;
+
+    /// Validates `s`.
+    pub fn parse(s: &str) -> Result<CommitRef> {
+        let err = |reason: &str| Error::invalid("hash", format!("{reason}: {s:?}"));
+        if s.is_empty() {
+            return Err(err("must not be empty"));
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err(Error::invalid(
+                "hash",
+                format!("longer than {} bytes", Self::MAX_LEN),
+            ));
+        }
+        if is_hex_sha(s) {
+            return Ok(CommitRef(s.to_ascii_lowercase()));
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-');
+        if !s.chars().all(allowed) {
+            return Err(err("not a hex SHA or a ref name (letters, digits, . _ / -)"));
+        }
+        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Err(err("must start with a letter or digit"));
+        }
+        if s.ends_with('/') || s.ends_with('.') || s.ends_with(".lock") {
+            return Err(err("must not end with '/', '.' or '.lock'"));
+        }
+        if s.contains("..") || s.contains("//") || s.contains("/.") {
+            return Err(err("must not contain '..', '//' or '/.'"));
+        }
+        Ok(CommitRef(s.to_owned()))
+    }
+
+    /// True for a hex SHA rather than a ref name.
+    pub fn is_sha(&self) -> bool {
+        is_hex_sha(&self.0)
+    }
+
+    /// The validated string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_hex_sha(s: &str) -> bool {
+    (4..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl fmt::Display for CommitRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for CommitRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        CommitRef::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+// === repository URLs ===
+
+/// URL schemes a repository may use unless configured otherwise.
+pub const DEFAULT_REPO_SCHEMES: &[&str] = &["https", "http", "ssh", "git", "file"];
+
+/// A repository location that is safe to hand to `git clone`.
+///
+/// Accepted forms: `scheme://...` with an allowed scheme, an absolute local
+/// path (treated as `file`), and scp-like `user@host:path` (treated as `ssh`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct RepoUrl(String);
+
+impl RepoUrl {
+    /// Longest accepted URL, in bytes.
+    pub const MAX_LEN: usize = 2048;
+
+    /// Validates `s` against [`DEFAULT_REPO_SCHEMES`].
+    pub fn parse(s: &str) -> Result<RepoUrl> {
+        Self::parse_with(s, DEFAULT_REPO_SCHEMES)
+    }
+
+    /// Validates `s`, allowing only the given schemes.
+    pub fn parse_with<S: AsRef<str>>(s: &str, schemes: &[S]) -> Result<RepoUrl> {
+        let err = |reason: String| Error::invalid("repo", reason);
+        if s.is_empty() {
+            return Err(err("must not be empty".into()));
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err(err(format!("longer than {} bytes", Self::MAX_LEN)));
+        }
+        if s.starts_with('-') {
+            return Err(err(format!("must not start with '-': {s:?}")));
+        }
+        if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(err("must not contain spaces or control characters".into()));
+        }
+        // `transport::address` runs a git remote helper (`ext::` runs a command).
+        if s.contains("::") {
+            return Err(err(format!("remote-helper syntax '::' is not allowed: {s:?}")));
+        }
+        let scheme = Self::scheme_of(s)
+            .ok_or_else(|| err(format!("not a URL, an absolute path or user@host:path: {s:?}")))?;
+        if !schemes.iter().any(|a| a.as_ref().eq_ignore_ascii_case(scheme)) {
+            let allowed: Vec<&str> = schemes.iter().map(AsRef::as_ref).collect();
+            return Err(err(format!(
+                "scheme {scheme:?} is not allowed (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+        Ok(RepoUrl(s.to_owned()))
+    }
+
+    fn scheme_of(s: &str) -> Option<&str> {
+        if s.starts_with('/') {
+            return Some("file");
+        }
+        if let Some((scheme, rest)) = s.split_once("://") {
+            let valid = !scheme.is_empty()
+                && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+            return (valid && !rest.is_empty()).then_some(scheme);
+        }
+        // scp-like syntax: [user@]host:path, where host has no '/'.
+        let (host, path) = s.split_once(':')?;
+        let ok = !host.is_empty() && !host.contains('/') && !path.is_empty();
+        ok.then_some("ssh")
+    }
+
+    /// The validated string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// === builds ===
+
+/// Limits on what a build may carry, so nothing unbounded reaches the store.
+pub mod limits {
+    /// Longest build command, in bytes.
+    pub const MAX_COMMAND: usize = 64 * 1024;
+    /// Longest branch name, in bytes.
+    pub const MAX_BRANCH: usize = 255;
+    /// Longest image name, in bytes.
+    pub const MAX_IMAGE: usize = 512;
+    /// Most output kept per stream (stdout, stderr) per attempt, in bytes.
+    pub const MAX_LOG: usize = 16 * 1024 * 1024;
+}
+
+/// What a user asks for when creating a build, after validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBuild {
+    /// Repository to check out.
+    pub repo: RepoUrl,
+    /// Commit or ref to check out.
+    pub hash: CommitRef,
+    /// Branch the commit belongs to, for display only.
+    pub branch: Option<String>,
+    /// Shell command to run in the checkout.
+    pub command: String,
+    /// Container image for runners that use one.
+    pub image: Option<String>,
+    /// Per-build timeout; the agent's default applies when `None`.
+    pub timeout_ms: Option<u64>,
+}
+
+impl NewBuild {
+    /// A build of `hash` in `repo` running `command`, validated.
+    pub fn new(repo: RepoUrl, hash: CommitRef, command: impl Into<String>) -> Result<NewBuild> {
+        let build = NewBuild {
+            repo,
+            hash,
+            branch: None,
+            command: command.into(),
+            image: None,
+            timeout_ms: None,
+        };
+        build.validate()?;
+        Ok(build)
+    }
+
+    /// Checks the free-text fields against [`limits`].
+    pub fn validate(&self) -> Result<()> {
+        if self.command.trim().is_empty() {
+            return Err(Error::invalid("command", "must not be empty"));
+        }
+        if self.command.len() > limits::MAX_COMMAND {
+            return Err(Error::invalid(
+                "command",
+                format!("longer than {} bytes", limits::MAX_COMMAND),
+            ));
+        }
+        if self.command.contains('\0') {
+            return Err(Error::invalid("command", "must not contain NUL"));
+        }
+        if let Some(branch) = &self.branch {
+            if branch.len() > limits::MAX_BRANCH || branch.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    "branch",
+                    format!("at most {} bytes without control characters", limits::MAX_BRANCH),
+                ));
+            }
+        }
+        if let Some(image) = &self.image {
+            let ok = !image.is_empty()
+                && image.len() <= limits::MAX_IMAGE
+                && !image.starts_with('-')
+                && image
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c));
+            if !ok {
+                return Err(Error::invalid(
+                    "image",
+                    format!("not an image reference: {image:?}"),
+                ));
+            }
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(Error::invalid("timeoutMs", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// A build as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Build {
+    /// Unique, never reused build number.
+    pub id: BuildId,
+    /// Repository to check out.
+    pub repo: String,
+    /// Commit or ref to check out.
+    pub hash: String,
+    /// Branch, for display.
+    pub branch: Option<String>,
+    /// Command to run.
+    pub command: String,
+    /// Image for container runners.
+    pub image: Option<String>,
+    /// Per-build timeout.
+    pub timeout_ms: Option<u64>,
+    /// Where the build is in its life.
+    pub status: BuildStatus,
+    /// Number of the latest dispatch; 0 before the first.
+    pub attempt: Attempt,
+    /// Agent of the latest attempt.
+    pub agent_id: Option<AgentId>,
+    /// That agent's URL, kept after the agent is gone.
+    pub agent_url: Option<String>,
+    /// Exit status of the accepted result.
+    pub exit_code: Option<i32>,
+    /// When the build was created.
+    pub created_at: Timestamp,
+    /// When the latest attempt was dispatched.
+    pub started_at: Option<Timestamp>,
+    /// When the build finished.
+    pub finished_at: Option<Timestamp>,
+}
+
+impl Build {
+    /// Run time of the finished attempt, in milliseconds.
+    pub fn duration_ms(&self) -> Option<u64> {
+        match (self.started_at, self.finished_at) {
+            (Some(s), Some(f)) => Some(f.0.saturating_sub(s.0)),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of one attempt, as an agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Exit status; 0 is success.
+    pub exit_code: i32,
+    /// Captured standard output.
+    pub stdout: String,
+    /// Captured standard error.
+    pub stderr: String,
+}
+
+impl Completion {
+    /// Exit code reported when the build could not run at all (checkout
+    /// failed, engine unreachable, timeout). Distinct from any process exit.
+    pub const NOT_RUN: i32 = -1;
+
+    /// A completion for a build that could not run, with the reason on
+    /// stderr.
+    pub fn not_run(reason: impl fmt::Display) -> Completion {
+        Completion {
+            exit_code: Self::NOT_RUN,
+            stdout: String::new(),
+            stderr: format!("ci: {reason}\n"),
+        }
+    }
+}
+
+/// The stored output of one attempt.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildLog {
+    /// The attempt this output belongs to.
+    pub attempt: Attempt,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// A registered agent, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// Its id.
+    pub id: AgentId,
+    /// Base URL the server reaches it at, e.g. `http://agent-01:3001`.
+    pub url: String,
+    /// When it registered.
+    pub registered_at: Timestamp,
+}
+
+/// Which page of a listing to return.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// Most items to return.
+    pub limit: usize,
+    /// Items to skip from the newest.
+    pub offset: usize,
+}
+
+impl Page {
+    /// Largest page the API serves.
+    pub const MAX_LIMIT: usize = 500;
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Page { limit: 50, offset: 0 }
+    }
+}
+
+/// Truncates `s` to at most `max` bytes on a char boundary, appending a
+/// marker that says how much was cut.
+pub fn truncate_log(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let omitted = s.len() - cut;
+    s.truncate(cut);
+    s.push_str(&format!("\n[output truncated: {omitted} bytes omitted]\n"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_refs_accept_shas_and_safe_names() {
+        for ok in [
+            "abcd",
+            "0123456789abcdef0123456789abcdef01234567",
+            "main",
+            "feature/x-1.2",
+            "v1.0",
+            "refs/heads/main",
+        ] {
+            assert!(CommitRef::parse(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(CommitRef::parse("ABCD").map(|c| c.0).ok(), Some("abcd".into()));
+        assert!(CommitRef::parse("abcd").map(|c| c.is_sha()).unwrap_or(false));
+    }
+
+    #[test]
+    fn commit_refs_refuse_options_and_revision_syntax() {
+        for bad in [
+            "",
+            "-abc",
+            "--upload-pack=touch /tmp/x",
+            "main^",
+            "HEAD~1",
+            "a..b",
+            "a b",
+            "x:y",
+            "main@{1}",
+            "refs//x",
+            "x/",
+            "x.lock",
+            ".hidden",
+            "a/.b",
+            "ünïcode",
+            "a\nb",
+            &"a".repeat(256),
+        ] {
+            assert!(CommitRef::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn repo_urls_by_scheme() {
+        for ok in [
+            "https://example.com/x.git",
+            "file:///tmp/repo",
+            "/tmp/repo",
+            "git@example.com:x/y.git",
+            "ssh://git@example.com/x",
+        ] {
+            assert!(RepoUrl::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-uupload",
+            "ext::sh -c touch% /tmp/pwned",
+            "ext::sh",
+            "fd::17",
+            "relative/path",
+            "ftp://x/y",
+            "http://a b",
+        ] {
+            assert!(RepoUrl::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(RepoUrl::parse_with("https://x/y", &["file"]).is_err());
+        assert!(RepoUrl::parse_with("/srv/repo", &["file"]).is_ok());
+    }
+
+    #[test]
+    fn status_round_trips_and_accepts_the_original_spelling() {
+        for s in BuildStatus::ALL {
+            assert_eq!(s.as_str().parse::<BuildStatus>().ok(), Some(s));
+        }
+        let parsed: BuildStatus = serde_json::from_str("\"new\"").unwrap_or(BuildStatus::Failed);
+        assert_eq!(parsed, BuildStatus::Queued);
+    }
+
+    #[test]
+    fn truncation_keeps_char_boundaries_and_says_so() {
+        let mut s = "é".repeat(10); // 20 bytes
+        truncate_log(&mut s, 5);
+        assert!(s.starts_with("éé\n[output truncated: 16 bytes omitted]"), "{s}");
+        let mut short = String::from("ok");
+        truncate_log(&mut short, 5);
+        assert_eq!(short, "ok");
+    }
+
+    #[test]
+    fn new_build_limits() {
+        let repo = RepoUrl::parse("/tmp/r").unwrap_or_else(|e| panic!("{e}"));
+        let hash = CommitRef::parse("main").unwrap_or_else(|e| panic!("{e}"));
+        assert!(NewBuild::new(repo.clone(), hash.clone(), "  ").is_err());
+        assert!(NewBuild::new(repo.clone(), hash.clone(), "x".repeat(limits::MAX_COMMAND + 1)).is_err());
+        let mut b = NewBuild::new(repo, hash, "make").unwrap_or_else(|e| panic!("{e}"));
+        b.image = Some("--privileged".into());
+        assert!(b.validate().is_err());
+        b.image = Some("debian:bookworm-slim".into());
+        assert!(b.validate().is_ok());
+    }
+}

@@ -1,0 +1,373 @@
+//! The wire protocol: JSON bodies exchanged between server, agents and users.
+//!
+//! Field names are the original design's. Everything added since is
+//! optional, so a peer that speaks only the original fields still works, and
+//! unknown fields are ignored so newer peers can talk to older ones.
+//!
+//! | who calls | endpoint | body | reply |
+//! |---|---|---|---|
+//! | agent → server | `POST /notify_agent` | [`NotifyAgent`] | [`NotifyAgentReply`] |
+//! | agent → server | `POST /notify_agent_alive` | [`NotifyAgentAlive`] | 200, 404, 409 |
+//! | agent → server | `POST /notify_build_result` | [`NotifyBuildResult`] | 200, 404, 409 |
+//! | server → agent | `POST /build` | [`BuildRequest`] | 200 at once |
+//! | user → server | `POST /build`, `POST /api/builds` | [`CreateBuild`] | 201 [`BuildView`] |
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::model::{AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus};
+use crate::pool::Agent;
+
+// === agent → server ===
+
+/// `POST /notify_agent`: an agent announces itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyAgent {
+    /// How the server reaches the agent: `http://agent-01`, `agent-01`, or
+    /// an IP. When absent, the server uses the request's source address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The agent's port, as a string or a number.
+    #[serde(deserialize_with = "port_from_string_or_number")]
+    pub port: u16,
+}
+
+/// Reply to [`NotifyAgent`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyAgentReply {
+    /// The agent's id.
+    pub id: AgentId,
+    /// Heartbeat interval in milliseconds.
+    pub timeout: u64,
+}
+
+/// `POST /notify_agent_alive`: a heartbeat while building, or (extension)
+/// an idle agent's ping with only `agentId`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyAgentAlive {
+    /// The build being run. Absent on an idle ping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<BuildId>,
+    /// Extension: the attempt being run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
+    /// Extension: the sending agent.
+    #[serde(rename = "agentId", default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+}
+
+/// `POST /notify_build_result`: the outcome of a build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyBuildResult {
+    /// The build.
+    pub id: BuildId,
+    /// Exit status; 0 is success, -1 means the build could not run.
+    pub status: i32,
+    /// Captured standard output.
+    #[serde(default)]
+    pub stdout: String,
+    /// Captured standard error.
+    #[serde(default)]
+    pub stderr: String,
+    /// Extension: the attempt that produced this result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
+    /// Extension: the reporting agent.
+    #[serde(rename = "agentId", default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+}
+
+// === server → agent ===
+
+/// `POST /build` on an agent: run this build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    /// The build.
+    pub id: BuildId,
+    /// Shell command to run.
+    pub command: String,
+    /// Commit or ref to check out.
+    pub hash: String,
+    /// Repository URL.
+    pub repo: String,
+    /// Extension: the attempt number, to echo on heartbeats and the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
+    /// Extension: container image for the docker runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Extension: build timeout in milliseconds.
+    #[serde(rename = "timeoutMs", default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+// === user → server ===
+
+/// `POST /api/builds` (and the original `POST /build`): create a build.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateBuild {
+    /// Commit SHA (4 to 64 hex digits) or ref name. Required.
+    pub hash: String,
+    /// Command to run; the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Branch, for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Container image for the docker runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Build timeout in milliseconds.
+    #[serde(rename = "timeoutMs", default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A build as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildView {
+    /// Build number.
+    pub id: BuildId,
+    /// Commit or ref.
+    pub hash: String,
+    /// Command.
+    pub command: String,
+    /// Repository.
+    pub repo: String,
+    /// Branch, if given.
+    pub branch: Option<String>,
+    /// Image, if given.
+    pub image: Option<String>,
+    /// Timeout, if given.
+    pub timeout_ms: Option<u64>,
+    /// Status.
+    pub status: BuildStatus,
+    /// URL of the agent of the latest attempt.
+    pub agent: Option<String>,
+    /// Id of that agent.
+    pub agent_id: Option<AgentId>,
+    /// Latest attempt number; 0 before the first dispatch.
+    pub attempt: Attempt,
+    /// Exit status of the accepted result.
+    pub exit_code: Option<i32>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 start of the latest attempt.
+    pub started_at: Option<String>,
+    /// RFC 3339 finish time.
+    pub finished_at: Option<String>,
+    /// Run time of the accepted attempt.
+    pub duration_ms: Option<u64>,
+}
+
+impl From<&Build> for BuildView {
+    fn from(b: &Build) -> Self {
+        BuildView {
+            id: b.id,
+            hash: b.hash.clone(),
+            command: b.command.clone(),
+            repo: b.repo.clone(),
+            branch: b.branch.clone(),
+            image: b.image.clone(),
+            timeout_ms: b.timeout_ms,
+            status: b.status,
+            agent: b.agent_url.clone(),
+            agent_id: b.agent_id,
+            attempt: b.attempt,
+            exit_code: b.exit_code,
+            created_at: b.created_at.to_rfc3339(),
+            started_at: b.started_at.map(|t| t.to_rfc3339()),
+            finished_at: b.finished_at.map(|t| t.to_rfc3339()),
+            duration_ms: b.duration_ms(),
+        }
+    }
+}
+
+/// `GET /api/builds` reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildList {
+    /// The page of builds, newest first.
+    pub builds: Vec<BuildView>,
+    /// The page size asked for.
+    pub limit: usize,
+    /// The offset asked for.
+    pub offset: usize,
+}
+
+/// `GET /api/builds/{id}/log` reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogView {
+    /// The build.
+    pub id: BuildId,
+    /// The attempt the output belongs to.
+    pub attempt: Attempt,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl LogView {
+    /// The view of a stored log.
+    pub fn new(id: BuildId, log: BuildLog) -> LogView {
+        LogView {
+            id,
+            attempt: log.attempt,
+            stdout: log.stdout,
+            stderr: log.stderr,
+        }
+    }
+}
+
+/// Agent status as the API shows it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    /// Runs nothing.
+    Idle,
+    /// Runs a build.
+    Busy,
+}
+
+/// An agent as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentView {
+    /// Agent id.
+    pub id: AgentId,
+    /// Base URL.
+    pub url: String,
+    /// Idle or busy.
+    pub status: AgentStatus,
+    /// RFC 3339 time it was last heard from.
+    pub last_seen: String,
+    /// The build it runs, if any.
+    pub build: Option<BuildId>,
+}
+
+impl From<&Agent> for AgentView {
+    fn from(a: &Agent) -> Self {
+        AgentView {
+            id: a.id,
+            url: a.url.clone(),
+            status: if a.is_idle() {
+                AgentStatus::Idle
+            } else {
+                AgentStatus::Busy
+            },
+            last_seen: a.last_seen.to_rfc3339(),
+            build: a.running.first().copied(),
+        }
+    }
+}
+
+/// An error reply: `{"error": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a human.
+    pub error: String,
+}
+
+// === port: string or number ===
+
+fn port_from_string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    struct PortVisitor;
+
+    impl serde::de::Visitor<'_> for PortVisitor {
+        type Value = u16;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a port number 1-65535, as a number or a string")
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u16, E> {
+            u16::try_from(v)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| E::custom(format!("port {v} is out of range 1-65535")))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u16, E> {
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("port {v} is out of range 1-65535")))
+                .and_then(|v| self.visit_u64(v))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u16, E> {
+            let n: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| E::custom(format!("port {v:?} is not a number")))?;
+            self.visit_u64(n)
+        }
+    }
+
+    d.deserialize_any(PortVisitor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_as_string_or_number() {
+        let a: NotifyAgent = serde_json::from_str(r#"{"host":"http://agent-01","port":"3001"}"#).unwrap();
+        let b: NotifyAgent = serde_json::from_str(r#"{"host":"agent-01","port":3001}"#).unwrap();
+        assert_eq!((a.port, b.port), (3001, 3001));
+        let c: NotifyAgent = serde_json::from_str(r#"{"port":3001}"#).unwrap();
+        assert_eq!(c.host, None);
+        for bad in [
+            r#"{"port":0}"#,
+            r#"{"port":"70000"}"#,
+            r#"{"port":-1}"#,
+            r#"{"port":"x"}"#,
+            r#"{"port":1.5}"#,
+            "{}",
+        ] {
+            assert!(serde_json::from_str::<NotifyAgent>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn original_fields_suffice() {
+        let hb: NotifyAgentAlive = serde_json::from_str(r#"{"id":7}"#).unwrap();
+        assert_eq!(hb.id, Some(BuildId(7)));
+        let r: NotifyBuildResult =
+            serde_json::from_str(r#"{"id":7,"status":1,"stdout":"o","stderr":"e"}"#).unwrap();
+        assert_eq!((r.status, r.attempt, r.agent_id), (1, None, None));
+        let req: BuildRequest =
+            serde_json::from_str(r#"{"id":1,"command":"make","hash":"abc1","repo":"/r","extra":true}"#)
+                .unwrap();
+        assert_eq!(req.attempt, None);
+        let create: CreateBuild = serde_json::from_str(r#"{"hash":"abc1","command":"make"}"#).unwrap();
+        assert_eq!(create.command.as_deref(), Some("make"));
+    }
+
+    #[test]
+    fn extensions_use_the_documented_names() {
+        let hb = NotifyAgentAlive {
+            id: Some(BuildId(1)),
+            attempt: Some(Attempt(2)),
+            agent_id: Some(AgentId(3)),
+        };
+        assert_eq!(
+            serde_json::to_string(&hb).unwrap(),
+            r#"{"id":1,"attempt":2,"agentId":3}"#
+        );
+        let req = BuildRequest {
+            id: BuildId(1),
+            command: "make".into(),
+            hash: "abc1".into(),
+            repo: "/r".into(),
+            attempt: None,
+            image: None,
+            timeout_ms: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"id":1,"command":"make","hash":"abc1","repo":"/r"}"#,
+            "a server talking to an original agent sends only original fields"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! Runners: what actually runs a build.
+//!
+//! A [`Runner`] takes a [`Job`], writes the build's output to a [`LogSink`]
+//! and returns the exit code. `ci-agent` provides a shell runner and a
+//! Docker runner; embedders can bring their own. [`execute`] wraps any
+//! runner with the timeout and turns every outcome into a [`Completion`].
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::model::{limits, Attempt, BuildId, Completion};
+use crate::protocol::BuildRequest;
+
+/// One attempt of a build, as a runner sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// The build.
+    pub build: BuildId,
+    /// The attempt, if the server numbers them.
+    pub attempt: Option<Attempt>,
+    /// Repository URL.
+    pub repo: String,
+    /// Commit or ref to check out.
+    pub hash: String,
+    /// Shell command.
+    pub command: String,
+    /// Container image, for runners that use one.
+    pub image: Option<String>,
+    /// Time limit; the agent's default applies when `None`.
+    pub timeout: Option<Duration>,
+}
+
+impl From<&BuildRequest> for Job {
+    fn from(r: &BuildRequest) -> Job {
+        Job {
+            build: r.id,
+            attempt: r.attempt,
+            repo: r.repo.clone(),
+            hash: r.hash.clone(),
+            command: r.command.clone(),
+            image: r.image.clone(),
+            timeout: r.timeout_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+/// Runs builds.
+///
+/// N.B.: dropping the future returned by [`Runner::run`] must stop the
+/// build and release what it holds (kill the process group, remove the
+/// container). That is how timeouts and abandoned attempts stop work.
+#[async_trait]
+pub trait Runner: Send + Sync + 'static {
+    /// Runs `job` to the end and returns its exit code. An `Err` means the
+    /// build could not run (checkout failed, engine unreachable); the build
+    /// then fails with the error's message.
+    async fn run(&self, job: &Job, log: &LogSink) -> Result<i32>;
+}
+
+/// Exit code reported for a build that ran out of time (as `timeout(1)`).
+pub const TIMED_OUT: i32 = 124;
+
+/// Runs `job` on `runner` within its timeout (or `default_timeout`) and
+/// returns the completion to report. Never fails: every error becomes a
+/// failed completion with the reason on stderr.
+pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, default_timeout: Duration) -> Completion {
+    let limit = job.timeout.unwrap_or(default_timeout);
+    let exit_code = match tokio::time::timeout(limit, runner.run(job, log)).await {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            log.write(Stream::Stderr, format!("ci: {e}\n").as_bytes());
+            Completion::NOT_RUN
+        }
+        Err(_) => {
+            let msg = format!(
+                "ci: build timed out after {}\n",
+                humantime::format_duration(limit)
+            );
+            log.write(Stream::Stderr, msg.as_bytes());
+            TIMED_OUT
+        }
+    };
+    let (stdout, stderr) = log.contents();
+    Completion {
+        exit_code,
+        stdout,
+        stderr,
+    }
+}
+
+/// An output stream of a build.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A piece of output, in the order it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogChunk {
+    /// Position of this chunk in the build's output, from 0.
+    pub seq: u64,
+    /// Which stream.
+    pub stream: Stream,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Collects a build's output, each stream capped at a size limit, and
+/// optionally forwards it as it arrives.
+#[derive(Clone, Debug)]
+pub struct LogSink {
+    inner: Arc<Mutex<Buffers>>,
+    live: Option<mpsc::UnboundedSender<LogChunk>>,
+}
+
+#[derive(Debug, Default)]
+struct Buffers {
+    cap: usize,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    stdout_omitted: u64,
+    stderr_omitted: u64,
+    seq: u64,
+}
+
+impl Default for LogSink {
+    fn default() -> Self {
+        LogSink::new(limits::MAX_LOG)
+    }
+}
+
+impl LogSink {
+    /// A sink keeping at most `cap` bytes per stream.
+    pub fn new(cap: usize) -> LogSink {
+        LogSink {
+            inner: Arc::new(Mutex::new(Buffers {
+                cap,
+                ..Buffers::default()
+            })),
+            live: None,
+        }
+    }
+
+    /// Also sends every write, numbered, to `tx`.
+    pub fn with_live(mut self, tx: mpsc::UnboundedSender<LogChunk>) -> LogSink {
+        self.live = Some(tx);
+        self
+    }
+
+    /// Appends output.
+    pub fn write(&self, stream: Stream, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = &mut *guard;
+        let cap = b.cap;
+        let (buf, omitted) = match stream {
+            Stream::Stdout => (&mut b.stdout, &mut b.stdout_omitted),
+            Stream::Stderr => (&mut b.stderr, &mut b.stderr_omitted),
+        };
+        let room = cap.saturating_sub(buf.len());
+        let kept = &data[..data.len().min(room)];
+        buf.extend_from_slice(kept);
+        *omitted += (data.len() - kept.len()) as u64;
+        let seq = b.seq;
+        b.seq += 1;
+        if let Some(tx) = &self.live {
+            // A closed receiver only means nobody watches live.
+            let _ = tx.send(LogChunk {
+                seq,
+                stream,
+                data: data.to_vec(),
+            });
+        }
+    }
+
+    /// The output so far, as text, with a marker where a stream was cut.
+    pub fn contents(&self) -> (String, String) {
+        let b = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let text = |buf: &[u8], omitted: u64| {
+            let mut s = String::from_utf8_lossy(buf).into_owned();
+            if omitted > 0 {
+                s.push_str(&format!("\n[output truncated: {omitted} bytes omitted]\n"));
+            }
+            s
+        };
+        (
+            text(&b.stdout, b.stdout_omitted),
+            text(&b.stderr, b.stderr_omitted),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    mockall::mock! {
+        Run {}
+        #[async_trait]
+        impl Runner for Run {
+            async fn run(&self, job: &Job, log: &LogSink) -> Result<i32>;
+        }
+    }
+
+    fn job() -> Job {
+        Job {
+            build: BuildId(1),
+            attempt: Some(Attempt(1)),
+            repo: "/r".into(),
+            hash: "abcd".into(),
+            command: "true".into(),
+            image: None,
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn caps_each_stream_and_numbers_chunks() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = LogSink::new(4).with_live(tx);
+        sink.write(Stream::Stdout, b"abc");
+        sink.write(Stream::Stderr, b"e");
+        sink.write(Stream::Stdout, b"defg");
+        let (out, err) = sink.contents();
+        assert_eq!(out, "abcd\n[output truncated: 3 bytes omitted]\n");
+        assert_eq!(err, "e");
+        let seqs: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|c| c.seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn runner_errors_become_failed_completions() {
+        let mut r = MockRun::new();
+        r.expect_run()
+            .returning(|_, _| Err(Error::Runner("checkout failed: no such commit".into())));
+        let c = execute(&r, &job(), &LogSink::default(), Duration::from_secs(1)).await;
+        assert_eq!(c.exit_code, Completion::NOT_RUN);
+        assert!(c.stderr.contains("checkout failed"), "{}", c.stderr);
+    }
+
+    #[tokio::test]
+    async fn exit_code_and_output_pass_through() {
+        let mut r = MockRun::new();
+        r.expect_run().returning(|_, log| {
+            log.write(Stream::Stdout, b"hello\n");
+            Ok(3)
+        });
+        let c = execute(&r, &job(), &LogSink::default(), Duration::from_secs(1)).await;
+        assert_eq!((c.exit_code, c.stdout.as_str()), (3, "hello\n"));
+    }
+
+    struct Forever;
+
+    #[async_trait]
+    impl Runner for Forever {
+        async fn run(&self, _: &Job, log: &LogSink) -> Result<i32> {
+            log.write(Stream::Stdout, b"started\n");
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_fail_the_build_with_a_message() {
+        let mut j = job();
+        j.timeout = Some(Duration::from_secs(90));
+        let c = execute(&Forever, &j, &LogSink::default(), Duration::from_secs(3600)).await;
+        assert_eq!(c.exit_code, TIMED_OUT);
+        assert_eq!(c.stdout, "started\n");
+        assert!(c.stderr.contains("timed out after 1m 30s"), "{}", c.stderr);
+    }
+}

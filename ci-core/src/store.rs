@@ -1,0 +1,399 @@
+//! The build store: where builds, their logs and the agent registry live.
+//!
+//! Every method is one atomic step: it happens entirely or not at all, and
+//! once it returns `Ok` it is durable as far as the implementation promises.
+//! The state-changing methods are *fenced*: they take the attempt they
+//! expect and do nothing (returning `false`/`None`) if the build moved on.
+//! [`MemoryStore`] is the reference implementation; `ci-store` provides
+//! SQLite.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::model::{
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, NewBuild, Page,
+};
+
+/// Persistence for builds and agents.
+#[cfg_attr(test, mockall::automock)]
+pub trait BuildStore: Send + Sync {
+    /// Stores a new queued build and gives it the next, never used, number.
+    fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build>;
+
+    /// The build with this id.
+    fn build(&self, id: BuildId) -> Result<Option<Build>>;
+
+    /// A page of builds, newest first.
+    fn list_builds(&self, page: Page) -> Result<Vec<Build>>;
+
+    /// Up to `limit` queued builds, oldest first.
+    fn queued_builds(&self, limit: usize) -> Result<Vec<Build>>;
+
+    /// Every running build.
+    fn running_builds(&self) -> Result<Vec<Build>>;
+
+    /// Starts a new attempt of a queued build on `agent`: the status becomes
+    /// running and the attempt number goes up by one. `None` if the build is
+    /// not queued.
+    fn start_attempt(&self, id: BuildId, agent: &AgentRecord, now: Timestamp) -> Result<Option<Build>>;
+
+    /// Puts a running build back in the queue, keeping its attempt number,
+    /// if `attempt` is still its latest. Returns whether it did.
+    fn requeue(&self, id: BuildId, attempt: Attempt) -> Result<bool>;
+
+    /// Records the result of `attempt` and finishes the build, if the build
+    /// is unfinished and `attempt` is its latest. Returns whether it did.
+    fn finish(&self, id: BuildId, attempt: Attempt, result: &Completion, now: Timestamp) -> Result<bool>;
+
+    /// The output of one attempt; the latest if `attempt` is `None`.
+    fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>>;
+
+    /// Registers an agent at `url` with a new id, replacing any agent
+    /// registered at the same URL.
+    fn register_agent(&self, url: &str, now: Timestamp) -> Result<AgentRecord>;
+
+    /// Forgets an agent. Not an error if it is already gone.
+    fn remove_agent(&self, id: AgentId) -> Result<()>;
+
+    /// Every registered agent.
+    fn agents(&self) -> Result<Vec<AgentRecord>>;
+}
+
+// === impl MemoryStore ===
+
+/// A [`BuildStore`] in memory: for tests, simulations and embedding where
+/// nothing needs to survive the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    last_build: i64,
+    last_agent: i64,
+    builds: BTreeMap<BuildId, Build>,
+    queue: BTreeSet<BuildId>,
+    logs: HashMap<(BuildId, Attempt), BuildLog>,
+    agents: BTreeMap<AgentId, AgentRecord>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl BuildStore for MemoryStore {
+    fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build> {
+        let mut s = self.lock();
+        s.last_build += 1;
+        let build = Build {
+            id: BuildId(s.last_build),
+            repo: new.repo.as_str().to_owned(),
+            hash: new.hash.as_str().to_owned(),
+            branch: new.branch.clone(),
+            command: new.command.clone(),
+            image: new.image.clone(),
+            timeout_ms: new.timeout_ms,
+            status: BuildStatus::Queued,
+            attempt: Attempt(0),
+            agent_id: None,
+            agent_url: None,
+            exit_code: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+        };
+        s.queue.insert(build.id);
+        s.builds.insert(build.id, build.clone());
+        Ok(build)
+    }
+
+    fn build(&self, id: BuildId) -> Result<Option<Build>> {
+        Ok(self.lock().builds.get(&id).cloned())
+    }
+
+    fn list_builds(&self, page: Page) -> Result<Vec<Build>> {
+        let s = self.lock();
+        Ok(s.builds
+            .values()
+            .rev()
+            .skip(page.offset)
+            .take(page.limit)
+            .cloned()
+            .collect())
+    }
+
+    fn queued_builds(&self, limit: usize) -> Result<Vec<Build>> {
+        let s = self.lock();
+        Ok(s.queue
+            .iter()
+            .take(limit)
+            .filter_map(|id| s.builds.get(id).cloned())
+            .collect())
+    }
+
+    fn running_builds(&self) -> Result<Vec<Build>> {
+        let s = self.lock();
+        Ok(s.builds
+            .values()
+            .filter(|b| b.status == BuildStatus::Running)
+            .cloned()
+            .collect())
+    }
+
+    fn start_attempt(&self, id: BuildId, agent: &AgentRecord, now: Timestamp) -> Result<Option<Build>> {
+        let mut s = self.lock();
+        let Some(b) = s.builds.get_mut(&id).filter(|b| b.status == BuildStatus::Queued) else {
+            return Ok(None);
+        };
+        b.status = BuildStatus::Running;
+        b.attempt = b.attempt.next();
+        b.agent_id = Some(agent.id);
+        b.agent_url = Some(agent.url.clone());
+        b.started_at = Some(now);
+        let b = b.clone();
+        s.queue.remove(&id);
+        Ok(Some(b))
+    }
+
+    fn requeue(&self, id: BuildId, attempt: Attempt) -> Result<bool> {
+        let mut s = self.lock();
+        let Some(b) = s
+            .builds
+            .get_mut(&id)
+            .filter(|b| b.status == BuildStatus::Running && b.attempt == attempt)
+        else {
+            return Ok(false);
+        };
+        b.status = BuildStatus::Queued;
+        s.queue.insert(id);
+        Ok(true)
+    }
+
+    fn finish(&self, id: BuildId, attempt: Attempt, result: &Completion, now: Timestamp) -> Result<bool> {
+        let mut s = self.lock();
+        let Some(b) = s
+            .builds
+            .get_mut(&id)
+            .filter(|b| !b.status.is_finished() && b.attempt == attempt && attempt.0 > 0)
+        else {
+            return Ok(false);
+        };
+        b.status = BuildStatus::from_exit_code(result.exit_code);
+        b.exit_code = Some(result.exit_code);
+        b.finished_at = Some(now);
+        s.queue.remove(&id);
+        s.logs.insert(
+            (id, attempt),
+            BuildLog {
+                attempt,
+                stdout: result.stdout.clone(),
+                stderr: result.stderr.clone(),
+            },
+        );
+        Ok(true)
+    }
+
+    fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>> {
+        let s = self.lock();
+        let Some(b) = s.builds.get(&id) else {
+            return Ok(None);
+        };
+        let attempt = attempt.unwrap_or(b.attempt);
+        Ok(s.logs.get(&(id, attempt)).cloned())
+    }
+
+    fn register_agent(&self, url: &str, now: Timestamp) -> Result<AgentRecord> {
+        let mut s = self.lock();
+        s.agents.retain(|_, a| a.url != url);
+        s.last_agent += 1;
+        let rec = AgentRecord {
+            id: AgentId(s.last_agent),
+            url: url.to_owned(),
+            registered_at: now,
+        };
+        s.agents.insert(rec.id, rec.clone());
+        Ok(rec)
+    }
+
+    fn remove_agent(&self, id: AgentId) -> Result<()> {
+        self.lock().agents.remove(&id);
+        Ok(())
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>> {
+        Ok(self.lock().agents.values().cloned().collect())
+    }
+}
+
+/// Conformance tests that any [`BuildStore`] must pass. `ci-store` runs
+/// them against SQLite. Enabled by the `test-support` feature.
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance {
+    use super::*;
+    use crate::model::{CommitRef, RepoUrl};
+
+    fn new_build(command: &str) -> NewBuild {
+        let repo = RepoUrl::parse("/srv/repo").unwrap_or_else(|e| panic!("{e}"));
+        let hash = CommitRef::parse("abcdef1").unwrap_or_else(|e| panic!("{e}"));
+        NewBuild::new(repo, hash, command).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ok<T>(r: Result<T>) -> T {
+        r.unwrap_or_else(|e| panic!("store error: {e}"))
+    }
+
+    /// Runs every check against stores made by `make` (one fresh store per
+    /// check).
+    pub fn run_all<S: BuildStore>(make: impl Fn() -> S) {
+        ids_increase(&make());
+        queue_is_fifo(&make());
+        attempts_are_fenced(&make());
+        logs_are_kept_per_attempt(&make());
+        agents_register_and_replace(&make());
+        listing_is_newest_first(&make());
+    }
+
+    /// Build ids increase by one.
+    pub fn ids_increase<S: BuildStore>(s: &S) {
+        let a = ok(s.create_build(&new_build("a"), Timestamp(1)));
+        let b = ok(s.create_build(&new_build("b"), Timestamp(2)));
+        assert!(b.id > a.id);
+        assert_eq!(a.status, BuildStatus::Queued);
+        assert_eq!(a.attempt, Attempt(0));
+        assert_eq!(ok(s.build(a.id)), Some(a));
+        assert_eq!(ok(s.build(BuildId(999))), None);
+    }
+
+    /// Queued builds come out oldest first and leave the queue when started.
+    pub fn queue_is_fifo<S: BuildStore>(s: &S) {
+        let agent = ok(s.register_agent("http://a:1", Timestamp(0)));
+        let ids: Vec<_> = (0..5)
+            .map(|i| ok(s.create_build(&new_build(&format!("c{i}")), Timestamp(i))).id)
+            .collect();
+        let q: Vec<_> = ok(s.queued_builds(3)).iter().map(|b| b.id).collect();
+        assert_eq!(q, ids[..3]);
+        let started = ok(s.start_attempt(ids[0], &agent, Timestamp(10))).map(|b| b.status);
+        assert_eq!(started, Some(BuildStatus::Running));
+        assert_eq!(
+            ok(s.start_attempt(ids[0], &agent, Timestamp(10))),
+            None,
+            "not queued"
+        );
+        let q: Vec<_> = ok(s.queued_builds(10)).iter().map(|b| b.id).collect();
+        assert_eq!(q, ids[1..]);
+        assert_eq!(ok(s.running_builds()).len(), 1);
+    }
+
+    /// Requeue and finish only act on the latest attempt.
+    pub fn attempts_are_fenced<S: BuildStore>(s: &S) {
+        let agent = ok(s.register_agent("http://a:1", Timestamp(0)));
+        let id = ok(s.create_build(&new_build("x"), Timestamp(0))).id;
+        let done = Completion {
+            exit_code: 0,
+            stdout: "out".into(),
+            stderr: String::new(),
+        };
+        assert!(
+            !ok(s.finish(id, Attempt(0), &done, Timestamp(1))),
+            "never dispatched"
+        );
+        let b1 = ok(s.start_attempt(id, &agent, Timestamp(1))).map(|b| b.attempt);
+        assert_eq!(b1, Some(Attempt(1)));
+        assert!(!ok(s.requeue(id, Attempt(2))));
+        assert!(ok(s.requeue(id, Attempt(1))));
+        assert!(!ok(s.requeue(id, Attempt(1))), "already queued");
+        let b2 = ok(s.start_attempt(id, &agent, Timestamp(2))).map(|b| b.attempt);
+        assert_eq!(b2, Some(Attempt(2)));
+        assert!(!ok(s.finish(id, Attempt(1), &done, Timestamp(3))), "superseded");
+        assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(3))));
+        assert!(
+            !ok(s.finish(id, Attempt(2), &done, Timestamp(4))),
+            "finished once"
+        );
+        let b = ok(s.build(id)).unwrap_or_else(|| panic!("build {id} vanished"));
+        assert_eq!(b.status, BuildStatus::Success);
+        assert_eq!(b.exit_code, Some(0));
+        assert_eq!(b.finished_at, Some(Timestamp(3)));
+        assert_eq!(b.started_at, Some(Timestamp(2)));
+        assert_eq!(b.agent_url.as_deref(), Some("http://a:1"));
+        assert!(!ok(s.requeue(id, Attempt(2))), "finished builds stay finished");
+    }
+
+    /// A late result of the only attempt is accepted while the build waits.
+    pub fn logs_are_kept_per_attempt<S: BuildStore>(s: &S) {
+        let agent = ok(s.register_agent("http://a:1", Timestamp(0)));
+        let id = ok(s.create_build(&new_build("x"), Timestamp(0))).id;
+        ok(s.start_attempt(id, &agent, Timestamp(1)));
+        assert!(ok(s.requeue(id, Attempt(1))));
+        let failed = Completion {
+            exit_code: 3,
+            stdout: "o".into(),
+            stderr: "e".into(),
+        };
+        assert!(
+            ok(s.finish(id, Attempt(1), &failed, Timestamp(2))),
+            "queued, not re-dispatched"
+        );
+        assert_eq!(ok(s.queued_builds(10)), vec![], "finished builds leave the queue");
+        let log = ok(s.log(id, None)).unwrap_or_default();
+        assert_eq!(
+            (log.attempt, log.stdout.as_str(), log.stderr.as_str()),
+            (Attempt(1), "o", "e")
+        );
+        assert_eq!(ok(s.log(id, Some(Attempt(2)))), None);
+        let b = ok(s.build(id)).map(|b| (b.status, b.exit_code));
+        assert_eq!(b, Some((BuildStatus::Failed, Some(3))));
+    }
+
+    /// Registration hands out new ids and replaces same-URL agents.
+    pub fn agents_register_and_replace<S: BuildStore>(s: &S) {
+        let a = ok(s.register_agent("http://a:1", Timestamp(0)));
+        let b = ok(s.register_agent("http://b:1", Timestamp(0)));
+        let a2 = ok(s.register_agent("http://a:1", Timestamp(5)));
+        assert!(a2.id > b.id && b.id > a.id);
+        let urls: Vec<_> = ok(s.agents()).into_iter().map(|r| (r.id, r.url)).collect();
+        assert_eq!(
+            urls,
+            vec![(b.id, "http://b:1".into()), (a2.id, "http://a:1".into())]
+        );
+        ok(s.remove_agent(b.id));
+        ok(s.remove_agent(b.id));
+        assert_eq!(ok(s.agents()).len(), 1);
+    }
+
+    /// Listing is newest first and pages.
+    pub fn listing_is_newest_first<S: BuildStore>(s: &S) {
+        let ids: Vec<_> = (0..7)
+            .map(|i| ok(s.create_build(&new_build("x"), Timestamp(i))).id)
+            .collect();
+        let page = |limit, offset| -> Vec<BuildId> {
+            ok(s.list_builds(Page { limit, offset }))
+                .iter()
+                .map(|b| b.id)
+                .collect()
+        };
+        assert_eq!(page(3, 0), vec![ids[6], ids[5], ids[4]]);
+        assert_eq!(page(3, 6), vec![ids[0]]);
+        assert_eq!(page(3, 10), vec![]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_store_conforms() {
+        conformance::run_all(MemoryStore::new);
+    }
+}
