@@ -1,1 +1,584 @@
-//! stub
+//! SQLite persistence for the ci build server: a [`BuildStore`] on a file.
+//!
+//! # Layout
+//! - [`SqliteStore`]: the store. One writer connection and one reader
+//!   connection, so API reads do not wait behind writes.
+//! - [`Options`], [`Synchronous`]: durability settings.
+//! - [`Error`]: what can go wrong opening or using the file.
+//!
+//! # Durability
+//! The database runs in WAL mode. Every [`BuildStore`] method is one
+//! transaction, committed before it returns, so nothing is acknowledged to a
+//! client or an agent before it is in the file. With the default
+//! `synchronous = NORMAL`, a committed transaction survives the process being
+//! killed (SIGKILL, OOM, panic); a power loss or kernel crash may lose the
+//! last transactions but never corrupts the file. `FULL` also survives power
+//! loss, at the cost of an fsync per commit.
+//!
+//! # Build numbers
+//! Build ids are an `INTEGER PRIMARY KEY AUTOINCREMENT`: SQLite never reuses
+//! one, not after the row is deleted and not after a restart.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ci_core::{
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, BuildStore, Completion, NewBuild,
+    Page, Timestamp,
+};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database file could not be opened or set up.
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer version of this program.
+    #[error("database schema version {found} is newer than this program supports ({supported})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this program knows.
+        supported: i64,
+    },
+    /// A query failed (disk full, I/O error, locked too long).
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value makes no sense (edited by hand, or a bug).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<Error> for ci_core::Error {
+    fn from(e: Error) -> Self {
+        ci_core::Error::store(e)
+    }
+}
+
+/// SQLite's `synchronous` setting, which trades commit latency for what a
+/// committed transaction survives.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// No fsync: survives a process crash only if the OS does not crash.
+    Off,
+    /// fsync at checkpoints: survives process crashes; a power loss may lose
+    /// the latest commits but not corrupt the file. The default.
+    #[default]
+    Normal,
+    /// fsync on every commit: also survives power loss.
+    Full,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Off => "OFF",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+impl FromStr for Synchronous {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "off" => Ok(Synchronous::Off),
+            "normal" => Ok(Synchronous::Normal),
+            "full" => Ok(Synchronous::Full),
+            _ => Err(format!("expected off, normal or full, got {s:?}")),
+        }
+    }
+}
+
+/// How to open the database.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Durability of commits.
+    pub synchronous: Synchronous,
+    /// How long to wait for a lock held by another process.
+    pub busy_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            synchronous: Synchronous::Normal,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: builds, their logs, agents.
+    "CREATE TABLE builds (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        repo        TEXT NOT NULL,
+        hash        TEXT NOT NULL,
+        branch      TEXT,
+        command     TEXT NOT NULL,
+        image       TEXT,
+        timeout_ms  INTEGER,
+        status      TEXT NOT NULL
+                    CHECK (status IN ('queued', 'running', 'success', 'failed', 'canceled')),
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        agent_id    INTEGER,
+        agent_url   TEXT,
+        exit_code   INTEGER,
+        created_at  INTEGER NOT NULL,
+        started_at  INTEGER,
+        finished_at INTEGER
+    );
+    CREATE INDEX builds_queued ON builds (id) WHERE status = 'queued';
+    CREATE INDEX builds_running ON builds (id) WHERE status = 'running';
+    CREATE TABLE build_logs (
+        build_id INTEGER NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
+        attempt  INTEGER NOT NULL,
+        stdout   TEXT NOT NULL,
+        stderr   TEXT NOT NULL,
+        UNIQUE (build_id, attempt)
+    );
+    CREATE TABLE agents (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        url           TEXT NOT NULL UNIQUE,
+        registered_at INTEGER NOT NULL
+    );",
+];
+
+const BUILD_COLUMNS: &str = "id, repo, hash, branch, command, image, timeout_ms, status, attempt, \
+     agent_id, agent_url, exit_code, created_at, started_at, finished_at";
+
+/// The SQLite [`BuildStore`]. See the [crate docs](crate).
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with default
+    /// options, and brings its schema up to date.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, Error> {
+        Self::open_with(path, Options::default())
+    }
+
+    /// Opens the database at `path` with `options`.
+    pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<SqliteStore, Error> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| Error::Open {
+            path: path.clone(),
+            source,
+        };
+        let writer = connect(&path, options).map_err(open_err)?;
+        migrate(&writer)?;
+        let reader = connect(&path, options).map_err(open_err)?;
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `PRAGMA integrity_check` and returns its verdict (`"ok"` when
+    /// the file is sound).
+    pub fn integrity_check(&self) -> Result<String, Error> {
+        let r = self.read();
+        Ok(r.query_row("PRAGMA integrity_check", [], |row| row.get(0))?)
+    }
+
+    fn write(&self) -> MutexGuard<'_, Connection> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` in an immediate transaction on the writer and commits.
+    fn transaction<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T, Error>) -> Result<T, Error> {
+        let mut conn = self.write();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+fn connect(path: &Path, options: Options) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(options.busy_timeout)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(%mode, "SQLite refused WAL mode");
+    }
+    conn.pragma_update(None, "synchronous", options.synchronous.pragma())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), Error> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(Error::TooNew {
+            found: version,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let next = i as i64 + 1;
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", next)?;
+        tx.commit()?;
+        tracing::info!(version = next, "migrated database schema");
+    }
+    Ok(())
+}
+
+fn ts(t: Timestamp) -> i64 {
+    i64::try_from(t.0).unwrap_or(i64::MAX)
+}
+
+fn build_from_row(row: &Row<'_>) -> rusqlite::Result<Build> {
+    let status: String = row.get(7)?;
+    let status = BuildStatus::from_str(&status).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let time = |i: usize| -> rusqlite::Result<Option<Timestamp>> {
+        Ok(row.get::<_, Option<i64>>(i)?.map(|v| Timestamp(v.max(0) as u64)))
+    };
+    Ok(Build {
+        id: BuildId(row.get(0)?),
+        repo: row.get(1)?,
+        hash: row.get(2)?,
+        branch: row.get(3)?,
+        command: row.get(4)?,
+        image: row.get(5)?,
+        timeout_ms: row.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
+        status,
+        attempt: Attempt(row.get(8)?),
+        agent_id: row.get::<_, Option<i64>>(9)?.map(AgentId),
+        agent_url: row.get(10)?,
+        exit_code: row.get(11)?,
+        created_at: time(12)?.unwrap_or_default(),
+        started_at: time(13)?,
+        finished_at: time(14)?,
+    })
+}
+
+fn get_build(conn: &Connection, id: BuildId) -> Result<Option<Build>, Error> {
+    let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id.0], build_from_row)
+        .optional()?)
+}
+
+fn query_builds(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Build>, Error> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, build_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+// === impl BuildStore ===
+
+impl BuildStore for SqliteStore {
+    fn create_build(&self, new: &NewBuild, now: Timestamp) -> ci_core::Result<Build> {
+        let build = self.transaction(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7)",
+            )?
+            .execute(params![
+                new.repo.as_str(),
+                new.hash.as_str(),
+                new.branch,
+                new.command,
+                new.image,
+                new.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+                ts(now),
+            ])?;
+            let id = BuildId(tx.last_insert_rowid());
+            get_build(tx, id)?.ok_or_else(|| Error::Corrupt(format!("build {id} vanished after insert")))
+        })?;
+        Ok(build)
+    }
+
+    fn build(&self, id: BuildId) -> ci_core::Result<Option<Build>> {
+        Ok(get_build(&self.read(), id)?)
+    }
+
+    fn list_builds(&self, page: Page) -> ci_core::Result<Vec<Build>> {
+        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds ORDER BY id DESC LIMIT ?1 OFFSET ?2");
+        Ok(query_builds(
+            &self.read(),
+            &sql,
+            [limit(page.limit), limit(page.offset)],
+        )?)
+    }
+
+    fn queued_builds(&self, n: usize) -> ci_core::Result<Vec<Build>> {
+        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'queued' ORDER BY id LIMIT ?1");
+        Ok(query_builds(&self.read(), &sql, [limit(n)])?)
+    }
+
+    fn running_builds(&self) -> ci_core::Result<Vec<Build>> {
+        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'running' ORDER BY id");
+        Ok(query_builds(&self.read(), &sql, [])?)
+    }
+
+    fn start_attempt(
+        &self,
+        id: BuildId,
+        agent: &AgentRecord,
+        now: Timestamp,
+    ) -> ci_core::Result<Option<Build>> {
+        Ok(self.transaction(|tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET status = 'running', attempt = attempt + 1,
+                        agent_id = ?2, agent_url = ?3, started_at = ?4
+                     WHERE id = ?1 AND status = 'queued'",
+                )?
+                .execute(params![id.0, agent.id.0, agent.url, ts(now)])?;
+            if n == 0 {
+                return Ok(None);
+            }
+            get_build(tx, id)
+        })?)
+    }
+
+    fn requeue(&self, id: BuildId, attempt: Attempt) -> ci_core::Result<bool> {
+        Ok(self.transaction(|tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET status = 'queued'
+                     WHERE id = ?1 AND status = 'running' AND attempt = ?2",
+                )?
+                .execute(params![id.0, attempt.0])?;
+            Ok(n == 1)
+        })?)
+    }
+
+    fn finish(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        result: &Completion,
+        now: Timestamp,
+    ) -> ci_core::Result<bool> {
+        let status = BuildStatus::from_exit_code(result.exit_code);
+        Ok(self.transaction(|tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET status = ?3, exit_code = ?4, finished_at = ?5
+                     WHERE id = ?1 AND attempt = ?2 AND attempt > 0
+                       AND status IN ('queued', 'running')",
+                )?
+                .execute(params![id.0, attempt.0, status.as_str(), result.exit_code, ts(now)])?;
+            if n == 0 {
+                return Ok(false);
+            }
+            tx.prepare_cached(
+                "INSERT INTO build_logs (build_id, attempt, stdout, stderr) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (build_id, attempt) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr",
+            )?
+            .execute(params![id.0, attempt.0, result.stdout, result.stderr])?;
+            Ok(true)
+        })?)
+    }
+
+    fn log(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<BuildLog>> {
+        let conn = self.read();
+        let row = conn
+            .prepare_cached(
+                "SELECT l.attempt, l.stdout, l.stderr FROM build_logs l JOIN builds b ON b.id = l.build_id
+                 WHERE l.build_id = ?1 AND l.attempt = COALESCE(?2, b.attempt)",
+            )
+            .map_err(Error::from)?
+            .query_row(params![id.0, attempt.map(|a| a.0)], |r| {
+                Ok(BuildLog {
+                    attempt: Attempt(r.get(0)?),
+                    stdout: r.get(1)?,
+                    stderr: r.get(2)?,
+                })
+            })
+            .optional()
+            .map_err(Error::from)?;
+        Ok(row)
+    }
+
+    fn register_agent(&self, url: &str, now: Timestamp) -> ci_core::Result<AgentRecord> {
+        Ok(self.transaction(|tx| {
+            tx.prepare_cached("DELETE FROM agents WHERE url = ?1")?
+                .execute([url])?;
+            tx.prepare_cached("INSERT INTO agents (url, registered_at) VALUES (?1, ?2)")?
+                .execute(params![url, ts(now)])?;
+            Ok(AgentRecord {
+                id: AgentId(tx.last_insert_rowid()),
+                url: url.to_owned(),
+                registered_at: now,
+            })
+        })?)
+    }
+
+    fn remove_agent(&self, id: AgentId) -> ci_core::Result<()> {
+        Ok(self.transaction(|tx| {
+            tx.prepare_cached("DELETE FROM agents WHERE id = ?1")?
+                .execute([id.0])?;
+            Ok(())
+        })?)
+    }
+
+    fn agents(&self) -> ci_core::Result<Vec<AgentRecord>> {
+        let conn = self.read();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, url, registered_at FROM agents ORDER BY id")
+            .map_err(Error::from)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(AgentRecord {
+                    id: AgentId(r.get(0)?),
+                    url: r.get(1)?,
+                    registered_at: Timestamp(r.get::<_, i64>(2)?.max(0) as u64),
+                })
+            })
+            .map_err(Error::from)?;
+        Ok(rows.collect::<rusqlite::Result<_>>().map_err(Error::from)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ci_core::{CommitRef, RepoUrl};
+
+    fn new_build() -> NewBuild {
+        NewBuild::new(
+            RepoUrl::parse("/srv/repo").unwrap(),
+            CommitRef::parse("abcd").unwrap(),
+            "make",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn conforms_to_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        ci_core::store::conformance::run_all(|| {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            SqliteStore::open(dir.path().join(format!("{i}.sqlite"))).unwrap()
+        });
+    }
+
+    #[test]
+    fn ids_are_never_reused_after_deletes_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ci.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        let ids: Vec<_> = (0..3)
+            .map(|i| store.create_build(&new_build(), Timestamp(i)).unwrap().id)
+            .collect();
+        drop(store);
+
+        // Delete the newest builds behind the store's back, then reopen.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM builds WHERE id >= ?1", [ids[1].0])
+            .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let next = store.create_build(&new_build(), Timestamp(9)).unwrap().id;
+        assert!(
+            next > ids[2],
+            "{next} must be above every id ever given ({})",
+            ids[2]
+        );
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn wal_mode_and_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ci.sqlite");
+        let store = SqliteStore::open_with(
+            &path,
+            Options {
+                synchronous: Synchronous::Full,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        let conn = store.read();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(
+            (mode.as_str(), sync, version),
+            ("wal", 2, MIGRATIONS.len() as i64)
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ci.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(matches!(err, Error::TooNew { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn hostile_strings_are_stored_verbatim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
+        let mut b = new_build();
+        b.command = "echo '); DROP TABLE builds; --".into();
+        b.branch = Some("ünï\"code".into());
+        let id = store.create_build(&b, Timestamp(0)).unwrap().id;
+        let got = store.build(id).unwrap().unwrap();
+        assert_eq!((got.command, got.branch), (b.command, b.branch));
+    }
+
+    #[test]
+    fn queue_queries_use_the_partial_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
+        let conn = store.read();
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT id FROM builds WHERE status = 'queued' ORDER BY id LIMIT 5",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("builds_queued"), "{plan}");
+    }
+}
