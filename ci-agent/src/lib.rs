@@ -1,1 +1,96 @@
-//! stub
+//! The ci build agent: registers with a server, receives builds over HTTP,
+//! checks out the commit, runs the command, sends heartbeats while it runs,
+//! and delivers the result, retrying until the server has it.
+//!
+//! # Layout
+//! - [`config`]: flags and environment ([`Args`]) and validated settings
+//!   ([`AgentConfig`]).
+//! - [`Agent`]: the service: registration, presence, builds, heartbeats,
+//!   results and the on-disk spool of undelivered results.
+//! - [`client`]: calls to the server and their retry policy.
+//! - [`checkout`]: per-repository caches and fresh workspaces.
+//! - [`shell`]: [`ShellRunner`], `sh -c` in a process group.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), ci_agent::Error> {
+//! use std::sync::Arc;
+//! use ci_agent::{Agent, AgentConfig, Checkouts, ShellRunner};
+//! let config = AgentConfig::new("http://127.0.0.1:3000", "/var/lib/ci-agent");
+//! let runner = ShellRunner::new(Checkouts::new(&config.work_dir)?, config.repo_schemes.clone());
+//! let agent = Agent::new(config, Arc::new(runner))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await.map_err(|e| ci_agent::Error::io("bind", e))?;
+//! agent.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod agent;
+pub mod checkout;
+pub mod client;
+pub mod config;
+pub mod shell;
+
+use std::path::{Path, PathBuf};
+
+pub use agent::Agent;
+pub use checkout::Checkouts;
+pub use config::{AgentConfig, Args, RunnerKind};
+pub use shell::ShellRunner;
+
+/// What can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is missing or invalid.
+    #[error("invalid {name}: {reason}")]
+    Config {
+        /// The setting, as its environment variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another agent process works in this directory.
+    #[error("work directory {} is in use by another agent", .0.display())]
+    WorkDirInUse(PathBuf),
+    /// The commit could not be checked out.
+    #[error("checkout failed: {0}")]
+    Checkout(String),
+    /// The build command could not be started.
+    #[error("cannot start the build: {0}")]
+    Spawn(String),
+    /// A result could not be written to the spool.
+    #[error("spool: {0}")]
+    Spool(String),
+    /// The server refused to register this agent.
+    #[error("registration refused: {0}")]
+    Registration(#[source] client::CallError),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for ci_core::Error {
+    fn from(e: Error) -> ci_core::Error {
+        ci_core::Error::Runner(e.to_string())
+    }
+}

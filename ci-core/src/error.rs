@@ -64,7 +64,7 @@ pub enum Error {
     Store(#[source] BoxError),
 
     /// A runner could not run the build (checkout failed, engine down).
-    #[error("runner error: {0}")]
+    #[error("{0}")]
     Runner(String),
 
     /// The service is shutting down or otherwise not taking work.

@@ -69,6 +69,7 @@ pub mod lease;
 pub mod local;
 pub mod model;
 pub mod pool;
+pub mod process;
 pub mod protocol;
 pub mod runner;
 pub mod scheduler;

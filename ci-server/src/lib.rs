@@ -1,1 +1,157 @@
-//! stub
+//! The ci build server: keeps builds in SQLite, queues them, hands them to
+//! agents over HTTP, and watches their heartbeats.
+//!
+//! # Layout
+//! - [`config`]: flags and environment ([`Args`]) and validated settings
+//!   ([`ServerConfig`]).
+//! - [`Server`]: opens the store, recovers state and serves HTTP on a
+//!   listener the caller binds, until a shutdown future resolves.
+//! - `api` (private): the routes of the agent protocol and the JSON API.
+//! - [`link`]: [`HttpLink`], delivering builds to agents.
+//!
+//! The scheduling itself is [`ci_core::Coordinator`], driven by a
+//! [`ci_core::Dispatcher`].
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), ci_server::Error> {
+//! use ci_server::{Server, ServerConfig};
+//! let config = ServerConfig::new(ci_core::RepoUrl::parse("/srv/repo.git")?, "ci.sqlite");
+//! let server = Server::open(config)?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.map_err(ci_server::Error::Io)?;
+//! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod api;
+pub mod config;
+pub mod link;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ci_core::{BuildStore, Coordinator, Dispatcher};
+use ci_store::SqliteStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use warp::Filter;
+
+pub use api::{ApiError, MAX_BODY, MAX_RESULT_BODY};
+pub use config::{Args, ServerConfig};
+pub use link::HttpLink;
+
+/// What can stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is missing or invalid.
+    #[error("invalid {name}: {reason}")]
+    Config {
+        /// The setting, as its environment variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] ci_store::Error),
+    /// The coordinator could not recover its state.
+    #[error(transparent)]
+    Core(#[from] ci_core::Error),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A socket operation failed.
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+/// A ready server. See the [crate docs](crate).
+pub struct Server {
+    app: api::App,
+    link: Arc<HttpLink>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.app.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the SQLite database named in `config` and recovers the state
+    /// it holds.
+    pub fn open(config: ServerConfig) -> Result<Server, Error> {
+        let store = SqliteStore::open_with(
+            &config.db_path,
+            ci_store::Options {
+                synchronous: config.synchronous,
+                ..Default::default()
+            },
+        )?;
+        Self::with_store(config, Arc::new(store))
+    }
+
+    /// A server over any store.
+    pub fn with_store(config: ServerConfig, store: Arc<dyn BuildStore>) -> Result<Server, Error> {
+        let coordinator = Coordinator::builder(store.clone()).lease(config.lease).build()?;
+        let link = Arc::new(HttpLink::new(config.dispatch_timeout)?);
+        Ok(Server {
+            app: api::App {
+                dispatcher: Dispatcher::new(coordinator),
+                store,
+                config: Arc::new(config),
+            },
+            link,
+        })
+    }
+
+    /// The dispatcher, to observe or drive the coordinator in-process.
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.app.dispatcher
+    }
+
+    /// The routes, for serving elsewhere or testing without sockets.
+    pub fn routes(
+        &self,
+    ) -> impl Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
+        api::routes(self.app.clone())
+    }
+
+    /// Serves HTTP on `listener` and runs the scheduling loop until
+    /// `shutdown` resolves; then stops accepting, finishes requests and
+    /// dispatches in flight, and returns.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = move |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let scheduler = tokio::spawn(
+            self.app
+                .dispatcher
+                .clone()
+                .run(self.link.clone(), stopped(stop_rx.clone())),
+        );
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, repo = %self.app.config.repo, "ci-server listening");
+        }
+        warp::serve(self.routes())
+            .incoming(listener)
+            .graceful(stopped(stop_rx))
+            .run()
+            .await;
+        let _ = scheduler.await;
+        Ok(())
+    }
+}

@@ -1,0 +1,426 @@
+//! The agent service: registration, presence, builds, heartbeats, results.
+//!
+//! # Life of an agent
+//! 1. Deliver results a previous run of this agent could not (the spool).
+//! 2. Register, retrying with backoff until the server answers.
+//! 3. While idle, ping every heartbeat interval. If the server no longer
+//!    knows this agent (it was dropped), go back to 2.
+//! 4. On `POST /build`: answer at once, run the build in the background,
+//!    send a heartbeat every interval. If the server refuses a heartbeat
+//!    (the attempt was superseded or the build is no longer running), stop
+//!    the build: its result would not count.
+//! 5. When the build ends, write the result to the spool, then deliver it,
+//!    retrying with backoff until the server gives a definite answer.
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ci_core::protocol::{BuildRequest, ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyBuildResult};
+use ci_core::{execute, AgentId, Attempt, BuildId, CommitRef, Job, LogSink, RepoUrl, Runner};
+use nix::fcntl::{Flock, FlockArg};
+use reqwest::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, error, info, warn};
+use warp::reply::{json, with_status, Response};
+use warp::{Filter, Rejection, Reply};
+
+use crate::client::{retry, CallError, ServerClient};
+use crate::config::AgentConfig;
+use crate::Error;
+
+/// A build agent. See the [module docs](self).
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("server", &self.inner.config.server_url)
+            .field("id", &self.id())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: AgentConfig,
+    runner: Arc<dyn Runner>,
+    client: ServerClient,
+    spool: Spool,
+    state: Mutex<State>,
+    /// Woken when the agent becomes idle or registers.
+    changed: Notify,
+    /// Holds the work directory for this process alone.
+    _lock: Flock<File>,
+}
+
+#[derive(Default)]
+struct State {
+    id: Option<AgentId>,
+    heartbeat: Option<Duration>,
+    running: Option<(BuildId, Option<Attempt>)>,
+}
+
+impl Agent {
+    /// An agent running builds with `runner`, working in `config.work_dir`.
+    /// Fails if another agent holds that directory.
+    pub fn new(config: AgentConfig, runner: Arc<dyn Runner>) -> Result<Agent, Error> {
+        let dir = &config.work_dir;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let lock_path = dir.join("agent.lock");
+        let file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| Error::WorkDirInUse(dir.clone()))?;
+        let client = ServerClient::new(&config.server_url, config.request_timeout)?;
+        let spool = Spool::open(dir.join("spool"))?;
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                config,
+                runner,
+                client,
+                spool,
+                state: Mutex::default(),
+                changed: Notify::new(),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The id the server gave this agent, once registered.
+    pub fn id(&self) -> Option<AgentId> {
+        self.inner.state().id
+    }
+
+    /// The build running now, if any.
+    pub fn running(&self) -> Option<BuildId> {
+        self.inner.state().running.map(|(b, _)| b)
+    }
+
+    /// The agent's HTTP routes (`POST /build`, `GET /healthz`).
+    pub fn routes(&self) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+        let inner = self.inner.clone();
+        let build = warp::path!("build")
+            .and(warp::post())
+            .and(warp::body::content_length_limit(256 * 1024))
+            .and(warp::body::json())
+            .map(move |req: BuildRequest| accept_build(&inner, req));
+        let inner = self.inner.clone();
+        let health = warp::path!("healthz").and(warp::get()).map(move || {
+            let s = inner.state();
+            json(&serde_json::json!({
+                "status": "ok",
+                "id": s.id,
+                "build": s.running.map(|(b, _)| b),
+            }))
+            .into_response()
+        });
+        build.or(health).unify().recover(recover).unify()
+    }
+
+    /// Serves builds on `listener` and keeps in touch with the server until
+    /// `shutdown` resolves. Fails only if the server refuses to register
+    /// this agent (a configuration error).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::io(Path::new("listener"), e))?
+            .port();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = move |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let http = tokio::spawn(
+            warp::serve(self.routes())
+                .incoming(listener)
+                .graceful(stopped(stop_rx.clone()))
+                .run(),
+        );
+        info!(port, server = %self.inner.config.server_url, "ci-agent listening");
+        let session = self.session(port);
+        let result = tokio::select! {
+            r = session => r,
+            () = shutdown => Ok(()),
+        };
+        let _ = stop_tx.send(true);
+        let _ = http.await;
+        result
+    }
+
+    /// Spool, register, ping; again whenever the server forgets us.
+    async fn session(&self, port: u16) -> Result<(), Error> {
+        let inner = &self.inner;
+        loop {
+            inner.deliver_spooled().await;
+            let announce = NotifyAgent {
+                host: inner.config.advertise_host.clone(),
+                port,
+            };
+            let reply = retry("register", inner.config.retry, || {
+                inner.client.register(&announce)
+            })
+            .await
+            .map_err(Error::Registration)?;
+            let heartbeat = Duration::from_millis(reply.timeout.max(10));
+            {
+                let mut s = inner.state();
+                s.id = Some(reply.id);
+                s.heartbeat = Some(heartbeat);
+            }
+            info!(id = %reply.id, heartbeat = ?heartbeat, "registered");
+            inner.changed.notify_waiters();
+            inner.ping_while_known(reply.id, heartbeat).await;
+            warn!(id = %reply.id, "the server no longer knows this agent; registering again");
+        }
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Pings while idle. Returns when the server says it does not know `id`.
+    async fn ping_while_known(&self, id: AgentId, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.state().running.is_some() {
+                continue;
+            }
+            let ping = NotifyAgentAlive {
+                agent_id: Some(id),
+                ..NotifyAgentAlive::default()
+            };
+            match self.client.alive(&ping).await {
+                Ok(()) => {}
+                Err(e) if e.refused_status() == Some(StatusCode::NOT_FOUND) => return,
+                Err(e) => debug!(cause = %e, "ping failed"),
+            }
+        }
+    }
+
+    /// Runs one build to the end and delivers its result.
+    async fn run_build(self: Arc<Self>, req: BuildRequest) {
+        let job = Job::from(&req);
+        let agent_id = self.state().id;
+        let log = LogSink::default();
+        info!(build = %job.build, attempt = ?job.attempt, commit = %job.hash, "build started");
+        let completion = {
+            let run = execute(&*self.runner, &job, &log, self.config.build_timeout);
+            let beat = self.heartbeat(&job, agent_id);
+            tokio::select! {
+                c = run => Some(c),
+                () = beat => None,
+            }
+        };
+        {
+            let mut s = self.state();
+            if s.running.map(|(b, _)| b) == Some(job.build) {
+                s.running = None;
+            }
+        }
+        self.changed.notify_waiters();
+        let Some(c) = completion else {
+            warn!(build = %job.build, "build abandoned: the server gave it to another attempt");
+            return;
+        };
+        info!(build = %job.build, exit_code = c.exit_code, "build finished");
+        let result = NotifyBuildResult {
+            id: job.build,
+            status: c.exit_code,
+            stdout: c.stdout,
+            stderr: c.stderr,
+            attempt: job.attempt,
+            agent_id,
+        };
+        let spooled = match self.spool.save(&result) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                error!(cause = %e, "could not spool the result; delivering from memory");
+                None
+            }
+        };
+        self.deliver(&result, spooled.as_deref()).await;
+    }
+
+    /// Heartbeats for `job` every interval. Returns if the server refuses
+    /// one: the attempt no longer counts.
+    async fn heartbeat(&self, job: &Job, agent: Option<AgentId>) {
+        let every = self.state().heartbeat.unwrap_or(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let hb = NotifyAgentAlive {
+                id: Some(job.build),
+                attempt: job.attempt,
+                agent_id: agent,
+            };
+            match self.client.alive(&hb).await {
+                Ok(()) => {}
+                Err(CallError::Refused { status, message }) => {
+                    warn!(build = %job.build, %status, %message, "heartbeat refused");
+                    return;
+                }
+                // The server is down or busy: keep building, keep trying.
+                Err(e) => debug!(build = %job.build, cause = %e, "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Delivers a result until the server gives a definite answer, then
+    /// removes it from the spool.
+    async fn deliver(&self, result: &NotifyBuildResult, spooled: Option<&Path>) {
+        match retry("deliver result", self.config.retry, || self.client.result(result)).await {
+            Ok(()) => info!(build = %result.id, "result delivered"),
+            Err(e) => warn!(build = %result.id, cause = %e, "result refused; dropping it"),
+        }
+        if let Some(path) = spooled {
+            self.spool.remove(path);
+        }
+    }
+
+    async fn deliver_spooled(&self) {
+        for (path, result) in self.spool.load() {
+            info!(build = %result.id, "delivering a result from a previous run");
+            self.deliver(&result, Some(&path)).await;
+        }
+    }
+}
+
+fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
+    let reply =
+        |status: StatusCode, error: String| with_status(json(&ErrorBody { error }), status).into_response();
+    if let Err(e) =
+        RepoUrl::parse_with(&req.repo, &inner.config.repo_schemes).and(CommitRef::parse(&req.hash))
+    {
+        return reply(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    if req.command.trim().is_empty() {
+        return reply(StatusCode::BAD_REQUEST, "command must not be empty".into());
+    }
+    {
+        let mut s = inner.state();
+        if let Some((b, _)) = s.running {
+            return reply(StatusCode::CONFLICT, format!("busy with build {b}"));
+        }
+        s.running = Some((req.id, req.attempt));
+    }
+    tokio::spawn(inner.clone().run_build(req));
+    json(&serde_json::json!({"accepted": true})).into_response()
+}
+
+async fn recover(err: Rejection) -> Result<Response, Infallible> {
+    let (status, error) = if err.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such endpoint".to_owned())
+    } else if let Some(e) = err.find::<warp::filters::body::BodyDeserializeError>() {
+        (StatusCode::BAD_REQUEST, format!("invalid body: {e}"))
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (StatusCode::PAYLOAD_TOO_LARGE, "body too large".to_owned())
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (StatusCode::METHOD_NOT_ALLOWED, "method not allowed".to_owned())
+    } else if let Some(e) = err.find::<warp::reject::UnsupportedMediaType>() {
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string())
+    } else {
+        (StatusCode::BAD_REQUEST, "bad request".to_owned())
+    };
+    Ok(with_status(json(&ErrorBody { error }), status).into_response())
+}
+
+// === impl Spool ===
+
+/// Results not yet delivered, one JSON file each, so that an agent killed
+/// before the server heard back delivers them when it starts again.
+#[derive(Debug)]
+struct Spool {
+    dir: PathBuf,
+}
+
+impl Spool {
+    fn open(dir: PathBuf) -> Result<Spool, Error> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(Spool { dir })
+    }
+
+    /// Writes `result` durably (temp file, fsync, rename).
+    fn save(&self, result: &NotifyBuildResult) -> Result<PathBuf, Error> {
+        use std::io::Write;
+        let name = format!("{}-{}.json", result.id, result.attempt.map_or(0, |a| a.0));
+        let path = self.dir.join(name);
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec(result).map_err(|e| Error::Spool(e.to_string()))?;
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&body)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    }
+
+    fn remove(&self, path: &Path) {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!(path = %path.display(), cause = %e, "could not remove spooled result");
+        }
+    }
+
+    /// Every spooled result, oldest build first. Unreadable files are set
+    /// aside with a `.bad` suffix rather than retried forever.
+    fn load(&self) -> Vec<(PathBuf, NotifyBuildResult)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter_map(|p| {
+                let parsed = std::fs::read(&p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<NotifyBuildResult>(&b).ok());
+                if parsed.is_none() {
+                    warn!(path = %p.display(), "unreadable spooled result set aside");
+                    let _ = std::fs::rename(&p, p.with_extension("bad"));
+                }
+                parsed.map(|r| (p, r))
+            })
+            .collect();
+        out.sort_by_key(|(_, r)| (r.id, r.attempt));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_round_trip_and_bad_files_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_path_buf()).unwrap();
+        let r = NotifyBuildResult {
+            id: BuildId(3),
+            status: 1,
+            stdout: "o".into(),
+            stderr: "e".into(),
+            attempt: Some(Attempt(2)),
+            agent_id: Some(AgentId(1)),
+        };
+        let path = spool.save(&r).unwrap();
+        std::fs::write(dir.path().join("junk.json"), "{not json").unwrap();
+        let loaded = spool.load();
+        assert_eq!(loaded, vec![(path.clone(), r)]);
+        assert!(dir.path().join("junk.bad").exists());
+        spool.remove(&path);
+        assert!(spool.load().is_empty());
+    }
+}

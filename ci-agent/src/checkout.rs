@@ -1,0 +1,241 @@
+//! Checking out a commit into a fresh workspace, through a per-repository
+//! cache so each build fetches only new objects.
+//!
+//! N.B.: nothing from the request reaches git unchecked. The repository URL
+//! is a validated [`RepoUrl`] and comes after `--`; the ref is a validated
+//! [`CommitRef`] and goes through `rev-parse --end-of-options`; the commit
+//! git checks out is the full SHA that `rev-parse` printed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ci_core::{CommitRef, RepoUrl};
+use tokio::process::Command;
+
+use crate::Error;
+
+/// Workspaces and repository caches under one directory.
+#[derive(Debug, Clone)]
+pub struct Checkouts {
+    root: PathBuf,
+    locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// A checked-out commit in its own directory, removed on drop.
+#[derive(Debug)]
+pub struct Workspace {
+    path: PathBuf,
+    /// The full SHA checked out.
+    pub commit: String,
+}
+
+impl Workspace {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), cause = %e, "could not remove workspace");
+            }
+        }
+    }
+}
+
+impl Checkouts {
+    /// Workspaces under `root/builds`, caches under `root/repos`. Removes
+    /// workspaces a previous run left behind.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Checkouts, Error> {
+        let root = root.into();
+        let builds = root.join("builds");
+        if builds.exists() {
+            std::fs::remove_dir_all(&builds).map_err(|e| Error::io(&builds, e))?;
+        }
+        for dir in [builds, root.join("repos")] {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(Checkouts {
+            root,
+            locks: Arc::default(),
+        })
+    }
+
+    fn cache_dir(&self, repo: &RepoUrl) -> PathBuf {
+        // A stable, filesystem-safe name: FNV-1a of the URL.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in repo.as_str().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.root.join("repos").join(format!("{h:016x}.git"))
+    }
+
+    fn lock_for(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        locks.entry(dir.to_path_buf()).or_default().clone()
+    }
+
+    /// Checks out `commit` of `repo` into a new workspace named `name`.
+    pub async fn checkout(&self, repo: &RepoUrl, commit: &CommitRef, name: &str) -> Result<Workspace, Error> {
+        let cache = self.cache_dir(repo);
+        let sha = {
+            let lock = self.lock_for(&cache);
+            let _guard = lock.lock().await;
+            self.update_cache(repo, &cache, commit).await?
+        };
+        let path = self.root.join("builds").join(name);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        // From here on, the guard removes the directory on any failure.
+        let ws = Workspace { path, commit: sha };
+        git(None, &["clone", "--quiet", "--shared", "--no-checkout", "--"])
+            .arg(&cache)
+            .arg(ws.path())
+            .run("clone the cache into the workspace")
+            .await?;
+        git(
+            Some(ws.path()),
+            &[
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "--quiet",
+                "--detach",
+            ],
+        )
+        .arg(&ws.commit)
+        .run("check out the commit")
+        .await?;
+        Ok(ws)
+    }
+
+    /// Makes sure the cache holds `commit` and returns its full SHA.
+    async fn update_cache(&self, repo: &RepoUrl, cache: &Path, commit: &CommitRef) -> Result<String, Error> {
+        if !cache.join("HEAD").exists() {
+            let tmp = cache.with_extension("tmp");
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            }
+            git(None, &["clone", "--quiet", "--bare", "--"])
+                .arg(repo.as_str())
+                .arg(&tmp)
+                .run(&format!("clone {repo}"))
+                .await?;
+            // N.B.: rename last, so a crash mid-clone never leaves a cache
+            // that looks complete.
+            std::fs::rename(&tmp, cache).map_err(|e| Error::io(cache, e))?;
+        } else if commit.is_sha() {
+            if let Ok(sha) = resolve(cache, commit).await {
+                return Ok(sha);
+            }
+            fetch(cache).await?;
+        } else {
+            // A ref may have moved since the last build: always fetch.
+            fetch(cache).await?;
+        }
+        match resolve(cache, commit).await {
+            Ok(sha) => Ok(sha),
+            Err(e) if commit.is_sha() => {
+                // Not reachable from any ref: ask for the object itself, which
+                // servers that allow it will send.
+                let fetched = git(Some(cache), &["fetch", "--quiet", "origin", "--"])
+                    .arg(commit.as_str())
+                    .run("fetch the commit")
+                    .await;
+                match fetched {
+                    Ok(()) => resolve(cache, commit).await,
+                    Err(_) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn fetch(cache: &Path) -> Result<(), Error> {
+    git(
+        Some(cache),
+        &[
+            "fetch",
+            "--quiet",
+            "--prune",
+            "--force",
+            "origin",
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+        ],
+    )
+    .run("fetch")
+    .await
+}
+
+async fn resolve(cache: &Path, commit: &CommitRef) -> Result<String, Error> {
+    let out = git(
+        Some(cache),
+        &["rev-parse", "--verify", "--quiet", "--end-of-options"],
+    )
+    .arg(format!("{}^{{commit}}", commit.as_str()))
+    .output("resolve")
+    .await
+    .map_err(|_| Error::Checkout(format!("commit {commit} not found in the repository")))?;
+    let sha = out.trim().to_owned();
+    if sha.len() >= 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(sha)
+    } else {
+        Err(Error::Checkout(format!(
+            "commit {commit} not found in the repository"
+        )))
+    }
+}
+
+struct Git(Command);
+
+fn git(dir: Option<&Path>, args: &[&str]) -> Git {
+    let mut cmd = Command::new("git");
+    if let Some(dir) = dir {
+        cmd.arg("-C").arg(dir);
+    }
+    // Never prompt for credentials, never run a remote helper command.
+    cmd.args(["-c", "protocol.ext.allow=never", "-c", "core.hooksPath=/dev/null"])
+        .args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "true")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    Git(cmd)
+}
+
+impl Git {
+    fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Git {
+        self.0.arg(a);
+        self
+    }
+
+    async fn output(mut self, what: &str) -> Result<String, Error> {
+        let out = self
+            .0
+            .output()
+            .await
+            .map_err(|e| Error::Checkout(format!("cannot run git to {what}: {e}")))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            Err(Error::Checkout(format!(
+                "git could not {what}: {}",
+                stderr.trim()
+            )))
+        }
+    }
+
+    async fn run(self, what: &str) -> Result<(), Error> {
+        self.output(what).await.map(drop)
+    }
+}

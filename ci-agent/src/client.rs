@@ -1,0 +1,152 @@
+//! The agent's side of the protocol: calls to the server, and retrying them.
+
+use std::time::Duration;
+
+use ci_core::protocol::{ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentReply, NotifyBuildResult};
+use ci_core::Backoff;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::{debug, warn};
+
+/// How a call to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No answer: connection refused, reset, or timed out. Retry later.
+    #[error("server unreachable: {0}")]
+    Unreachable(#[source] reqwest::Error),
+    /// The server answered 5xx (or 401, which an operator can fix). Retry later.
+    #[error("server error {status}: {message}")]
+    Server {
+        /// HTTP status.
+        status: StatusCode,
+        /// Its message.
+        message: String,
+    },
+    /// The server refused the request for good (4xx).
+    #[error("refused with {status}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: StatusCode,
+        /// Its message.
+        message: String,
+    },
+}
+
+impl CallError {
+    /// True if the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, CallError::Refused { .. })
+    }
+
+    /// The status of a refusal.
+    pub fn refused_status(&self) -> Option<StatusCode> {
+        match self {
+            CallError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one server.
+#[derive(Debug, Clone)]
+pub struct ServerClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl ServerClient {
+    /// A client of the server at `base` (e.g. `http://127.0.0.1:3000`),
+    /// whose calls give up after `timeout`.
+    pub fn new(base: impl Into<String>, timeout: Duration) -> Result<ServerClient, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .build()?;
+        Ok(ServerClient {
+            http,
+            base: base.into().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, CallError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(CallError::Unreachable)?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp.json::<R>().await.map_err(CallError::Unreachable);
+        }
+        let message = match resp.json::<ErrorBody>().await {
+            Ok(b) => b.error,
+            Err(_) => String::new(),
+        };
+        if status.is_server_error()
+            || status == StatusCode::UNAUTHORIZED
+            || status == StatusCode::TOO_MANY_REQUESTS
+        {
+            Err(CallError::Server { status, message })
+        } else {
+            Err(CallError::Refused { status, message })
+        }
+    }
+
+    /// `POST /notify_agent`.
+    pub async fn register(&self, body: &NotifyAgent) -> Result<NotifyAgentReply, CallError> {
+        self.post("/notify_agent", body).await
+    }
+
+    /// `POST /notify_agent_alive`.
+    pub async fn alive(&self, body: &NotifyAgentAlive) -> Result<(), CallError> {
+        self.post::<_, serde_json::Value>("/notify_agent_alive", body)
+            .await
+            .map(drop)
+    }
+
+    /// `POST /notify_build_result`.
+    pub async fn result(&self, body: &NotifyBuildResult) -> Result<(), CallError> {
+        self.post::<_, serde_json::Value>("/notify_build_result", body)
+            .await
+            .map(drop)
+    }
+}
+
+/// Calls `f` until it succeeds or fails for good, sleeping `backoff`
+/// between retryable failures.
+pub async fn retry<T, F, Fut>(what: &str, backoff: Backoff, mut f: F) -> Result<T, CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CallError>>,
+{
+    let mut delays = backoff.delays(fastrand::Rng::new());
+    let mut failures = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => {
+                if failures > 0 {
+                    debug!(what, failures, "succeeded after retries");
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_retryable() => {
+                failures += 1;
+                let delay = delays.next().unwrap_or(backoff.cap());
+                // Log the first failure and then every tenth, not every one.
+                if failures == 1 || failures % 10 == 0 {
+                    warn!(what, failures, cause = %e, retry_in = ?delay, "retrying");
+                }
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Agent settings: command-line flags with environment fallbacks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ci_core::model::DEFAULT_REPO_SCHEMES;
+use ci_core::Backoff;
+use clap::{Parser, ValueEnum};
+
+use crate::Error;
+
+/// Which runner executes builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunnerKind {
+    /// `sh -c` in a checkout on this machine.
+    Shell,
+    /// A fresh container per build, through the Docker API.
+    Docker,
+}
+
+/// `ci-agent` command line. Every flag falls back to an environment
+/// variable (the original design's names).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ci-agent", version, about = "A ci build agent")]
+pub struct Args {
+    /// Name or address the server uses to reach this agent, with or without
+    /// `http://`. Default: the address the server sees the agent's requests
+    /// come from.
+    #[arg(long, env = "AGENT_HOST", value_name = "AGENT_HOST")]
+    pub host: Option<String>,
+
+    /// Port to listen on for builds (0 picks a free one).
+    #[arg(long, env = "AGENT_PORT", value_name = "AGENT_PORT", default_value_t = 3001)]
+    pub port: u16,
+
+    /// Address to bind.
+    #[arg(
+        long,
+        env = "AGENT_BIND",
+        value_name = "AGENT_BIND",
+        default_value = "127.0.0.1"
+    )]
+    pub bind: IpAddr,
+
+    /// The server's host, with or without `http://`.
+    #[arg(
+        long,
+        env = "SERVER_HOST",
+        value_name = "SERVER_HOST",
+        default_value = "127.0.0.1"
+    )]
+    pub server_host: String,
+
+    /// The server's port.
+    #[arg(long, env = "SERVER_PORT", value_name = "SERVER_PORT", default_value_t = 3000)]
+    pub server_port: u16,
+
+    /// How builds run.
+    #[arg(long, env = "RUNNER", value_name = "RUNNER", value_enum, default_value_t = RunnerKind::Shell)]
+    pub runner: RunnerKind,
+
+    /// Directory for checkouts, the repository cache and undelivered results.
+    /// One agent per directory.
+    #[arg(
+        long,
+        env = "WORK_DIR",
+        value_name = "WORK_DIR",
+        default_value = "ci-agent-work"
+    )]
+    pub work_dir: PathBuf,
+
+    /// Time limit per build when the server sets none (e.g. 90s, 30m, 1h).
+    #[arg(long, env = "BUILD_TIMEOUT", value_name = "BUILD_TIMEOUT", default_value = "1h", value_parser = humantime_duration)]
+    pub build_timeout: Duration,
+
+    /// Longest wait between retries when the server is unreachable, in ms.
+    #[arg(
+        long,
+        env = "RETRY_MAX_MS",
+        value_name = "RETRY_MAX_MS",
+        default_value_t = 5000
+    )]
+    pub retry_max_ms: u64,
+
+    /// Repository URL schemes builds may use, comma separated.
+    #[arg(long, env = "REPO_SCHEMES", value_name = "REPO_SCHEMES", value_delimiter = ',', default_values_t = DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()))]
+    pub repo_schemes: Vec<String>,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be positive".into());
+    }
+    Ok(d)
+}
+
+/// Validated agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Host announced to the server; `None` lets the server use the source
+    /// address.
+    pub advertise_host: Option<String>,
+    /// The server's base URL.
+    pub server_url: String,
+    /// How builds run.
+    pub runner: RunnerKind,
+    /// Checkouts, caches and the result spool.
+    pub work_dir: PathBuf,
+    /// Default build time limit.
+    pub build_timeout: Duration,
+    /// Retry policy for calls to the server.
+    pub retry: Backoff,
+    /// Allowed repository URL schemes.
+    pub repo_schemes: Vec<String>,
+    /// Time limit of one call to the server.
+    pub request_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Settings for an agent of the server at `server_url`, working in
+    /// `work_dir`, with every other value at its default.
+    pub fn new(server_url: impl Into<String>, work_dir: impl Into<PathBuf>) -> AgentConfig {
+        AgentConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_host: None,
+            server_url: server_url.into(),
+            runner: RunnerKind::Shell,
+            work_dir: work_dir.into(),
+            build_timeout: Duration::from_secs(3600),
+            retry: Backoff::default(),
+            repo_schemes: DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()).collect(),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `http://host:port` from a host given with or without a scheme.
+pub fn base_url(host: &str, port: u16) -> Result<String, String> {
+    let host = host.trim().trim_end_matches('/');
+    let (scheme, name) = match host.split_once("://") {
+        Some((s, n)) if s == "http" || s == "https" => (s, n),
+        Some((s, _)) => return Err(format!("scheme {s:?} is not http or https")),
+        None => ("http", host),
+    };
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c));
+    if !ok {
+        return Err(format!("{host:?} is not a host name or address"));
+    }
+    Ok(format!("{scheme}://{name}:{port}"))
+}
+
+impl TryFrom<Args> for AgentConfig {
+    type Error = Error;
+
+    fn try_from(a: Args) -> Result<AgentConfig, Error> {
+        let server_url = base_url(&a.server_host, a.server_port).map_err(|reason| Error::Config {
+            name: "SERVER_HOST",
+            reason,
+        })?;
+        if a.server_port == 0 {
+            return Err(Error::Config {
+                name: "SERVER_PORT",
+                reason: "must be 1-65535".into(),
+            });
+        }
+        if let Some(h) = &a.host {
+            base_url(h, 1).map_err(|reason| Error::Config {
+                name: "AGENT_HOST",
+                reason,
+            })?;
+        }
+        let retry = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_millis(a.retry_max_ms.max(100)),
+        )
+        .map_err(|e| Error::Config {
+            name: "RETRY_MAX_MS",
+            reason: e.to_string(),
+        })?;
+        if a.work_dir.as_os_str().is_empty() {
+            return Err(Error::Config {
+                name: "WORK_DIR",
+                reason: "must not be empty".into(),
+            });
+        }
+        Ok(AgentConfig {
+            addr: SocketAddr::new(a.bind, a.port),
+            advertise_host: a.host.filter(|h| !h.trim().is_empty()),
+            server_url,
+            runner: a.runner,
+            work_dir: a.work_dir,
+            build_timeout: a.build_timeout,
+            retry,
+            repo_schemes: a.repo_schemes,
+            request_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(base_url("http://server", 3000).unwrap(), "http://server:3000");
+        assert_eq!(base_url("127.0.0.1", 1).unwrap(), "http://127.0.0.1:1");
+        assert!(base_url("ftp://x", 1).is_err());
+        assert!(base_url("a b", 1).is_err());
+        assert!(base_url("", 1).is_err());
+    }
+
+    #[test]
+    fn args_validate() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("ci-agent").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())
+                .and_then(|a| AgentConfig::try_from(a).map_err(|e| e.to_string()))
+        };
+        let c = parse(&["--server-host", "http://ci", "--server-port", "8080"]).unwrap();
+        assert_eq!(c.server_url, "http://ci:8080");
+        assert_eq!(c.build_timeout, Duration::from_secs(3600));
+        assert!(parse(&["--runner", "kubernetes"]).is_err());
+        assert!(parse(&["--build-timeout", "0s"]).is_err());
+        assert!(parse(&["--server-host", "x y"])
+            .unwrap_err()
+            .contains("SERVER_HOST"));
+    }
+}

@@ -1,0 +1,208 @@
+//! The shell runner against real git repositories and real processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ci_agent::{Checkouts, ShellRunner};
+use ci_core::{execute, Attempt, BuildId, Job, LogSink, Runner};
+use ci_testkit::{alive, wait_until, GitRepo};
+
+struct Fixture {
+    work: tempfile::TempDir,
+    repo: GitRepo,
+    runner: Arc<ShellRunner>,
+}
+
+fn fixture() -> Fixture {
+    let work = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new();
+    let checkouts = Checkouts::new(work.path()).unwrap();
+    let runner = Arc::new(ShellRunner::new(
+        checkouts,
+        ci_core::model::DEFAULT_REPO_SCHEMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    ));
+    Fixture { work, repo, runner }
+}
+
+impl Fixture {
+    fn job(&self, build: i64, hash: &str, command: &str) -> Job {
+        Job {
+            build: BuildId(build),
+            attempt: Some(Attempt(1)),
+            repo: self.repo.url(),
+            hash: hash.into(),
+            command: command.into(),
+            image: None,
+            timeout: None,
+        }
+    }
+
+    async fn run(&self, job: &Job) -> ci_core::Completion {
+        execute(&*self.runner, job, &LogSink::default(), Duration::from_secs(60)).await
+    }
+
+    fn workspaces(&self) -> usize {
+        std::fs::read_dir(self.work.path().join("builds"))
+            .unwrap()
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn builds_the_exact_commit_and_reports_exit_code_and_output() {
+    let f = fixture();
+    let pass = f.repo.commit(
+        &[
+            ("build.sh", "echo building; cat version; exit 0\n"),
+            ("version", "one\n"),
+        ],
+        "pass",
+    );
+    let fail = f.repo.commit(
+        &[("build.sh", "echo broken >&2; exit 3\n"), ("version", "two\n")],
+        "fail",
+    );
+
+    let c = f.run(&f.job(1, &pass, "sh build.sh")).await;
+    assert_eq!(c.exit_code, 0, "{c:?}");
+    assert!(c.stdout.contains("building\none\n"), "{}", c.stdout);
+
+    let c = f.run(&f.job(2, &fail[..10], "sh build.sh")).await;
+    assert_eq!(c.exit_code, 3);
+    assert_eq!(c.stderr, "broken\n");
+
+    let c = f
+        .run(&f.job(3, "main", "echo $CI_COMMIT $CI_BUILD_ID $CI_BUILD_ATTEMPT $CI"))
+        .await;
+    assert!(c.stdout.ends_with(&format!("{fail} 3 1 true\n")), "{}", c.stdout);
+    assert_eq!(f.workspaces(), 0, "workspaces are removed");
+}
+
+#[tokio::test]
+async fn the_cache_fetches_new_commits_and_moved_refs() {
+    let f = fixture();
+    f.repo.commit(&[("v", "1")], "one");
+    let c = f.run(&f.job(1, "main", "cat v")).await;
+    assert!(c.stdout.ends_with('1'), "{c:?}");
+
+    let two = f.repo.commit(&[("v", "2")], "two");
+    let c = f.run(&f.job(2, "main", "cat v")).await;
+    assert!(c.stdout.ends_with('2'), "a moved branch is fetched again: {c:?}");
+
+    f.repo.git(&["checkout", "--quiet", "-b", "feature/x"]);
+    let three = f.repo.commit(&[("v", "3")], "three");
+    let c = f.run(&f.job(3, &three, "cat v")).await;
+    assert!(c.stdout.ends_with('3'), "a new SHA is fetched: {c:?}");
+    let c = f.run(&f.job(4, "feature/x", "git rev-parse HEAD")).await;
+    assert!(c.stdout.ends_with(&format!("{three}\n")), "{c:?}");
+    let c = f.run(&f.job(5, &two, "cat v")).await;
+    assert!(c.stdout.ends_with('2'), "{c:?}");
+}
+
+#[tokio::test]
+async fn unknown_commits_and_bad_repos_fail_with_a_clear_message() {
+    let f = fixture();
+    f.repo.commit(&[("a", "a")], "a");
+    let c = f.run(&f.job(1, "deadbeef", "true")).await;
+    assert_eq!(c.exit_code, ci_core::Completion::NOT_RUN);
+    assert!(c.stderr.contains("deadbeef not found"), "{}", c.stderr);
+
+    let c = f.run(&f.job(2, "no-such-branch", "true")).await;
+    assert!(c.stderr.contains("not found"), "{}", c.stderr);
+
+    let mut job = f.job(3, "main", "true");
+    job.repo = "/nonexistent/repo".into();
+    let c = f.run(&job).await;
+    assert!(c.stderr.contains("git could not clone"), "{}", c.stderr);
+
+    let mut job = f.job(4, "--upload-pack=touch /tmp/x", "true");
+    job.repo = f.repo.url();
+    let c = f.run(&job).await;
+    assert!(c.stderr.contains("invalid hash"), "{}", c.stderr);
+    assert_eq!(f.workspaces(), 0);
+}
+
+#[tokio::test]
+async fn background_processes_do_not_outlive_the_build() {
+    let f = fixture();
+    f.repo.commit(&[("a", "a")], "a");
+    let pidfile = f.work.path().join("bg.pid");
+    let cmd = format!("sleep 60 & echo $! > {}; echo started", pidfile.display());
+    let c = tokio::time::timeout(Duration::from_secs(20), f.run(&f.job(1, "main", &cmd)))
+        .await
+        .expect("a background process must not hold the build open");
+    assert_eq!(c.exit_code, 0, "{c:?}");
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    wait_until(
+        "the background process to be killed",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_a_build_kills_its_process_group() {
+    let f = fixture();
+    f.repo.commit(&[("a", "a")], "a");
+    let pidfile = f.work.path().join("child.pid");
+    let cmd = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+    let job = f.job(1, "main", &cmd);
+    let runner = f.runner.clone();
+    let task = tokio::spawn(async move { runner.run(&job, &LogSink::default()).await });
+    let pid: i32 = wait_until(
+        "the build to start its child",
+        Duration::from_secs(20),
+        || async { std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok() },
+    )
+    .await;
+    assert!(alive(pid));
+    task.abort();
+    let _ = task.await;
+    wait_until(
+        "the abandoned build's processes to die",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    wait_until("the workspace to be removed", Duration::from_secs(5), || async {
+        (f.workspaces() == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn timeouts_and_signals() {
+    let f = fixture();
+    f.repo.commit(&[("a", "a")], "a");
+    let mut job = f.job(1, "main", "echo before; sleep 30");
+    job.timeout = Some(Duration::from_millis(1500));
+    let c = f.run(&job).await;
+    assert_eq!(c.exit_code, ci_core::runner::TIMED_OUT);
+    assert!(c.stdout.contains("before"), "{c:?}");
+    assert!(c.stderr.contains("timed out after 1s 500ms"), "{}", c.stderr);
+
+    let c = f.run(&f.job(2, "main", "kill -TERM $$")).await;
+    assert_eq!(c.exit_code, 128 + 15);
+}
+
+#[tokio::test]
+async fn output_is_capped_with_a_marker() {
+    let f = fixture();
+    f.repo.commit(&[("a", "a")], "a");
+    let job = f.job(1, "main", "head -c 3000000 /dev/zero | tr '\\0' x");
+    let log = LogSink::new(1_000_000);
+    let c = execute(&*f.runner, &job, &log, Duration::from_secs(60)).await;
+    assert_eq!(c.exit_code, 0);
+    assert!(c.stdout.len() < 1_000_100, "{}", c.stdout.len());
+    assert!(
+        c.stdout.ends_with("bytes omitted]\n"),
+        "{}",
+        &c.stdout[c.stdout.len() - 80..]
+    );
+}

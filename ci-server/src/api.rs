@@ -1,0 +1,435 @@
+//! HTTP routes: the agent protocol and the public JSON API.
+//!
+//! Filters only extract and validate; handlers call the [`Dispatcher`] or
+//! read the store; [`recover`] turns every rejection into a JSON error with
+//! a fitting status, so no request ever gets an HTML error page or a 500
+//! for bad input.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ci_core::coordinator::{Accepted, Heartbeat, Report};
+use ci_core::protocol::{
+    AgentView, BuildList, BuildView, CreateBuild, ErrorBody, LogView, NotifyAgent, NotifyAgentAlive,
+    NotifyAgentReply, NotifyBuildResult,
+};
+use ci_core::{BuildId, BuildStore, CommitRef, Completion, Dispatcher, NewBuild, Page};
+use serde::Deserialize;
+use warp::http::StatusCode;
+use warp::reply::{json, with_status, Response};
+use warp::{Filter, Rejection, Reply};
+
+use crate::config::ServerConfig;
+
+/// Largest body of an ordinary request.
+pub const MAX_BODY: u64 = 64 * 1024;
+/// Largest body of a build result: two capped logs plus slack.
+pub const MAX_RESULT_BODY: u64 = 2 * ci_core::model::limits::MAX_LOG as u64 + 64 * 1024;
+
+/// What every handler needs.
+#[derive(Clone)]
+pub(crate) struct App {
+    pub dispatcher: Arc<Dispatcher>,
+    pub store: Arc<dyn BuildStore>,
+    pub config: Arc<ServerConfig>,
+}
+
+/// An API error: a status and a message, sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl From<ci_core::Error> for ApiError {
+    fn from(e: ci_core::Error) -> ApiError {
+        use ci_core::Error as E;
+        let status = match &e {
+            E::Invalid { .. } => StatusCode::BAD_REQUEST,
+            E::BuildNotFound(_) | E::AgentNotFound(_) | E::NotRunning { .. } => StatusCode::NOT_FOUND,
+            E::Superseded { .. } | E::Conflict(_) => StatusCode::CONFLICT,
+            E::Store(_) | E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(cause = %e, "request failed");
+        }
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        with_status(json(&ErrorBody { error: self.message }), self.status).into_response()
+    }
+}
+
+type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+fn respond<T: Reply>(r: Result<T>) -> Response {
+    match r {
+        Ok(reply) => reply.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+// === filters ===
+
+/// Every route, with errors recovered into JSON.
+pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let agent_protocol = notify_agent(app.clone())
+        .or(notify_agent_alive(app.clone()))
+        .unify()
+        .or(notify_build_result(app.clone()))
+        .unify();
+    let api = create_build(app.clone())
+        .or(list_builds(app.clone()))
+        .unify()
+        .or(get_build(app.clone()))
+        .unify()
+        .or(get_log(app.clone()))
+        .unify()
+        .or(list_agents(app))
+        .unify()
+        .or(healthz())
+        .unify();
+    agent_protocol
+        .or(api)
+        .unify()
+        .recover(recover)
+        .unify()
+        .with(warp::trace::request())
+}
+
+fn with_app(app: App) -> impl Filter<Extract = (App,), Error = Infallible> + Clone {
+    warp::any().map(move || app.clone())
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Send>(
+    limit: u64,
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(limit).and(warp::body::json())
+}
+
+fn notify_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("notify_agent")
+        .and(warp::post())
+        .and(with_app(app))
+        .and(warp::addr::remote())
+        .and(json_body(MAX_BODY))
+        .map(|app: App, remote: Option<SocketAddr>, body: NotifyAgent| respond(register(&app, remote, body)))
+}
+
+fn notify_agent_alive(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("notify_agent_alive")
+        .and(warp::post())
+        .and(with_app(app))
+        .and(json_body(MAX_BODY))
+        .map(|app: App, body: NotifyAgentAlive| {
+            let hb = Heartbeat {
+                build: body.id,
+                attempt: body.attempt,
+                agent: body.agent_id,
+            };
+            respond(
+                app.dispatcher
+                    .heartbeat(hb)
+                    .map(|()| json(&serde_json::json!({"ok": true})))
+                    .map_err(ApiError::from),
+            )
+        })
+}
+
+fn notify_build_result(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("notify_build_result")
+        .and(warp::post())
+        .and(with_app(app))
+        .and(json_body(MAX_RESULT_BODY))
+        .map(|app: App, body: NotifyBuildResult| {
+            let report = Report {
+                build: body.id,
+                attempt: body.attempt,
+                agent: body.agent_id,
+                completion: Completion {
+                    exit_code: body.status,
+                    stdout: body.stdout,
+                    stderr: body.stderr,
+                },
+            };
+            let stored = app.dispatcher.complete(report).map(|a| match a {
+                Accepted::Finished(b) => json(&serde_json::json!({"stored": true, "status": b.status})),
+                Accepted::Duplicate(b) => {
+                    json(&serde_json::json!({"stored": true, "duplicate": true, "status": b.status}))
+                }
+            });
+            respond(stored.map_err(ApiError::from))
+        })
+}
+
+fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    // The original UI posted to /build; the API lives under /api/builds.
+    let path = warp::path!("api" / "builds").or(warp::path!("build")).unify();
+    let body = json_body::<CreateBuild>(MAX_BODY)
+        .or(warp::body::content_length_limit(MAX_BODY).and(warp::body::form::<CreateBuild>()))
+        .unify();
+    path.and(warp::post())
+        .and(with_app(app))
+        .and(body)
+        .map(|app: App, body: CreateBuild| {
+            respond(create(&app, body).map(|b| with_status(json(&BuildView::from(&b)), StatusCode::CREATED)))
+        })
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("api" / "builds")
+        .and(warp::get())
+        .and(with_app(app))
+        .and(warp::query::<ListQuery>())
+        .map(|app: App, q: ListQuery| {
+            let page = Page {
+                limit: q.limit.unwrap_or(Page::default().limit).clamp(1, Page::MAX_LIMIT),
+                offset: q.offset.unwrap_or(0),
+            };
+            respond(app.store.list_builds(page).map_err(ApiError::from).map(|builds| {
+                json(&BuildList {
+                    builds: builds.iter().map(BuildView::from).collect(),
+                    limit: page.limit,
+                    offset: page.offset,
+                })
+            }))
+        })
+}
+
+fn build_id() -> impl Filter<Extract = (BuildId,), Error = Rejection> + Copy {
+    warp::path::param::<String>().and_then(|s: String| async move {
+        s.parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(BuildId)
+            .ok_or_else(|| warp::reject::custom(ApiError::bad_request(format!("invalid build id {s:?}"))))
+    })
+}
+
+fn get_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path("api")
+        .and(warp::path("builds"))
+        .and(build_id())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_app(app))
+        .map(|id: BuildId, app: App| {
+            respond(
+                app.store
+                    .build(id)
+                    .map_err(ApiError::from)
+                    .and_then(|b| b.ok_or_else(|| ci_core::Error::BuildNotFound(id).into()))
+                    .map(|b| json(&BuildView::from(&b))),
+            )
+        })
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    attempt: Option<u32>,
+}
+
+fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path("api")
+        .and(warp::path("builds"))
+        .and(build_id())
+        .and(warp::path("log"))
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_app(app))
+        .and(warp::query::<LogQuery>())
+        .map(|id: BuildId, app: App, q: LogQuery| respond(log(&app, id, q)))
+}
+
+fn list_agents(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("api" / "agents")
+        .and(warp::get())
+        .and(with_app(app))
+        .map(|app: App| {
+            let agents = app
+                .dispatcher
+                .with(|c| c.agents().iter().map(AgentView::from).collect::<Vec<_>>());
+            json(&agents).into_response()
+        })
+}
+
+fn healthz() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("healthz")
+        .and(warp::get())
+        .map(|| json(&serde_json::json!({"status": "ok"})).into_response())
+}
+
+// === handlers ===
+
+fn register(app: &App, remote: Option<SocketAddr>, body: NotifyAgent) -> Result<impl Reply> {
+    let url = agent_url(body.host.as_deref(), body.port, remote)?;
+    let reg = app.dispatcher.register_agent(&url)?;
+    tracing::info!(agent = %reg.id, %url, "agent registered");
+    Ok(json(&NotifyAgentReply {
+        id: reg.id,
+        timeout: reg.heartbeat_ms,
+    }))
+}
+
+fn create(app: &App, body: CreateBuild) -> Result<ci_core::Build> {
+    let command = body
+        .command
+        .filter(|c| !c.trim().is_empty())
+        .or_else(|| app.config.build_command.clone())
+        .ok_or_else(|| ApiError::bad_request("command is required: the server has no BUILD_COMMAND"))?;
+    let new = NewBuild {
+        repo: app.config.repo.clone(),
+        hash: CommitRef::parse(&body.hash)?,
+        branch: body.branch.filter(|b| !b.is_empty()),
+        command,
+        image: body.image.filter(|i| !i.is_empty()),
+        timeout_ms: body.timeout_ms,
+    };
+    Ok(app.dispatcher.submit(&new)?)
+}
+
+fn log(app: &App, id: BuildId, q: LogQuery) -> Result<impl Reply> {
+    let build = app.store.build(id)?.ok_or(ci_core::Error::BuildNotFound(id))?;
+    let attempt = q.attempt.map(ci_core::Attempt);
+    if let Some(a) = attempt {
+        if a.0 == 0 || a > build.attempt {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("build {id} has no attempt {a}"),
+            ));
+        }
+    }
+    let log = app.store.log(id, attempt)?.unwrap_or(ci_core::BuildLog {
+        attempt: attempt.unwrap_or(build.attempt),
+        ..Default::default()
+    });
+    Ok(json(&LogView::new(id, log)))
+}
+
+/// The base URL of an agent from what it announced: `host` with or without
+/// a scheme, and `port`. Without a usable host, the request's source address
+/// is used.
+pub(crate) fn agent_url(host: Option<&str>, port: u16, remote: Option<SocketAddr>) -> Result<String> {
+    let bad = |why: &str| ApiError::bad_request(format!("invalid host {host:?}: {why}"));
+    let host = host.map(str::trim).filter(|h| !h.is_empty());
+    let (scheme, name) = match host {
+        Some(h) => {
+            let (scheme, rest) = match h.split_once("://") {
+                Some((s, rest)) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {
+                    (s.to_ascii_lowercase(), rest)
+                }
+                Some(_) => return Err(bad("scheme must be http or https")),
+                None => ("http".to_owned(), h),
+            };
+            let name = rest.strip_suffix('/').unwrap_or(rest);
+            // Drop a port given in the host; the `port` field is authoritative.
+            let name = match name.rsplit_once(':') {
+                Some((n, p)) if !n.is_empty() && !n.contains(':') && p.parse::<u16>().is_ok() => n,
+                _ => name,
+            };
+            (scheme, name.to_owned())
+        }
+        None => ("http".to_owned(), String::new()),
+    };
+    let unspecified = name.is_empty() || name == "0.0.0.0" || name == "[::]";
+    let name = if unspecified {
+        match remote {
+            Some(SocketAddr::V4(a)) => a.ip().to_string(),
+            Some(SocketAddr::V6(a)) => format!("[{}]", a.ip()),
+            None => return Err(bad("no host given and no source address")),
+        }
+    } else {
+        name
+    };
+    let valid = name.len() <= 253
+        && (name.starts_with('[')
+            && name.ends_with(']')
+            && name[1..name.len() - 1].parse::<std::net::Ipv6Addr>().is_ok()
+            || !name.starts_with('-')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'));
+    if !valid {
+        return Err(bad("not a host name or IP address"));
+    }
+    Ok(format!("{scheme}://{name}:{port}"))
+}
+
+// === rejections ===
+
+async fn recover(err: Rejection) -> Result<Response, Infallible> {
+    let (status, message) = if let Some(e) = err.find::<ApiError>() {
+        (e.status, e.message.clone())
+    } else if err.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such endpoint".to_owned())
+    } else if let Some(e) = err.find::<warp::filters::body::BodyDeserializeError>() {
+        (StatusCode::BAD_REQUEST, format!("invalid body: {e}"))
+    } else if let Some(e) = err.find::<warp::reject::InvalidQuery>() {
+        (StatusCode::BAD_REQUEST, e.to_string())
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (StatusCode::PAYLOAD_TOO_LARGE, "body too large".to_owned())
+    } else if err.find::<warp::reject::LengthRequired>().is_some() {
+        (StatusCode::LENGTH_REQUIRED, "Content-Length required".to_owned())
+    } else if let Some(e) = err.find::<warp::reject::UnsupportedMediaType>() {
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string())
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (StatusCode::METHOD_NOT_ALLOWED, "method not allowed".to_owned())
+    } else {
+        tracing::warn!(rejection = ?err, "unhandled rejection");
+        (StatusCode::BAD_REQUEST, "bad request".to_owned())
+    };
+    Ok(ApiError::new(status, message).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_urls_from_what_agents_announce() {
+        let remote: Option<SocketAddr> = Some("127.0.0.7:5555".parse().unwrap());
+        let url = |h: Option<&str>, p| agent_url(h, p, remote);
+        assert_eq!(
+            url(Some("http://agent-01"), 3001).unwrap(),
+            "http://agent-01:3001"
+        );
+        assert_eq!(url(Some("agent-01"), 3001).unwrap(), "http://agent-01:3001");
+        assert_eq!(
+            url(Some("http://agent-01:3001/"), 3001).unwrap(),
+            "http://agent-01:3001"
+        );
+        assert_eq!(url(Some("HTTPS://a.b"), 1).unwrap(), "https://a.b:1");
+        assert_eq!(url(Some("[::1]"), 1).unwrap(), "http://[::1]:1");
+        assert_eq!(url(None, 3001).unwrap(), "http://127.0.0.7:3001");
+        assert_eq!(url(Some("0.0.0.0"), 3001).unwrap(), "http://127.0.0.7:3001");
+        for bad in ["ftp://x", "a b", "x/y", "-x", "user@host", "http://a/b/c"] {
+            assert!(url(Some(bad), 1).is_err(), "{bad}");
+        }
+    }
+}

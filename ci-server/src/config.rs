@@ -1,0 +1,192 @@
+//! Server settings: command-line flags with environment fallbacks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ci_core::model::DEFAULT_REPO_SCHEMES;
+use ci_core::{LeasePolicy, RepoUrl};
+use ci_store::Synchronous;
+use clap::Parser;
+
+use crate::Error;
+
+/// `ci-server` command line. Every flag falls back to an environment
+/// variable (the original design's names).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ci-server", version, about = "The ci build server")]
+pub struct Args {
+    /// Address to bind.
+    #[arg(long, env = "HOST", value_name = "HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", value_name = "PORT", default_value_t = 3000)]
+    pub port: u16,
+
+    /// Repository to build: a URL (https, http, ssh, git, file) or an
+    /// absolute path.
+    #[arg(long, env = "REPO", value_name = "REPO")]
+    pub repo: String,
+
+    /// Command builds run when a request does not give one.
+    #[arg(long, env = "BUILD_COMMAND", value_name = "BUILD_COMMAND")]
+    pub build_command: Option<String>,
+
+    /// SQLite database file.
+    #[arg(
+        long = "db",
+        env = "DB_PATH",
+        value_name = "DB_PATH",
+        default_value = "ci.sqlite"
+    )]
+    pub db_path: PathBuf,
+
+    /// Heartbeat interval agents must keep, in milliseconds.
+    #[arg(
+        long,
+        env = "HEARTBEAT_MS",
+        value_name = "HEARTBEAT_MS",
+        default_value_t = 1000
+    )]
+    pub heartbeat_ms: u64,
+
+    /// Heartbeats an agent may miss before its build is requeued.
+    #[arg(
+        long,
+        env = "MISSED_HEARTBEATS",
+        value_name = "MISSED_HEARTBEATS",
+        default_value_t = 5
+    )]
+    pub missed_heartbeats: u32,
+
+    /// SQLite durability: off, normal (survives process crashes) or full
+    /// (also survives power loss).
+    #[arg(
+        long,
+        env = "SQLITE_SYNCHRONOUS",
+        value_name = "SQLITE_SYNCHRONOUS",
+        default_value = "normal"
+    )]
+    pub sqlite_synchronous: Synchronous,
+
+    /// Time limit for delivering a build to an agent, in milliseconds.
+    #[arg(
+        long,
+        env = "DISPATCH_TIMEOUT_MS",
+        value_name = "DISPATCH_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub dispatch_timeout_ms: u64,
+
+    /// Repository URL schemes builds may use, comma separated.
+    #[arg(long, env = "REPO_SCHEMES", value_name = "REPO_SCHEMES", value_delimiter = ',', default_values_t = DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()))]
+    pub repo_schemes: Vec<String>,
+}
+
+/// Validated server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// The repository builds check out.
+    pub repo: RepoUrl,
+    /// Default build command.
+    pub build_command: Option<String>,
+    /// SQLite file.
+    pub db_path: PathBuf,
+    /// SQLite durability.
+    pub synchronous: Synchronous,
+    /// Heartbeat interval and tolerance.
+    pub lease: LeasePolicy,
+    /// Time limit for `POST /build` to an agent.
+    pub dispatch_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Settings for `repo` with every other value at its default, for
+    /// embedding and tests.
+    pub fn new(repo: RepoUrl, db_path: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            repo,
+            build_command: None,
+            db_path: db_path.into(),
+            synchronous: Synchronous::Normal,
+            lease: LeasePolicy::default(),
+            dispatch_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TryFrom<Args> for ServerConfig {
+    type Error = Error;
+
+    fn try_from(a: Args) -> Result<ServerConfig, Error> {
+        let invalid = |name: &'static str| {
+            move |e: ci_core::Error| Error::Config {
+                name,
+                reason: e.to_string(),
+            }
+        };
+        let repo = RepoUrl::parse_with(&a.repo, &a.repo_schemes).map_err(invalid("REPO"))?;
+        let lease = LeasePolicy::new(Duration::from_millis(a.heartbeat_ms), a.missed_heartbeats)
+            .map_err(invalid("HEARTBEAT_MS/MISSED_HEARTBEATS"))?;
+        if let Some(cmd) = &a.build_command {
+            if cmd.trim().is_empty() {
+                return Err(Error::Config {
+                    name: "BUILD_COMMAND",
+                    reason: "must not be empty when set".into(),
+                });
+            }
+        }
+        if a.dispatch_timeout_ms == 0 {
+            return Err(Error::Config {
+                name: "DISPATCH_TIMEOUT_MS",
+                reason: "must be positive".into(),
+            });
+        }
+        Ok(ServerConfig {
+            addr: SocketAddr::new(a.host, a.port),
+            repo,
+            build_command: a.build_command,
+            db_path: a.db_path,
+            synchronous: a.sqlite_synchronous,
+            lease,
+            dispatch_timeout: Duration::from_millis(a.dispatch_timeout_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ServerConfig, String> {
+        let args = Args::try_parse_from(std::iter::once("ci-server").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        ServerConfig::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--repo", "/srv/repo"]).unwrap();
+        assert_eq!(c.addr, "127.0.0.1:3000".parse().unwrap());
+        assert_eq!(c.lease, LeasePolicy::new(Duration::from_secs(1), 5).unwrap());
+        assert_eq!(c.db_path, PathBuf::from("ci.sqlite"));
+        assert_eq!(c.synchronous, Synchronous::Normal);
+    }
+
+    #[test]
+    fn refuses_bad_values_with_the_setting_named() {
+        let e = parse(&["--repo", "ext::sh -c x"]).unwrap_err();
+        assert!(e.contains("REPO"), "{e}");
+        let e = parse(&["--repo", "/r", "--heartbeat-ms", "0"]).unwrap_err();
+        assert!(e.contains("HEARTBEAT_MS"), "{e}");
+        let e = parse(&["--repo", "/r", "--port", "99999"]).unwrap_err();
+        assert!(e.contains("--port"), "{e}");
+        let e = parse(&["--repo", "https://x/y", "--repo-schemes", "file"]).unwrap_err();
+        assert!(e.contains("not allowed"), "{e}");
+        assert!(parse(&[]).is_err(), "REPO is required");
+    }
+}

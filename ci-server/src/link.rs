@@ -1,0 +1,58 @@
+//! Delivering builds to agents over HTTP: `POST {agent}/build`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ci_core::protocol::ErrorBody;
+use ci_core::{AgentLink, Dispatch, DispatchFailure};
+use reqwest::StatusCode;
+
+/// An [`AgentLink`] that posts builds to agents.
+#[derive(Debug, Clone)]
+pub struct HttpLink {
+    client: reqwest::Client,
+}
+
+impl HttpLink {
+    /// A link whose requests give up after `timeout`.
+    pub fn new(timeout: Duration) -> Result<HttpLink, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .build()?;
+        Ok(HttpLink { client })
+    }
+}
+
+#[async_trait]
+impl AgentLink for HttpLink {
+    async fn dispatch(&self, d: &Dispatch) -> Result<(), DispatchFailure> {
+        let url = format!("{}/build", d.agent_url);
+        let resp = self
+            .client
+            .post(&url)
+            .json(&d.request())
+            .send()
+            .await
+            .map_err(|e| DispatchFailure::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let reason = match resp.json::<ErrorBody>().await {
+            Ok(body) => format!("{status}: {}", body.error),
+            Err(_) => status.to_string(),
+        };
+        // A busy or unauthorized agent disagrees with us about its state or
+        // its credentials: drop it; it registers again with a clean slate.
+        // Any other refusal is about this build, which would fail anywhere.
+        match status {
+            StatusCode::CONFLICT
+            | StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::NOT_FOUND => Err(DispatchFailure::Unreachable(reason)),
+            s if s.is_client_error() => Err(DispatchFailure::Rejected(reason)),
+            _ => Err(DispatchFailure::Unreachable(reason)),
+        }
+    }
+}

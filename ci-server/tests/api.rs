@@ -1,0 +1,356 @@
+//! The server's routes through warp's test client: validation, status codes
+//! and the JSON shape of every error. Real SQLite files, no sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::sync::Arc;
+
+use ci_core::protocol::{BuildList, BuildView, ErrorBody, LogView, NotifyAgentReply};
+use ci_core::{BuildStatus, RepoUrl};
+use ci_server::{Server, ServerConfig};
+use serde_json::{json, Value};
+use warp::http::StatusCode;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: Server,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(RepoUrl::parse("/srv/repo").unwrap(), dir.path().join("ci.sqlite"));
+    config.build_command = Some("make test".into());
+    let server = Server::open(config).unwrap();
+    Fixture { _dir: dir, server }
+}
+
+impl Fixture {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = warp::test::request()
+            .method(method)
+            .path(path)
+            .remote_addr("127.0.0.9:4000".parse().unwrap());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.reply(&self.server.routes()).await;
+        let value = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
+        (resp.status(), value)
+    }
+
+    async fn raw(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (StatusCode, Value) {
+        let resp = warp::test::request()
+            .method(method)
+            .path(path)
+            .header("content-type", content_type)
+            .header("content-length", body.len().to_string())
+            .body(body)
+            .reply(&self.server.routes())
+            .await;
+        let value = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
+        (resp.status(), value)
+    }
+}
+
+fn error_of(v: &Value) -> String {
+    serde_json::from_value::<ErrorBody>(v.clone())
+        .unwrap_or_else(|_| panic!("not a JSON error: {v}"))
+        .error
+}
+
+#[tokio::test]
+async fn create_get_and_list_builds() {
+    let f = fixture();
+    let (status, body) = f
+        .call(
+            "POST",
+            "/api/builds",
+            Some(json!({"hash": "a1b2c3d", "branch": "main"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let b: BuildView = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        (b.status, b.command.as_str(), b.repo.as_str()),
+        (BuildStatus::Queued, "make test", "/srv/repo")
+    );
+    assert_eq!(b.branch.as_deref(), Some("main"));
+
+    // The original UI's endpoint and body.
+    let (status, body) = f
+        .call(
+            "POST",
+            "/build",
+            Some(json!({"hash": "main", "command": "npm test"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["command"], "npm test");
+
+    // An HTML form posts urlencoded.
+    let (status, body) = f
+        .raw(
+            "POST",
+            "/build",
+            "application/x-www-form-urlencoded",
+            b"hash=feedbeef&command=make+lint",
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["command"], "make lint");
+
+    let (status, body) = f.call("GET", &format!("/api/builds/{}", b.id), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["hash"], "a1b2c3d");
+    assert_eq!(body["attempt"], 0);
+    assert!(body["createdAt"].as_str().unwrap().ends_with('Z'));
+
+    let (_, body) = f.call("GET", "/api/builds?limit=2", None).await;
+    let list: BuildList = serde_json::from_value(body).unwrap();
+    let ids: Vec<i64> = list.builds.iter().map(|b| b.id.0).collect();
+    assert_eq!(ids, vec![3, 2], "newest first");
+    let (_, body) = f.call("GET", "/api/builds?limit=2&offset=2", None).await;
+    assert_eq!(body["builds"].as_array().unwrap().len(), 1);
+
+    let (status, body) = f.call("GET", "/api/builds/1/log", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let log: LogView = serde_json::from_value(body).unwrap();
+    assert_eq!((log.stdout.as_str(), log.stderr.as_str()), ("", ""));
+}
+
+#[tokio::test]
+async fn invalid_hashes_are_refused_and_never_stored() {
+    let f = fixture();
+    for hash in [
+        "",
+        "-rf",
+        "--upload-pack=x",
+        "a b",
+        "main~1",
+        "x..y",
+        "ab\u{0}c",
+        "é",
+        &"a".repeat(300),
+    ] {
+        let (status, body) = f.call("POST", "/api/builds", Some(json!({ "hash": hash }))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{hash:?}: {body}");
+        assert!(error_of(&body).contains("hash"), "{body}");
+    }
+    let (_, body) = f.call("GET", "/api/builds", None).await;
+    assert_eq!(body["builds"], json!([]));
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_json_errors() {
+    let f = fixture();
+    let cases: &[(&str, &str, &[u8], StatusCode)] = &[
+        (
+            "/api/builds",
+            "application/json",
+            b"{not json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/builds",
+            "application/json",
+            b"{\"hash\": 5}",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/api/builds", "application/json", b"[]", StatusCode::BAD_REQUEST),
+        ("/api/builds", "application/json", b"{}", StatusCode::BAD_REQUEST),
+        (
+            "/notify_agent",
+            "application/json",
+            b"{\"host\":\"a\",\"port\":\"x\"}",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/notify_agent",
+            "application/json",
+            b"{\"host\":\"a b\",\"port\":1}",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/notify_build_result",
+            "application/json",
+            b"{\"id\":\"one\"}",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/notify_agent_alive",
+            "application/json",
+            b"{}",
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (path, ct, body, want) in cases {
+        let (status, v) = f.raw("POST", path, ct, body).await;
+        assert_eq!(status, *want, "{path} {}: {v}", String::from_utf8_lossy(body));
+        assert!(!error_of(&v).is_empty());
+    }
+    let big = vec![b' '; ci_server::MAX_BODY as usize + 1];
+    let (status, v) = f.raw("POST", "/api/builds", "application/json", &big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    let long_command =
+        json!({"hash": "abcd", "command": "x".repeat(ci_core::model::limits::MAX_COMMAND + 1)});
+    let (status, v) = f.call("POST", "/api/builds", Some(long_command)).await;
+    assert!(
+        status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE,
+        "{status} {v}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_things_are_404_never_500() {
+    let f = fixture();
+    for path in [
+        "/api/builds/999",
+        "/api/builds/999/log",
+        "/nope",
+        "/api/builds/1/nope",
+    ] {
+        let (status, v) = f.call("GET", path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
+        error_of(&v);
+    }
+    for path in [
+        "/api/builds/abc",
+        "/api/builds/-1",
+        "/api/builds/0",
+        "/api/builds/99999999999999999999",
+    ] {
+        let (status, v) = f.call("GET", path, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+    }
+    let (status, _) = f
+        .call("POST", "/notify_agent_alive", Some(json!({"id": 999})))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = f
+        .call("POST", "/notify_agent_alive", Some(json!({"agentId": 999})))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = f
+        .call(
+            "POST",
+            "/notify_build_result",
+            Some(json!({"id": 999, "status": 0, "stdout": "", "stderr": ""})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, v) = f.call("DELETE", "/api/builds", None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{v}");
+}
+
+#[tokio::test]
+async fn the_original_agent_protocol() {
+    let f = fixture();
+    let (status, body) = f
+        .call(
+            "POST",
+            "/notify_agent",
+            Some(json!({"host": "http://agent-01", "port": "3001"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reply: NotifyAgentReply = serde_json::from_value(body).unwrap();
+    assert_eq!(reply.timeout, 1000);
+    let (_, agents) = f.call("GET", "/api/agents", None).await;
+    assert_eq!(agents[0]["url"], "http://agent-01:3001");
+    assert_eq!(agents[0]["status"], "idle");
+
+    // Without a host, the source address is used.
+    let (status, _) = f.call("POST", "/notify_agent", Some(json!({"port": 4001}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, agents) = f.call("GET", "/api/agents", None).await;
+    assert_eq!(agents[1]["url"], "http://127.0.0.9:4001");
+
+    // Drive a build through the coordinator as the dispatcher would.
+    f.call("POST", "/api/builds", Some(json!({"hash": "abcd"}))).await;
+    let d = f.server.dispatcher().with(|c| c.plan()).unwrap().remove(0);
+    let id = d.build.id.0;
+    let (status, _) = f
+        .call("POST", "/notify_agent_alive", Some(json!({ "id": id })))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let result = json!({"id": id, "status": 0, "stdout": "ok\n", "stderr": ""});
+    let (status, body) = f.call("POST", "/notify_build_result", Some(result.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = f.call("POST", "/notify_build_result", Some(result)).await;
+    assert_eq!(status, StatusCode::OK, "an identical repeat is a no-op: {body}");
+    assert_eq!(body["duplicate"], true);
+    let conflicting = json!({"id": id, "status": 1, "stdout": "", "stderr": ""});
+    let (status, _) = f.call("POST", "/notify_build_result", Some(conflicting)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (_, b) = f.call("GET", &format!("/api/builds/{id}"), None).await;
+    assert_eq!(
+        (b["status"].as_str(), b["exitCode"].as_i64()),
+        (Some("success"), Some(0))
+    );
+    let (_, log) = f.call("GET", &format!("/api/builds/{id}/log"), None).await;
+    assert_eq!(log["stdout"], "ok\n");
+    let (status, _) = f
+        .call("POST", "/notify_agent_alive", Some(json!({ "id": id })))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a finished build takes no heartbeats"
+    );
+}
+
+#[tokio::test]
+async fn superseded_attempts_get_409() {
+    let f = fixture();
+    f.call("POST", "/notify_agent", Some(json!({"host": "a", "port": 1})))
+        .await;
+    f.call("POST", "/api/builds", Some(json!({"hash": "abcd"}))).await;
+    let d1 = f.server.dispatcher().with(|c| c.plan()).unwrap().remove(0);
+    f.server
+        .dispatcher()
+        .with(|c| c.dispatch_failed(&d1, ci_core::DispatchFailure::Unreachable("gone".into())))
+        .unwrap();
+    f.call("POST", "/notify_agent", Some(json!({"host": "b", "port": 1})))
+        .await;
+    let d2 = f.server.dispatcher().with(|c| c.plan()).unwrap().remove(0);
+    assert_eq!(d2.build.attempt.0, 2);
+    let id = d2.build.id.0;
+    let (status, _) = f
+        .call(
+            "POST",
+            "/notify_agent_alive",
+            Some(json!({"id": id, "attempt": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let late = json!({"id": id, "status": 0, "stdout": "", "stderr": "", "attempt": 1});
+    let (status, body) = f.call("POST", "/notify_build_result", Some(late)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_of(&body).contains("superseded"));
+    let (_, b) = f.call("GET", &format!("/api/builds/{id}"), None).await;
+    assert_eq!(b["status"], "running");
+}
+
+#[tokio::test]
+async fn healthz() {
+    let f = fixture();
+    let (status, body) = f.call("GET", "/healthz", None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+}
+
+#[test]
+fn builds_without_a_command_need_a_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig::new(RepoUrl::parse("/srv/repo").unwrap(), dir.path().join("ci.sqlite"));
+    let server = Server::with_store(config, Arc::new(ci_core::MemoryStore::new())).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let resp = rt.block_on(
+        warp::test::request()
+            .method("POST")
+            .path("/api/builds")
+            .json(&json!({"hash": "abcd"}))
+            .reply(&server.routes()),
+    );
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(resp.body()).contains("BUILD_COMMAND"));
+}
