@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// No answer: connection refused, reset, or timed out. Retry later.
-    #[error("server unreachable: {0}")]
+    #[error("server unreachable: {}", ci_core::error::chain(.0))]
     Unreachable(#[source] reqwest::Error),
     /// The server answered 5xx (or 401, which an operator can fix). Retry later.
     #[error("server error {status}: {message}")]

@@ -34,7 +34,7 @@ impl AgentLink for HttpLink {
             .json(&d.request())
             .send()
             .await
-            .map_err(|e| DispatchFailure::Unreachable(e.to_string()))?;
+            .map_err(|e| DispatchFailure::Unreachable(ci_core::error::chain(&e)))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());

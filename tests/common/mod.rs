@@ -1,0 +1,243 @@
+//! A cluster of real `ci-server` and `ci-agent` processes on loopback, with
+//! a SQLite file and a git repository in a temp dir.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ci_core::protocol::{AgentView, BuildList, BuildView};
+pub use ci_testkit::{wait_until, GitRepo, Proc};
+use serde_json::Value;
+
+/// The script builds run: `sh build.sh`. Committed per test.
+pub const BUILD_COMMAND: &str = "sh build.sh";
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub repo: GitRepo,
+    pub port: u16,
+    pub heartbeat_ms: u64,
+    pub missed: u32,
+    pub server: Option<Proc>,
+    pub agents: Vec<Proc>,
+    pub api: Api,
+    starts: usize,
+}
+
+impl Cluster {
+    /// A cluster whose server expects a heartbeat every `heartbeat_ms` and
+    /// tolerates `missed` missing ones. Nothing is started yet.
+    pub fn new(heartbeat_ms: u64, missed: u32) -> Cluster {
+        let port = ci_testkit::free_port();
+        Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            repo: GitRepo::new(),
+            port,
+            heartbeat_ms,
+            missed,
+            server: None,
+            agents: Vec::new(),
+            api: Api::new(port),
+            starts: 0,
+        }
+    }
+
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("ci.sqlite")
+    }
+
+    /// Starts (or restarts) the server on the cluster's port and database.
+    pub fn start_server(&mut self) {
+        self.starts += 1;
+        let port = self.port.to_string();
+        let hb = self.heartbeat_ms.to_string();
+        let missed = self.missed.to_string();
+        let db = self.db_path();
+        let repo = self.repo.url();
+        let proc = Proc::spawn(
+            "ci-server",
+            &format!("server-{}", self.starts),
+            &[],
+            &[
+                ("PORT", &port),
+                ("REPO", &repo),
+                ("BUILD_COMMAND", BUILD_COMMAND),
+                ("DB_PATH", db.to_str().unwrap()),
+                ("HEARTBEAT_MS", &hb),
+                ("MISSED_HEARTBEATS", &missed),
+            ],
+            self.dir.path(),
+        );
+        self.server = Some(proc);
+    }
+
+    /// Waits until the server answers /healthz.
+    pub async fn wait_server(&self) {
+        let api = &self.api;
+        wait_until("the server to answer", Duration::from_secs(20), || async {
+            api.http
+                .get(api.url("/healthz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    pub fn kill_server(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.kill();
+            // Keep the log for post-mortems.
+            self.agents.push(s);
+        }
+    }
+
+    /// Starts an agent with its own work dir named `name`; returns its index.
+    pub fn start_agent(&mut self, name: &str) -> usize {
+        let work = self.dir.path().join(name);
+        let port = self.port.to_string();
+        let proc = Proc::spawn(
+            "ci-agent",
+            &format!("{name}-{}", self.agents.len()),
+            &[],
+            &[
+                ("SERVER_PORT", &port),
+                ("AGENT_PORT", "0"),
+                ("WORK_DIR", work.to_str().unwrap()),
+                ("RETRY_MAX_MS", "500"),
+            ],
+            self.dir.path(),
+        );
+        self.agents.push(proc);
+        self.agents.len() - 1
+    }
+
+    /// Waits until the server lists `n` agents, and returns them.
+    pub async fn wait_agents(&self, n: usize) -> Vec<AgentView> {
+        let api = &self.api;
+        wait_until(&format!("{n} agents"), Duration::from_secs(20), || async {
+            api.agents().await.ok().filter(|a| a.len() == n)
+        })
+        .await
+    }
+
+    /// The agent process whose server-side URL is `url`.
+    pub fn agent_by_port(&mut self, url: &str) -> &mut Proc {
+        let port = url.rsplit(':').next().unwrap().to_owned();
+        self.agents
+            .iter_mut()
+            .find(|p| p.log().contains(&format!("port={port}")))
+            .unwrap_or_else(|| panic!("no agent process listens on {url}"))
+    }
+
+    /// Commits `build.sh` with `script` and returns the SHA.
+    pub fn commit_script(&self, script: &str) -> String {
+        self.repo.commit(&[("build.sh", script)], script)
+    }
+}
+
+pub struct Api {
+    pub http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    pub fn new(port: u16) -> Api {
+        Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Result<(u16, Value)> {
+        let r = self.http.post(self.url(path)).json(body).send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Creates a build; panics unless the server answers 201.
+    pub async fn create(&self, hash: &str) -> BuildView {
+        let (status, body) = self
+            .post("/api/builds", &serde_json::json!({ "hash": hash }))
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{body}");
+        serde_json::from_value(body).unwrap()
+    }
+
+    pub async fn build(&self, id: ci_core::BuildId) -> reqwest::Result<BuildView> {
+        self.http
+            .get(self.url(&format!("/api/builds/{id}")))
+            .send()
+            .await?
+            .json()
+            .await
+    }
+
+    pub async fn log(&self, id: ci_core::BuildId) -> reqwest::Result<Value> {
+        self.http
+            .get(self.url(&format!("/api/builds/{id}/log")))
+            .send()
+            .await?
+            .json()
+            .await
+    }
+
+    /// Every build, oldest first.
+    pub async fn all_builds(&self) -> reqwest::Result<Vec<BuildView>> {
+        let mut all = Vec::new();
+        loop {
+            let page: BuildList = self
+                .http
+                .get(self.url(&format!("/api/builds?limit=500&offset={}", all.len())))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let n = page.builds.len();
+            all.extend(page.builds);
+            if n < 500 {
+                break;
+            }
+        }
+        all.reverse();
+        Ok(all)
+    }
+
+    pub async fn agents(&self) -> reqwest::Result<Vec<AgentView>> {
+        self.http.get(self.url("/api/agents")).send().await?.json().await
+    }
+
+    /// Waits until build `id` satisfies `pred`.
+    pub async fn wait_build(
+        &self,
+        id: ci_core::BuildId,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&BuildView) -> bool,
+    ) -> BuildView {
+        wait_until(&format!("build {id}: {what}"), timeout, || async {
+            self.build(id).await.ok().filter(|b| pred(b))
+        })
+        .await
+    }
+
+    pub async fn wait_finished(&self, id: ci_core::BuildId, timeout: Duration) -> BuildView {
+        self.wait_build(id, timeout, "finished", |b| b.status.is_finished())
+            .await
+    }
+}
+
+/// Parses an RFC 3339 timestamp of the API into milliseconds since the epoch.
+pub fn millis(rfc3339: &str) -> u64 {
+    let t = humantime::parse_rfc3339(rfc3339).unwrap();
+    u64::try_from(t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
