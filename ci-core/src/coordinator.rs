@@ -15,7 +15,7 @@
 //! - A build finishes once. A re-delivery of the accepted result is
 //!   acknowledged as a duplicate; any other second result is a conflict.
 //! - An agent never holds more builds than its capacity.
-//! - After a restart, [`Coordinator::recover`] rebuilds the pool and the
+//! - After a restart, [`CoordinatorBuilder::build`] rebuilds the pool and the
 //!   leases from the store; running builds get a fresh lease so their agents
 //!   have time to report in.
 

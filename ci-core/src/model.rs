@@ -107,7 +107,7 @@ impl BuildStatus {
 
 impl fmt::Display for BuildStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -189,7 +189,7 @@ fn is_hex_sha(s: &str) -> bool {
 
 impl fmt::Display for CommitRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
