@@ -25,7 +25,7 @@
 
 #![forbid(unsafe_code)]
 
-mod agent;
+pub mod agent;
 pub mod checkout;
 pub mod client;
 pub mod config;
