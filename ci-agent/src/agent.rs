@@ -77,7 +77,8 @@ impl Agent {
         let file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| Error::WorkDirInUse(dir.clone()))?;
-        let client = ServerClient::new(&config.server_url, config.request_timeout)?;
+        let client = ServerClient::new(&config.server_url, config.request_timeout)?
+            .with_token(config.agent_token.clone());
         let spool = Spool::open(dir.join("spool"))?;
         Ok(Agent {
             inner: Arc::new(Inner {
@@ -105,11 +106,22 @@ impl Agent {
     /// The agent's HTTP routes (`POST /build`, `GET /healthz`).
     pub fn routes(&self) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
         let inner = self.inner.clone();
+        let token = self.inner.config.agent_token.clone();
         let build = warp::path!("build")
             .and(warp::post())
+            .and(warp::header::optional::<String>("authorization"))
             .and(warp::body::content_length_limit(256 * 1024))
             .and(warp::body::json())
-            .map(move |req: BuildRequest| accept_build(&inner, req));
+            .map(move |auth: Option<String>, req: BuildRequest| {
+                let authorized = token
+                    .as_deref()
+                    .is_none_or(|t| ci_core::auth::bearer_matches(auth.as_deref(), t));
+                if !authorized {
+                    let error = "missing or wrong AGENT_TOKEN (Authorization: Bearer ...)".to_owned();
+                    return with_status(json(&ErrorBody { error }), StatusCode::UNAUTHORIZED).into_response();
+                }
+                accept_build(&inner, req)
+            });
         let inner = self.inner.clone();
         let health = warp::path!("healthz").and(warp::get()).map(move || {
             let s = inner.state();
@@ -164,13 +176,16 @@ impl Agent {
             let announce = NotifyAgent {
                 host: inner.config.advertise_host.clone(),
                 port,
+                session: true,
             };
+            inner.client.set_secret(None);
             let reply = retry("register", inner.config.retry, || {
                 inner.client.register(&announce)
             })
             .await
             .map_err(Error::Registration)?;
             let heartbeat = Duration::from_millis(reply.timeout.max(10));
+            inner.client.set_secret(reply.secret.clone());
             {
                 let mut s = inner.state();
                 s.id = Some(reply.id);
@@ -202,9 +217,13 @@ impl Inner {
                 agent_id: Some(id),
                 ..NotifyAgentAlive::default()
             };
-            match self.client.alive(&ping).await {
+            match self.client.alive(&ping, every).await {
                 Ok(()) => {}
-                Err(e) if e.refused_status() == Some(StatusCode::NOT_FOUND) => return,
+                // Unknown, or our secret is no longer valid: start over.
+                Err(e) if matches!(e.refused_status(), Some(StatusCode::NOT_FOUND)) => return,
+                Err(CallError::Server { status, .. }) if status == StatusCode::UNAUTHORIZED => {
+                    warn!("the server refuses our AGENT_TOKEN");
+                }
                 Err(e) => debug!(cause = %e, "ping failed"),
             }
         }
@@ -267,7 +286,7 @@ impl Inner {
                 attempt: job.attempt,
                 agent_id: agent,
             };
-            match self.client.alive(&hb).await {
+            match self.client.alive(&hb, every).await {
                 Ok(()) => {}
                 Err(CallError::Refused { status, message }) => {
                     warn!(build = %job.build, %status, %message, "heartbeat refused");

@@ -53,6 +53,8 @@ impl CallError {
 pub struct ServerClient {
     http: reqwest::Client,
     base: String,
+    token: Option<String>,
+    secret: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ServerClient {
@@ -66,7 +68,23 @@ impl ServerClient {
         Ok(ServerClient {
             http,
             base: base.into().trim_end_matches('/').to_owned(),
+            token: None,
+            secret: Default::default(),
         })
+    }
+
+    /// Presents `token` (the agent token) on every call.
+    pub fn with_token(mut self, token: Option<String>) -> ServerClient {
+        self.token = token;
+        self
+    }
+
+    /// Presents this session secret from now on (`None` forgets it).
+    pub fn set_secret(&self, secret: Option<String>) {
+        *self
+            .secret
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = secret;
     }
 
     /// The server's base URL.
@@ -74,14 +92,28 @@ impl ServerClient {
         &self.base
     }
 
-    async fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, CallError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .map_err(CallError::Unreachable)?;
+    async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Option<Duration>,
+    ) -> Result<R, CallError> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let secret = self
+            .secret
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(s) = secret {
+            req = req.header(ci_core::auth::SESSION_HEADER, s);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = req.send().await.map_err(CallError::Unreachable)?;
         let status = resp.status();
         if status.is_success() {
             return resp.json::<R>().await.map_err(CallError::Unreachable);
@@ -102,19 +134,20 @@ impl ServerClient {
 
     /// `POST /notify_agent`.
     pub async fn register(&self, body: &NotifyAgent) -> Result<NotifyAgentReply, CallError> {
-        self.post("/notify_agent", body).await
+        self.post("/notify_agent", body, None).await
     }
 
-    /// `POST /notify_agent_alive`.
-    pub async fn alive(&self, body: &NotifyAgentAlive) -> Result<(), CallError> {
-        self.post::<_, serde_json::Value>("/notify_agent_alive", body)
+    /// `POST /notify_agent_alive`, giving up after `timeout` so that a lost
+    /// heartbeat does not delay the next one.
+    pub async fn alive(&self, body: &NotifyAgentAlive, timeout: Duration) -> Result<(), CallError> {
+        self.post::<_, serde_json::Value>("/notify_agent_alive", body, Some(timeout))
             .await
             .map(drop)
     }
 
     /// `POST /notify_build_result`.
     pub async fn result(&self, body: &NotifyBuildResult) -> Result<(), CallError> {
-        self.post::<_, serde_json::Value>("/notify_build_result", body)
+        self.post::<_, serde_json::Value>("/notify_build_result", body, None)
             .await
             .map(drop)
     }

@@ -83,6 +83,11 @@ pub struct Args {
     )]
     pub retry_max_ms: u64,
 
+    /// Shared secret of the agent protocol: presented to the server, and
+    /// required from it on `POST /build`.
+    #[arg(long, env = "AGENT_TOKEN", value_name = "AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+
     /// Repository URL schemes builds may use, comma separated.
     #[arg(long, env = "REPO_SCHEMES", value_name = "REPO_SCHEMES", value_delimiter = ',', default_values_t = DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()))]
     pub repo_schemes: Vec<String>,
@@ -118,6 +123,8 @@ pub struct AgentConfig {
     pub repo_schemes: Vec<String>,
     /// Time limit of one call to the server.
     pub request_timeout: Duration,
+    /// Shared secret of the agent protocol.
+    pub agent_token: Option<String>,
 }
 
 impl AgentConfig {
@@ -134,6 +141,7 @@ impl AgentConfig {
             retry: Backoff::default(),
             repo_schemes: DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()).collect(),
             request_timeout: Duration::from_secs(10),
+            agent_token: None,
         }
     }
 }
@@ -200,6 +208,15 @@ impl TryFrom<Args> for AgentConfig {
             retry,
             repo_schemes: a.repo_schemes,
             request_timeout: Duration::from_secs(10),
+            agent_token: match a.agent_token {
+                Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => {
+                    return Err(Error::Config {
+                        name: "AGENT_TOKEN",
+                        reason: "must be non-empty printable ASCII without spaces".into(),
+                    })
+                }
+                t => t,
+            },
         })
     }
 }

@@ -79,8 +79,11 @@ pub struct Heartbeat {
     pub build: Option<BuildId>,
     /// The attempt being worked on, if the agent says.
     pub attempt: Option<Attempt>,
-    /// The sending agent, if it says.
+    /// The sending agent, if it says (or proved it).
     pub agent: Option<AgentId>,
+    /// True if `agent` was proven with the agent's session secret rather
+    /// than merely claimed.
+    pub verified: bool,
 }
 
 /// A result reported by an agent.
@@ -91,8 +94,10 @@ pub struct Report {
     /// The attempt that produced it. Agents that do not say are taken to
     /// speak for the latest attempt (the original protocol has no attempts).
     pub attempt: Option<Attempt>,
-    /// The reporting agent, if it says.
+    /// The reporting agent, if it says (or proved it).
     pub agent: Option<AgentId>,
+    /// True if `agent` was proven with the agent's session secret.
+    pub verified: bool,
     /// What happened.
     pub completion: Completion,
 }
@@ -281,7 +286,9 @@ impl Coordinator {
     fn recover(&mut self) -> Result<()> {
         let now = self.clock.now();
         for rec in self.store.agents()? {
-            self.pool.insert(Agent::new(rec.id, rec.url, now));
+            let mut agent = Agent::new(rec.id, rec.url, now);
+            agent.secret = rec.secret;
+            self.pool.insert(agent);
         }
         for b in self.store.running_builds()? {
             let holder = b
@@ -357,12 +364,24 @@ impl Coordinator {
     /// lost with it, so those builds go back to the queue now rather than
     /// waiting for their leases to run out.
     pub fn register_agent(&mut self, url: &str) -> Result<Registration> {
+        self.register(url, None)
+    }
+
+    /// Registers an agent that will prove its identity with `secret` on
+    /// every later request (see [`crate::auth`]).
+    pub fn register_agent_with_secret(&mut self, url: &str, secret: String) -> Result<Registration> {
+        self.register(url, Some(secret))
+    }
+
+    fn register(&mut self, url: &str, secret: Option<String>) -> Result<Registration> {
         if let Some(old) = self.pool.find_by_url(url) {
             self.drop_agent(old, LeaveReason::Replaced)?;
         }
         let now = self.clock.now();
-        let rec = self.store.register_agent(url, now)?;
-        self.pool.insert(Agent::new(rec.id, rec.url, now));
+        let rec = self.store.register_agent(url, secret.as_deref(), now)?;
+        let mut agent = Agent::new(rec.id, rec.url, now);
+        agent.secret = rec.secret;
+        self.pool.insert(agent);
         self.events.push(Event::AgentJoined(rec.id));
         Ok(Registration {
             id: rec.id,
@@ -389,6 +408,33 @@ impl Coordinator {
         self.store.remove_agent(id)?;
         self.pool.remove(id);
         self.events.push(Event::AgentLeft { agent: id, reason });
+        Ok(())
+    }
+
+    /// The agent whose session secret this is.
+    pub fn agent_by_secret(&self, secret: &str) -> Option<AgentId> {
+        // N.B.: compare every agent's secret, in constant time each, so the
+        // answer's timing says nothing about how close a guess was.
+        let mut found = None;
+        for a in self.pool.iter() {
+            if let Some(s) = &a.secret {
+                if crate::auth::ct_eq(s.as_bytes(), secret.as_bytes()) {
+                    found = Some(a.id);
+                }
+            }
+        }
+        found
+    }
+
+    /// Refuses a request about `holder`'s work unless it came, proven, from
+    /// `holder` itself (when `holder` authenticates at all).
+    fn check_sender(&self, holder: AgentId, sender: Option<AgentId>, verified: bool) -> Result<()> {
+        let authenticates = self.pool.get(holder).is_some_and(|a| a.secret.is_some());
+        if authenticates && !(verified && sender == Some(holder)) {
+            return Err(Error::Unauthenticated(format!(
+                "agent {holder} proves its identity with a session secret; this request did not"
+            )));
+        }
         Ok(())
     }
 
@@ -433,6 +479,10 @@ impl Coordinator {
             let agent_id = hb
                 .agent
                 .ok_or_else(|| Error::invalid("heartbeat", "needs a build `id` or an `agentId`"))?;
+            if self.pool.get(agent_id).is_none() {
+                return Err(Error::AgentNotFound(agent_id));
+            }
+            self.check_sender(agent_id, hb.agent, hb.verified)?;
             let agent = self
                 .pool
                 .get_mut(agent_id)
@@ -441,6 +491,9 @@ impl Coordinator {
             agent.pings = true;
             return Ok(());
         };
+        if let Some(holder) = self.leases.get(&build).map(|l| l.agent) {
+            self.check_sender(holder, hb.agent, hb.verified)?;
+        }
         let Some(lease) = self.leases.get_mut(&build) else {
             let b = self.store.build(build)?.ok_or(Error::BuildNotFound(build))?;
             if let Some(attempt) = hb.attempt.filter(|a| *a < b.attempt) {
@@ -526,6 +579,9 @@ impl Coordinator {
                 current: build.attempt,
             });
         }
+        if let Some(lease) = self.leases.get(&id) {
+            self.check_sender(lease.agent, report.agent, report.verified)?;
+        }
         if let (Some(agent), Some(lease)) = (report.agent, self.leases.get(&id)) {
             if agent != lease.agent {
                 return Err(Error::Conflict(format!(
@@ -580,6 +636,7 @@ impl Coordinator {
                 id: agent.id,
                 url: agent.url.clone(),
                 registered_at: now,
+                secret: None,
             };
             let Some(build) = self.store.start_attempt(a.build, &rec, now)? else {
                 continue;
@@ -630,6 +687,7 @@ impl Coordinator {
                     build,
                     attempt: Some(lease.attempt),
                     agent: Some(lease.agent),
+                    verified: true,
                     completion: Completion::not_run(format!("agent refused the build: {reason}")),
                 };
                 self.complete(report).map(|_| ())

@@ -9,7 +9,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// The variants split into three groups, and callers act on the group:
 /// - *the caller's fault* (`Invalid`, `BuildNotFound`, `AgentNotFound`,
-///   `Superseded`, `Conflict`, `NotRunning`): retrying the same request
+///   `Superseded`, `Conflict`, `NotRunning`, `Unauthenticated`): retrying the same request
 ///   cannot succeed;
 /// - *transient* (`Store`, `Unavailable`): retrying later may succeed,
 ///   see [`Error::is_retryable`];
@@ -53,6 +53,10 @@ pub enum Error {
         /// The attempt that counts now.
         current: Attempt,
     },
+
+    /// The sender did not prove it is the agent the request concerns.
+    #[error("{0}")]
+    Unauthenticated(String),
 
     /// The request contradicts the recorded state, e.g. a second,
     /// different result for a build that already completed.

@@ -60,6 +60,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backoff;
 pub mod clock;
 pub mod coordinator;

@@ -464,6 +464,8 @@ pub struct AgentRecord {
     pub url: String,
     /// When it registered.
     pub registered_at: Timestamp,
+    /// The session secret it proves its identity with, if it asked for one.
+    pub secret: Option<String>,
 }
 
 /// Which page of a listing to return.

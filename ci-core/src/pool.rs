@@ -29,6 +29,9 @@ pub struct Agent {
     /// silence means it is gone. Agents that speak only the original
     /// protocol never do, and are dropped only when a dispatch fails.
     pub pings: bool,
+    /// Session secret it must present; `None` for agents that speak the
+    /// original protocol, whose identity is whatever they claim.
+    pub secret: Option<String>,
 }
 
 impl Agent {
@@ -42,6 +45,7 @@ impl Agent {
             last_seen: now,
             idle_since: now,
             pings: false,
+            secret: None,
         }
     }
 

@@ -31,6 +31,11 @@ pub struct NotifyAgent {
     /// The agent's port, as a string or a number.
     #[serde(deserialize_with = "port_from_string_or_number")]
     pub port: u16,
+    /// Extension: ask for a session secret, to be presented in the
+    /// `X-Agent-Secret` header from then on. Only the holder of the secret
+    /// can then heartbeat or report for this agent's builds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session: bool,
 }
 
 /// Reply to [`NotifyAgent`].
@@ -40,6 +45,9 @@ pub struct NotifyAgentReply {
     pub id: AgentId,
     /// Heartbeat interval in milliseconds.
     pub timeout: u64,
+    /// Extension: the session secret, when the agent asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// `POST /notify_agent_alive`: a heartbeat while building, or (extension)

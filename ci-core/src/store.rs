@@ -50,9 +50,9 @@ pub trait BuildStore: Send + Sync {
     /// The output of one attempt; the latest if `attempt` is `None`.
     fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>>;
 
-    /// Registers an agent at `url` with a new id, replacing any agent
-    /// registered at the same URL.
-    fn register_agent(&self, url: &str, now: Timestamp) -> Result<AgentRecord>;
+    /// Registers an agent at `url` with a new id (and its session secret, if
+    /// any), replacing any agent registered at the same URL.
+    fn register_agent<'a>(&self, url: &str, secret: Option<&'a str>, now: Timestamp) -> Result<AgentRecord>;
 
     /// Forgets an agent. Not an error if it is already gone.
     fn remove_agent(&self, id: AgentId) -> Result<()>;
@@ -212,7 +212,7 @@ impl BuildStore for MemoryStore {
         Ok(s.logs.get(&(id, attempt)).cloned())
     }
 
-    fn register_agent(&self, url: &str, now: Timestamp) -> Result<AgentRecord> {
+    fn register_agent(&self, url: &str, secret: Option<&str>, now: Timestamp) -> Result<AgentRecord> {
         let mut s = self.lock();
         s.agents.retain(|_, a| a.url != url);
         s.last_agent += 1;
@@ -220,6 +220,7 @@ impl BuildStore for MemoryStore {
             id: AgentId(s.last_agent),
             url: url.to_owned(),
             registered_at: now,
+            secret: secret.map(str::to_owned),
         };
         s.agents.insert(rec.id, rec.clone());
         Ok(rec)
@@ -276,7 +277,7 @@ pub mod conformance {
 
     /// Queued builds come out oldest first and leave the queue when started.
     pub fn queue_is_fifo<S: BuildStore>(s: &S) {
-        let agent = ok(s.register_agent("http://a:1", Timestamp(0)));
+        let agent = ok(s.register_agent("http://a:1", None, Timestamp(0)));
         let ids: Vec<_> = (0..5)
             .map(|i| ok(s.create_build(&new_build(&format!("c{i}")), Timestamp(i))).id)
             .collect();
@@ -296,7 +297,7 @@ pub mod conformance {
 
     /// Requeue and finish only act on the latest attempt.
     pub fn attempts_are_fenced<S: BuildStore>(s: &S) {
-        let agent = ok(s.register_agent("http://a:1", Timestamp(0)));
+        let agent = ok(s.register_agent("http://a:1", None, Timestamp(0)));
         let id = ok(s.create_build(&new_build("x"), Timestamp(0))).id;
         let done = Completion {
             exit_code: 0,
@@ -331,7 +332,7 @@ pub mod conformance {
 
     /// A late result of the only attempt is accepted while the build waits.
     pub fn logs_are_kept_per_attempt<S: BuildStore>(s: &S) {
-        let agent = ok(s.register_agent("http://a:1", Timestamp(0)));
+        let agent = ok(s.register_agent("http://a:1", None, Timestamp(0)));
         let id = ok(s.create_build(&new_build("x"), Timestamp(0))).id;
         ok(s.start_attempt(id, &agent, Timestamp(1)));
         assert!(ok(s.requeue(id, Attempt(1))));
@@ -357,9 +358,9 @@ pub mod conformance {
 
     /// Registration hands out new ids and replaces same-URL agents.
     pub fn agents_register_and_replace<S: BuildStore>(s: &S) {
-        let a = ok(s.register_agent("http://a:1", Timestamp(0)));
-        let b = ok(s.register_agent("http://b:1", Timestamp(0)));
-        let a2 = ok(s.register_agent("http://a:1", Timestamp(5)));
+        let a = ok(s.register_agent("http://a:1", None, Timestamp(0)));
+        let b = ok(s.register_agent("http://b:1", None, Timestamp(0)));
+        let a2 = ok(s.register_agent("http://a:1", Some("s3cret"), Timestamp(5)));
         assert!(a2.id > b.id && b.id > a.id);
         let urls: Vec<_> = ok(s.agents()).into_iter().map(|r| (r.id, r.url)).collect();
         assert_eq!(

@@ -14,7 +14,7 @@ use ci_core::protocol::{
     AgentView, BuildList, BuildView, CreateBuild, ErrorBody, LogView, NotifyAgent, NotifyAgentAlive,
     NotifyAgentReply, NotifyBuildResult,
 };
-use ci_core::{BuildId, BuildStore, CommitRef, Completion, Dispatcher, NewBuild, Page};
+use ci_core::{AgentId, BuildId, BuildStore, CommitRef, Completion, Dispatcher, NewBuild, Page};
 use serde::Deserialize;
 use warp::http::StatusCode;
 use warp::reply::{json, with_status, Response};
@@ -64,6 +64,7 @@ impl From<ci_core::Error> for ApiError {
             E::Invalid { .. } => StatusCode::BAD_REQUEST,
             E::BuildNotFound(_) | E::AgentNotFound(_) | E::NotRunning { .. } => StatusCode::NOT_FOUND,
             E::Superseded { .. } | E::Conflict(_) => StatusCode::CONFLICT,
+            E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             E::Store(_) | E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -121,6 +122,72 @@ fn with_app(app: App) -> impl Filter<Extract = (App,), Error = Infallible> + Clo
     warp::any().map(move || app.clone())
 }
 
+/// Passes if `token` is unset or presented as `Authorization: Bearer`.
+/// Goes after the path and method filters, so that a wrong token on one
+/// route does not hide another route's answer.
+fn bearer(token: Option<String>, what: &'static str) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and_then(move |h: Option<String>| {
+            let ok = token
+                .as_deref()
+                .is_none_or(|t| ci_core::auth::bearer_matches(h.as_deref(), t));
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(warp::reject::custom(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        format!("missing or wrong {what} (Authorization: Bearer ...)"),
+                    )))
+                }
+            }
+        })
+        .untuple_one()
+}
+
+fn agent_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    bearer(app.config.agent_token.clone(), "AGENT_TOKEN")
+}
+
+fn api_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    bearer(app.config.api_token.clone(), "API_TOKEN")
+}
+
+/// Who sent an agent request: proven by the session secret header, or
+/// merely claimed by `agentId` in the body.
+#[derive(Debug, Clone, Copy)]
+struct Sender {
+    agent: Option<AgentId>,
+    verified: bool,
+}
+
+fn session_secret() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Copy {
+    warp::header::optional::<String>(ci_core::auth::SESSION_HEADER)
+}
+
+impl App {
+    /// The sender of a request that carried `secret` (maybe) and claims
+    /// `claimed` (maybe). A secret that no longer matches an agent (the
+    /// agent was dropped) proves nothing; the claim then stands alone.
+    fn sender(&self, secret: Option<&str>, claimed: Option<AgentId>) -> Result<Sender> {
+        let proven = secret.and_then(|s| self.dispatcher.with(|c| c.agent_by_secret(s)));
+        match (proven, claimed) {
+            (Some(p), Some(c)) if p != c => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("agentId {c} does not match the session secret (agent {p})"),
+            )),
+            (Some(p), _) => Ok(Sender {
+                agent: Some(p),
+                verified: true,
+            }),
+            (None, c) => Ok(Sender {
+                agent: c,
+                verified: false,
+            }),
+        }
+    }
+}
+
 fn json_body<T: serde::de::DeserializeOwned + Send>(
     limit: u64,
 ) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
@@ -130,6 +197,7 @@ fn json_body<T: serde::de::DeserializeOwned + Send>(
 fn notify_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("notify_agent")
         .and(warp::post())
+        .and(agent_auth(&app))
         .and(with_app(app))
         .and(warp::addr::remote())
         .and(json_body(MAX_BODY))
@@ -139,46 +207,55 @@ fn notify_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
 fn notify_agent_alive(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("notify_agent_alive")
         .and(warp::post())
+        .and(agent_auth(&app))
         .and(with_app(app))
+        .and(session_secret())
         .and(json_body(MAX_BODY))
-        .map(|app: App, body: NotifyAgentAlive| {
-            let hb = Heartbeat {
-                build: body.id,
-                attempt: body.attempt,
-                agent: body.agent_id,
+        .map(|app: App, secret: Option<String>, body: NotifyAgentAlive| {
+            let beat = || -> Result<_> {
+                let sender = app.sender(secret.as_deref(), body.agent_id)?;
+                let hb = Heartbeat {
+                    build: body.id,
+                    attempt: body.attempt,
+                    agent: sender.agent,
+                    verified: sender.verified,
+                };
+                app.dispatcher.heartbeat(hb)?;
+                Ok(json(&serde_json::json!({"ok": true})))
             };
-            respond(
-                app.dispatcher
-                    .heartbeat(hb)
-                    .map(|()| json(&serde_json::json!({"ok": true})))
-                    .map_err(ApiError::from),
-            )
+            respond(beat())
         })
 }
 
 fn notify_build_result(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("notify_build_result")
         .and(warp::post())
+        .and(agent_auth(&app))
         .and(with_app(app))
+        .and(session_secret())
         .and(json_body(MAX_RESULT_BODY))
-        .map(|app: App, body: NotifyBuildResult| {
-            let report = Report {
-                build: body.id,
-                attempt: body.attempt,
-                agent: body.agent_id,
-                completion: Completion {
-                    exit_code: body.status,
-                    stdout: body.stdout,
-                    stderr: body.stderr,
-                },
+        .map(|app: App, secret: Option<String>, body: NotifyBuildResult| {
+            let store = || -> Result<_> {
+                let sender = app.sender(secret.as_deref(), body.agent_id)?;
+                let report = Report {
+                    build: body.id,
+                    attempt: body.attempt,
+                    agent: sender.agent,
+                    verified: sender.verified,
+                    completion: Completion {
+                        exit_code: body.status,
+                        stdout: body.stdout,
+                        stderr: body.stderr,
+                    },
+                };
+                Ok(match app.dispatcher.complete(report)? {
+                    Accepted::Finished(b) => json(&serde_json::json!({"stored": true, "status": b.status})),
+                    Accepted::Duplicate(b) => {
+                        json(&serde_json::json!({"stored": true, "duplicate": true, "status": b.status}))
+                    }
+                })
             };
-            let stored = app.dispatcher.complete(report).map(|a| match a {
-                Accepted::Finished(b) => json(&serde_json::json!({"stored": true, "status": b.status})),
-                Accepted::Duplicate(b) => {
-                    json(&serde_json::json!({"stored": true, "duplicate": true, "status": b.status}))
-                }
-            });
-            respond(stored.map_err(ApiError::from))
+            respond(store())
         })
 }
 
@@ -189,6 +266,7 @@ fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
         .or(warp::body::content_length_limit(MAX_BODY).and(warp::body::form::<CreateBuild>()))
         .unify();
     path.and(warp::post())
+        .and(api_auth(&app))
         .and(with_app(app))
         .and(body)
         .map(|app: App, body: CreateBuild| {
@@ -205,6 +283,7 @@ struct ListQuery {
 fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "builds")
         .and(warp::get())
+        .and(api_auth(&app))
         .and(with_app(app))
         .and(warp::query::<ListQuery>())
         .map(|app: App, q: ListQuery| {
@@ -238,6 +317,7 @@ fn get_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> 
         .and(build_id())
         .and(warp::path::end())
         .and(warp::get())
+        .and(api_auth(&app))
         .and(with_app(app))
         .map(|id: BuildId, app: App| {
             respond(
@@ -262,6 +342,7 @@ fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + 
         .and(warp::path("log"))
         .and(warp::path::end())
         .and(warp::get())
+        .and(api_auth(&app))
         .and(with_app(app))
         .and(warp::query::<LogQuery>())
         .map(|id: BuildId, app: App, q: LogQuery| respond(log(&app, id, q)))
@@ -270,6 +351,7 @@ fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + 
 fn list_agents(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "agents")
         .and(warp::get())
+        .and(api_auth(&app))
         .and(with_app(app))
         .map(|app: App| {
             let agents = app
@@ -289,11 +371,22 @@ fn healthz() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
 
 fn register(app: &App, remote: Option<SocketAddr>, body: NotifyAgent) -> Result<impl Reply> {
     let url = agent_url(body.host.as_deref(), body.port, remote)?;
-    let reg = app.dispatcher.register_agent(&url)?;
-    tracing::info!(agent = %reg.id, %url, "agent registered");
+    let (reg, secret) = if body.session {
+        let secret = ci_core::auth::random_secret()
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no randomness: {e}")))?;
+        (
+            app.dispatcher
+                .with(|c| c.register_agent_with_secret(&url, secret.clone()))?,
+            Some(secret),
+        )
+    } else {
+        (app.dispatcher.register_agent(&url)?, None)
+    };
+    tracing::info!(agent = %reg.id, %url, session = body.session, "agent registered");
     Ok(json(&NotifyAgentReply {
         id: reg.id,
         timeout: reg.heartbeat_ms,
+        secret,
     }))
 }
 

@@ -79,6 +79,15 @@ pub struct Args {
     )]
     pub dispatch_timeout_ms: u64,
 
+    /// Shared secret agents must present (`Authorization: Bearer`) on the
+    /// agent protocol, and that the server presents to agents.
+    #[arg(long, env = "AGENT_TOKEN", value_name = "AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+
+    /// Token users must present (`Authorization: Bearer`) on the API.
+    #[arg(long, env = "API_TOKEN", value_name = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
     /// Repository URL schemes builds may use, comma separated.
     #[arg(long, env = "REPO_SCHEMES", value_name = "REPO_SCHEMES", value_delimiter = ',', default_values_t = DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()))]
     pub repo_schemes: Vec<String>,
@@ -101,6 +110,10 @@ pub struct ServerConfig {
     pub lease: LeasePolicy,
     /// Time limit for `POST /build` to an agent.
     pub dispatch_timeout: Duration,
+    /// Shared secret of the agent protocol.
+    pub agent_token: Option<String>,
+    /// Token of the user API.
+    pub api_token: Option<String>,
 }
 
 impl ServerConfig {
@@ -115,7 +128,45 @@ impl ServerConfig {
             synchronous: Synchronous::Normal,
             lease: LeasePolicy::default(),
             dispatch_timeout: Duration::from_secs(5),
+            agent_token: None,
+            api_token: None,
         }
+    }
+
+    /// What is risky about these settings, one warning per line.
+    pub fn security_warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.addr.ip().is_loopback() && self.agent_token.is_none() {
+            w.push(format!(
+                "listening on {} without AGENT_TOKEN: anyone who can reach this port can register as an \
+                 agent, receive builds and report results. Set AGENT_TOKEN on the server and every agent.",
+                self.addr
+            ));
+        }
+        if !self.addr.ip().is_loopback() && self.api_token.is_none() {
+            w.push(format!(
+                "listening on {} without API_TOKEN: anyone who can reach this port can start builds.",
+                self.addr
+            ));
+        }
+        for (name, t) in [("AGENT_TOKEN", &self.agent_token), ("API_TOKEN", &self.api_token)] {
+            if t.as_ref().is_some_and(|t| t.len() < 16) {
+                w.push(format!(
+                    "{name} is shorter than 16 characters; use a long random value."
+                ));
+            }
+        }
+        w
+    }
+}
+
+fn check_token(name: &'static str, token: Option<String>) -> Result<Option<String>, Error> {
+    match token {
+        Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => Err(Error::Config {
+            name,
+            reason: "must be non-empty printable ASCII without spaces".into(),
+        }),
+        t => Ok(t),
     }
 }
 
@@ -154,6 +205,8 @@ impl TryFrom<Args> for ServerConfig {
             synchronous: a.sqlite_synchronous,
             lease,
             dispatch_timeout: Duration::from_millis(a.dispatch_timeout_ms),
+            agent_token: check_token("AGENT_TOKEN", a.agent_token)?,
+            api_token: check_token("API_TOKEN", a.api_token)?,
         })
     }
 }
@@ -188,5 +241,30 @@ mod tests {
         let e = parse(&["--repo", "https://x/y", "--repo-schemes", "file"]).unwrap_err();
         assert!(e.contains("not allowed"), "{e}");
         assert!(parse(&[]).is_err(), "REPO is required");
+        let e = parse(&["--repo", "/r", "--agent-token", "has space"]).unwrap_err();
+        assert!(e.contains("AGENT_TOKEN"), "{e}");
+    }
+
+    #[test]
+    fn warns_when_exposed_without_tokens() {
+        let local = parse(&["--repo", "/r"]).unwrap();
+        assert!(local.security_warnings().is_empty());
+        let exposed = parse(&["--repo", "/r", "--host", "0.0.0.0"]).unwrap();
+        let w = exposed.security_warnings();
+        assert!(w.iter().any(|l| l.contains("without AGENT_TOKEN")), "{w:?}");
+        let guarded = parse(&[
+            "--repo",
+            "/r",
+            "--host",
+            "0.0.0.0",
+            "--agent-token",
+            "0123456789abcdef0123",
+            "--api-token",
+            "0123456789abcdef0123",
+        ])
+        .unwrap();
+        assert!(guarded.security_warnings().is_empty());
+        let weak = parse(&["--repo", "/r", "--agent-token", "short"]).unwrap();
+        assert!(weak.security_warnings()[0].contains("shorter than 16"));
     }
 }

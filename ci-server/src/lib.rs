@@ -98,7 +98,10 @@ impl Server {
     /// A server over any store.
     pub fn with_store(config: ServerConfig, store: Arc<dyn BuildStore>) -> Result<Server, Error> {
         let coordinator = Coordinator::builder(store.clone()).lease(config.lease).build()?;
-        let link = Arc::new(HttpLink::new(config.dispatch_timeout)?);
+        let link = Arc::new(HttpLink::new(
+            config.dispatch_timeout,
+            config.agent_token.clone(),
+        )?);
         Ok(Server {
             app: api::App {
                 dispatcher: Dispatcher::new(coordinator),
@@ -145,6 +148,9 @@ impl Server {
         });
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, repo = %self.app.config.repo, "ci-server listening");
+        }
+        for w in self.app.config.security_warnings() {
+            tracing::warn!("SECURITY: {w}");
         }
         warp::serve(self.routes())
             .incoming(listener)

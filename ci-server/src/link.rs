@@ -11,16 +11,18 @@ use reqwest::StatusCode;
 #[derive(Debug, Clone)]
 pub struct HttpLink {
     client: reqwest::Client,
+    token: Option<String>,
 }
 
 impl HttpLink {
-    /// A link whose requests give up after `timeout`.
-    pub fn new(timeout: Duration) -> Result<HttpLink, reqwest::Error> {
+    /// A link whose requests give up after `timeout`, presenting `token`
+    /// (the agent token) if set.
+    pub fn new(timeout: Duration, token: Option<String>) -> Result<HttpLink, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(2)))
             .build()?;
-        Ok(HttpLink { client })
+        Ok(HttpLink { client, token })
     }
 }
 
@@ -28,10 +30,11 @@ impl HttpLink {
 impl AgentLink for HttpLink {
     async fn dispatch(&self, d: &Dispatch) -> Result<(), DispatchFailure> {
         let url = format!("{}/build", d.agent_url);
-        let resp = self
-            .client
-            .post(&url)
-            .json(&d.request())
+        let mut req = self.client.post(&url).json(&d.request());
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| DispatchFailure::Unreachable(ci_core::error::chain(&e)))?;

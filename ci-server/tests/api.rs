@@ -354,3 +354,123 @@ fn builds_without_a_command_need_a_default() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(resp.body()).contains("BUILD_COMMAND"));
 }
+
+fn guarded() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(RepoUrl::parse("/srv/repo").unwrap(), dir.path().join("ci.sqlite"));
+    config.build_command = Some("make".into());
+    config.agent_token = Some("agent-token-0123456789".into());
+    config.api_token = Some("api-token-0123456789".into());
+    Fixture {
+        server: Server::open(config).unwrap(),
+        _dir: dir,
+    }
+}
+
+async fn call_as(f: &Fixture, path: &str, headers: &[(&str, &str)], body: Value) -> (StatusCode, Value) {
+    let mut req = warp::test::request()
+        .method(if body.is_null() { "GET" } else { "POST" })
+        .path(path)
+        .remote_addr("127.0.0.9:4000".parse().unwrap());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if !body.is_null() {
+        req = req.json(&body);
+    }
+    let resp = req.reply(&f.server.routes()).await;
+    (
+        resp.status(),
+        serde_json::from_slice(resp.body()).unwrap_or(Value::Null),
+    )
+}
+
+const AGENT: (&str, &str) = ("authorization", "Bearer agent-token-0123456789");
+const USER: (&str, &str) = ("authorization", "Bearer api-token-0123456789");
+
+#[tokio::test]
+async fn tokens_gate_the_agent_protocol_and_the_api() {
+    let f = guarded();
+    let register = json!({"host": "a", "port": 1});
+    for headers in [&[][..], &[("authorization", "Bearer wrong")][..], &[USER][..]] {
+        let (status, body) = call_as(&f, "/notify_agent", headers, register.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{headers:?}: {body}");
+        assert!(error_of(&body).contains("AGENT_TOKEN"));
+    }
+    let (status, _) = call_as(&f, "/notify_agent", &[AGENT], register).await;
+    assert_eq!(status, StatusCode::OK);
+
+    for path in ["/api/builds", "/api/agents", "/api/builds/1", "/api/builds/1/log"] {
+        let (status, body) = call_as(&f, path, &[AGENT], Value::Null).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+    }
+    let (status, _) = call_as(&f, "/api/builds", &[], json!({"hash": "abcd"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call_as(&f, "/api/builds", &[USER], json!({"hash": "abcd"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = call_as(&f, "/api/agents", &[USER], Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call_as(&f, "/healthz", &[], Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "health checks need no token");
+}
+
+#[tokio::test]
+async fn a_session_secret_proves_who_speaks_for_a_build() {
+    let f = guarded();
+    let (_, reply) = call_as(
+        &f,
+        "/notify_agent",
+        &[AGENT],
+        json!({"host": "a", "port": 1, "session": true}),
+    )
+    .await;
+    let a_id = reply["id"].as_i64().unwrap();
+    let a_secret = reply["secret"].as_str().unwrap().to_owned();
+    assert_eq!(a_secret.len(), 32);
+    let (_, reply) = call_as(
+        &f,
+        "/notify_agent",
+        &[AGENT],
+        json!({"host": "b", "port": 1, "session": true}),
+    )
+    .await;
+    let b_id = reply["id"].as_i64().unwrap();
+    let b_secret = reply["secret"].as_str().unwrap().to_owned();
+
+    call_as(&f, "/api/builds", &[USER], json!({"hash": "abcd"})).await;
+    let d = f.server.dispatcher().with(|c| c.plan()).unwrap();
+    let held = d.iter().find(|d| d.agent.0 == a_id).map(|d| d.build.id.0);
+    let (holder_id, holder_secret, other_id, other_secret) = match held {
+        Some(_) => (a_id, a_secret, b_id, b_secret),
+        None => (b_id, b_secret, a_id, a_secret),
+    };
+    let build = d[0].build.id.0;
+    let hb = |agent: i64| json!({"id": build, "attempt": 1, "agentId": agent});
+
+    // Claiming the holder's id without its secret, or with another's.
+    let (status, body) = call_as(&f, "/notify_agent_alive", &[AGENT], hb(holder_id)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let other = [AGENT, ("x-agent-secret", other_secret.as_str())];
+    let (status, body) = call_as(&f, "/notify_agent_alive", &other, hb(holder_id)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = call_as(&f, "/notify_agent_alive", &other, hb(other_id)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let forged = json!({"id": build, "attempt": 1, "status": 0, "stdout": "forged", "stderr": ""});
+    let (status, _) = call_as(&f, "/notify_build_result", &other, forged.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call_as(&f, "/notify_build_result", &[AGENT], forged).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "no identity at all is not enough either"
+    );
+
+    let mine = [AGENT, ("x-agent-secret", holder_secret.as_str())];
+    let (status, body) = call_as(&f, "/notify_agent_alive", &mine, hb(holder_id)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let result = json!({"id": build, "attempt": 1, "status": 0, "stdout": "real", "stderr": ""});
+    let (status, _) = call_as(&f, "/notify_build_result", &mine, result).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, log) = call_as(&f, &format!("/api/builds/{build}/log"), &[USER], Value::Null).await;
+    assert_eq!(log["stdout"], "real");
+}

@@ -156,6 +156,8 @@ const MIGRATIONS: &[&str] = &[
         url           TEXT NOT NULL UNIQUE,
         registered_at INTEGER NOT NULL
     );",
+    // 2: agents prove their identity with a per-registration secret.
+    "ALTER TABLE agents ADD COLUMN secret TEXT;",
 ];
 
 const BUILD_COLUMNS: &str = "id, repo, hash, branch, command, image, timeout_ms, status, attempt, \
@@ -432,16 +434,22 @@ impl BuildStore for SqliteStore {
         Ok(row)
     }
 
-    fn register_agent(&self, url: &str, now: Timestamp) -> ci_core::Result<AgentRecord> {
+    fn register_agent(
+        &self,
+        url: &str,
+        secret: Option<&str>,
+        now: Timestamp,
+    ) -> ci_core::Result<AgentRecord> {
         Ok(self.transaction(|tx| {
             tx.prepare_cached("DELETE FROM agents WHERE url = ?1")?
                 .execute([url])?;
-            tx.prepare_cached("INSERT INTO agents (url, registered_at) VALUES (?1, ?2)")?
-                .execute(params![url, ts(now)])?;
+            tx.prepare_cached("INSERT INTO agents (url, registered_at, secret) VALUES (?1, ?2, ?3)")?
+                .execute(params![url, ts(now), secret])?;
             Ok(AgentRecord {
                 id: AgentId(tx.last_insert_rowid()),
                 url: url.to_owned(),
                 registered_at: now,
+                secret: secret.map(str::to_owned),
             })
         })?)
     }
@@ -457,7 +465,7 @@ impl BuildStore for SqliteStore {
     fn agents(&self) -> ci_core::Result<Vec<AgentRecord>> {
         let conn = self.read();
         let mut stmt = conn
-            .prepare_cached("SELECT id, url, registered_at FROM agents ORDER BY id")
+            .prepare_cached("SELECT id, url, registered_at, secret FROM agents ORDER BY id")
             .map_err(Error::from)?;
         let rows = stmt
             .query_map([], |r| {
@@ -465,6 +473,7 @@ impl BuildStore for SqliteStore {
                     id: AgentId(r.get(0)?),
                     url: r.get(1)?,
                     registered_at: Timestamp(r.get::<_, i64>(2)?.max(0) as u64),
+                    secret: r.get(3)?,
                 })
             })
             .map_err(Error::from)?;

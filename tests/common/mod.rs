@@ -21,6 +21,10 @@ pub struct Cluster {
     pub server: Option<Proc>,
     pub agents: Vec<Proc>,
     pub api: Api,
+    /// AGENT_TOKEN given to the server and to agents started from now on.
+    pub agent_token: Option<String>,
+    /// Extra environment for agents started from now on.
+    pub agent_env: Vec<(String, String)>,
     starts: usize,
 }
 
@@ -38,6 +42,8 @@ impl Cluster {
             server: None,
             agents: Vec::new(),
             api: Api::new(port),
+            agent_token: None,
+            agent_env: Vec::new(),
             starts: 0,
         }
     }
@@ -54,18 +60,22 @@ impl Cluster {
         let missed = self.missed.to_string();
         let db = self.db_path();
         let repo = self.repo.url();
+        let mut env = vec![
+            ("PORT", port.as_str()),
+            ("REPO", &repo),
+            ("BUILD_COMMAND", BUILD_COMMAND),
+            ("DB_PATH", db.to_str().unwrap()),
+            ("HEARTBEAT_MS", &hb),
+            ("MISSED_HEARTBEATS", &missed),
+        ];
+        if let Some(t) = &self.agent_token {
+            env.push(("AGENT_TOKEN", t));
+        }
         let proc = Proc::spawn(
             "ci-server",
             &format!("server-{}", self.starts),
             &[],
-            &[
-                ("PORT", &port),
-                ("REPO", &repo),
-                ("BUILD_COMMAND", BUILD_COMMAND),
-                ("DB_PATH", db.to_str().unwrap()),
-                ("HEARTBEAT_MS", &hb),
-                ("MISSED_HEARTBEATS", &missed),
-            ],
+            &env,
             self.dir.path(),
         );
         self.server = Some(proc);
@@ -97,16 +107,21 @@ impl Cluster {
     pub fn start_agent(&mut self, name: &str) -> usize {
         let work = self.dir.path().join(name);
         let port = self.port.to_string();
+        let mut env = vec![
+            ("SERVER_PORT", port.as_str()),
+            ("AGENT_PORT", "0"),
+            ("WORK_DIR", work.to_str().unwrap()),
+            ("RETRY_MAX_MS", "500"),
+        ];
+        if let Some(t) = &self.agent_token {
+            env.push(("AGENT_TOKEN", t));
+        }
+        env.extend(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let proc = Proc::spawn(
             "ci-agent",
             &format!("{name}-{}", self.agents.len()),
             &[],
-            &[
-                ("SERVER_PORT", &port),
-                ("AGENT_PORT", "0"),
-                ("WORK_DIR", work.to_str().unwrap()),
-                ("RETRY_MAX_MS", "500"),
-            ],
+            &env,
             self.dir.path(),
         );
         self.agents.push(proc);

@@ -49,6 +49,7 @@ fn report(d: &Dispatch, code: i32) -> Report {
         build: d.build.id,
         attempt: Some(d.build.attempt),
         agent: Some(d.agent),
+        verified: false,
         completion: done(code, "out"),
     }
 }
@@ -113,6 +114,7 @@ fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
             build: Some(id),
             attempt: Some(Attempt(1)),
             agent: Some(a),
+            verified: false,
         };
         f.c.heartbeat(hb).unwrap();
         assert_eq!(f.c.expire().unwrap(), 0, "a live agent is never expired");
@@ -144,6 +146,7 @@ fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
         build: Some(id),
         attempt: Some(Attempt(1)),
         agent: Some(a),
+        verified: false,
     };
     assert!(matches!(f.c.heartbeat(zombie_hb), Err(Error::Superseded { .. })));
     assert!(matches!(
@@ -213,6 +216,7 @@ fn original_protocol_without_attempt_or_agent_works() {
         build: id,
         attempt: None,
         agent: None,
+        verified: false,
         completion: done(0, ""),
     };
     f.c.complete(r.clone()).unwrap();
@@ -233,6 +237,7 @@ fn unknown_and_idle_builds_are_reported_as_such() {
         build: id,
         attempt: None,
         agent: None,
+        verified: false,
         completion: done(0, ""),
     };
     assert!(
@@ -262,6 +267,7 @@ fn another_agent_cannot_speak_for_a_lease() {
         build: Some(d.build.id),
         attempt: Some(d.build.attempt),
         agent: Some(other),
+        verified: false,
     };
     assert!(matches!(f.c.heartbeat(hb), Err(Error::Conflict(_))));
     let mut r = report(&d, 0);
@@ -408,11 +414,12 @@ fn a_failing_store_changes_nothing_in_memory() {
     let mut store = MockBuildStore::new();
     store.expect_agents().returning(|| Ok(vec![]));
     store.expect_running_builds().returning(|| Ok(vec![]));
-    store.expect_register_agent().returning(|url, now| {
+    store.expect_register_agent().returning(|url, secret, now| {
         Ok(AgentRecord {
             id: AgentId(1),
             url: url.to_owned(),
             registered_at: now,
+            secret: secret.map(str::to_owned),
         })
     });
     let queued = Build {
@@ -447,4 +454,63 @@ fn a_failing_store_changes_nothing_in_memory() {
         c.agents()[0].is_idle(),
         "no slot is taken by a dispatch that did not happen"
     );
+}
+
+#[test]
+fn agents_with_a_session_secret_cannot_be_spoken_for() {
+    let mut f = fixture();
+    let a =
+        f.c.register_agent_with_secret("http://a:1", "secret-a".into())
+            .unwrap()
+            .id;
+    f.c.submit(&new_build("x")).unwrap();
+    let d = f.c.plan().unwrap().remove(0);
+    assert_eq!(f.c.agent_by_secret("secret-a"), Some(a));
+    assert_eq!(f.c.agent_by_secret("secret-b"), None);
+
+    // Claiming the agent's id, or saying nothing, is not enough.
+    for (agent, verified) in [(Some(a), false), (None, false), (None, true)] {
+        let hb = Heartbeat {
+            build: Some(d.build.id),
+            attempt: Some(d.build.attempt),
+            agent,
+            verified,
+        };
+        assert!(
+            matches!(f.c.heartbeat(hb), Err(Error::Unauthenticated(_))),
+            "{agent:?} {verified}"
+        );
+        let mut r = report(&d, 0);
+        r.agent = agent;
+        r.verified = verified;
+        assert!(matches!(f.c.complete(r), Err(Error::Unauthenticated(_))));
+        let ping = Heartbeat {
+            agent: Some(a),
+            verified,
+            ..Heartbeat::default()
+        };
+        if !verified {
+            assert!(matches!(f.c.heartbeat(ping), Err(Error::Unauthenticated(_))));
+        }
+    }
+    assert_eq!(f.status(d.build.id), BuildStatus::Running);
+
+    let hb = Heartbeat {
+        build: Some(d.build.id),
+        attempt: Some(d.build.attempt),
+        agent: Some(a),
+        verified: true,
+    };
+    f.c.heartbeat(hb).unwrap();
+    let mut r = report(&d, 0);
+    r.verified = true;
+    f.c.complete(r).unwrap();
+    assert_eq!(f.status(d.build.id), BuildStatus::Success);
+
+    // Secrets survive a restart.
+    let c2 = Coordinator::builder(f.store.clone())
+        .clock(f.clock.clone())
+        .build()
+        .unwrap();
+    assert_eq!(c2.agent_by_secret("secret-a"), Some(a));
 }
