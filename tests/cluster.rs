@@ -140,6 +140,7 @@ async fn an_agent_dead_during_a_build_loses_it_to_another_agent() {
         .api
         .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
         .await;
+    c.api.wait_agent_runs(running.agent.as_deref().unwrap(), id).await;
     c.start_agent("rescuer");
     c.wait_agents(2).await;
 
@@ -240,9 +241,11 @@ async fn a_result_survives_a_server_outage() {
     c.start_agent("a");
     c.wait_agents(1).await;
     let id = c.api.create(&sha).await.id;
-    c.api
+    let running = c
+        .api
         .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
         .await;
+    c.api.wait_agent_runs(running.agent.as_deref().unwrap(), id).await;
     c.kill_server();
     wait_until("the build to finish on the agent", LONG, || async {
         marker.exists().then_some(())
@@ -287,6 +290,7 @@ async fn state_survives_a_server_restart() {
         .wait_build(second, LONG, "running", |b| b.status == BuildStatus::Running)
         .await;
     let holder = running.agent.clone().unwrap();
+    c.api.wait_agent_runs(&holder, second).await;
 
     c.kill_server();
     c.agent_by_port(&holder).kill();

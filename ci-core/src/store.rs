@@ -52,6 +52,7 @@ pub trait BuildStore: Send + Sync {
 
     /// Registers an agent at `url` with a new id (and its session secret, if
     /// any), replacing any agent registered at the same URL.
+    #[allow(clippy::needless_lifetimes)] // mockall needs the lifetime named
     fn register_agent<'a>(&self, url: &str, secret: Option<&'a str>, now: Timestamp) -> Result<AgentRecord>;
 
     /// Forgets an agent. Not an error if it is already gone.

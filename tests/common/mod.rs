@@ -13,7 +13,6 @@ use serde_json::Value;
 pub const BUILD_COMMAND: &str = "sh build.sh";
 
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
     pub repo: GitRepo,
     pub port: u16,
     pub heartbeat_ms: u64,
@@ -26,6 +25,9 @@ pub struct Cluster {
     /// Extra environment for agents started from now on.
     pub agent_env: Vec<(String, String)>,
     starts: usize,
+    // N.B.: last, so it is removed after the processes, whose logs (printed
+    // when a test fails) live in it.
+    pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -242,6 +244,29 @@ impl Api {
         wait_until(&format!("build {id}: {what}"), timeout, || async {
             self.build(id).await.ok().filter(|b| pred(b))
         })
+        .await
+    }
+
+    /// Waits until the agent at `agent_url` says (on its /healthz) that it
+    /// runs build `id`. `running` on the server only means the dispatch was
+    /// committed; the agent may not have received it yet.
+    pub async fn wait_agent_runs(&self, agent_url: &str, id: ci_core::BuildId) {
+        wait_until(
+            &format!("{agent_url} to run build {id}"),
+            Duration::from_secs(60),
+            || async {
+                let health: Value = self
+                    .http
+                    .get(format!("{agent_url}/healthz"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (health["build"].as_i64() == Some(id.0)).then_some(())
+            },
+        )
         .await
     }
 
