@@ -1,0 +1,602 @@
+//! Deterministic simulation of the scheduler: the real `Coordinator`,
+//! `MemoryStore`, pool and leases, driven by a seeded random schedule of
+//! events on a virtual clock, with no I/O.
+//!
+//! Agents join, die, stall and recover; dispatches, heartbeats and results
+//! are lost, delayed and duplicated; builds are submitted; the server
+//! restarts from the store. After every step the invariants are checked:
+//! no agent holds more builds than its capacity; leases and the store agree
+//! on what runs; no result or heartbeat of a superseded attempt is accepted;
+//! no build waits while an agent is free after a scheduling pass; numbers
+//! only go up.
+//! At the end the faults stop and every submitted build must complete
+//! exactly once.
+//!
+//! `SIM_SEEDS=n` runs n seeds (default 2000); `SIM_SEED=s` replays one.
+//! A failure prints its seed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ci_core::coordinator::{Accepted, Dispatch, DispatchFailure, Heartbeat, Report};
+use ci_core::{
+    AgentId, Attempt, BuildId, BuildStatus, BuildStore, Clock, CommitRef, Completion, Coordinator, Error,
+    LeasePolicy, ManualClock, MemoryStore, NewBuild, RepoUrl, Timestamp,
+};
+
+const INTERVAL_MS: u64 = 100;
+const MISSED: u32 = 3;
+const STEPS: usize = 300;
+
+/// A message on its way, delivered at `at` unless lost.
+#[derive(Clone, Debug)]
+enum Msg {
+    /// Server → agent.
+    Dispatch(Dispatch),
+    /// Agent → server.
+    Heartbeat { from: usize, hb: Heartbeat },
+    /// Agent → server.
+    Result { from: usize, report: Report },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Health {
+    Up,
+    /// Frozen until the given time: sends and receives nothing.
+    Stalled(u64),
+    Dead,
+}
+
+/// How an agent speaks the protocol.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// Session secret, attempts, agentId: what `ci-agent` does.
+    Secure,
+    /// Attempts and a claimed agentId, no secret.
+    Claims,
+    /// Attempts only.
+    Attempts,
+    /// Only the original fields: no attempt, no agentId, no pings.
+    Original,
+}
+
+#[derive(Debug)]
+struct SimAgent {
+    kind: Kind,
+    url: String,
+    id: Option<AgentId>,
+    secret: String,
+    health: Health,
+    /// The attempt it works on and when its command finishes.
+    job: Option<(BuildId, Attempt, u64)>,
+    next_beat: u64,
+    /// A result not yet acknowledged, and when to retry it.
+    outbox: Option<(Report, u64)>,
+}
+
+struct Sim {
+    seed: u64,
+    rng: fastrand::Rng,
+    clock: Arc<ManualClock>,
+    store: Arc<MemoryStore>,
+    c: Coordinator,
+    agents: Vec<SimAgent>,
+    wire: Vec<(u64, Msg)>,
+    submitted: Vec<BuildId>,
+    /// Accepted results per build: (attempt, the build's attempt when accepted).
+    accepted: HashMap<BuildId, Vec<Attempt>>,
+    faults: bool,
+    step: usize,
+}
+
+macro_rules! check {
+    ($sim:expr, $cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            panic!(
+                "seed {} step {} (replay with SIM_SEED={}): {}",
+                $sim.seed, $sim.step, $sim.seed, format!($($msg)+)
+            );
+        }
+    };
+}
+
+fn policy() -> LeasePolicy {
+    LeasePolicy::new(Duration::from_millis(INTERVAL_MS), MISSED).unwrap()
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
+        let store = Arc::new(MemoryStore::new());
+        let c = Coordinator::builder(store.clone())
+            .clock(clock.clone())
+            .lease(policy())
+            .build()
+            .unwrap();
+        Sim {
+            seed,
+            rng: fastrand::Rng::with_seed(seed),
+            clock,
+            store,
+            c,
+            agents: Vec::new(),
+            wire: Vec::new(),
+            submitted: Vec::new(),
+            accepted: HashMap::new(),
+            faults: true,
+            step: 0,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now().0
+    }
+
+    /// Sends `msg`, maybe losing, delaying or duplicating it.
+    fn send(&mut self, msg: Msg) {
+        let now = self.now();
+        if self.faults && self.rng.u8(..100) < 5 {
+            return; // lost
+        }
+        let delay = if self.faults && self.rng.u8(..100) < 10 {
+            self.rng.u64(50..1500)
+        } else {
+            self.rng.u64(0..5)
+        };
+        if self.faults && self.rng.u8(..100) < 5 {
+            self.wire.push((now + self.rng.u64(0..800), msg.clone())); // duplicated
+        }
+        self.wire.push((now + delay, msg));
+    }
+
+    /// Runs the schedule, then the calm; returns how many builds it made.
+    fn run(mut self) -> usize {
+        let n_agents = self.rng.usize(1..5);
+        for _ in 0..n_agents {
+            self.add_agent();
+        }
+        for step in 0..STEPS {
+            self.step = step;
+            self.random_event();
+            self.tick();
+        }
+        // Calm: no more faults; everyone alive comes back; let it drain.
+        self.faults = false;
+        for a in &mut self.agents {
+            if a.health != Health::Dead {
+                a.health = Health::Up;
+            }
+        }
+        // An agent without pings that the server dropped never finds out;
+        // its operator restarts it.
+        let known: Vec<AgentId> = self.c.agents().iter().map(|a| a.id).collect();
+        for i in 0..self.agents.len() {
+            let a = &self.agents[i];
+            if matches!(a.kind, Kind::Original | Kind::Attempts)
+                && a.health == Health::Up
+                && !a.id.is_some_and(|id| known.contains(&id))
+            {
+                self.register(i);
+            }
+        }
+        if !self.agents.iter().any(|a| a.health == Health::Up) {
+            self.add_agent();
+        }
+        for step in STEPS..STEPS + 5000 {
+            self.step = step;
+            self.tick();
+            if self.all_done() && self.wire.is_empty() {
+                break;
+            }
+        }
+        if std::env::var_os("SIM_DEBUG").is_some() && !self.all_done() {
+            for a in &self.agents {
+                eprintln!(
+                    "sim agent {:?} {} id={:?} {:?} job={:?} outbox={}",
+                    a.kind,
+                    a.url,
+                    a.id,
+                    a.health,
+                    a.job,
+                    a.outbox.is_some()
+                );
+            }
+            for a in self.c.agents() {
+                eprintln!("pool {:?}", a);
+            }
+        }
+        check!(
+            self,
+            self.all_done(),
+            "builds never finished: {:?}",
+            self.unfinished()
+        );
+        for id in &self.submitted {
+            let n = self.accepted.get(id).map_or(0, Vec::len);
+            check!(self, n == 1, "build {id} accepted {n} results");
+        }
+        self.submitted.len()
+    }
+
+    fn all_done(&self) -> bool {
+        self.unfinished().is_empty()
+    }
+
+    fn unfinished(&self) -> Vec<(BuildId, BuildStatus)> {
+        self.submitted
+            .iter()
+            .map(|id| (*id, self.store.build(*id).unwrap().unwrap().status))
+            .filter(|(_, s)| !s.is_finished())
+            .collect()
+    }
+
+    fn add_agent(&mut self) {
+        let n = self.agents.len();
+        let kind = match self.rng.u8(..10) {
+            0..=3 => Kind::Secure,
+            4..=5 => Kind::Claims,
+            6..=7 => Kind::Attempts,
+            _ => Kind::Original,
+        };
+        self.agents.push(SimAgent {
+            kind,
+            url: format!("http://agent-{n}:3001"),
+            id: None,
+            secret: format!("secret-{n}-0"),
+            health: Health::Up,
+            job: None,
+            next_beat: 0,
+            outbox: None,
+        });
+        self.register(n);
+    }
+
+    fn register(&mut self, i: usize) {
+        let a = &mut self.agents[i];
+        a.secret = format!(
+            "{}-{}",
+            a.secret.split('-').take(2).collect::<Vec<_>>().join("-"),
+            self.step
+        );
+        let (url, secret, kind) = (a.url.clone(), a.secret.clone(), a.kind);
+        let registered = match kind {
+            Kind::Secure => self.c.register_agent_with_secret(&url, secret),
+            Kind::Claims | Kind::Attempts | Kind::Original => self.c.register_agent(&url),
+        };
+        match registered {
+            Ok(r) => {
+                let a = &mut self.agents[i];
+                a.id = Some(r.id);
+                // A new process: whatever the old one ran is gone.
+                a.job = None;
+                a.outbox = None;
+            }
+            Err(e) => check!(self, false, "registration failed: {e}"),
+        }
+    }
+
+    fn random_event(&mut self) {
+        let roll = self.rng.u8(..100);
+        match roll {
+            0..=24 => {
+                let repo = RepoUrl::parse("/srv/repo").unwrap();
+                let new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
+                let b = self.c.submit(&new).unwrap();
+                if let Some(last) = self.submitted.last() {
+                    check!(self, b.id > *last, "build number {} not above {last}", b.id);
+                }
+                self.submitted.push(b.id);
+            }
+            25..=27 if self.agents.len() < 8 => self.add_agent(),
+            28..=30 => {
+                // An agent dies.
+                let i = self.rng.usize(..self.agents.len());
+                self.agents[i].health = Health::Dead;
+            }
+            31..=35 => {
+                // An agent stalls, for less or more than the lease.
+                let i = self.rng.usize(..self.agents.len());
+                if self.agents[i].health == Health::Up {
+                    let until = self.now() + self.rng.u64(50..(INTERVAL_MS * u64::from(MISSED) * 3));
+                    self.agents[i].health = Health::Stalled(until);
+                }
+            }
+            36..=37 => {
+                // A dead agent's machine comes back: a new process registers
+                // at the same URL.
+                let i = self.rng.usize(..self.agents.len());
+                if self.agents[i].health == Health::Dead {
+                    self.agents[i].health = Health::Up;
+                    self.register(i);
+                }
+            }
+            38 => self.restart_server(),
+            _ => {}
+        }
+    }
+
+    fn restart_server(&mut self) {
+        self.c = Coordinator::builder(self.store.clone())
+            .clock(self.clock.clone())
+            .lease(policy())
+            .build()
+            .unwrap();
+        self.check_invariants("after restart");
+    }
+
+    /// Time passes; messages arrive; agents work; the server schedules.
+    fn tick(&mut self) {
+        self.clock
+            .advance(Duration::from_millis(self.rng.u64(1..INTERVAL_MS)));
+        let now = self.now();
+        for a in &mut self.agents {
+            if let Health::Stalled(until) = a.health {
+                if now >= until {
+                    a.health = Health::Up;
+                }
+            }
+        }
+        self.deliver_due();
+        self.agents_work();
+        let dropped = self.c.expire().unwrap();
+        let _ = dropped;
+        let dispatches = self.c.plan().unwrap();
+        self.check_invariants("after plan");
+        self.check_no_idle_agent_with_work();
+        for d in dispatches {
+            self.send(Msg::Dispatch(d));
+        }
+    }
+
+    fn deliver_due(&mut self) {
+        let now = self.now();
+        let mut due: Vec<(u64, Msg)> = Vec::new();
+        self.wire.retain(|(at, m)| {
+            if *at <= now {
+                due.push((*at, m.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        due.sort_by_key(|(at, _)| *at);
+        for (_, msg) in due {
+            match msg {
+                Msg::Dispatch(d) => self.agent_receives(d),
+                Msg::Heartbeat { from, hb } => {
+                    if self.agents[from].health == Health::Dead {
+                        continue; // a dead process's packets still arrive; they are answered to no one
+                    }
+                    let current = hb.build.map(|b| self.store.build(b).unwrap().unwrap().attempt);
+                    let r = self.c.heartbeat(hb);
+                    // Attempt-less (original) heartbeats speak for the latest attempt.
+                    if let (Ok(()), Some(current), Some(_)) = (&r, current, hb.attempt) {
+                        check!(
+                            self,
+                            hb.attempt == Some(current),
+                            "a heartbeat of attempt {:?} was accepted while attempt {current} is current",
+                            hb.attempt
+                        );
+                    }
+                    self.agent_hears_heartbeat_reply(from, hb, r);
+                }
+                Msg::Result { from, report } => self.server_receives_result(from, report),
+            }
+        }
+    }
+
+    fn agent_receives(&mut self, d: Dispatch) {
+        let now = self.now();
+        let Some(i) = self.agents.iter().position(|a| a.url == d.agent_url) else {
+            return;
+        };
+        let a = &mut self.agents[i];
+        let reachable = a.health == Health::Up && a.id == Some(d.agent);
+        if !reachable || a.job.is_some() {
+            // Refused, timed out, or busy: the server drops the agent.
+            self.c
+                .dispatch_failed(&d, DispatchFailure::Unreachable("unreachable".into()))
+                .unwrap();
+            return;
+        }
+        let runs_for = self.rng.u64(10..(INTERVAL_MS * 10));
+        a.job = Some((d.build.id, d.build.attempt, now + runs_for));
+        a.next_beat = now;
+    }
+
+    fn agent_hears_heartbeat_reply(&mut self, from: usize, hb: Heartbeat, r: Result<(), Error>) {
+        let a = &mut self.agents[from];
+        match (r, hb.build) {
+            (Ok(()), _) => {}
+            (Err(Error::AgentNotFound(_)), None) => {
+                if a.health == Health::Up {
+                    self.register(from);
+                }
+            }
+            (Err(_), Some(b)) => {
+                // Refused: this attempt no longer counts; stop its work.
+                if a.job
+                    .is_some_and(|(jb, ja, _)| jb == b && hb.attempt.is_none_or(|h| h == ja))
+                {
+                    a.job = None;
+                }
+            }
+            (Err(_), None) => {}
+        }
+    }
+
+    fn server_receives_result(&mut self, from: usize, report: Report) {
+        let before = self.store.build(report.build).unwrap().unwrap();
+        let r = self.c.complete(report.clone());
+        match &r {
+            Ok(Accepted::Finished(_)) => {
+                // An attempt-less (original) result speaks for the latest attempt.
+                let attempt = report.attempt.unwrap_or(before.attempt);
+                check!(
+                    self,
+                    !before.status.is_finished(),
+                    "build {} finished twice (attempt {attempt})",
+                    report.build
+                );
+                check!(
+                    self,
+                    attempt == before.attempt,
+                    "build {} accepted a result of attempt {attempt} while attempt {} was current",
+                    report.build,
+                    before.attempt
+                );
+                self.accepted.entry(report.build).or_default().push(attempt);
+            }
+            Ok(Accepted::Duplicate(_)) => {
+                check!(
+                    self,
+                    before.status.is_finished(),
+                    "a duplicate of an unfinished build"
+                );
+            }
+            Err(_) => {}
+        }
+        // The agent learns the outcome (if it is alive to hear it).
+        let a = &mut self.agents[from];
+        if a.health != Health::Dead && a.outbox.as_ref().is_some_and(|(o, _)| *o == report) {
+            let retry = r.as_ref().err().is_some_and(Error::is_retryable);
+            if !retry {
+                a.outbox = None;
+            }
+        }
+    }
+
+    fn agents_work(&mut self) {
+        let now = self.now();
+        let mut out = Vec::new();
+        for (i, a) in self.agents.iter_mut().enumerate() {
+            if a.health != Health::Up {
+                continue;
+            }
+            let Some(id) = a.id else { continue };
+            if let Some((build, attempt, done_at)) = a.job {
+                let (attempt_field, agent_field, verified) = match a.kind {
+                    Kind::Secure => (Some(attempt), Some(id), true),
+                    Kind::Claims => (Some(attempt), Some(id), false),
+                    Kind::Attempts => (Some(attempt), None, false),
+                    Kind::Original => (None, None, false),
+                };
+                if now >= done_at {
+                    let report = Report {
+                        build,
+                        attempt: attempt_field,
+                        agent: agent_field,
+                        verified,
+                        completion: Completion {
+                            exit_code: i32::from(build.0 % 3 == 0),
+                            stdout: format!("build {build} attempt {attempt}"),
+                            stderr: String::new(),
+                        },
+                    };
+                    a.job = None;
+                    a.outbox = Some((report, now));
+                } else if now >= a.next_beat {
+                    a.next_beat = now + INTERVAL_MS;
+                    let hb = Heartbeat {
+                        build: Some(build),
+                        attempt: attempt_field,
+                        agent: agent_field,
+                        verified,
+                    };
+                    out.push(Msg::Heartbeat { from: i, hb });
+                }
+            } else if now >= a.next_beat && matches!(a.kind, Kind::Secure | Kind::Claims) {
+                a.next_beat = now + INTERVAL_MS;
+                let ping = Heartbeat {
+                    build: None,
+                    attempt: None,
+                    agent: Some(id),
+                    verified: a.kind == Kind::Secure,
+                };
+                out.push(Msg::Heartbeat { from: i, hb: ping });
+            }
+            if let Some((report, at)) = &mut a.outbox {
+                if now >= *at {
+                    *at = now + INTERVAL_MS * 2;
+                    out.push(Msg::Result {
+                        from: i,
+                        report: report.clone(),
+                    });
+                }
+            }
+        }
+        for m in out {
+            self.send(m);
+        }
+    }
+
+    fn check_invariants(&self, when: &str) {
+        let agents = self.c.agents();
+        for a in &agents {
+            check!(
+                self,
+                a.running.len() <= a.capacity as usize,
+                "{when}: agent {} holds {:?}",
+                a.id,
+                a.running
+            );
+        }
+        // Leases and the store agree.
+        let running: BTreeMap<BuildId, Attempt> = self
+            .store
+            .running_builds()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.id, b.attempt))
+            .collect();
+        let leased: BTreeMap<BuildId, Attempt> = self.c.leases().map(|l| (l.build, l.attempt)).collect();
+        check!(
+            self,
+            running == leased,
+            "{when}: running {running:?} but leased {leased:?}"
+        );
+        for l in self.c.leases() {
+            let holds = agents
+                .iter()
+                .any(|a| a.id == l.agent && a.running.contains(&l.build));
+            check!(self, holds, "{when}: lease {l:?} has no holder");
+        }
+    }
+
+    /// After a scheduling pass, a queued build and a free agent never
+    /// coexist.
+    fn check_no_idle_agent_with_work(&self) {
+        let queued = self.store.queued_builds(1).unwrap();
+        let free = self.c.agents().iter().filter(|a| a.free_slots() > 0).count();
+        check!(
+            self,
+            queued.is_empty() || free == 0,
+            "build {:?} waits while {free} agents are free",
+            queued.first().map(|b| b.id)
+        );
+    }
+}
+
+#[test]
+fn simulated_clusters_keep_every_invariant() {
+    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("SIM_SEED is a number")],
+        Err(_) => {
+            let n: u64 = std::env::var("SIM_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2000);
+            (0..n).collect()
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let builds: usize = seeds.iter().map(|seed| Sim::new(*seed).run()).sum();
+    println!(
+        "simulated {} seeds x {STEPS} steps, {builds} builds, in {:.2?}",
+        seeds.len(),
+        t0.elapsed()
+    );
+}
