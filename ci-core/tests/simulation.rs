@@ -592,6 +592,7 @@ fn simulated_clusters_keep_every_invariant() {
             (0..n).collect()
         }
     };
+    #[allow(clippy::disallowed_types)] // wall time of the whole run, only reported
     let t0 = std::time::Instant::now();
     let builds: usize = seeds.iter().map(|seed| Sim::new(*seed).run()).sum();
     println!(
