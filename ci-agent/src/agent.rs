@@ -77,7 +77,10 @@ impl Agent {
         let file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| Error::WorkDirInUse(dir.clone()))?;
-        let client = ServerClient::new(&config.server_url, config.request_timeout)?
+        // An agent bound to one address also speaks from it: on a host with
+        // several, that is the one its server and firewall know it by.
+        let source = Some(config.addr.ip()).filter(|ip| !ip.is_unspecified());
+        let client = ServerClient::new(&config.server_url, config.request_timeout, source)?
             .with_token(config.agent_token.clone());
         let spool = Spool::open(dir.join("spool"))?;
         Ok(Agent {

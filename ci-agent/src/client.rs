@@ -59,11 +59,16 @@ pub struct ServerClient {
 
 impl ServerClient {
     /// A client of the server at `base` (e.g. `http://127.0.0.1:3000`),
-    /// whose calls give up after `timeout`.
-    pub fn new(base: impl Into<String>, timeout: Duration) -> Result<ServerClient, reqwest::Error> {
+    /// whose calls give up after `timeout`, sending from `source` if set.
+    pub fn new(
+        base: impl Into<String>,
+        timeout: Duration,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<ServerClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .local_address(source)
             .build()?;
         Ok(ServerClient {
             http,

@@ -130,6 +130,59 @@ impl Cluster {
         self.agents.len() - 1
     }
 
+    /// Starts an agent bound to (and sending from) loopback address `ip`.
+    pub fn start_agent_at(&mut self, name: &str, ip: &str) -> usize {
+        let saved = self.agent_env.clone();
+        self.agent_env.push(("AGENT_BIND".into(), ip.into()));
+        self.agent_env.push(("AGENT_HOST".into(), ip.into()));
+        let i = self.start_agent(name);
+        self.agent_env = saved;
+        i
+    }
+
+    /// Index of the agent process whose server-side URL is `url`.
+    pub fn agent_index_by_url(&self, url: &str) -> usize {
+        let port = url.rsplit(':').next().unwrap();
+        self.agents
+            .iter()
+            .position(|p| p.log().contains(&format!("port={port} ")))
+            .unwrap_or_else(|| panic!("no agent process listens on {url}"))
+    }
+
+    /// Every build in `ids` finished exactly once: one stored result each,
+    /// nothing left unfinished, and a sound database file.
+    pub fn assert_exactly_once(&self, ids: &[ci_core::BuildId]) {
+        let conn =
+            rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+        for id in ids {
+            let (status, results): (String, i64) = conn
+                .query_row(
+                    "SELECT status, (SELECT COUNT(*) FROM build_logs WHERE build_id = b.id) FROM builds b WHERE id = ?1",
+                    [id.0],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert!(
+                status == "success" || status == "failed",
+                "build {id} is {status}"
+            );
+            assert_eq!(results, 1, "build {id} has {results} accepted results");
+        }
+        let unfinished: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM builds WHERE status IN ('queued', 'running')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(unfinished, 0, "builds left unfinished");
+    }
+
     /// Waits until the server lists `n` agents, and returns them.
     pub async fn wait_agents(&self, n: usize) -> Vec<AgentView> {
         let api = &self.api;
@@ -141,11 +194,8 @@ impl Cluster {
 
     /// The agent process whose server-side URL is `url`.
     pub fn agent_by_port(&mut self, url: &str) -> &mut Proc {
-        let port = url.rsplit(':').next().unwrap().to_owned();
-        self.agents
-            .iter_mut()
-            .find(|p| p.log().contains(&format!("port={port}")))
-            .unwrap_or_else(|| panic!("no agent process listens on {url}"))
+        let i = self.agent_index_by_url(url);
+        &mut self.agents[i]
     }
 
     /// Commits `build.sh` with `script` and returns the SHA.
