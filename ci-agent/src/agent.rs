@@ -135,7 +135,17 @@ impl Agent {
             }))
             .into_response()
         });
-        build.or(health).unify().recover(recover).unify()
+        let spec = Arc::new(crate::openapi::spec());
+        let openapi = warp::path!("openapi.json")
+            .and(warp::get())
+            .map(move || json(&*spec).into_response());
+        build
+            .or(health)
+            .unify()
+            .or(openapi)
+            .unify()
+            .recover(recover)
+            .unify()
     }
 
     /// Serves builds on `listener` and keeps in touch with the server until

@@ -10,6 +10,7 @@
 //! - [`client`]: calls to the server and their retry policy.
 //! - [`checkout`]: per-repository caches and fresh workspaces.
 //! - [`shell`]: [`ShellRunner`], `sh -c` in a process group.
+//! - [`openapi`]: the description of the agent's HTTP interface.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), ci_agent::Error> {
@@ -29,6 +30,7 @@ pub mod agent;
 pub mod checkout;
 pub mod client;
 pub mod config;
+pub mod openapi;
 pub mod shell;
 
 use std::path::{Path, PathBuf};

@@ -14,9 +14,15 @@ use crate::error::{Error, Result};
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident($inner:ty)) => {
         $(#[$doc])*
-        #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
         pub struct $name(pub $inner);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                crate::protocol::integral(d).map($name)
+            }
+        }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -163,8 +169,8 @@ impl CommitRef {
         if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
             return Err(err("must start with a letter or digit"));
         }
-        if s.ends_with('/') || s.ends_with('.') || s.ends_with(".lock") {
-            return Err(err("must not end with '/', '.' or '.lock'"));
+        if s.ends_with('/') || s.ends_with('.') {
+            return Err(err("must not end with '/' or '.'"));
         }
         if s.contains("..") || s.contains("//") || s.contains("/.") {
             return Err(err("must not contain '..', '//' or '/.'"));
@@ -287,14 +293,16 @@ impl fmt::Display for RepoUrl {
 
 /// Limits on what a build may carry, so nothing unbounded reaches the store.
 pub mod limits {
-    /// Longest build command, in bytes.
+    /// Longest build command, in characters.
     pub const MAX_COMMAND: usize = 64 * 1024;
-    /// Longest branch name, in bytes.
+    /// Longest branch name, in characters.
     pub const MAX_BRANCH: usize = 255;
     /// Longest image name, in bytes.
     pub const MAX_IMAGE: usize = 512;
     /// Most output kept per stream (stdout, stderr) per attempt, in bytes.
     pub const MAX_LOG: usize = 16 * 1024 * 1024;
+    /// Longest per-build timeout, in milliseconds (7 days).
+    pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 }
 
 /// What a user asks for when creating a build, after validation.
@@ -334,17 +342,17 @@ impl NewBuild {
         if self.command.trim().is_empty() {
             return Err(Error::invalid("command", "must not be empty"));
         }
-        if self.command.len() > limits::MAX_COMMAND {
+        if self.command.chars().count() > limits::MAX_COMMAND {
             return Err(Error::invalid(
                 "command",
-                format!("longer than {} bytes", limits::MAX_COMMAND),
+                format!("longer than {} characters", limits::MAX_COMMAND),
             ));
         }
         if self.command.contains('\0') {
             return Err(Error::invalid("command", "must not contain NUL"));
         }
         if let Some(branch) = &self.branch {
-            if branch.len() > limits::MAX_BRANCH || branch.chars().any(char::is_control) {
+            if branch.chars().count() > limits::MAX_BRANCH || branch.chars().any(char::is_control) {
                 return Err(Error::invalid(
                     "branch",
                     format!("at most {} bytes without control characters", limits::MAX_BRANCH),
@@ -365,8 +373,13 @@ impl NewBuild {
                 ));
             }
         }
-        if self.timeout_ms == Some(0) {
-            return Err(Error::invalid("timeoutMs", "must be positive"));
+        if let Some(t) = self.timeout_ms {
+            if t == 0 || t > limits::MAX_TIMEOUT_MS {
+                return Err(Error::invalid(
+                    "timeoutMs",
+                    format!("must be 1 to {} (7 days)", limits::MAX_TIMEOUT_MS),
+                ));
+            }
         }
         Ok(())
     }
@@ -537,7 +550,7 @@ mod tests {
             "main@{1}",
             "refs//x",
             "x/",
-            "x.lock",
+            "x.",
             ".hidden",
             "a/.b",
             "ünïcode",

@@ -14,6 +14,7 @@
 
 use std::fmt;
 
+use serde::de::IntoDeserializer;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::{AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus};
@@ -71,6 +72,7 @@ pub struct NotifyBuildResult {
     /// The build.
     pub id: BuildId,
     /// Exit status; 0 is success, -1 means the build could not run.
+    #[serde(deserialize_with = "integral")]
     pub status: i32,
     /// Captured standard output.
     #[serde(default)]
@@ -106,7 +108,12 @@ pub struct BuildRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Extension: build timeout in milliseconds.
-    #[serde(rename = "timeoutMs", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "timeoutMs",
+        default,
+        deserialize_with = "opt_integral",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout_ms: Option<u64>,
 }
 
@@ -127,7 +134,12 @@ pub struct CreateBuild {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Build timeout in milliseconds.
-    #[serde(rename = "timeoutMs", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "timeoutMs",
+        default,
+        deserialize_with = "opt_integral",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout_ms: Option<u64>,
 }
 
@@ -277,6 +289,57 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+// === numbers ===
+
+/// Deserializes an integer, also from a float with no fractional part
+/// (`7.0`): JSON does not tell them apart, and JSON Schema calls both
+/// integers.
+pub(crate) fn integral<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+
+    impl<T: TryFrom<i64> + TryFrom<u64>> serde::de::Visitor<'_> for V<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an integer in range")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::custom(format!("{v} is out of range")))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::custom(format!("{v} is out of range")))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
+            // N.B.: the range check keeps the casts exact.
+            if v.fract() == 0.0 && (-9.0e15..=9.0e15).contains(&v) {
+                self.visit_i64(v as i64)
+            } else {
+                Err(E::custom(format!("{v} is not an integer")))
+            }
+        }
+    }
+
+    d.deserialize_any(V(std::marker::PhantomData))
+}
+
+/// [`integral`] for optional fields (absent or `null` is `None`).
+fn opt_integral<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    #[derive(Deserialize)]
+    struct W<T: TryFrom<i64> + TryFrom<u64>>(#[serde(deserialize_with = "integral")] T);
+    Ok(Option::<W<T>>::deserialize(d)?.map(|w| w.0))
+}
+
 // === port: string or number ===
 
 fn port_from_string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
@@ -300,6 +363,11 @@ fn port_from_string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D:
             u64::try_from(v)
                 .map_err(|_| E::custom(format!("port {v} is out of range 1-65535")))
                 .and_then(|v| self.visit_u64(v))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u16, E> {
+            integral::<serde::de::value::F64Deserializer<E>, u64>(v.into_deserializer())
+                .and_then(|n| self.visit_u64(n))
         }
 
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u16, E> {
@@ -335,6 +403,23 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<NotifyAgent>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn integers_may_arrive_as_integral_floats() {
+        let r: NotifyBuildResult = serde_json::from_str(r#"{"id":7.0,"status":-1.0,"attempt":2.0}"#).unwrap();
+        assert_eq!((r.id, r.status, r.attempt), (BuildId(7), -1, Some(Attempt(2))));
+        let c: CreateBuild = serde_json::from_str(r#"{"hash":"abcd","timeoutMs":1000.0}"#).unwrap();
+        assert_eq!(c.timeout_ms, Some(1000));
+        for bad in [
+            r#"{"id":7.5,"status":0}"#,
+            r#"{"id":1e300,"status":0}"#,
+            r#"{"id":1,"status":4294967296}"#,
+        ] {
+            assert!(serde_json::from_str::<NotifyBuildResult>(bad).is_err(), "{bad}");
+        }
+        let none: CreateBuild = serde_json::from_str(r#"{"hash":"abcd","timeoutMs":null}"#).unwrap();
+        assert_eq!(none.timeout_ms, None);
     }
 
     #[test]

@@ -22,8 +22,12 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::config::ServerConfig;
 
-/// Largest body of an ordinary request.
-pub const MAX_BODY: u64 = 64 * 1024;
+/// Largest body of an ordinary request: room for a command of
+/// `MAX_COMMAND` characters even when JSON escapes each one (`\uXXXX`
+/// surrogate pairs take 12 bytes).
+pub const MAX_BODY: u64 = 1024 * 1024;
+/// Largest `offset` of a listing (SQLite takes a signed 64-bit offset).
+pub const MAX_OFFSET: usize = i64::MAX as usize;
 /// Largest body of a build result: two capped logs plus slack.
 pub const MAX_RESULT_BODY: u64 = 2 * ci_core::model::limits::MAX_LOG as u64 + 64 * 1024;
 
@@ -112,6 +116,8 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = I
         .unify();
     agent_protocol
         .or(api)
+        .unify()
+        .or(wrong_method())
         .unify()
         .recover(recover)
         .unify()
@@ -259,12 +265,43 @@ fn notify_build_result(app: App) -> impl Filter<Extract = (Response,), Error = R
         })
 }
 
+/// [`CreateBuild`] as an HTML form posts it: strings, empty meaning absent.
+#[derive(Debug, Deserialize)]
+struct CreateBuildForm {
+    hash: String,
+    command: Option<String>,
+    branch: Option<String>,
+    image: Option<String>,
+    #[serde(rename = "timeoutMs")]
+    timeout_ms: Option<String>,
+}
+
+impl CreateBuildForm {
+    fn into_request(self) -> Result<CreateBuild> {
+        let timeout_ms =
+            match self.timeout_ms.filter(|t| !t.is_empty()) {
+                None => None,
+                Some(t) => Some(t.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid timeoutMs: {t:?} is not a number"))
+                })?),
+            };
+        Ok(CreateBuild {
+            hash: self.hash,
+            command: self.command,
+            branch: self.branch,
+            image: self.image,
+            timeout_ms,
+        })
+    }
+}
+
 fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     // The original UI posted to /build; the API lives under /api/builds.
     let path = warp::path!("api" / "builds").or(warp::path!("build")).unify();
-    let body = json_body::<CreateBuild>(MAX_BODY)
-        .or(warp::body::content_length_limit(MAX_BODY).and(warp::body::form::<CreateBuild>()))
-        .unify();
+    let form = warp::body::content_length_limit(MAX_BODY)
+        .and(warp::body::form::<CreateBuildForm>())
+        .and_then(|f: CreateBuildForm| async move { f.into_request().map_err(warp::reject::custom) });
+    let body = json_body::<CreateBuild>(MAX_BODY).or(form).unify();
     path.and(warp::post())
         .and(api_auth(&app))
         .and(with_app(app))
@@ -287,17 +324,29 @@ fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
         .and(with_app(app))
         .and(warp::query::<ListQuery>())
         .map(|app: App, q: ListQuery| {
-            let page = Page {
-                limit: q.limit.unwrap_or(Page::default().limit).clamp(1, Page::MAX_LIMIT),
-                offset: q.offset.unwrap_or(0),
-            };
-            respond(app.store.list_builds(page).map_err(ApiError::from).map(|builds| {
-                json(&BuildList {
+            let list = || -> Result<_> {
+                let limit = q.limit.unwrap_or(Page::default().limit);
+                if !(1..=Page::MAX_LIMIT).contains(&limit) {
+                    return Err(ApiError::bad_request(format!(
+                        "limit must be 1 to {}",
+                        Page::MAX_LIMIT
+                    )));
+                }
+                let offset = q.offset.unwrap_or(0);
+                if offset > MAX_OFFSET {
+                    return Err(ApiError::bad_request(format!(
+                        "offset must be at most {MAX_OFFSET}"
+                    )));
+                }
+                let page = Page { limit, offset };
+                let builds = app.store.list_builds(page)?;
+                Ok(json(&BuildList {
                     builds: builds.iter().map(BuildView::from).collect(),
                     limit: page.limit,
                     offset: page.offset,
-                })
-            }))
+                }))
+            };
+            respond(list())
         })
 }
 
@@ -362,9 +411,30 @@ fn list_agents(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
 }
 
 fn healthz() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("healthz")
+    let health = warp::path!("healthz")
         .and(warp::get())
-        .map(|| json(&serde_json::json!({"status": "ok"})).into_response())
+        .map(|| json(&serde_json::json!({"status": "ok"})).into_response());
+    let spec = std::sync::Arc::new(crate::openapi::spec());
+    let openapi = warp::path!("api" / "openapi.json")
+        .and(warp::get())
+        .map(move || json(&*spec).into_response());
+    health.or(openapi).unify()
+}
+
+/// A known path with a method it does not serve: 405 with `Allow`. For
+/// anything else this rejects as not found, the weakest rejection, so the
+/// real route's answer (a 400, say) wins.
+fn wrong_method() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::method().and(warp::path::full()).and_then(
+        |method: warp::http::Method, path: warp::path::FullPath| async move {
+            let allowed = crate::openapi::allowed_methods(path.as_str());
+            if allowed.is_empty() || allowed.iter().any(|m| m == method.as_str()) {
+                return Err(warp::reject::not_found());
+            }
+            let body = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed").into_response();
+            Ok(warp::reply::with_header(body, "allow", allowed.join(", ")).into_response())
+        },
+    )
 }
 
 // === handlers ===
@@ -426,51 +496,56 @@ fn log(app: &App, id: BuildId, q: LogQuery) -> Result<impl Reply> {
 }
 
 /// The base URL of an agent from what it announced: `host` with or without
-/// a scheme, and `port`. Without a usable host, the request's source address
-/// is used.
+/// a scheme and a port (the `port` field wins). Without a usable host, the
+/// request's source address is used. Mirrors `HOST_PATTERN` in the OpenAPI
+/// document exactly.
 pub(crate) fn agent_url(host: Option<&str>, port: u16, remote: Option<SocketAddr>) -> Result<String> {
     let bad = |why: &str| ApiError::bad_request(format!("invalid host {host:?}: {why}"));
-    let host = host.map(str::trim).filter(|h| !h.is_empty());
-    let (scheme, name) = match host {
-        Some(h) => {
-            let (scheme, rest) = match h.split_once("://") {
-                Some((s, rest)) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {
-                    (s.to_ascii_lowercase(), rest)
-                }
-                Some(_) => return Err(bad("scheme must be http or https")),
-                None => ("http".to_owned(), h),
-            };
-            let name = rest.strip_suffix('/').unwrap_or(rest);
-            // Drop a port given in the host; the `port` field is authoritative.
-            let name = match name.rsplit_once(':') {
-                Some((n, p)) if !n.is_empty() && !n.contains(':') && p.parse::<u16>().is_ok() => n,
-                _ => name,
-            };
-            (scheme, name.to_owned())
+    let h = host.unwrap_or("");
+    let (scheme, rest) = match h.split_once("://") {
+        Some((s, rest)) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {
+            (s.to_ascii_lowercase(), rest)
         }
-        None => ("http".to_owned(), String::new()),
+        Some(_) => return Err(bad("scheme must be http or https")),
+        None => ("http".to_owned(), h),
     };
-    let unspecified = name.is_empty() || name == "0.0.0.0" || name == "[::]";
-    let name = if unspecified {
-        match remote {
-            Some(SocketAddr::V4(a)) => a.ip().to_string(),
-            Some(SocketAddr::V6(a)) => format!("[{}]", a.ip()),
-            None => return Err(bad("no host given and no source address")),
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    // Drop a `:port` suffix (after `]` for IPv6, or the only colon).
+    let name = match rest.rsplit_once(':') {
+        Some((n, p))
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok()
+                && (!n.contains(':') || (n.starts_with('[') && n.ends_with(']'))) =>
+        {
+            n
         }
-    } else {
-        name
+        _ => rest,
     };
-    let valid = name.len() <= 253
-        && (name.starts_with('[')
-            && name.ends_with(']')
-            && name[1..name.len() - 1].parse::<std::net::Ipv6Addr>().is_ok()
-            || !name.starts_with('-')
+    let ipv6 = name.strip_prefix('[').and_then(|n| n.strip_suffix(']'));
+    let name = match ipv6 {
+        Some(inner) => {
+            let ip: std::net::Ipv6Addr = inner.parse().map_err(|_| bad("not an IPv6 address"))?;
+            (!ip.is_unspecified()).then(|| format!("[{ip}]"))
+        }
+        None => {
+            let hostname = name.len() <= 253
+                && !name.starts_with('-')
                 && name
                     .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'));
-    if !valid {
-        return Err(bad("not a host name or IP address"));
-    }
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !hostname {
+                return Err(bad("not a host name or IP address"));
+            }
+            (!name.is_empty() && name != "0.0.0.0").then(|| name.to_owned())
+        }
+    };
+    let name = match (name, remote) {
+        (Some(n), _) => n,
+        (None, Some(SocketAddr::V4(a))) => a.ip().to_string(),
+        (None, Some(SocketAddr::V6(a))) => format!("[{}]", a.ip()),
+        (None, None) => return Err(bad("no host given and no source address")),
+    };
     Ok(format!("{scheme}://{name}:{port}"))
 }
 
@@ -521,7 +596,23 @@ mod tests {
         assert_eq!(url(Some("[::1]"), 1).unwrap(), "http://[::1]:1");
         assert_eq!(url(None, 3001).unwrap(), "http://127.0.0.7:3001");
         assert_eq!(url(Some("0.0.0.0"), 3001).unwrap(), "http://127.0.0.7:3001");
-        for bad in ["ftp://x", "a b", "x/y", "-x", "user@host", "http://a/b/c"] {
+        assert_eq!(url(Some(""), 3001).unwrap(), "http://127.0.0.7:3001");
+        assert_eq!(url(Some(":80"), 3001).unwrap(), "http://127.0.0.7:3001");
+        assert_eq!(url(Some("[::1]:80"), 3001).unwrap(), "http://[::1]:3001");
+        assert_eq!(url(Some("[::]"), 3001).unwrap(), "http://127.0.0.7:3001");
+        for bad in [
+            "ftp://x",
+            "a b",
+            "x/y",
+            "-x",
+            "user@host",
+            "http://a/b/c",
+            " a",
+            "::1",
+            "[::g]",
+            "a:",
+            "\u{8b}",
+        ] {
             assert!(url(Some(bad), 1).is_err(), "{bad}");
         }
     }

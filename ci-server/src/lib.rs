@@ -8,6 +8,7 @@
 //!   listener the caller binds, until a shutdown future resolves.
 //! - `api` (private): the routes of the agent protocol and the JSON API.
 //! - [`link`]: [`HttpLink`], delivering builds to agents.
+//! - [`openapi`]: the OpenAPI description, served at `/api/openapi.json`.
 //!
 //! The scheduling itself is [`ci_core::Coordinator`], driven by a
 //! [`ci_core::Dispatcher`].
@@ -27,6 +28,7 @@
 mod api;
 pub mod config;
 pub mod link;
+pub mod openapi;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -240,6 +240,19 @@ async fn unknown_things_are_404_never_500() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, v) = f.call("DELETE", "/api/builds", None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{v}");
+    let resp = warp::test::request()
+        .method("PUT")
+        .path("/api/builds/7")
+        .reply(&f.server.routes())
+        .await;
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.headers()["allow"], "GET");
+    let resp = warp::test::request()
+        .method("TRACE")
+        .path("/api/builds")
+        .reply(&f.server.routes())
+        .await;
+    assert_eq!(resp.headers()["allow"], "POST, GET");
 }
 
 #[tokio::test]

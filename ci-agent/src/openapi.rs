@@ -1,0 +1,62 @@
+//! The OpenAPI 3.1 description of the agent's HTTP interface (what the
+//! server calls), served at `GET /openapi.json`. The server's own document
+//! covers the other half of the agent protocol.
+
+use serde_json::{json, Value};
+
+/// Every operation the agent serves, as (method, path).
+pub const OPERATIONS: &[(&str, &str)] = &[("post", "/build"), ("get", "/healthz"), ("get", "/openapi.json")];
+
+/// The document.
+pub fn spec() -> Value {
+    let error = |d: &str| json!({ "description": d, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "ci-agent", "version": env!("CARGO_PKG_VERSION"),
+                  "description": "What the server calls on an agent. The token applies when AGENT_TOKEN is set." },
+        "paths": {
+            "/build": { "post": {
+                "summary": "Run a build in the background", "operationId": "build",
+                "security": [{ "agentToken": [] }, {}],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/BuildRequest" } } } },
+                "responses": {
+                    "200": { "description": "Accepted; the build runs in the background",
+                             "content": { "application/json": { "schema": { "type": "object", "required": ["accepted"], "properties": { "accepted": { "const": true } } } } } },
+                    "400": error("Invalid request (repository scheme, ref, empty command)"),
+                    "401": error("Missing or wrong agent token"),
+                    "409": error("Busy with another build"),
+                    "413": error("Body too large")
+                }
+            } },
+            "/healthz": { "get": {
+                "summary": "Liveness and current build", "operationId": "healthz",
+                "responses": { "200": { "description": "Alive", "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["status", "id", "build"],
+                    "properties": { "status": { "const": "ok" }, "id": { "type": ["integer", "null"] }, "build": { "type": ["integer", "null"] } }
+                } } } } }
+            } },
+            "/openapi.json": { "get": {
+                "summary": "This document", "operationId": "openapi",
+                "responses": { "200": { "description": "OpenAPI 3.1", "content": { "application/json": { "schema": { "type": "object" } } } } }
+            } }
+        },
+        "components": {
+            "securitySchemes": { "agentToken": { "type": "http", "scheme": "bearer", "description": "AGENT_TOKEN" } },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
+                "BuildRequest": {
+                    "type": "object", "required": ["id", "command", "hash", "repo"],
+                    "properties": {
+                        "id": { "type": "integer" },
+                        "command": { "type": "string" },
+                        "hash": { "type": "string" },
+                        "repo": { "type": "string" },
+                        "attempt": { "type": "integer", "minimum": 0, "maximum": u32::MAX },
+                        "image": { "type": "string" },
+                        "timeoutMs": { "type": "integer", "minimum": 1 }
+                    }
+                }
+            }
+        }
+    })
+}
