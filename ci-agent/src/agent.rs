@@ -33,6 +33,9 @@ use crate::client::{retry, CallError, ServerClient};
 use crate::config::AgentConfig;
 use crate::Error;
 
+/// How often the runner's housekeeping runs.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
+
 /// A build agent. See the [module docs](self).
 #[derive(Clone)]
 pub struct Agent {
@@ -171,6 +174,14 @@ impl Agent {
                 .run(),
         );
         info!(port, server = %self.inner.config.server_url, "ci-agent listening");
+        let runner = self.inner.runner.clone();
+        let maintenance = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+            loop {
+                tick.tick().await;
+                runner.maintain().await;
+            }
+        });
         let session = self.session(port);
         let result = tokio::select! {
             r = session => r,
@@ -178,6 +189,8 @@ impl Agent {
         };
         let _ = stop_tx.send(true);
         let _ = http.await;
+        maintenance.abort();
+        self.inner.runner.shutdown().await;
         result
     }
 

@@ -8,6 +8,7 @@ use ci_core::model::DEFAULT_REPO_SCHEMES;
 use ci_core::Backoff;
 use clap::{Parser, ValueEnum};
 
+use crate::docker::{DockerSettings, PullPolicy};
 use crate::Error;
 
 /// Which runner executes builds.
@@ -83,6 +84,44 @@ pub struct Args {
     )]
     pub retry_max_ms: u64,
 
+    /// Docker runner: image for builds that name none.
+    #[arg(
+        long,
+        env = "IMAGE",
+        value_name = "IMAGE",
+        default_value = "debian:bookworm-slim"
+    )]
+    pub image: String,
+
+    /// Docker runner: when to pull images.
+    #[arg(long, env = "PULL", value_name = "PULL", value_enum, default_value_t = PullPolicy::Missing)]
+    pub pull: PullPolicy,
+
+    /// Docker runner: memory limit per build (e.g. 512m, 2g).
+    #[arg(long, env = "DOCKER_MEMORY", value_name = "DOCKER_MEMORY", value_parser = crate::docker::parse_memory)]
+    pub docker_memory: Option<i64>,
+
+    /// Docker runner: CPU limit per build (e.g. 1.5).
+    #[arg(long, env = "DOCKER_CPUS", value_name = "DOCKER_CPUS")]
+    pub docker_cpus: Option<f64>,
+
+    /// Docker runner: process limit per build (0 for none).
+    #[arg(long, env = "DOCKER_PIDS", value_name = "DOCKER_PIDS", default_value_t = 4096)]
+    pub docker_pids: i64,
+
+    /// Docker runner: volumes to mount, `host:container[:ro]`, comma separated.
+    #[arg(
+        long,
+        env = "DOCKER_VOLUMES",
+        value_name = "DOCKER_VOLUMES",
+        value_delimiter = ','
+    )]
+    pub docker_volumes: Vec<String>,
+
+    /// Docker runner: network for build containers (default: Docker's bridge).
+    #[arg(long, env = "DOCKER_NETWORK", value_name = "DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
+
     /// Shared secret of the agent protocol: presented to the server, and
     /// required from it on `POST /build`.
     #[arg(long, env = "AGENT_TOKEN", value_name = "AGENT_TOKEN", hide_env_values = true)]
@@ -125,6 +164,8 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// Shared secret of the agent protocol.
     pub agent_token: Option<String>,
+    /// Docker runner settings.
+    pub docker: DockerSettings,
 }
 
 impl AgentConfig {
@@ -142,6 +183,7 @@ impl AgentConfig {
             repo_schemes: DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()).collect(),
             request_timeout: Duration::from_secs(10),
             agent_token: None,
+            docker: DockerSettings::default(),
         }
     }
 }
@@ -162,6 +204,57 @@ pub fn base_url(host: &str, port: u16) -> Result<String, String> {
         return Err(format!("{host:?} is not a host name or address"));
     }
     Ok(format!("{scheme}://{name}:{port}"))
+}
+
+fn docker_settings(a: &Args) -> Result<DockerSettings, Error> {
+    let probe = |image: &str| {
+        let repo = ci_core::RepoUrl::parse("/r").ok()?;
+        let hash = ci_core::CommitRef::parse("abcd").ok()?;
+        let mut b = ci_core::NewBuild::new(repo, hash, "true").ok()?;
+        b.image = Some(image.to_owned());
+        b.validate().ok()
+    };
+    if probe(&a.image).is_none() {
+        return Err(Error::Config {
+            name: "IMAGE",
+            reason: format!("not an image reference: {:?}", a.image),
+        });
+    }
+    if let Some(c) = a.docker_cpus {
+        if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
+            return Err(Error::Config {
+                name: "DOCKER_CPUS",
+                reason: "must be a positive number".into(),
+            });
+        }
+    }
+    if a.docker_pids < 0 {
+        return Err(Error::Config {
+            name: "DOCKER_PIDS",
+            reason: "must be 0 (no limit) or more".into(),
+        });
+    }
+    for v in &a.docker_volumes {
+        let parts: Vec<&str> = v.split(':').collect();
+        let ok = (2..=3).contains(&parts.len())
+            && parts[1].starts_with('/')
+            && parts.get(2).is_none_or(|m| matches!(*m, "ro" | "rw"));
+        if !ok {
+            return Err(Error::Config {
+                name: "DOCKER_VOLUMES",
+                reason: format!("{v:?} is not host:/container[:ro|rw]"),
+            });
+        }
+    }
+    Ok(DockerSettings {
+        image: a.image.clone(),
+        pull: a.pull,
+        memory: a.docker_memory,
+        cpus: a.docker_cpus,
+        pids: (a.docker_pids > 0).then_some(a.docker_pids),
+        volumes: a.docker_volumes.clone(),
+        network: a.docker_network.clone().filter(|n| !n.is_empty()),
+    })
 }
 
 impl TryFrom<Args> for AgentConfig {
@@ -192,6 +285,7 @@ impl TryFrom<Args> for AgentConfig {
             name: "RETRY_MAX_MS",
             reason: e.to_string(),
         })?;
+        let docker = docker_settings(&a)?;
         if a.work_dir.as_os_str().is_empty() {
             return Err(Error::Config {
                 name: "WORK_DIR",
@@ -208,7 +302,8 @@ impl TryFrom<Args> for AgentConfig {
             retry,
             repo_schemes: a.repo_schemes,
             request_timeout: Duration::from_secs(10),
-            agent_token: match a.agent_token {
+            docker,
+            agent_token: match a.agent_token.filter(|t| !t.is_empty()) {
                 Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => {
                     return Err(Error::Config {
                         name: "AGENT_TOKEN",

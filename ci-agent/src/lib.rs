@@ -10,6 +10,7 @@
 //! - [`client`]: calls to the server and their retry policy.
 //! - [`checkout`]: per-repository caches and fresh workspaces.
 //! - [`shell`]: [`ShellRunner`], `sh -c` in a process group.
+//! - [`docker`]: [`DockerRunner`], a fresh container per build (bollard).
 //! - [`openapi`]: the description of the agent's HTTP interface.
 //!
 //! ```no_run
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod checkout;
 pub mod client;
 pub mod config;
+pub mod docker;
 pub mod openapi;
 pub mod shell;
 
@@ -38,6 +40,7 @@ use std::path::{Path, PathBuf};
 pub use agent::Agent;
 pub use checkout::Checkouts;
 pub use config::{AgentConfig, Args, RunnerKind};
+pub use docker::{DockerRunner, DockerSettings};
 pub use shell::ShellRunner;
 
 /// What can go wrong in the agent.
@@ -73,6 +76,9 @@ pub enum Error {
     /// A result could not be written to the spool.
     #[error("spool: {0}")]
     Spool(String),
+    /// The Docker daemon or an image is unavailable.
+    #[error("docker: {0}")]
+    Docker(String),
     /// The server refused to register this agent.
     #[error("registration refused: {0}")]
     Registration(#[source] client::CallError),
@@ -87,6 +93,53 @@ impl Error {
         Error::Io {
             path: path.as_ref().to_path_buf(),
             source,
+        }
+    }
+}
+
+/// A name for this agent that survives restarts: one per work directory,
+/// made on first start. Docker containers carry it as a label so that a
+/// restarted agent can find and remove what its previous run left behind.
+pub fn instance_id(work_dir: &Path) -> Result<String, Error> {
+    let path = work_dir.join("instance");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(id.to_owned());
+        }
+    }
+    std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
+    let id = ci_core::auth::random_secret().map_err(|e| Error::io("/dev/urandom", e))?;
+    let id = id[..16].to_owned();
+    std::fs::write(&path, &id).map_err(|e| Error::io(&path, e))?;
+    Ok(id)
+}
+
+/// The runner `config` asks for. For Docker this connects to the daemon,
+/// checks the default image, and removes containers a previous run of this
+/// agent left behind.
+pub async fn runner_for(config: &AgentConfig) -> Result<std::sync::Arc<dyn ci_core::Runner>, Error> {
+    let checkouts = Checkouts::new(&config.work_dir)?;
+    match config.runner {
+        RunnerKind::Shell => Ok(std::sync::Arc::new(ShellRunner::new(
+            checkouts,
+            config.repo_schemes.clone(),
+        ))),
+        RunnerKind::Docker => {
+            let instance = instance_id(&config.work_dir)?;
+            let runner = DockerRunner::connect(
+                checkouts,
+                config.repo_schemes.clone(),
+                config.docker.clone(),
+                instance,
+            )
+            .await?;
+            runner.check_default_image().await?;
+            let removed = runner.remove_orphans().await? + runner.reap_abandoned().await?;
+            if removed > 0 {
+                tracing::warn!(removed, "removed build containers left behind by dead agents");
+            }
+            Ok(std::sync::Arc::new(runner))
         }
     }
 }

@@ -1,11 +1,8 @@
 //! `ci-agent`: parse settings, pick a runner, serve until Ctrl-C or SIGTERM.
 
-use std::process::ExitCode;
-use std::sync::Arc;
-
-use ci_agent::{Agent, AgentConfig, Args, Checkouts, RunnerKind, ShellRunner};
-use ci_core::Runner;
+use ci_agent::{Agent, AgentConfig, Args};
 use clap::Parser;
+use std::process::ExitCode;
 
 /// Exit code for missing or invalid settings.
 const EXIT_CONFIG: u8 = 2;
@@ -29,12 +26,9 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    let runner: Arc<dyn Runner> = match config.runner {
-        RunnerKind::Shell => match Checkouts::new(&config.work_dir) {
-            Ok(c) => Arc::new(ShellRunner::new(c, config.repo_schemes.clone())),
-            Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
-        },
-        RunnerKind::Docker => return fail(EXIT_CONFIG, "RUNNER=docker is not available in this build"),
+    let runner = match ci_agent::runner_for(&config).await {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
     let addr = config.addr;
     let agent = match Agent::new(config, runner) {

@@ -59,6 +59,13 @@ pub trait Runner: Send + Sync + 'static {
     /// build could not run (checkout failed, engine unreachable); the build
     /// then fails with the error's message.
     async fn run(&self, job: &Job, log: &LogSink) -> Result<i32>;
+
+    /// Housekeeping, called by the agent every few seconds while it runs
+    /// (for example, removing what dead peers left behind).
+    async fn maintain(&self) {}
+
+    /// Called once when the agent stops: release whatever is still held.
+    async fn shutdown(&self) {}
 }
 
 /// Exit code reported for a build that ran out of time (as `timeout(1)`).

@@ -563,7 +563,12 @@ async fn recover(err: Rejection) -> Result<Response, Infallible> {
     } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
         (StatusCode::PAYLOAD_TOO_LARGE, "body too large".to_owned())
     } else if err.find::<warp::reject::LengthRequired>().is_some() {
-        (StatusCode::LENGTH_REQUIRED, "Content-Length required".to_owned())
+        // Bodies are size-checked up front, so one without Content-Length
+        // is refused; usually it is simply missing.
+        (
+            StatusCode::BAD_REQUEST,
+            "a body with Content-Length is required".to_owned(),
+        )
     } else if let Some(e) = err.find::<warp::reject::UnsupportedMediaType>() {
         (StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string())
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {

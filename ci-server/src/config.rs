@@ -160,8 +160,9 @@ impl ServerConfig {
     }
 }
 
+/// An empty value (as `docker compose` passes `${X:-}`) means unset.
 fn check_token(name: &'static str, token: Option<String>) -> Result<Option<String>, Error> {
-    match token {
+    match token.filter(|t| !t.is_empty()) {
         Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => Err(Error::Config {
             name,
             reason: "must be non-empty printable ASCII without spaces".into(),
@@ -183,14 +184,7 @@ impl TryFrom<Args> for ServerConfig {
         let repo = RepoUrl::parse_with(&a.repo, &a.repo_schemes).map_err(invalid("REPO"))?;
         let lease = LeasePolicy::new(Duration::from_millis(a.heartbeat_ms), a.missed_heartbeats)
             .map_err(invalid("HEARTBEAT_MS/MISSED_HEARTBEATS"))?;
-        if let Some(cmd) = &a.build_command {
-            if cmd.trim().is_empty() {
-                return Err(Error::Config {
-                    name: "BUILD_COMMAND",
-                    reason: "must not be empty when set".into(),
-                });
-            }
-        }
+        let build_command = a.build_command.filter(|c| !c.trim().is_empty());
         if a.dispatch_timeout_ms == 0 {
             return Err(Error::Config {
                 name: "DISPATCH_TIMEOUT_MS",
@@ -200,7 +194,7 @@ impl TryFrom<Args> for ServerConfig {
         Ok(ServerConfig {
             addr: SocketAddr::new(a.host, a.port),
             repo,
-            build_command: a.build_command,
+            build_command,
             db_path: a.db_path,
             synchronous: a.sqlite_synchronous,
             lease,

@@ -487,3 +487,16 @@ async fn a_session_secret_proves_who_speaks_for_a_build() {
     let (_, log) = call_as(&f, &format!("/api/builds/{build}/log"), &[USER], Value::Null).await;
     assert_eq!(log["stdout"], "real");
 }
+
+#[tokio::test]
+async fn a_missing_body_is_a_400() {
+    let f = fixture();
+    let resp = warp::test::request()
+        .method("POST")
+        .path("/build")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .reply(&f.server.routes())
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(resp.body()).contains("body"));
+}

@@ -331,3 +331,72 @@ pub fn millis(rfc3339: &str) -> u64 {
     let t = humantime::parse_rfc3339(rfc3339).unwrap();
     u64::try_from(t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
 }
+
+// === docker ===
+
+/// Whether the Docker tests can run: an engine that answers, and the build
+/// image from `scripts/build-images`. Under CI (`CI_REQUIRE_DOCKER=1`) their
+/// absence is a failure; elsewhere the test is skipped with the reason.
+pub fn docker_or_skip(images: &[&str]) -> bool {
+    let why = match std::process::Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Err(e) => Some(format!("no docker CLI: {e}")),
+        Ok(o) if !o.status.success() => Some(format!(
+            "no Docker daemon: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Ok(_) => images
+            .iter()
+            .find(|i| {
+                !std::process::Command::new("docker")
+                    .args(["image", "inspect", i])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .map(|i| format!("image {i} is missing; run scripts/build-images")),
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var_os("CI_REQUIRE_DOCKER").is_some() => {
+            panic!("Docker tests are required: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+/// Runs `docker args...` and returns its stdout; panics on failure.
+pub fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+impl Cluster {
+    /// Ids of the containers (running or not) that the agent working in
+    /// `dir/name` created for build `id`.
+    pub fn build_containers(&self, name: &str, id: ci_core::BuildId) -> Vec<String> {
+        let instance =
+            std::fs::read_to_string(self.dir.path().join(name).join("instance")).unwrap_or_default();
+        docker(&[
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=ci.agent={}", instance.trim()),
+            "--filter",
+            &format!("label=ci.build={id}"),
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    }
+}

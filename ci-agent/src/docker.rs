@@ -1,0 +1,486 @@
+//! The Docker runner: each build in a fresh container, through the Docker
+//! API (bollard).
+//!
+//! The agent may itself run in a container on the host's Docker socket, so
+//! it never bind-mounts its own paths: it checks the commit out with its
+//! repository cache and uploads the workspace to the container as a tar
+//! archive before starting it. The image needs nothing but `/bin/sh`.
+//!
+//! Containers are never privileged, get only the volumes configured, carry
+//! labels naming the build and this agent, and are always removed: at the
+//! end of a build, when a build is abandoned or times out (dropping the run
+//! removes the container, killing it), and when the agent starts (containers
+//! a previous run of this agent left behind, after a SIGKILL say).
+
+use std::collections::HashMap;
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateImageOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use bollard::Docker;
+use ci_core::{CommitRef, Job, LogSink, RepoUrl, Runner, Stream};
+use futures_util::StreamExt;
+use tokio::process::Command;
+
+use crate::checkout::Checkouts;
+use crate::Error;
+
+/// Label carrying the build id.
+pub const LABEL_BUILD: &str = "ci.build";
+/// Label carrying the attempt.
+pub const LABEL_ATTEMPT: &str = "ci.attempt";
+/// Label carrying the agent instance that started the container.
+pub const LABEL_AGENT: &str = "ci.agent";
+/// Label carrying the container the agent itself runs in, if it does.
+pub const LABEL_AGENT_CONTAINER: &str = "ci.agent.container";
+
+/// When to pull an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullPolicy {
+    /// Only if it is not present.
+    Missing,
+    /// Never: a missing image fails the build.
+    Never,
+    /// Before every build.
+    Always,
+}
+
+/// Container settings.
+#[derive(Debug, Clone)]
+pub struct DockerSettings {
+    /// Image for builds that name none.
+    pub image: String,
+    /// When to pull.
+    pub pull: PullPolicy,
+    /// Memory limit in bytes.
+    pub memory: Option<i64>,
+    /// CPU limit, in CPUs.
+    pub cpus: Option<f64>,
+    /// Process limit.
+    pub pids: Option<i64>,
+    /// `host:container[:ro]` volumes, only when asked for.
+    pub volumes: Vec<String>,
+    /// Network mode (`bridge`, `none`, a network name).
+    pub network: Option<String>,
+}
+
+impl Default for DockerSettings {
+    fn default() -> Self {
+        DockerSettings {
+            image: "debian:bookworm-slim".into(),
+            pull: PullPolicy::Missing,
+            memory: None,
+            cpus: None,
+            pids: Some(4096),
+            volumes: Vec::new(),
+            network: None,
+        }
+    }
+}
+
+/// Runs builds in containers. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct DockerRunner {
+    docker: Docker,
+    checkouts: Checkouts,
+    repo_schemes: Vec<String>,
+    settings: DockerSettings,
+    /// Stable name of this agent (one per work directory), for labels.
+    instance: String,
+    /// The container this agent runs in, when it runs in one: build
+    /// containers are labelled with it, so that when it dies its peers on
+    /// the same engine can tell its builds are orphans.
+    own_container: Option<String>,
+}
+
+/// The id (as the hostname Docker gives it) of the container this process
+/// runs in, if it runs in one.
+fn own_container() -> Option<String> {
+    if !std::path::Path::new("/.dockerenv").exists() {
+        return None;
+    }
+    let name = std::fs::read_to_string("/etc/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty() && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| name.to_owned())
+}
+
+fn docker_err(what: &str, e: bollard::errors::Error) -> Error {
+    Error::Docker(format!("{what}: {}", ci_core::error::chain(&e)))
+}
+
+impl DockerRunner {
+    /// Connects to the local Docker daemon (`DOCKER_HOST` or the default
+    /// socket) and checks that it answers. `instance` names this agent in
+    /// the labels of its containers.
+    pub async fn connect(
+        checkouts: Checkouts,
+        repo_schemes: Vec<String>,
+        settings: DockerSettings,
+        instance: String,
+    ) -> Result<DockerRunner, Error> {
+        let unreachable = |e| {
+            docker_err(
+                "cannot reach the Docker daemon (DOCKER_HOST or /var/run/docker.sock)",
+                e,
+            )
+        };
+        let docker = Docker::connect_with_local_defaults().map_err(unreachable)?;
+        let docker = tokio::time::timeout(std::time::Duration::from_secs(10), docker.negotiate_version())
+            .await
+            .map_err(|_| Error::Docker("the Docker daemon did not answer within 10 s".into()))?
+            .map_err(unreachable)?;
+        docker.ping().await.map_err(unreachable)?;
+        Ok(DockerRunner {
+            docker,
+            checkouts,
+            repo_schemes,
+            settings,
+            instance,
+            own_container: own_container(),
+        })
+    }
+
+    /// The daemon connection.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Makes sure the default image is present (pulling it per the policy).
+    pub async fn check_default_image(&self) -> Result<(), Error> {
+        self.ensure_image(&self.settings.image).await
+    }
+
+    /// Removes every container of this agent: at start, those a previous
+    /// run left behind; at shutdown, those still running. Returns how many.
+    pub async fn remove_orphans(&self) -> Result<usize, Error> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_AGENT}={}", self.instance)],
+        )]);
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| docker_err("cannot list containers", e))?;
+        let mut removed = 0;
+        for c in found {
+            if let Some(id) = c.id {
+                let force = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+                match self.docker.remove_container(&id, Some(force)).await {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        tracing::warn!(container = %id, cause = %e, "could not remove an orphaned container")
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes build containers whose agent ran in a container that is no
+    /// longer running (killed, crashed, removed). Returns how many.
+    pub async fn reap_abandoned(&self) -> Result<usize, Error> {
+        let filters = HashMap::from([("label".to_owned(), vec![LABEL_AGENT_CONTAINER.to_owned()])]);
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| docker_err("cannot list containers", e))?;
+        let mut removed = 0;
+        for c in found {
+            let (Some(id), Some(owner)) =
+                (c.id, c.labels.and_then(|l| l.get(LABEL_AGENT_CONTAINER).cloned()))
+            else {
+                continue;
+            };
+            let owner_running = match self.docker.inspect_container(&owner, None).await {
+                Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => false,
+                // Unsure (engine busy?): leave it for the next round.
+                Err(_) => true,
+            };
+            if !owner_running {
+                tracing::warn!(container = %id, agent = %owner, "removing the build container of a dead agent");
+                remove(&self.docker, &id).await;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), Error> {
+        let present = self.docker.inspect_image(image).await.is_ok();
+        let pull = match self.settings.pull {
+            PullPolicy::Always => true,
+            PullPolicy::Missing => !present,
+            PullPolicy::Never => false,
+        };
+        if !pull {
+            return if present {
+                Ok(())
+            } else {
+                Err(Error::Docker(format!(
+                    "image {image} is not present and PULL=never"
+                )))
+            };
+        }
+        let opts = CreateImageOptionsBuilder::new().from_image(image).build();
+        let mut progress = self.docker.create_image(Some(opts), None, None);
+        while let Some(step) = progress.next().await {
+            if let Err(e) = step {
+                return Err(docker_err(
+                    &format!("image {image} is not present and cannot be pulled"),
+                    e,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The workspace as a tar archive whose entries start with `workspace/`.
+    async fn archive(dir: &std::path::Path) -> Result<Vec<u8>, Error> {
+        let out = Command::new("tar")
+            .arg("--create")
+            .arg("--file=-")
+            .arg("--directory")
+            .arg(dir)
+            .arg("--transform=s,^\\.,workspace,")
+            .arg(".")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| Error::Docker(format!("cannot run tar: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::Docker(format!(
+                "tar failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(out.stdout)
+    }
+}
+
+/// Removes a container when dropped (also when the build is abandoned or
+/// times out: removing with force kills it).
+struct ContainerGuard {
+    docker: Docker,
+    id: Option<String>,
+}
+
+async fn remove(docker: &Docker, id: &str) {
+    let force = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+    if let Err(e) = docker.remove_container(id, Some(force)).await {
+        tracing::warn!(container = %id, cause = %e, "could not remove container");
+    }
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let docker = self.docker.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { remove(&docker, &id).await });
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Runner for DockerRunner {
+    async fn run(&self, job: &Job, log: &LogSink) -> ci_core::Result<i32> {
+        let repo = RepoUrl::parse_with(&job.repo, &self.repo_schemes)?;
+        let commit = CommitRef::parse(&job.hash)?;
+        let image = job.image.clone().unwrap_or_else(|| self.settings.image.clone());
+        // Same rule as the server's, for builds from other servers.
+        let probe = ci_core::NewBuild {
+            repo: repo.clone(),
+            hash: commit.clone(),
+            branch: None,
+            command: job.command.clone(),
+            image: Some(image.clone()),
+            timeout_ms: None,
+        };
+        probe.validate()?;
+        self.ensure_image(&image).await?;
+
+        let attempt = job.attempt.map_or(0, |a| a.0);
+        let ws = self
+            .checkouts
+            .checkout(&repo, &commit, &format!("{}-{attempt}", job.build))
+            .await?;
+        let tar = Self::archive(ws.path()).await?;
+        log.write(
+            Stream::Stdout,
+            format!(
+                "ci: checked out {} into {image}\n",
+                &ws.commit[..12.min(ws.commit.len())]
+            )
+            .as_bytes(),
+        );
+
+        let mut labels = HashMap::from([
+            (LABEL_BUILD.to_owned(), job.build.to_string()),
+            (LABEL_ATTEMPT.to_owned(), attempt.to_string()),
+            (LABEL_AGENT.to_owned(), self.instance.clone()),
+        ]);
+        if let Some(own) = &self.own_container {
+            labels.insert(LABEL_AGENT_CONTAINER.to_owned(), own.clone());
+        }
+        let env = vec![
+            "CI=true".to_owned(),
+            format!("CI_BUILD_ID={}", job.build),
+            format!("CI_BUILD_ATTEMPT={attempt}"),
+            format!("CI_COMMIT={}", ws.commit),
+            format!("CI_REPO={repo}"),
+        ];
+        let s = &self.settings;
+        let host = HostConfig {
+            privileged: Some(false),
+            memory: s.memory,
+            nano_cpus: s.cpus.map(|c| (c * 1e9) as i64),
+            pids_limit: s.pids,
+            binds: (!s.volumes.is_empty()).then(|| s.volumes.clone()),
+            network_mode: s.network.clone(),
+            ..HostConfig::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.clone()),
+            cmd: Some(vec!["/bin/sh".into(), "-c".into(), job.command.clone()]),
+            working_dir: Some("/workspace".into()),
+            env: Some(env),
+            labels: Some(labels),
+            host_config: Some(host),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            ..ContainerCreateBody::default()
+        };
+        let created = self
+            .docker
+            .create_container(None, body)
+            .await
+            .map_err(|e| docker_err(&format!("cannot create a container from {image}"), e))?;
+        let guard = ContainerGuard {
+            docker: self.docker.clone(),
+            id: Some(created.id.clone()),
+        };
+        let id = created.id;
+        let upload = UploadToContainerOptionsBuilder::new().path("/").build();
+        self.docker
+            .upload_to_container(&id, Some(upload), bollard::body_full(tar.into()))
+            .await
+            .map_err(|e| docker_err("cannot copy the workspace into the container", e))?;
+        self.docker
+            .start_container(&id, None)
+            .await
+            .map_err(|e| docker_err(&format!("cannot start a container from {image}"), e))?;
+
+        let logs = {
+            let opts = LogsOptionsBuilder::new()
+                .follow(true)
+                .stdout(true)
+                .stderr(true)
+                .build();
+            let mut stream = self.docker.logs(&id, Some(opts));
+            let log = log.clone();
+            async move {
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(bollard::container::LogOutput::StdErr { message }) => {
+                            log.write(Stream::Stderr, &message)
+                        }
+                        Ok(out) => log.write(Stream::Stdout, &out.into_bytes()),
+                        Err(_) => break,
+                    }
+                }
+            }
+        };
+        let wait = async {
+            let opts = WaitContainerOptionsBuilder::new()
+                .condition("not-running")
+                .build();
+            let mut stream = self.docker.wait_container(&id, Some(opts));
+            match stream.next().await {
+                Some(Ok(r)) => Ok(r.status_code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+                Some(Err(e)) => Err(docker_err("lost the container", e)),
+                None => Err(Error::Docker(
+                    "the container's wait ended without a status".into(),
+                )),
+            }
+        };
+        let (code, ()) = tokio::join!(wait, logs);
+        let code = code?;
+        // N.B.: the result does not wait for the removal (slow on some
+        // storage drivers); the guard removes the container in the
+        // background, and shutdown and start-up remove any leftovers.
+        drop(guard);
+        drop(ws);
+        Ok(i32::try_from(code).unwrap_or(-1))
+    }
+
+    async fn maintain(&self) {
+        if let Err(e) = self.reap_abandoned().await {
+            tracing::debug!(cause = %e, "could not look for abandoned build containers");
+        }
+    }
+
+    async fn shutdown(&self) {
+        match self.remove_orphans().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed this agent's build containers"),
+            Err(e) => tracing::warn!(cause = %e, "could not remove this agent's build containers"),
+        }
+    }
+}
+
+/// Parses a memory size: `536870912`, `512m`, `2g`, `64k`.
+pub fn parse_memory(s: &str) -> Result<i64, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s.as_str(), ""),
+    };
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512m or 2g"))?;
+    let mult: i64 = match unit.trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => return Err(format!("{s:?}: unit must be k, m or g")),
+    };
+    n.checked_mul(mult)
+        .filter(|b| *b >= 6 << 20)
+        .ok_or_else(|| format!("{s:?} must be at least 6m (Docker's minimum)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512m"), Ok(512 << 20));
+        assert_eq!(parse_memory("2G"), Ok(2 << 30));
+        assert_eq!(parse_memory("2gb"), Ok(2 << 30));
+        assert_eq!(parse_memory("67108864"), Ok(64 << 20));
+        assert!(parse_memory("1k").is_err());
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("5t").is_err());
+    }
+}

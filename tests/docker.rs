@@ -1,0 +1,165 @@
+//! The Docker runner on the real engine: agents on this host with
+//! RUNNER=docker and the busybox build image from `scripts/build-images`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+mod common;
+
+use std::time::Duration;
+
+use ci_core::BuildStatus;
+use common::{docker_or_skip, wait_until, Cluster};
+
+const LONG: Duration = Duration::from_secs(90);
+const IMAGE: &str = "ci-local/busybox:latest";
+
+fn docker_cluster(heartbeat_ms: u64, missed: u32) -> Cluster {
+    let mut c = Cluster::new(heartbeat_ms, missed);
+    c.agent_env.push(("RUNNER".into(), "docker".into()));
+    c.agent_env.push(("IMAGE".into(), IMAGE.into()));
+    c.agent_env.push(("PULL".into(), "never".into()));
+    c
+}
+
+#[tokio::test]
+async fn builds_pass_and_fail_inside_containers() {
+    if !docker_or_skip(&[IMAGE]) {
+        return;
+    }
+    let mut c = docker_cluster(500, 5);
+    let pass =
+        c.commit_script("echo out; echo err >&2; test -f /workspace/build.sh && cat /etc/passwd | head -1");
+    let fail = c.commit_script("echo failing; exit 7");
+    c.start_server();
+    c.start_agent("d");
+    c.wait_agents(1).await;
+
+    let ok = c.api.create(&pass).await.id;
+    let bad = c.api.create(&fail).await.id;
+    let ok = c.api.wait_finished(ok, LONG).await;
+    let bad = c.api.wait_finished(bad, LONG).await;
+    assert_eq!((ok.status, ok.exit_code), (BuildStatus::Success, Some(0)));
+    assert_eq!((bad.status, bad.exit_code), (BuildStatus::Failed, Some(7)));
+    let log = c.api.log(ok.id).await.unwrap();
+    let stdout = log["stdout"].as_str().unwrap();
+    assert!(stdout.contains("into ci-local/busybox"), "{stdout}");
+    assert!(
+        stdout.contains("out\nroot:x:0:0:root:/root:/bin/sh\n"),
+        "ran in the busybox image: {stdout}"
+    );
+    assert_eq!(log["stderr"], "err\n");
+    assert!(c.api.log(bad.id).await.unwrap()["stdout"]
+        .as_str()
+        .unwrap()
+        .ends_with("failing\n"));
+    for id in [ok.id, bad.id] {
+        assert!(c.build_containers("d", id).is_empty(), "containers are removed");
+    }
+    c.assert_exactly_once(&[ok.id, bad.id]);
+}
+
+#[tokio::test]
+async fn a_build_over_its_timeout_is_killed_and_its_container_removed() {
+    if !docker_or_skip(&[IMAGE]) {
+        return;
+    }
+    let mut c = docker_cluster(500, 5);
+    c.agent_env.push(("BUILD_TIMEOUT".into(), "2s".into()));
+    let sha = c.commit_script("echo started; sleep 60");
+    c.start_server();
+    c.start_agent("d");
+    c.wait_agents(1).await;
+    let id = c.api.create(&sha).await.id;
+    wait_until("the build's container", LONG, || async {
+        (!c.build_containers("d", id).is_empty()).then_some(())
+    })
+    .await;
+    let b = c.api.wait_finished(id, LONG).await;
+    assert_eq!(
+        (b.status, b.exit_code),
+        (BuildStatus::Failed, Some(ci_core::runner::TIMED_OUT))
+    );
+    let log = c.api.log(id).await.unwrap();
+    assert!(log["stdout"].as_str().unwrap().contains("started"));
+    assert!(
+        log["stderr"].as_str().unwrap().contains("timed out after 2s"),
+        "{log}"
+    );
+    assert!(b.duration_ms.unwrap() < 20_000);
+    wait_until("no container left", Duration::from_secs(20), || async {
+        c.build_containers("d", id).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_build_cleans_up_when_it_restarts() {
+    if !docker_or_skip(&[IMAGE]) {
+        return;
+    }
+    let mut c = docker_cluster(300, 3);
+    let sha = c.commit_script(
+        "if [ \"$CI_BUILD_ATTEMPT\" = 1 ]; then sleep 300; fi; echo attempt $CI_BUILD_ATTEMPT",
+    );
+    c.start_server();
+    c.start_agent("d");
+    c.wait_agents(1).await;
+    let id = c.api.create(&sha).await.id;
+    let orphan = wait_until("the build's container to run", LONG, || async {
+        let id = c.build_containers("d", id).into_iter().next()?;
+        let running = common::docker(&["inspect", "-f", "{{.State.Running}}", &id]);
+        (running.trim() == "true").then_some(id)
+    })
+    .await;
+    c.agents[0].kill();
+    // The container outlives its agent...
+    assert_eq!(
+        common::docker(&["inspect", "-f", "{{.State.Running}}", &orphan]).trim(),
+        "true"
+    );
+    // ...until the agent comes back (same work dir, same instance).
+    c.start_agent("d");
+    wait_until("the orphan to be removed", LONG, || async {
+        (!common::docker(&["ps", "-a", "-q", "--no-trunc"]).contains(&orphan)).then_some(())
+    })
+    .await;
+    let b = c.api.wait_finished(id, LONG).await;
+    assert_eq!((b.status, b.attempt.0), (BuildStatus::Success, 2));
+    assert!(c.api.log(id).await.unwrap()["stdout"]
+        .as_str()
+        .unwrap()
+        .ends_with("attempt 2\n"));
+    assert!(c.build_containers("d", id).is_empty());
+    c.assert_exactly_once(&[id]);
+}
+
+#[test]
+fn a_missing_image_or_daemon_stops_the_agent_with_a_clear_line() {
+    if !docker_or_skip(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(ci_testkit::bin("ci-agent"))
+            .env_clear()
+            .env("RUNNER", "docker")
+            .env("WORK_DIR", dir.path())
+            .env("AGENT_PORT", "0")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[("IMAGE", "ci-local/no-such-image:1"), ("PULL", "never")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("ci-local/no-such-image:1") && err.lines().count() == 1,
+        "{err}"
+    );
+    let (code, err) = run(&[("DOCKER_HOST", "unix:///nonexistent/docker.sock")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot reach the Docker daemon"), "{err}");
+}
