@@ -70,6 +70,10 @@ pub enum DispatchFailure {
     /// busy/unauthorized): the build fails with the agent's reason rather
     /// than bouncing between agents forever.
     Rejected(String),
+    /// The agent is alive but busy with work the coordinator does not know
+    /// about (a superseded attempt it was never told of, say): the build
+    /// goes back to the queue and the agent gets nothing for one lease.
+    Busy(String),
 }
 
 /// A heartbeat, or an idle agent's ping.
@@ -122,6 +126,8 @@ pub enum LeaveReason {
     Silent,
     /// A new process registered at the same URL.
     Replaced,
+    /// It said it was going (graceful shutdown).
+    Left,
 }
 
 /// Something that happened, for observers (logs, metrics, live views).
@@ -165,6 +171,31 @@ pub enum Event {
         /// Why.
         reason: LeaveReason,
     },
+}
+
+/// What cancelling a build did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// The build was queued: it is canceled, nothing else to do.
+    Done(Build),
+    /// The build was running: it is canceled, and the caller must tell the
+    /// agent to stop it, then call [`Coordinator::stop_delivered`]. Until
+    /// then the agent's slot stays taken, so no new build lands on an agent
+    /// still busy killing the old one.
+    Stop(StopOrder),
+}
+
+/// An order to stop an attempt on an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopOrder {
+    /// The agent.
+    pub agent: AgentId,
+    /// Its URL.
+    pub agent_url: String,
+    /// The build.
+    pub build: BuildId,
+    /// The attempt to stop.
+    pub attempt: Attempt,
 }
 
 /// The reply to a registration.
@@ -608,10 +639,82 @@ impl Coordinator {
         Ok(Accepted::Finished(finished))
     }
 
+    /// Cancels a queued or running build. A finished build is a conflict.
+    pub fn cancel(&mut self, id: BuildId) -> Result<Cancel> {
+        let build = self.store.build(id)?.ok_or(Error::BuildNotFound(id))?;
+        if build.status.is_finished() {
+            return Err(Error::Conflict(format!(
+                "build {id} already finished as {}",
+                build.status
+            )));
+        }
+        let now = self.clock.now();
+        if !self.store.cancel(id, build.attempt, now)? {
+            return Err(Error::Conflict(format!("build {id} changed while canceling")));
+        }
+        self.queued_since.remove(&id);
+        let canceled = self.store.build(id)?.ok_or(Error::BuildNotFound(id))?;
+        self.events.push(Event::Finished {
+            build: id,
+            status: BuildStatus::Canceled,
+            duration_ms: canceled.duration_ms(),
+        });
+        // N.B.: the lease goes, the agent's slot stays until the stop order
+        // is delivered (stop_delivered).
+        let Some(lease) = self.leases.remove(&id) else {
+            return Ok(Cancel::Done(canceled));
+        };
+        let Some(agent) = self.pool.get(lease.agent) else {
+            return Ok(Cancel::Done(canceled));
+        };
+        Ok(Cancel::Stop(StopOrder {
+            agent: lease.agent,
+            agent_url: agent.url.clone(),
+            build: id,
+            attempt: lease.attempt,
+        }))
+    }
+
+    /// Records that a stop order was delivered (`reached`) or not; either
+    /// way the agent's slot is freed, and an agent that could not be reached
+    /// is dropped.
+    pub fn stop_delivered(&mut self, order: &StopOrder, reached: bool) -> Result<()> {
+        if !reached {
+            return self.drop_agent(order.agent, LeaveReason::Unreachable);
+        }
+        let now = self.clock.now();
+        if let Some(agent) = self.pool.get_mut(order.agent) {
+            agent.running.retain(|b| *b != order.build);
+            if agent.running.is_empty() {
+                agent.idle_since = now;
+            }
+        }
+        // A slot came free: worth a scheduling pass.
+        self.events.push(Event::AgentJoined(order.agent));
+        Ok(())
+    }
+
+    /// An agent leaves on purpose (graceful shutdown): whatever it holds
+    /// goes back to the queue now, and it is forgotten.
+    pub fn agent_left(&mut self, id: AgentId, verified: bool) -> Result<()> {
+        if self.pool.get(id).is_none() {
+            return Err(Error::AgentNotFound(id));
+        }
+        self.check_sender(id, Some(id), verified)?;
+        self.drop_agent(id, LeaveReason::Left)
+    }
+
     /// One scheduling pass: matches queued builds with free agents, starts
     /// an attempt for each match and returns what to send where.
     pub fn plan(&mut self) -> Result<Vec<Dispatch>> {
-        let free: Vec<Agent> = self.pool.free().into_iter().cloned().collect();
+        let now = self.clock.now();
+        let free: Vec<Agent> = self
+            .pool
+            .free()
+            .into_iter()
+            .filter(|a| a.cooldown_until.is_none_or(|t| now >= t))
+            .cloned()
+            .collect();
         let slots: usize = free.iter().map(|a| a.free_slots() as usize).sum();
         if slots == 0 {
             return Ok(Vec::new());
@@ -621,7 +724,6 @@ impl Coordinator {
             return Ok(Vec::new());
         }
         let assignments = self.scheduler.assign(&queued, &free);
-        let now = self.clock.now();
         let mut dispatches = Vec::with_capacity(assignments.len());
         for a in assignments {
             // N.B.: the policy only proposes. Skip anything that would give a
@@ -629,7 +731,11 @@ impl Coordinator {
             if self.leases.contains_key(&a.build) || !queued.iter().any(|b| b.id == a.build) {
                 continue;
             }
-            let Some(agent) = self.pool.get(a.agent).filter(|ag| ag.free_slots() > 0) else {
+            let Some(agent) = self
+                .pool
+                .get(a.agent)
+                .filter(|ag| ag.free_slots() > 0 && ag.cooldown_until.is_none_or(|t| now >= t))
+            else {
                 continue;
             };
             let rec = AgentRecord {
@@ -679,6 +785,16 @@ impl Coordinator {
             .copied();
         match failure {
             DispatchFailure::Unreachable(_) => self.drop_agent(dispatch.agent, LeaveReason::Unreachable),
+            DispatchFailure::Busy(_) => {
+                if let Some(lease) = current {
+                    self.requeue(&lease)?;
+                }
+                let until = self.policy.deadline(self.clock.now());
+                if let Some(agent) = self.pool.get_mut(dispatch.agent) {
+                    agent.cooldown_until = Some(until);
+                }
+                Ok(())
+            }
             DispatchFailure::Rejected(reason) => {
                 let Some(lease) = current else {
                     return Ok(());
@@ -729,7 +845,8 @@ impl Coordinator {
             .iter()
             .filter(|a| a.pings && a.is_idle())
             .map(|a| a.last_seen.plus(ttl));
-        leases.chain(silent).min()
+        let cooled = self.pool.iter().filter_map(|a| a.cooldown_until);
+        leases.chain(silent).chain(cooled).min()
     }
 }
 

@@ -79,7 +79,9 @@ pub mod store;
 pub use async_trait::async_trait;
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use coordinator::{Accepted, Coordinator, Dispatch, DispatchFailure, Event, Heartbeat, Report};
+pub use coordinator::{
+    Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Heartbeat, Report, StopOrder,
+};
 pub use dispatcher::{AgentLink, Dispatcher};
 pub use error::{Error, Result};
 pub use lease::{Lease, LeasePolicy};

@@ -466,6 +466,20 @@ pub struct BuildLog {
     pub stdout: String,
     /// Standard error.
     pub stderr: String,
+    /// True for the log of an accepted result; false for output streamed
+    /// while the attempt ran (it may still be running, or it was lost).
+    pub complete: bool,
+}
+
+/// A piece of live output, numbered in the order the agent sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogPiece {
+    /// Position in the attempt's output, from 0. A repeat is ignored.
+    pub seq: u64,
+    /// Which stream.
+    pub stream: crate::runner::Stream,
+    /// The text.
+    pub data: String,
 }
 
 /// A registered agent, as stored.

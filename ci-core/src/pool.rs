@@ -32,6 +32,8 @@ pub struct Agent {
     /// Session secret it must present; `None` for agents that speak the
     /// original protocol, whose identity is whatever they claim.
     pub secret: Option<String>,
+    /// Gets no work before this time: it answered busy to a dispatch.
+    pub cooldown_until: Option<Timestamp>,
 }
 
 impl Agent {
@@ -46,6 +48,7 @@ impl Agent {
             idle_since: now,
             pings: false,
             secret: None,
+            cooldown_until: None,
         }
     }
 

@@ -226,6 +226,10 @@ pub struct LogView {
     pub stdout: String,
     /// Standard error.
     pub stderr: String,
+    /// True for the log of the accepted result; false for output streamed
+    /// by an attempt that still runs, or that was lost.
+    #[serde(default)]
+    pub complete: bool,
 }
 
 impl LogView {
@@ -236,6 +240,7 @@ impl LogView {
             attempt: log.attempt,
             stdout: log.stdout,
             stderr: log.stderr,
+            complete: log.complete,
         }
     }
 }

@@ -13,8 +13,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, NewBuild, Page,
+    limits, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogPiece,
+    NewBuild, Page,
 };
+use crate::runner::Stream;
 
 /// Persistence for builds and agents.
 #[cfg_attr(test, mockall::automock)]
@@ -47,8 +49,25 @@ pub trait BuildStore: Send + Sync {
     /// is unfinished and `attempt` is its latest. Returns whether it did.
     fn finish(&self, id: BuildId, attempt: Attempt, result: &Completion, now: Timestamp) -> Result<bool>;
 
-    /// The output of one attempt; the latest if `attempt` is `None`.
+    /// Cancels a build that is queued, or running as `attempt`. Returns
+    /// whether it did.
+    fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> Result<bool>;
+
+    /// Appends live output of `attempt`, if it is the build's running
+    /// attempt. Pieces whose `seq` is already stored are ignored, and
+    /// nothing is kept past [`limits::MAX_LOG`](crate::model::limits::MAX_LOG)
+    /// per stream. Returns how many pieces were stored.
+    fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize>;
+
+    /// Live output of `attempt` with `seq` above `after`, in order.
+    fn log_pieces(&self, id: BuildId, attempt: Attempt, after: Option<u64>) -> Result<Vec<LogPiece>>;
+
+    /// The output of one attempt; the latest if `attempt` is `None`: the
+    /// accepted result's log if there is one, else what was streamed.
     fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>>;
+
+    /// How many builds are in each status.
+    fn status_counts(&self) -> Result<Vec<(BuildStatus, u64)>>;
 
     /// Registers an agent at `url` with a new id (and its session secret, if
     /// any), replacing any agent registered at the same URL.
@@ -78,6 +97,7 @@ struct Inner {
     builds: BTreeMap<BuildId, Build>,
     queue: BTreeSet<BuildId>,
     logs: HashMap<(BuildId, Attempt), BuildLog>,
+    pieces: HashMap<(BuildId, Attempt), BTreeMap<u64, LogPiece>>,
     agents: BTreeMap<AgentId, AgentRecord>,
 }
 
@@ -199,9 +219,65 @@ impl BuildStore for MemoryStore {
                 attempt,
                 stdout: result.stdout.clone(),
                 stderr: result.stderr.clone(),
+                complete: true,
             },
         );
+        s.pieces.remove(&(id, attempt));
         Ok(true)
+    }
+
+    fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> Result<bool> {
+        let mut s = self.lock();
+        let Some(b) = s
+            .builds
+            .get_mut(&id)
+            .filter(|b| !b.status.is_finished() && b.attempt == attempt)
+        else {
+            return Ok(false);
+        };
+        b.status = BuildStatus::Canceled;
+        b.finished_at = Some(now);
+        s.queue.remove(&id);
+        Ok(true)
+    }
+
+    fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize> {
+        let mut s = self.lock();
+        let running = s
+            .builds
+            .get(&id)
+            .is_some_and(|b| b.status == BuildStatus::Running && b.attempt == attempt);
+        if !running {
+            return Ok(0);
+        }
+        let stored = s.pieces.entry((id, attempt)).or_default();
+        let mut added = 0;
+        for p in pieces {
+            let used: usize = stored
+                .values()
+                .filter(|q| q.stream == p.stream)
+                .map(|q| q.data.len())
+                .sum();
+            if stored.contains_key(&p.seq) || used + p.data.len() > limits::MAX_LOG {
+                continue;
+            }
+            stored.insert(p.seq, p.clone());
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    fn log_pieces(&self, id: BuildId, attempt: Attempt, after: Option<u64>) -> Result<Vec<LogPiece>> {
+        let s = self.lock();
+        Ok(s.pieces
+            .get(&(id, attempt))
+            .map(|m| {
+                m.values()
+                    .filter(|p| after.is_none_or(|a| p.seq > a))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>> {
@@ -210,7 +286,20 @@ impl BuildStore for MemoryStore {
             return Ok(None);
         };
         let attempt = attempt.unwrap_or(b.attempt);
-        Ok(s.logs.get(&(id, attempt)).cloned())
+        if let Some(log) = s.logs.get(&(id, attempt)) {
+            return Ok(Some(log.clone()));
+        }
+        Ok(s.pieces
+            .get(&(id, attempt))
+            .map(|m| assemble(attempt, m.values())))
+    }
+
+    fn status_counts(&self) -> Result<Vec<(BuildStatus, u64)>> {
+        let s = self.lock();
+        Ok(BuildStatus::ALL
+            .iter()
+            .map(|st| (*st, s.builds.values().filter(|b| b.status == *st).count() as u64))
+            .collect())
     }
 
     fn register_agent(&self, url: &str, secret: Option<&str>, now: Timestamp) -> Result<AgentRecord> {
@@ -235,6 +324,22 @@ impl BuildStore for MemoryStore {
     fn agents(&self) -> Result<Vec<AgentRecord>> {
         Ok(self.lock().agents.values().cloned().collect())
     }
+}
+
+/// The partial log of an attempt from its live pieces, in order.
+pub fn assemble<'a>(attempt: Attempt, pieces: impl IntoIterator<Item = &'a LogPiece>) -> BuildLog {
+    let mut log = BuildLog {
+        attempt,
+        complete: false,
+        ..BuildLog::default()
+    };
+    for p in pieces {
+        match p.stream {
+            Stream::Stdout => log.stdout.push_str(&p.data),
+            Stream::Stderr => log.stderr.push_str(&p.data),
+        }
+    }
+    log
 }
 
 /// Conformance tests that any [`BuildStore`] must pass. `ci-store` runs
@@ -263,6 +368,117 @@ pub mod conformance {
         logs_are_kept_per_attempt(&make());
         agents_register_and_replace(&make());
         listing_is_newest_first(&make());
+        cancel_is_fenced(&make());
+        live_logs_are_ordered_fenced_and_idempotent(&make());
+    }
+
+    /// Cancel acts on queued builds and on the running attempt only.
+    pub fn cancel_is_fenced<S: BuildStore>(s: &S) {
+        let agent = ok(s.register_agent("http://a:1", None, Timestamp(0)));
+        let queued = ok(s.create_build(&new_build("q"), Timestamp(0))).id;
+        assert!(ok(s.cancel(queued, Attempt(0), Timestamp(5))));
+        assert_eq!(
+            ok(s.queued_builds(10)),
+            vec![],
+            "a canceled build leaves the queue"
+        );
+        let b = ok(s.build(queued)).unwrap_or_else(|| panic!("gone"));
+        assert_eq!(
+            (b.status, b.finished_at),
+            (BuildStatus::Canceled, Some(Timestamp(5)))
+        );
+        assert!(!ok(s.cancel(queued, Attempt(0), Timestamp(6))), "once");
+
+        let running = ok(s.create_build(&new_build("r"), Timestamp(0))).id;
+        ok(s.start_attempt(running, &agent, Timestamp(1)));
+        assert!(
+            !ok(s.cancel(running, Attempt(0), Timestamp(2))),
+            "not the running attempt"
+        );
+        assert!(ok(s.cancel(running, Attempt(1), Timestamp(2))));
+        let done = Completion {
+            exit_code: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        assert!(
+            !ok(s.finish(running, Attempt(1), &done, Timestamp(3))),
+            "a canceled build takes no result"
+        );
+        let counts = ok(s.status_counts());
+        assert!(counts.contains(&(BuildStatus::Canceled, 2)), "{counts:?}");
+        assert!(counts.contains(&(BuildStatus::Running, 0)), "{counts:?}");
+    }
+
+    /// Live output: in seq order, repeats ignored, only for the running
+    /// attempt, replaced by the final log.
+    pub fn live_logs_are_ordered_fenced_and_idempotent<S: BuildStore>(s: &S) {
+        let agent = ok(s.register_agent("http://a:1", None, Timestamp(0)));
+        let id = ok(s.create_build(&new_build("x"), Timestamp(0))).id;
+        let piece = |seq, stream, data: &str| LogPiece {
+            seq,
+            stream,
+            data: data.to_owned(),
+        };
+        assert_eq!(
+            ok(s.append_log(id, Attempt(1), &[piece(0, Stream::Stdout, "x")])),
+            0,
+            "not running"
+        );
+        ok(s.start_attempt(id, &agent, Timestamp(1)));
+        let batch = [piece(1, Stream::Stderr, "warn\n"), piece(0, Stream::Stdout, "a")];
+        assert_eq!(ok(s.append_log(id, Attempt(1), &batch)), 2);
+        assert_eq!(
+            ok(s.append_log(id, Attempt(1), &batch)),
+            0,
+            "a retry stores nothing twice"
+        );
+        assert_eq!(
+            ok(s.append_log(id, Attempt(1), &[piece(2, Stream::Stdout, "b")])),
+            1
+        );
+        let seqs: Vec<u64> = ok(s.log_pieces(id, Attempt(1), None))
+            .iter()
+            .map(|p| p.seq)
+            .collect();
+        assert_eq!(seqs, vec![0, 1, 2]);
+        assert_eq!(ok(s.log_pieces(id, Attempt(1), Some(1))).len(), 1);
+        let partial = ok(s.log(id, None)).unwrap_or_default();
+        assert_eq!(
+            (partial.stdout.as_str(), partial.stderr.as_str(), partial.complete),
+            ("ab", "warn\n", false)
+        );
+
+        // The attempt is lost; its partial log stays; attempt 2 logs apart.
+        assert!(ok(s.requeue(id, Attempt(1))));
+        ok(s.start_attempt(id, &agent, Timestamp(2)));
+        assert_eq!(
+            ok(s.append_log(id, Attempt(1), &[piece(3, Stream::Stdout, "late")])),
+            0,
+            "superseded"
+        );
+        assert_eq!(
+            ok(s.append_log(id, Attempt(2), &[piece(0, Stream::Stdout, "second")])),
+            1
+        );
+        assert_eq!(
+            ok(s.log(id, Some(Attempt(1)))).map(|l| l.stdout),
+            Some("ab".into())
+        );
+        let done = Completion {
+            exit_code: 0,
+            stdout: "second, final".into(),
+            stderr: String::new(),
+        };
+        assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(3))));
+        let fin = ok(s.log(id, None)).unwrap_or_default();
+        assert_eq!((fin.stdout.as_str(), fin.complete), ("second, final", true));
+        assert_eq!(
+            ok(s.log_pieces(id, Attempt(2), None)),
+            vec![],
+            "the final log replaces the pieces"
+        );
+        assert_eq!(ok(s.log(id, Some(Attempt(1)))).map(|l| l.complete), Some(false));
     }
 
     /// Build ids increase by one.

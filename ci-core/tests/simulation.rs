@@ -4,7 +4,8 @@
 //!
 //! Agents join, die, stall and recover; dispatches, heartbeats and results
 //! are lost, delayed and duplicated; builds are submitted; the server
-//! restarts from the store. After every step the invariants are checked:
+//! restarts from the store; users cancel builds. After every step the
+//! invariants are checked:
 //! no agent holds more builds than its capacity; leases and the store agree
 //! on what runs; no result or heartbeat of a superseded attempt is accepted;
 //! no build waits while an agent is free after a scheduling pass; numbers
@@ -21,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ci_core::coordinator::{Accepted, Dispatch, DispatchFailure, Heartbeat, Report};
+use ci_core::coordinator::{Accepted, Cancel, Dispatch, DispatchFailure, Heartbeat, Report, StopOrder};
 use ci_core::{
     AgentId, Attempt, BuildId, BuildStatus, BuildStore, Clock, CommitRef, Completion, Coordinator, Error,
     LeasePolicy, ManualClock, MemoryStore, NewBuild, RepoUrl, Timestamp,
@@ -40,6 +41,8 @@ enum Msg {
     Heartbeat { from: usize, hb: Heartbeat },
     /// Agent → server.
     Result { from: usize, report: Report },
+    /// Server → agent: stop this attempt.
+    Stop(StopOrder),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -216,7 +219,12 @@ impl Sim {
         );
         for id in &self.submitted {
             let n = self.accepted.get(id).map_or(0, Vec::len);
-            check!(self, n == 1, "build {id} accepted {n} results");
+            let canceled = self.store.build(*id).unwrap().unwrap().status == BuildStatus::Canceled;
+            check!(
+                self,
+                n == usize::from(!canceled),
+                "build {id} (canceled: {canceled}) accepted {n} results"
+            );
         }
         self.submitted.len()
     }
@@ -314,6 +322,16 @@ impl Sim {
                 }
             }
             38 => self.restart_server(),
+            39..=40 if !self.submitted.is_empty() => {
+                // A user cancels a build.
+                let id = self.submitted[self.rng.usize(..self.submitted.len())];
+                match self.c.cancel(id) {
+                    Ok(Cancel::Done(_)) => {}
+                    Ok(Cancel::Stop(order)) => self.send(Msg::Stop(order)),
+                    Err(Error::Conflict(_)) => {} // already finished
+                    Err(e) => check!(self, false, "cancel failed: {e}"),
+                }
+            }
             _ => {}
         }
     }
@@ -384,6 +402,23 @@ impl Sim {
                     self.agent_hears_heartbeat_reply(from, hb, r);
                 }
                 Msg::Result { from, report } => self.server_receives_result(from, report),
+                Msg::Stop(order) => {
+                    let reached = self.agents.iter_mut().find(|a| {
+                        a.url == order.agent_url && a.health == Health::Up && a.id == Some(order.agent)
+                    });
+                    let reached = match reached {
+                        Some(a) => {
+                            if a.job
+                                .is_some_and(|(b, at, _)| b == order.build && at == order.attempt)
+                            {
+                                a.job = None;
+                            }
+                            true
+                        }
+                        None => false,
+                    };
+                    self.c.stop_delivered(&order, reached).unwrap();
+                }
             }
         }
     }
@@ -395,10 +430,17 @@ impl Sim {
         };
         let a = &mut self.agents[i];
         let reachable = a.health == Health::Up && a.id == Some(d.agent);
-        if !reachable || a.job.is_some() {
-            // Refused, timed out, or busy: the server drops the agent.
+        if !reachable {
+            // Refused or timed out: the server drops the agent.
             self.c
                 .dispatch_failed(&d, DispatchFailure::Unreachable("unreachable".into()))
+                .unwrap();
+            return;
+        }
+        if a.job.is_some() {
+            // 409 busy: the build goes back, the agent cools down.
+            self.c
+                .dispatch_failed(&d, DispatchFailure::Busy("busy".into()))
                 .unwrap();
             return;
         }
@@ -566,11 +608,17 @@ impl Sim {
         }
     }
 
-    /// After a scheduling pass, a queued build and a free agent never
-    /// coexist.
+    /// After a scheduling pass, a queued build and a free agent (not cooling
+    /// down after a busy answer) never coexist.
     fn check_no_idle_agent_with_work(&self) {
         let queued = self.store.queued_builds(1).unwrap();
-        let free = self.c.agents().iter().filter(|a| a.free_slots() > 0).count();
+        let now = self.clock.now();
+        let free = self
+            .c
+            .agents()
+            .iter()
+            .filter(|a| a.free_slots() > 0 && a.cooldown_until.is_none_or(|t| now >= t))
+            .count();
         check!(
             self,
             queued.is_empty() || free == 0,

@@ -490,6 +490,7 @@ fn log(app: &App, id: BuildId, q: LogQuery) -> Result<impl Reply> {
     }
     let log = app.store.log(id, attempt)?.unwrap_or(ci_core::BuildLog {
         attempt: attempt.unwrap_or(build.attempt),
+        complete: build.status.is_finished(),
         ..Default::default()
     });
     Ok(json(&LogView::new(id, log)))

@@ -26,9 +26,10 @@ use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use ci_core::model::{limits, LogPiece};
 use ci_core::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, BuildStore, Completion, NewBuild,
-    Page, Timestamp,
+    Page, Stream, Timestamp,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
@@ -158,6 +159,19 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: agents prove their identity with a per-registration secret.
     "ALTER TABLE agents ADD COLUMN secret TEXT;",
+    // 3: live output while an attempt runs; status counts for metrics.
+    "CREATE TABLE log_pieces (
+        build_id INTEGER NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
+        attempt  INTEGER NOT NULL,
+        seq      INTEGER NOT NULL,
+        stream   TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr')),
+        data     TEXT NOT NULL,
+        PRIMARY KEY (build_id, attempt, seq)
+    );
+    DROP INDEX builds_queued;
+    DROP INDEX builds_running;
+    -- (status, id) order serves the queue, the running set and the counts.
+    CREATE INDEX builds_status ON builds (status);",
 ];
 
 const BUILD_COLUMNS: &str = "id, repo, hash, branch, command, image, timeout_ms, status, attempt, \
@@ -302,6 +316,39 @@ fn query_builds(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> 
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+fn stream_name(s: Stream) -> &'static str {
+    match s {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+    }
+}
+
+fn pieces(
+    conn: &Connection,
+    id: BuildId,
+    attempt: Attempt,
+    after: Option<u64>,
+) -> Result<Vec<LogPiece>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, stream, data FROM log_pieces
+         WHERE build_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq",
+    )?;
+    let after = after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
+    let rows = stmt.query_map(params![id.0, attempt.0, after], |r| {
+        let stream: String = r.get(1)?;
+        Ok(LogPiece {
+            seq: r.get::<_, i64>(0)?.max(0) as u64,
+            stream: if stream == "stderr" {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            },
+            data: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -410,28 +457,110 @@ impl BuildStore for SqliteStore {
                  ON CONFLICT (build_id, attempt) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr",
             )?
             .execute(params![id.0, attempt.0, result.stdout, result.stderr])?;
+            tx.prepare_cached("DELETE FROM log_pieces WHERE build_id = ?1 AND attempt = ?2")?
+                .execute(params![id.0, attempt.0])?;
             Ok(true)
         })?)
     }
 
+    fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> ci_core::Result<bool> {
+        Ok(self.transaction(|tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET status = 'canceled', finished_at = ?3
+                     WHERE id = ?1 AND attempt = ?2 AND status IN ('queued', 'running')",
+                )?
+                .execute(params![id.0, attempt.0, ts(now)])?;
+            Ok(n == 1)
+        })?)
+    }
+
+    fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> ci_core::Result<usize> {
+        Ok(self.transaction(|tx| {
+            let running: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM builds WHERE id = ?1 AND attempt = ?2 AND status = 'running')")?
+                .query_row(params![id.0, attempt.0], |r| r.get(0))?;
+            if !running {
+                return Ok(0);
+            }
+            let mut added = 0;
+            for p in pieces {
+                let stream = stream_name(p.stream);
+                let used: i64 = tx
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(length(CAST(data AS BLOB))), 0) FROM log_pieces
+                         WHERE build_id = ?1 AND attempt = ?2 AND stream = ?3",
+                    )?
+                    .query_row(params![id.0, attempt.0, stream], |r| r.get(0))?;
+                if used as usize + p.data.len() > limits::MAX_LOG {
+                    continue;
+                }
+                added += tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO log_pieces (build_id, attempt, seq, stream, data)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![id.0, attempt.0, i64::try_from(p.seq).unwrap_or(i64::MAX), stream, p.data])?;
+            }
+            Ok(added)
+        })?)
+    }
+
+    fn log_pieces(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        after: Option<u64>,
+    ) -> ci_core::Result<Vec<LogPiece>> {
+        Ok(pieces(&self.read(), id, attempt, after)?)
+    }
+
+    fn status_counts(&self) -> ci_core::Result<Vec<(BuildStatus, u64)>> {
+        let conn = self.read();
+        let mut stmt = conn
+            .prepare_cached("SELECT status, COUNT(*) FROM builds GROUP BY status")
+            .map_err(Error::from)?;
+        let found: Vec<(String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(Error::from)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(Error::from)?;
+        Ok(BuildStatus::ALL
+            .iter()
+            .map(|st| {
+                let n = found
+                    .iter()
+                    .find(|(s, _)| s == st.as_str())
+                    .map_or(0, |(_, n)| *n);
+                (*st, n.max(0) as u64)
+            })
+            .collect())
+    }
+
     fn log(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<BuildLog>> {
         let conn = self.read();
-        let row = conn
-            .prepare_cached(
-                "SELECT l.attempt, l.stdout, l.stderr FROM build_logs l JOIN builds b ON b.id = l.build_id
-                 WHERE l.build_id = ?1 AND l.attempt = COALESCE(?2, b.attempt)",
-            )
+        let Some(build) = get_build(&conn, id)? else {
+            return Ok(None);
+        };
+        let attempt = attempt.unwrap_or(build.attempt);
+        let final_log = conn
+            .prepare_cached("SELECT stdout, stderr FROM build_logs WHERE build_id = ?1 AND attempt = ?2")
             .map_err(Error::from)?
-            .query_row(params![id.0, attempt.map(|a| a.0)], |r| {
+            .query_row(params![id.0, attempt.0], |r| {
                 Ok(BuildLog {
-                    attempt: Attempt(r.get(0)?),
-                    stdout: r.get(1)?,
-                    stderr: r.get(2)?,
+                    attempt,
+                    stdout: r.get(0)?,
+                    stderr: r.get(1)?,
+                    complete: true,
                 })
             })
             .optional()
             .map_err(Error::from)?;
-        Ok(row)
+        if final_log.is_some() {
+            return Ok(final_log);
+        }
+        let pieces = pieces(&conn, id, attempt, None)?;
+        Ok((!pieces.is_empty()).then(|| ci_core::store::assemble(attempt, &pieces)))
     }
 
     fn register_agent(
@@ -588,6 +717,17 @@ mod tests {
                 |r| r.get(3),
             )
             .unwrap();
-        assert!(plan.contains("builds_queued"), "{plan}");
+        assert!(plan.contains("builds_status"), "{plan}");
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT * FROM builds WHERE status = 'queued' ORDER BY id LIMIT 5",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(
+            plan.contains("builds_status") && !plan.contains("TEMP B-TREE"),
+            "no sort: {plan}"
+        );
     }
 }

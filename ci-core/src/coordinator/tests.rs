@@ -514,3 +514,85 @@ fn agents_with_a_session_secret_cannot_be_spoken_for() {
         .unwrap();
     assert_eq!(c2.agent_by_secret("secret-a"), Some(a));
 }
+
+#[test]
+fn cancel_queued_at_once_and_running_after_the_agent_stops() {
+    let mut f = fixture();
+    let a = f.c.register_agent("http://a:1").unwrap().id;
+    let running = f.c.submit(&new_build("r")).unwrap().id;
+    let d = f.c.plan().unwrap().remove(0);
+    let queued = f.c.submit(&new_build("q")).unwrap().id;
+
+    assert!(matches!(f.c.cancel(queued).unwrap(), Cancel::Done(b) if b.status == BuildStatus::Canceled));
+    let order = match f.c.cancel(running).unwrap() {
+        Cancel::Stop(o) => o,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (order.agent, order.build, order.attempt),
+        (a, running, Attempt(1))
+    );
+    assert_eq!(f.status(running), BuildStatus::Canceled);
+    assert!(f.c.lease(running).is_none());
+    let another = f.c.submit(&new_build("next")).unwrap().id;
+    assert!(
+        f.c.plan().unwrap().is_empty(),
+        "the slot stays taken until the agent has stopped"
+    );
+    f.c.stop_delivered(&order, true).unwrap();
+    let next = f.c.plan().unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].build.id, another);
+
+    // A late result and heartbeat of the canceled attempt change nothing.
+    assert!(matches!(f.c.complete(report(&d, 0)), Err(Error::Conflict(_))));
+    let hb = Heartbeat {
+        build: Some(running),
+        attempt: Some(Attempt(1)),
+        agent: Some(a),
+        verified: false,
+    };
+    assert!(matches!(f.c.heartbeat(hb), Err(Error::NotRunning { .. })));
+    assert!(matches!(f.c.cancel(running), Err(Error::Conflict(_))), "once");
+}
+
+#[test]
+fn an_unreachable_stop_drops_the_agent_and_a_leaving_agent_hands_back_its_build() {
+    let mut f = fixture();
+    f.c.register_agent("http://a:1").unwrap();
+    let x = f.c.submit(&new_build("x")).unwrap().id;
+    f.c.plan().unwrap();
+    let Cancel::Stop(order) = f.c.cancel(x).unwrap() else {
+        panic!()
+    };
+    f.c.stop_delivered(&order, false).unwrap();
+    assert!(f.c.agents().is_empty());
+
+    let b =
+        f.c.register_agent_with_secret("http://b:1", "s".into())
+            .unwrap()
+            .id;
+    let y = f.c.submit(&new_build("y")).unwrap().id;
+    f.c.plan().unwrap();
+    assert!(matches!(f.c.agent_left(b, false), Err(Error::Unauthenticated(_))));
+    f.c.agent_left(b, true).unwrap();
+    assert_eq!(f.status(y), BuildStatus::Queued, "handed back at once");
+    assert!(f.c.agents().is_empty());
+}
+
+#[test]
+fn a_busy_agent_cools_down_instead_of_being_dropped() {
+    let mut f = fixture();
+    let a = f.c.register_agent("http://a:1").unwrap().id;
+    let id = f.c.submit(&new_build("x")).unwrap().id;
+    let d = f.c.plan().unwrap().remove(0);
+    f.c.dispatch_failed(&d, DispatchFailure::Busy("409".into()))
+        .unwrap();
+    assert_eq!(f.status(id), BuildStatus::Queued);
+    assert_eq!(f.c.agents().len(), 1, "kept");
+    assert!(f.c.plan().unwrap().is_empty(), "cooling down");
+    assert_eq!(f.c.next_deadline(), Some(f.clock.now().plus(policy().ttl())));
+    f.advance(300);
+    let again = f.c.plan().unwrap();
+    assert_eq!((again[0].agent, again[0].build.attempt), (a, Attempt(2)));
+}
