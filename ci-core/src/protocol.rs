@@ -423,6 +423,9 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<NotifyBuildResult>(bad).is_err(), "{bad}");
         }
+        // Found by the fuzzer: without exact float parsing this read as ...247.25.
+        let big: NotifyAgentAlive = serde_json::from_str(r#"{"id":-2251799813685247.0}"#).unwrap();
+        assert_eq!(big.id, Some(BuildId(-2251799813685247)));
         let none: CreateBuild = serde_json::from_str(r#"{"hash":"abcd","timeoutMs":null}"#).unwrap();
         assert_eq!(none.timeout_ms, None);
     }
