@@ -9,8 +9,13 @@
 //!    send a heartbeat every interval. If the server refuses a heartbeat
 //!    (the attempt was superseded or the build is no longer running), stop
 //!    the build: its result would not count.
-//! 5. When the build ends, write the result to the spool, then deliver it,
+//! 5. While it runs, forward its output live, in numbered pieces.
+//! 6. When the build ends, write the result to the spool, then deliver it,
 //!    retrying with backoff until the server gives a definite answer.
+//! 7. On `POST /cancel`, stop the build and answer once it is dead.
+//! 8. On shutdown, take no new builds, let the running one finish within
+//!    the grace period, then leave the server (which requeues anything
+//!    still held) and stop it.
 
 use std::convert::Infallible;
 use std::fs::File;
@@ -19,7 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ci_core::protocol::{BuildRequest, ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyBuildResult};
+use ci_core::protocol::{
+    BuildRequest, CancelRequest, ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentLeave,
+    NotifyBuildResult,
+};
 use ci_core::{execute, AgentId, Attempt, BuildId, CommitRef, Job, LogSink, RepoUrl, Runner};
 use nix::fcntl::{Flock, FlockArg};
 use reqwest::StatusCode;
@@ -67,7 +75,19 @@ struct Inner {
 struct State {
     id: Option<AgentId>,
     heartbeat: Option<Duration>,
-    running: Option<(BuildId, Option<Attempt>)>,
+    running: Option<Running>,
+    /// Shutting down: no new builds.
+    draining: bool,
+}
+
+/// The build being run.
+struct Running {
+    build: BuildId,
+    attempt: Option<Attempt>,
+    /// Stops it (cancel, shutdown).
+    stop: Arc<Notify>,
+    /// Becomes true when it has stopped and its slot is free.
+    done: watch::Receiver<bool>,
 }
 
 impl Agent {
@@ -106,7 +126,7 @@ impl Agent {
 
     /// The build running now, if any.
     pub fn running(&self) -> Option<BuildId> {
-        self.inner.state().running.map(|(b, _)| b)
+        self.inner.state().running.as_ref().map(|r| r.build)
     }
 
     /// The agent's HTTP routes (`POST /build`, `GET /healthz`).
@@ -134,16 +154,41 @@ impl Agent {
             json(&serde_json::json!({
                 "status": "ok",
                 "id": s.id,
-                "build": s.running.map(|(b, _)| b),
+                "build": s.running.as_ref().map(|r| r.build),
             }))
             .into_response()
         });
+        let inner = self.inner.clone();
+        let token = self.inner.config.agent_token.clone();
+        let cancel = warp::path!("cancel")
+            .and(warp::post())
+            .and(warp::header::optional::<String>("authorization"))
+            .and(warp::body::content_length_limit(16 * 1024))
+            .and(warp::body::json())
+            .and_then(move |auth: Option<String>, req: CancelRequest| {
+                let inner = inner.clone();
+                let authorized = token
+                    .as_deref()
+                    .is_none_or(|t| ci_core::auth::bearer_matches(auth.as_deref(), t));
+                async move {
+                    if !authorized {
+                        let error = "missing or wrong AGENT_TOKEN (Authorization: Bearer ...)".to_owned();
+                        return Ok::<_, Infallible>(
+                            with_status(json(&ErrorBody { error }), StatusCode::UNAUTHORIZED).into_response(),
+                        );
+                    }
+                    let stopped = inner.stop(req.id, req.attempt).await;
+                    Ok(json(&serde_json::json!({ "stopped": stopped })).into_response())
+                }
+            });
         let spec = Arc::new(crate::openapi::spec());
         let openapi = warp::path!("openapi.json")
             .and(warp::get())
             .map(move || json(&*spec).into_response());
         build
             .or(health)
+            .unify()
+            .or(cancel)
             .unify()
             .or(openapi)
             .unify()
@@ -187,6 +232,7 @@ impl Agent {
             r = session => r,
             () = shutdown => Ok(()),
         };
+        self.inner.drain().await;
         let _ = stop_tx.send(true);
         let _ = http.await;
         maintenance.abort();
@@ -239,6 +285,10 @@ impl Inner {
             if self.state().running.is_some() {
                 continue;
             }
+            let draining = self.state().draining;
+            if draining {
+                return std::future::pending().await;
+            }
             let ping = NotifyAgentAlive {
                 agent_id: Some(id),
                 ..NotifyAgentAlive::default()
@@ -256,36 +306,55 @@ impl Inner {
     }
 
     /// Runs one build to the end and delivers its result.
-    async fn run_build(self: Arc<Self>, req: BuildRequest) {
+    async fn run_build(self: Arc<Self>, req: BuildRequest, stop: Arc<Notify>, done: watch::Sender<bool>) {
         let job = Job::from(&req);
         let agent_id = self.state().id;
-        let log = LogSink::default();
+        let (live_tx, live_rx) = tokio::sync::mpsc::unbounded_channel();
+        let log = LogSink::default().with_live(live_tx);
+        let forwarder = tokio::spawn(crate::live::forward(
+            self.client.clone(),
+            job.build,
+            job.attempt,
+            agent_id,
+            live_rx,
+        ));
         info!(build = %job.build, attempt = ?job.attempt, commit = %job.hash, "build started");
         let completion = {
             let run = execute(&*self.runner, &job, &log, self.config.build_timeout);
             let beat = self.heartbeat(&job, agent_id);
             tokio::select! {
-                c = run => Some(c),
-                () = beat => None,
+                c = run => Ok(c),
+                () = beat => Err("the server gave it to another attempt"),
+                () = stop.notified() => Err("stopped"),
             }
         };
+        // The run is over (its processes or container killed if it did not
+        // finish): free the slot.
         {
             let mut s = self.state();
-            if s.running.map(|(b, _)| b) == Some(job.build) {
+            if s.running.as_ref().is_some_and(|r| r.build == job.build) {
                 s.running = None;
             }
         }
+        let _ = done.send(true);
         self.changed.notify_waiters();
-        let Some(c) = completion else {
-            warn!(build = %job.build, "build abandoned: the server gave it to another attempt");
-            return;
+        drop(log);
+        let completion = match completion {
+            Ok(c) => c,
+            Err(why) => {
+                forwarder.abort();
+                warn!(build = %job.build, why, "build abandoned");
+                return;
+            }
         };
-        info!(build = %job.build, exit_code = c.exit_code, "build finished");
+        // Let the last live pieces go out before the result ends the build.
+        let _ = tokio::time::timeout(Duration::from_secs(2), forwarder).await;
+        info!(build = %job.build, exit_code = completion.exit_code, "build finished");
         let result = NotifyBuildResult {
             id: job.build,
-            status: c.exit_code,
-            stdout: c.stdout,
-            stderr: c.stderr,
+            status: completion.exit_code,
+            stdout: completion.stdout,
+            stderr: completion.stderr,
             attempt: job.attempt,
             agent_id,
         };
@@ -297,6 +366,54 @@ impl Inner {
             }
         };
         self.deliver(&result, spooled.as_deref()).await;
+    }
+
+    /// Stops build `id` (of `attempt`, if given) if it runs here, and waits
+    /// until it has. Returns whether it was running.
+    async fn stop(&self, id: BuildId, attempt: Option<Attempt>) -> bool {
+        let running = {
+            let s = self.state();
+            s.running
+                .as_ref()
+                .filter(|r| {
+                    r.build == id && (attempt.is_none() || r.attempt.is_none() || r.attempt == attempt)
+                })
+                .map(|r| (r.stop.clone(), r.done.clone()))
+        };
+        let Some((stop, mut done)) = running else {
+            return false;
+        };
+        stop.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(30), done.wait_for(|d| *d)).await;
+        info!(build = %id, "build stopped on request");
+        true
+    }
+
+    /// Graceful shutdown: take no new builds, give the running one up to
+    /// the grace period, then leave the server (which hands back what this
+    /// agent still holds) and stop it.
+    async fn drain(&self) {
+        let running = {
+            let mut s = self.state();
+            s.draining = true;
+            s.running.as_ref().map(|r| (r.build, r.done.clone()))
+        };
+        if let Some((build, mut done)) = running {
+            info!(%build, grace = ?self.config.shutdown_grace, "shutting down: letting the build finish");
+            let _ = tokio::time::timeout(self.config.shutdown_grace, done.wait_for(|d| *d)).await;
+        }
+        let id = self.state().id;
+        if let Some(id) = id {
+            match self.client.leave(&NotifyAgentLeave { agent_id: id }).await {
+                Ok(()) => info!("left the server"),
+                Err(e) => warn!(cause = %e, "could not tell the server this agent leaves"),
+            }
+        }
+        let still = self.state().running.as_ref().map(|r| (r.build, r.attempt));
+        if let Some((build, attempt)) = still {
+            warn!(%build, "shutting down: stopping the build, the server runs it elsewhere");
+            self.stop(build, attempt).await;
+        }
     }
 
     /// Heartbeats for `job` every interval. Returns if the server refuses
@@ -355,14 +472,24 @@ fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
     if req.command.trim().is_empty() {
         return reply(StatusCode::BAD_REQUEST, "command must not be empty".into());
     }
+    let stop = Arc::new(Notify::new());
+    let (done_tx, done_rx) = watch::channel(false);
     {
         let mut s = inner.state();
-        if let Some((b, _)) = s.running {
-            return reply(StatusCode::CONFLICT, format!("busy with build {b}"));
+        if s.draining {
+            return reply(StatusCode::CONFLICT, "shutting down".into());
         }
-        s.running = Some((req.id, req.attempt));
+        if let Some(r) = &s.running {
+            return reply(StatusCode::CONFLICT, format!("busy with build {}", r.build));
+        }
+        s.running = Some(Running {
+            build: req.id,
+            attempt: req.attempt,
+            stop: stop.clone(),
+            done: done_rx,
+        });
     }
-    tokio::spawn(inner.clone().run_build(req));
+    tokio::spawn(inner.clone().run_build(req, stop, done_tx));
     json(&serde_json::json!({"accepted": true})).into_response()
 }
 
@@ -442,6 +569,13 @@ impl Spool {
         out.sort_by_key(|(_, r)| (r.id, r.attempt));
         out
     }
+}
+
+/// The service future must stay spawnable: no lock held across an await.
+#[allow(dead_code)]
+fn serve_is_send(agent: Agent, listener: TcpListener) {
+    fn send<T: Send>(_: T) {}
+    send(agent.serve(listener, std::future::pending()));
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use ci_core::protocol::{ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentReply, NotifyBuildResult};
+use ci_core::protocol::{
+    ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentLeave, NotifyAgentReply, NotifyBuildLog,
+    NotifyBuildResult,
+};
 use ci_core::Backoff;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -146,6 +149,20 @@ impl ServerClient {
     /// heartbeat does not delay the next one.
     pub async fn alive(&self, body: &NotifyAgentAlive, timeout: Duration) -> Result<(), CallError> {
         self.post::<_, serde_json::Value>("/notify_agent_alive", body, Some(timeout))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /notify_build_log` (extension).
+    pub async fn log(&self, body: &NotifyBuildLog) -> Result<(), CallError> {
+        self.post::<_, serde_json::Value>("/notify_build_log", body, Some(Duration::from_secs(5)))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /notify_agent_leave` (extension).
+    pub async fn leave(&self, body: &NotifyAgentLeave) -> Result<(), CallError> {
+        self.post::<_, serde_json::Value>("/notify_agent_leave", body, Some(Duration::from_secs(2)))
             .await
             .map(drop)
     }

@@ -75,6 +75,11 @@ pub struct Args {
     #[arg(long, env = "BUILD_TIMEOUT", value_name = "BUILD_TIMEOUT", default_value = "1h", value_parser = humantime_duration)]
     pub build_timeout: Duration,
 
+    /// On SIGTERM, how long a running build may take to finish before it is
+    /// handed back to the server and stopped (e.g. 10s, 5m).
+    #[arg(long, env = "SHUTDOWN_GRACE", value_name = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime_duration)]
+    pub shutdown_grace: Duration,
+
     /// Longest wait between retries when the server is unreachable, in ms.
     #[arg(
         long,
@@ -166,6 +171,8 @@ pub struct AgentConfig {
     pub agent_token: Option<String>,
     /// Docker runner settings.
     pub docker: DockerSettings,
+    /// How long a running build may finish at shutdown.
+    pub shutdown_grace: Duration,
 }
 
 impl AgentConfig {
@@ -184,6 +191,7 @@ impl AgentConfig {
             request_timeout: Duration::from_secs(10),
             agent_token: None,
             docker: DockerSettings::default(),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -303,6 +311,7 @@ impl TryFrom<Args> for AgentConfig {
             repo_schemes: a.repo_schemes,
             request_timeout: Duration::from_secs(10),
             docker,
+            shutdown_grace: a.shutdown_grace,
             agent_token: match a.agent_token.filter(|t| !t.is_empty()) {
                 Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => {
                     return Err(Error::Config {

@@ -32,6 +32,7 @@ pub mod checkout;
 pub mod client;
 pub mod config;
 pub mod docker;
+mod live;
 pub mod openapi;
 pub mod shell;
 

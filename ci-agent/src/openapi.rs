@@ -5,7 +5,12 @@
 use serde_json::{json, Value};
 
 /// Every operation the agent serves, as (method, path).
-pub const OPERATIONS: &[(&str, &str)] = &[("post", "/build"), ("get", "/healthz"), ("get", "/openapi.json")];
+pub const OPERATIONS: &[(&str, &str)] = &[
+    ("post", "/build"),
+    ("post", "/cancel"),
+    ("get", "/healthz"),
+    ("get", "/openapi.json"),
+];
 
 /// The document.
 pub fn spec() -> Value {
@@ -26,6 +31,20 @@ pub fn spec() -> Value {
                     "401": error("Missing or wrong agent token"),
                     "409": error("Busy with another build"),
                     "413": error("Body too large")
+                }
+            } },
+            "/cancel": { "post": {
+                "summary": "Stop a build; answers once its work is dead", "operationId": "cancel",
+                "security": [{ "agentToken": [] }, {}],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["id"],
+                    "properties": { "id": { "type": "integer" }, "attempt": { "type": "integer", "minimum": 0 } }
+                } } } },
+                "responses": {
+                    "200": { "description": "Whether it was running here",
+                             "content": { "application/json": { "schema": { "type": "object", "required": ["stopped"], "properties": { "stopped": { "type": "boolean" } } } } } },
+                    "400": error("Invalid request"),
+                    "401": error("Missing or wrong agent token")
                 }
             } },
             "/healthz": { "get": {

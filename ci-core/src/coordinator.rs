@@ -164,6 +164,8 @@ pub enum Event {
     },
     /// An agent joined.
     AgentJoined(AgentId),
+    /// A running attempt sent output.
+    Output(BuildId),
     /// An agent left.
     AgentLeft {
         /// The agent.
@@ -567,6 +569,22 @@ impl Coordinator {
             agent.pings |= hb.agent.is_some();
         }
         Ok(())
+    }
+
+    /// Takes live output of a running attempt: the same checks as a
+    /// heartbeat (which it also counts as), then the pieces are stored.
+    /// Returns how many were new.
+    pub fn output(&mut self, hb: Heartbeat, pieces: &[crate::model::LogPiece]) -> Result<usize> {
+        let build = hb
+            .build
+            .ok_or_else(|| Error::invalid("output", "needs a build `id`"))?;
+        self.heartbeat(hb)?;
+        let attempt = self.leases.get(&build).map(|l| l.attempt).unwrap_or_default();
+        let stored = self.store.append_log(build, attempt, pieces)?;
+        if stored > 0 {
+            self.events.push(Event::Output(build));
+        }
+        Ok(stored)
     }
 
     /// Takes a build's result. See the [module docs](self) for the rules.

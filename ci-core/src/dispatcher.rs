@@ -18,7 +18,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::coordinator::{
-    Accepted, Coordinator, Dispatch, DispatchFailure, Event, Heartbeat, Registration, Report,
+    Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Heartbeat, Registration, Report,
+    StopOrder,
 };
 use crate::error::{Error, Result};
 use crate::model::{Build, BuildId, NewBuild};
@@ -29,6 +30,14 @@ pub trait AgentLink: Send + Sync + 'static {
     /// Delivers `dispatch` to its agent. Returns once the agent has accepted
     /// the build (it runs in the background), not when it finishes.
     async fn dispatch(&self, dispatch: &Dispatch) -> Result<(), DispatchFailure>;
+
+    /// Tells an agent to stop an attempt (a cancel). Returns once it has,
+    /// or fails if the agent cannot be reached. The default does nothing:
+    /// the attempt's next heartbeat is refused and the agent stops it then.
+    async fn stop(&self, order: &StopOrder) -> Result<(), DispatchFailure> {
+        let _ = order;
+        Ok(())
+    }
 }
 
 /// A shared, running coordinator. See the [module docs](self).
@@ -62,7 +71,7 @@ impl Dispatcher {
         };
         let mut wake = false;
         for e in events {
-            wake |= !matches!(e, Event::Started { .. });
+            wake |= !matches!(e, Event::Started { .. } | Event::Output(_));
             // No subscribers is fine.
             let _ = self.events.send(e);
         }
@@ -100,6 +109,22 @@ impl Dispatcher {
     /// See [`Coordinator::complete`].
     pub fn complete(&self, report: Report) -> Result<Accepted> {
         self.with(|c| c.complete(report))
+    }
+
+    /// Cancels build `id`. A running build is stopped on its agent through
+    /// `link` before this returns.
+    pub async fn cancel(&self, id: BuildId, link: &dyn AgentLink) -> Result<Build> {
+        let order = match self.with(|c| c.cancel(id))? {
+            Cancel::Done(b) => return Ok(b),
+            Cancel::Stop(order) => order,
+        };
+        let reached = link.stop(&order).await;
+        if let Err(e) = &reached {
+            warn!(build = %id, agent = %order.agent, failure = ?e, "could not stop the build on its agent");
+        }
+        self.with(|c| c.stop_delivered(&order, reached.is_ok()))?;
+        self.with(|c| c.store().build(id))?
+            .ok_or(Error::BuildNotFound(id))
     }
 
     /// Waits until build `id` has finished and returns it.

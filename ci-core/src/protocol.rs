@@ -88,7 +88,55 @@ pub struct NotifyBuildResult {
     pub agent_id: Option<AgentId>,
 }
 
+/// Extension, `POST /notify_build_log`: live output of a running attempt,
+/// in numbered pieces so that a retry never duplicates or drops text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyBuildLog {
+    /// The build.
+    pub id: BuildId,
+    /// The attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
+    /// The sending agent.
+    #[serde(rename = "agentId", default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    /// The pieces, in order.
+    pub pieces: Vec<WirePiece>,
+}
+
+/// One piece of live output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WirePiece {
+    /// Position in the attempt's output, from 0.
+    #[serde(deserialize_with = "integral")]
+    pub seq: u64,
+    /// `stdout` or `stderr`.
+    pub stream: crate::runner::Stream,
+    /// The text.
+    pub data: String,
+}
+
+/// Extension, `POST /notify_agent_leave`: an agent going away on purpose;
+/// what it holds goes back to the queue at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyAgentLeave {
+    /// The leaving agent.
+    #[serde(rename = "agentId")]
+    pub agent_id: AgentId,
+}
+
 // === server → agent ===
+
+/// Extension, `POST /cancel` on an agent: stop this build. Answers once the
+/// work is dead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// The build.
+    pub id: BuildId,
+    /// The attempt, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
+}
 
 /// `POST /build` on an agent: run this build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,17 +278,33 @@ pub struct LogView {
     /// by an attempt that still runs, or that was lost.
     #[serde(default)]
     pub complete: bool,
+    /// Where an incomplete log stopped and why, when the attempt is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl LogView {
-    /// The view of a stored log.
-    pub fn new(id: BuildId, log: BuildLog) -> LogView {
+    /// The view of a stored log of `build`.
+    pub fn new(build: &Build, log: BuildLog) -> LogView {
+        let note =
+            (!log.complete && (log.attempt < build.attempt || build.status.is_finished())).then(|| {
+                if build.status == BuildStatus::Canceled && log.attempt == build.attempt {
+                    "the log stops here: the build was canceled".to_owned()
+                } else {
+                    format!(
+                        "the log stops here: attempt {} lost its agent; attempt {} took over",
+                        log.attempt,
+                        log.attempt.next()
+                    )
+                }
+            });
         LogView {
-            id,
+            id: build.id,
             attempt: log.attempt,
             stdout: log.stdout,
             stderr: log.stderr,
             complete: log.complete,
+            note,
         }
     }
 }

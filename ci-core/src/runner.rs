@@ -100,7 +100,8 @@ pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, default_time
 }
 
 /// An output stream of a build.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Stream {
     /// Standard output.
     Stdout,

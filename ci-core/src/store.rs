@@ -55,7 +55,7 @@ pub trait BuildStore: Send + Sync {
 
     /// Appends live output of `attempt`, if it is the build's running
     /// attempt. Pieces whose `seq` is already stored are ignored, and
-    /// nothing is kept past [`limits::MAX_LOG`](crate::model::limits::MAX_LOG)
+    /// nothing is kept past [`limits::MAX_LOG`]
     /// per stream. Returns how many pieces were stored.
     fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize>;
 

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use ci_core::coordinator::{Accepted, Heartbeat, Report};
 use ci_core::protocol::{
     AgentView, BuildList, BuildView, CreateBuild, ErrorBody, LogView, NotifyAgent, NotifyAgentAlive,
-    NotifyAgentReply, NotifyBuildResult,
+    NotifyAgentLeave, NotifyAgentReply, NotifyBuildLog, NotifyBuildResult,
 };
-use ci_core::{AgentId, BuildId, BuildStore, CommitRef, Completion, Dispatcher, NewBuild, Page};
+use ci_core::{AgentId, BuildId, BuildStore, CommitRef, Completion, Dispatcher, LogPiece, NewBuild, Page};
 use serde::Deserialize;
 use warp::http::StatusCode;
 use warp::reply::{json, with_status, Response};
@@ -37,6 +37,10 @@ pub(crate) struct App {
     pub dispatcher: Arc<Dispatcher>,
     pub store: Arc<dyn BuildStore>,
     pub config: Arc<ServerConfig>,
+    pub link: Arc<crate::HttpLink>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set when shutting down: no new builds.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -102,6 +106,10 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(notify_agent_alive(app.clone()))
         .unify()
         .or(notify_build_result(app.clone()))
+        .unify()
+        .or(notify_build_log(app.clone()))
+        .unify()
+        .or(notify_agent_leave(app.clone()))
         .unify();
     let api = create_build(app.clone())
         .or(list_builds(app.clone()))
@@ -110,7 +118,13 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = I
         .unify()
         .or(get_log(app.clone()))
         .unify()
-        .or(list_agents(app))
+        .or(build_action(app.clone()))
+        .unify()
+        .or(list_agents(app.clone()))
+        .unify()
+        .or(metrics(app.clone()))
+        .unify()
+        .or(crate::ui::routes(app))
         .unify()
         .or(healthz())
         .unify();
@@ -124,7 +138,7 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = I
         .with(warp::trace::request())
 }
 
-fn with_app(app: App) -> impl Filter<Extract = (App,), Error = Infallible> + Clone {
+pub(crate) fn with_app(app: App) -> impl Filter<Extract = (App,), Error = Infallible> + Clone {
     warp::any().map(move || app.clone())
 }
 
@@ -155,7 +169,7 @@ fn agent_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone
     bearer(app.config.agent_token.clone(), "AGENT_TOKEN")
 }
 
-fn api_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+pub(crate) fn api_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone {
     bearer(app.config.api_token.clone(), "API_TOKEN")
 }
 
@@ -295,6 +309,57 @@ impl CreateBuildForm {
     }
 }
 
+fn notify_build_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("notify_build_log")
+        .and(warp::post())
+        .and(agent_auth(&app))
+        .and(with_app(app))
+        .and(session_secret())
+        .and(json_body(MAX_RESULT_BODY))
+        .map(|app: App, secret: Option<String>, body: NotifyBuildLog| {
+            let store = || -> Result<_> {
+                let sender = app.sender(secret.as_deref(), body.agent_id)?;
+                let hb = Heartbeat {
+                    build: Some(body.id),
+                    attempt: body.attempt,
+                    agent: sender.agent,
+                    verified: sender.verified,
+                };
+                let pieces: Vec<LogPiece> = body
+                    .pieces
+                    .into_iter()
+                    .map(|p| LogPiece {
+                        seq: p.seq,
+                        stream: p.stream,
+                        data: p.data,
+                    })
+                    .collect();
+                let stored = app.dispatcher.with(|c| c.output(hb, &pieces))?;
+                Ok(json(&serde_json::json!({ "stored": stored })))
+            };
+            respond(store())
+        })
+}
+
+fn notify_agent_leave(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("notify_agent_leave")
+        .and(warp::post())
+        .and(agent_auth(&app))
+        .and(with_app(app))
+        .and(session_secret())
+        .and(json_body(MAX_BODY))
+        .map(|app: App, secret: Option<String>, body: NotifyAgentLeave| {
+            let leave = || -> Result<_> {
+                let sender = app.sender(secret.as_deref(), Some(body.agent_id))?;
+                app.dispatcher
+                    .with(|c| c.agent_left(body.agent_id, sender.verified))?;
+                tracing::info!(agent = %body.agent_id, "agent left");
+                Ok(json(&serde_json::json!({ "ok": true })))
+            };
+            respond(leave())
+        })
+}
+
 fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     // The original UI posted to /build; the API lives under /api/builds.
     let path = warp::path!("api" / "builds").or(warp::path!("build")).unify();
@@ -305,9 +370,17 @@ fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
     path.and(warp::post())
         .and(api_auth(&app))
         .and(with_app(app))
+        .and(warp::header::optional::<String>("accept"))
         .and(body)
-        .map(|app: App, body: CreateBuild| {
-            respond(create(&app, body).map(|b| with_status(json(&BuildView::from(&b)), StatusCode::CREATED)))
+        .map(|app: App, accept: Option<String>, body: CreateBuild| {
+            let created = create(&app, body);
+            // A plain HTML form (no JavaScript) goes to the build's page.
+            let browser = accept.as_deref().is_some_and(|a| a.contains("text/html"));
+            if let (Ok(b), true) = (&created, browser) {
+                let to = format!("/builds/{}", b.id);
+                return warp::reply::with_header(StatusCode::SEE_OTHER, "location", to).into_response();
+            }
+            respond(created.map(|b| with_status(json(&BuildView::from(&b)), StatusCode::CREATED)))
         })
 }
 
@@ -379,9 +452,78 @@ fn get_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> 
         })
 }
 
+/// `POST /api/builds/{id}/cancel` and `POST /api/builds/{id}/rebuild`.
+fn build_action(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let action = |name: &'static str| {
+        warp::path("api")
+            .and(warp::path("builds"))
+            .and(build_id())
+            .and(warp::path(name))
+            .and(warp::path::end())
+            .and(warp::post())
+    };
+    let cancel = action("cancel")
+        .and(api_auth(&app))
+        .and(with_app(app.clone()))
+        .and_then(|id: BuildId, app: App| async move {
+            let canceled = app.dispatcher.cancel(id, &*app.link).await;
+            Ok::<_, Rejection>(respond(
+                canceled
+                    .map(|b| json(&BuildView::from(&b)))
+                    .map_err(ApiError::from),
+            ))
+        });
+    let rebuild = action("rebuild")
+        .and(api_auth(&app))
+        .and(with_app(app))
+        .map(|id: BuildId, app: App| {
+            respond(rebuild(&app, id).map(|b| with_status(json(&BuildView::from(&b)), StatusCode::CREATED)))
+        });
+    cancel.or(rebuild).unify()
+}
+
+fn rebuild(app: &App, id: BuildId) -> Result<ci_core::Build> {
+    let b = app.store.build(id)?.ok_or(ci_core::Error::BuildNotFound(id))?;
+    let body = CreateBuild {
+        hash: b.hash,
+        command: Some(b.command),
+        branch: b.branch,
+        image: b.image,
+        timeout_ms: b.timeout_ms,
+    };
+    create(app, body)
+}
+
+fn metrics(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(with_app(app))
+        .map(|app: App| {
+            let snapshot = || -> Result<crate::metrics::Snapshot> {
+                let builds = app.store.status_counts()?;
+                let (idle, busy) = app.dispatcher.with(|c| {
+                    let agents = c.agents();
+                    let idle = agents.iter().filter(|a| a.is_idle()).count() as u64;
+                    (idle, agents.len() as u64 - idle)
+                });
+                Ok(crate::metrics::Snapshot { builds, idle, busy })
+            };
+            match snapshot() {
+                Ok(now) => warp::reply::with_header(
+                    app.metrics.render(&now),
+                    "content-type",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+                .into_response(),
+                Err(e) => e.into_response(),
+            }
+        })
+}
+
 #[derive(Debug, Deserialize)]
 struct LogQuery {
     attempt: Option<u32>,
+    follow: Option<String>,
 }
 
 fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -394,7 +536,20 @@ fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + 
         .and(api_auth(&app))
         .and(with_app(app))
         .and(warp::query::<LogQuery>())
-        .map(|id: BuildId, app: App, q: LogQuery| respond(log(&app, id, q)))
+        .map(|id: BuildId, app: App, q: LogQuery| {
+            let follow = q
+                .follow
+                .as_deref()
+                .is_some_and(|f| matches!(f, "1" | "true" | "yes"));
+            if !follow {
+                return respond(log(&app, id, q));
+            }
+            match app.store.build(id) {
+                Ok(Some(_)) => crate::follow::reply(app, id),
+                Ok(None) => ApiError::from(ci_core::Error::BuildNotFound(id)).into_response(),
+                Err(e) => ApiError::from(e).into_response(),
+            }
+        })
 }
 
 fn list_agents(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -461,6 +616,12 @@ fn register(app: &App, remote: Option<SocketAddr>, body: NotifyAgent) -> Result<
 }
 
 fn create(app: &App, body: CreateBuild) -> Result<ci_core::Build> {
+    if app.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ));
+    }
     let command = body
         .command
         .filter(|c| !c.trim().is_empty())
@@ -472,7 +633,7 @@ fn create(app: &App, body: CreateBuild) -> Result<ci_core::Build> {
         branch: body.branch.filter(|b| !b.is_empty()),
         command,
         image: body.image.filter(|i| !i.is_empty()),
-        timeout_ms: body.timeout_ms,
+        timeout_ms: body.timeout_ms.or(app.config.build_timeout_ms),
     };
     Ok(app.dispatcher.submit(&new)?)
 }
@@ -493,7 +654,7 @@ fn log(app: &App, id: BuildId, q: LogQuery) -> Result<impl Reply> {
         complete: build.status.is_finished(),
         ..Default::default()
     });
-    Ok(json(&LogView::new(id, log)))
+    Ok(json(&LogView::new(&build, log)))
 }
 
 /// The base URL of an agent from what it announced: `host` with or without

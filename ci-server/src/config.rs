@@ -79,6 +79,10 @@ pub struct Args {
     )]
     pub dispatch_timeout_ms: u64,
 
+    /// Time limit of builds that set none (e.g. 30m, 1h, 2h30m).
+    #[arg(long, env = "BUILD_TIMEOUT", value_name = "BUILD_TIMEOUT", default_value = "1h", value_parser = parse_timeout)]
+    pub build_timeout: Duration,
+
     /// Shared secret agents must present (`Authorization: Bearer`) on the
     /// agent protocol, and that the server presents to agents.
     #[arg(long, env = "AGENT_TOKEN", value_name = "AGENT_TOKEN", hide_env_values = true)]
@@ -114,6 +118,20 @@ pub struct ServerConfig {
     pub agent_token: Option<String>,
     /// Token of the user API.
     pub api_token: Option<String>,
+    /// Timeout given to builds that set none.
+    pub build_timeout_ms: Option<u64>,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let max = Duration::from_millis(ci_core::model::limits::MAX_TIMEOUT_MS);
+    if d.is_zero() || d > max {
+        return Err(format!(
+            "must be between 1ms and {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
 }
 
 impl ServerConfig {
@@ -130,6 +148,7 @@ impl ServerConfig {
             dispatch_timeout: Duration::from_secs(5),
             agent_token: None,
             api_token: None,
+            build_timeout_ms: None,
         }
     }
 
@@ -201,6 +220,7 @@ impl TryFrom<Args> for ServerConfig {
             dispatch_timeout: Duration::from_millis(a.dispatch_timeout_ms),
             agent_token: check_token("AGENT_TOKEN", a.agent_token)?,
             api_token: check_token("API_TOKEN", a.api_token)?,
+            build_timeout_ms: Some(u64::try_from(a.build_timeout.as_millis()).unwrap_or(u64::MAX)),
         })
     }
 }

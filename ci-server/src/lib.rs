@@ -9,6 +9,10 @@
 //! - `api` (private): the routes of the agent protocol and the JSON API.
 //! - [`link`]: [`HttpLink`], delivering builds to agents.
 //! - [`openapi`]: the OpenAPI description, served at `/api/openapi.json`.
+//! - [`metrics`]: `/metrics` in the Prometheus text format.
+//! - `follow` (private): `GET /api/builds/{id}/log?follow=1`, Server-Sent Events.
+//! - `ui` (private): the web pages, server-rendered HTML with a little
+//!   JavaScript, embedded in the binary.
 //!
 //! The scheduling itself is [`ci_core::Coordinator`], driven by a
 //! [`ci_core::Dispatcher`].
@@ -27,8 +31,11 @@
 
 mod api;
 pub mod config;
+mod follow;
 pub mod link;
+pub mod metrics;
 pub mod openapi;
+mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -72,7 +79,6 @@ pub enum Error {
 /// A ready server. See the [crate docs](crate).
 pub struct Server {
     app: api::App,
-    link: Arc<HttpLink>,
 }
 
 impl std::fmt::Debug for Server {
@@ -109,8 +115,10 @@ impl Server {
                 dispatcher: Dispatcher::new(coordinator),
                 store,
                 config: Arc::new(config),
+                link,
+                metrics: Arc::default(),
+                draining: Arc::default(),
             },
-            link,
         })
     }
 
@@ -142,10 +150,26 @@ impl Server {
             self.app
                 .dispatcher
                 .clone()
-                .run(self.link.clone(), stopped(stop_rx.clone())),
+                .run(self.app.link.clone(), stopped(stop_rx.clone())),
         );
+        let (metrics, mut events) = (self.app.metrics.clone(), self.app.dispatcher.subscribe());
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(e) => metrics.observe(&e),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => metrics.lagged(n),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let draining = self.app.draining.clone();
         tokio::spawn(async move {
             shutdown.await;
+            // Drain: refuse new builds, finish the requests and dispatches
+            // in flight, then stop. Running builds stay running; their
+            // agents report to the next server process.
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("draining");
             let _ = stop_tx.send(true);
         });
         if let Ok(addr) = listener.local_addr() {

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ci_core::protocol::CancelRequest;
 use ci_core::protocol::ErrorBody;
-use ci_core::{AgentLink, Dispatch, DispatchFailure};
+use ci_core::{AgentLink, Dispatch, DispatchFailure, StopOrder};
 use reqwest::StatusCode;
 
 /// An [`AgentLink`] that posts builds to agents.
@@ -28,6 +29,34 @@ impl HttpLink {
 
 #[async_trait]
 impl AgentLink for HttpLink {
+    async fn stop(&self, order: &StopOrder) -> Result<(), DispatchFailure> {
+        let body = CancelRequest {
+            id: order.build,
+            attempt: Some(order.attempt),
+        };
+        let mut req = self
+            .client
+            .post(format!("{}/cancel", order.agent_url))
+            .json(&body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        // The agent answers once the work is dead, which may take a while.
+        let resp = req
+            .timeout(std::time::Duration::from_secs(35))
+            .send()
+            .await
+            .map_err(|e| DispatchFailure::Unreachable(ci_core::error::chain(&e)))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(DispatchFailure::Unreachable(format!(
+                "cancel answered {}",
+                resp.status()
+            )))
+        }
+    }
+
     async fn dispatch(&self, d: &Dispatch) -> Result<(), DispatchFailure> {
         let url = format!("{}/build", d.agent_url);
         let mut req = self.client.post(&url).json(&d.request());

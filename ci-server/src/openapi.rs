@@ -13,7 +13,12 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/api/builds"),
     ("get", "/api/builds/{id}"),
     ("get", "/api/builds/{id}/log"),
+    ("post", "/api/builds/{id}/cancel"),
+    ("post", "/api/builds/{id}/rebuild"),
     ("get", "/api/agents"),
+    ("get", "/metrics"),
+    ("post", "/notify_build_log"),
+    ("post", "/notify_agent_leave"),
     ("get", "/api/openapi.json"),
     ("get", "/healthz"),
     ("post", "/build"),
@@ -202,6 +207,72 @@ pub fn spec() -> Value {
                     }
                 }
             },
+            "/api/builds/{id}/cancel": {
+                "post": {
+                    "tags": ["builds"], "summary": "Cancel a build: a queued one at once, a running one once its agent stopped it", "operationId": "cancelBuild",
+                    "security": api_security,
+                    "parameters": [id_param()],
+                    "responses": {
+                        "200": ok("The canceled build", "Build"),
+                        "400": error("Invalid id"),
+                        "401": error("Missing or wrong API token"),
+                        "404": error("No such build"),
+                        "409": error("The build already finished"),
+                        "503": error("Storage unavailable; retry")
+                    }
+                }
+            },
+            "/api/builds/{id}/rebuild": {
+                "post": {
+                    "tags": ["builds"], "summary": "A new build of the same commit and command", "operationId": "rebuild",
+                    "security": api_security,
+                    "parameters": [id_param()],
+                    "responses": {
+                        "201": ok("The new build", "Build"),
+                        "400": error("Invalid id"),
+                        "401": error("Missing or wrong API token"),
+                        "404": error("No such build"),
+                        "503": error("Storage unavailable, or shutting down; retry")
+                    }
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "tags": ["builds"], "summary": "Prometheus metrics", "operationId": "metrics",
+                    "responses": {
+                        "200": { "description": "Prometheus text format", "content": { "text/plain": { "schema": { "type": "string" } } } },
+                        "503": error("Storage unavailable; retry")
+                    }
+                }
+            },
+            "/notify_build_log": {
+                "post": {
+                    "tags": ["agent protocol"], "summary": "Live output of a running attempt (extension)", "operationId": "notifyBuildLog",
+                    "security": [{ "agentToken": [], "agentSecret": [] }, { "agentToken": [] }, {}],
+                    "requestBody": body("NotifyBuildLog"),
+                    "responses": with_body_errors(json!({
+                        "200": { "description": "Stored (repeats ignored)", "content": { "application/json": { "schema": { "type": "object", "required": ["stored"], "properties": { "stored": { "type": "integer" } } } } } },
+                        "401": error("Missing agent token, or the agent's session secret was not presented"),
+                        "404": error("The build is not running"),
+                        "409": error("The attempt was superseded, or another agent holds the build"),
+                        "503": error("Storage unavailable; retry")
+                    }))
+                }
+            },
+            "/notify_agent_leave": {
+                "post": {
+                    "tags": ["agent protocol"], "summary": "An agent leaves; what it holds is requeued (extension)", "operationId": "notifyAgentLeave",
+                    "security": [{ "agentToken": [], "agentSecret": [] }, { "agentToken": [] }, {}],
+                    "requestBody": body("NotifyAgentLeave"),
+                    "responses": with_body_errors(json!({
+                        "200": { "description": "Gone", "content": { "application/json": { "schema": { "type": "object" } } } },
+                        "401": error("Missing agent token, or the agent's session secret was not presented"),
+                        "404": error("Unknown agent"),
+                        "409": error("agentId does not match the session secret"),
+                        "503": error("Storage unavailable; retry")
+                    }))
+                }
+            },
             "/api/agents": {
                 "get": {
                     "tags": ["builds"], "summary": "Registered agents", "operationId": "listAgents",
@@ -347,12 +418,14 @@ pub fn spec() -> Value {
                     }
                 },
                 "Log": {
-                    "type": "object", "required": ["id", "attempt", "stdout", "stderr"],
+                    "type": "object", "required": ["id", "attempt", "stdout", "stderr", "complete"],
                     "properties": {
                         "id": { "type": "integer" },
                         "attempt": { "type": "integer", "minimum": 0 },
                         "stdout": { "type": "string" },
-                        "stderr": { "type": "string" }
+                        "stderr": { "type": "string" },
+                        "complete": { "type": "boolean", "description": "The accepted result's log, rather than output streamed while the attempt ran" },
+                        "note": { "type": "string", "description": "Where an incomplete log stopped, and why" }
                     }
                 },
                 "Agent": {
@@ -379,6 +452,26 @@ pub fn spec() -> Value {
                         ] },
                         "session": { "type": "boolean", "description": "Ask for a session secret" }
                     }
+                },
+                "NotifyBuildLog": {
+                    "type": "object", "required": ["id", "pieces"],
+                    "properties": {
+                        "id": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX },
+                        "attempt": { "type": "integer", "minimum": 0, "maximum": u32::MAX },
+                        "agentId": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX },
+                        "pieces": { "type": "array", "items": {
+                            "type": "object", "required": ["seq", "stream", "data"],
+                            "properties": {
+                                "seq": { "type": "integer", "minimum": 0, "maximum": i64::MAX },
+                                "stream": { "type": "string", "enum": ["stdout", "stderr"] },
+                                "data": { "type": "string" }
+                            }
+                        } }
+                    }
+                },
+                "NotifyAgentLeave": {
+                    "type": "object", "required": ["agentId"],
+                    "properties": { "agentId": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX } }
                 },
                 "NotifyAgentReply": {
                     "type": "object", "required": ["id", "timeout"],

@@ -205,7 +205,17 @@ where
     }
 }
 
-/// True if a process with this pid exists.
+/// True if a process with this pid exists and is not a zombie (dead but
+/// not yet reaped by its parent).
 pub fn alive(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok()
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    // /proc/<pid>/stat: "pid (comm) S ...", the state after the last ')'.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
 }

@@ -1,0 +1,508 @@
+//! `ci`, the command-line client: submit, list, show, follow logs, cancel,
+//! rebuild, and list agents, against a server's JSON API.
+//!
+//! # Layout
+//! - [`Cli`], [`Command`]: the arguments (clap).
+//! - [`Client`]: the API calls.
+//! - [`run`]: carries out a command and returns the exit code: 0, or 1 when
+//!   a build waited for with `--wait` did not succeed; errors are 2.
+
+#![forbid(unsafe_code)]
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use ci_core::protocol::{AgentView, BuildList, BuildView, ErrorBody, LogView};
+use ci_core::BuildStatus;
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server could not be reached.
+    #[error("cannot reach {url}: {cause}")]
+    Unreachable {
+        /// The server.
+        url: String,
+        /// Why.
+        cause: String,
+    },
+    /// The server refused the request.
+    #[error("{0}")]
+    Api(String),
+    /// Output could not be written.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `ci` arguments.
+#[derive(Debug, Parser)]
+#[command(name = "ci", version, about = "Command-line client of the ci build server")]
+pub struct Cli {
+    /// The server's base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "CI_SERVER",
+        value_name = "CI_SERVER",
+        default_value = "http://127.0.0.1:3000"
+    )]
+    pub server: String,
+
+    /// API token, if the server has one.
+    #[arg(
+        long,
+        global = true,
+        env = "CI_TOKEN",
+        value_name = "CI_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a build of a commit (SHA, branch or tag).
+    Submit {
+        /// The commit.
+        hash: String,
+        /// Command to run (default: the server's).
+        #[arg(long)]
+        command: Option<String>,
+        /// Branch, for display.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Wait for the build to finish; exit 0 if it succeeded, 1 if not.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List builds, newest first.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Page, from 1.
+        #[arg(long, default_value_t = 1)]
+        page: usize,
+    },
+    /// Show one build.
+    Show {
+        /// Build number.
+        id: i64,
+    },
+    /// Print a build's output (stdout to stdout, stderr to stderr).
+    Log {
+        /// Build number.
+        id: i64,
+        /// Keep printing while the build runs.
+        #[arg(long, short)]
+        follow: bool,
+        /// An earlier attempt's output.
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+    /// Cancel a queued or running build.
+    Cancel {
+        /// Build number.
+        id: i64,
+    },
+    /// Build the same commit and command again.
+    Rebuild {
+        /// Build number.
+        id: i64,
+        /// Wait for the new build; exit 0 if it succeeded, 1 if not.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List agents.
+    Agents,
+}
+
+/// A client of one server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of the server at `base`.
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, Error> {
+        let resp = req.send().await.map_err(|e| Error::Unreachable {
+            url: self.base.clone(),
+            cause: ci_core::error::chain(&e),
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json()
+                .await
+                .map_err(|e| Error::Api(format!("bad reply: {e}")));
+        }
+        let msg = resp
+            .json::<ErrorBody>()
+            .await
+            .map(|b| b.error)
+            .unwrap_or_default();
+        Err(Error::Api(format!("{status}: {msg}")))
+    }
+
+    /// `POST /api/builds`.
+    pub async fn submit(&self, body: &serde_json::Value) -> Result<BuildView, Error> {
+        self.send(self.request(reqwest::Method::POST, "/api/builds").json(body))
+            .await
+    }
+
+    /// `GET /api/builds`.
+    pub async fn list(&self, limit: usize, offset: usize) -> Result<BuildList, Error> {
+        self.send(self.request(
+            reqwest::Method::GET,
+            &format!("/api/builds?limit={limit}&offset={offset}"),
+        ))
+        .await
+    }
+
+    /// `GET /api/builds/{id}`.
+    pub async fn show(&self, id: i64) -> Result<BuildView, Error> {
+        self.send(self.request(reqwest::Method::GET, &format!("/api/builds/{id}")))
+            .await
+    }
+
+    /// `GET /api/builds/{id}/log`.
+    pub async fn log(&self, id: i64, attempt: Option<u32>) -> Result<LogView, Error> {
+        let q = attempt.map(|a| format!("?attempt={a}")).unwrap_or_default();
+        self.send(self.request(reqwest::Method::GET, &format!("/api/builds/{id}/log{q}")))
+            .await
+    }
+
+    /// `POST /api/builds/{id}/{action}`.
+    pub async fn action(&self, id: i64, action: &str) -> Result<BuildView, Error> {
+        self.send(self.request(reqwest::Method::POST, &format!("/api/builds/{id}/{action}")))
+            .await
+    }
+
+    /// `GET /api/agents`.
+    pub async fn agents(&self) -> Result<Vec<AgentView>, Error> {
+        self.send(self.request(reqwest::Method::GET, "/api/agents")).await
+    }
+
+    /// Follows `GET /api/builds/{id}/log?follow=1`, writing output as it
+    /// comes; returns the final status.
+    pub async fn follow(&self, id: i64) -> Result<Option<BuildStatus>, Error> {
+        let resp = self
+            .request(reqwest::Method::GET, &format!("/api/builds/{id}/log?follow=1"))
+            .send()
+            .await
+            .map_err(|e| Error::Unreachable {
+                url: self.base.clone(),
+                cause: ci_core::error::chain(&e),
+            })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let msg = resp
+                .json::<ErrorBody>()
+                .await
+                .map(|b| b.error)
+                .unwrap_or_default();
+            return Err(Error::Api(format!("{status}: {msg}")));
+        }
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| Error::Api(format!("the stream broke: {e}")))?;
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(cut) = buf.find("\n\n") {
+                let raw: String = buf.drain(..cut + 2).collect();
+                let raw = raw.as_str();
+                let (mut event, mut data) = ("", Vec::new());
+                for line in raw.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push(d.strip_prefix(' ').unwrap_or(d));
+                    }
+                }
+                let text = data.join("\n");
+                match event {
+                    "stdout" => {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(text.as_bytes())?;
+                        out.flush()?;
+                    }
+                    "stderr" => eprint!("{text}"),
+                    "attempt" => {
+                        eprintln!("\n--- the previous attempt stopped here; attempt {text} starts ---")
+                    }
+                    "end" => {
+                        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                        return Ok(v["status"].as_str().and_then(|s| s.parse().ok()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Polls until build `id` finishes, showing progress on stderr.
+    pub async fn wait(&self, id: i64) -> Result<BuildView, Error> {
+        let tty = std::io::stderr().is_terminal();
+        let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+        let mut i = 0usize;
+        let mut last = None;
+        loop {
+            let b = self.show(id).await?;
+            if b.status.is_finished() {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                return Ok(b);
+            }
+            if tty {
+                eprint!("\r{} build #{id} {}", spinner[i % spinner.len()], b.status);
+                i += 1;
+            } else if last != Some(b.status) {
+                eprintln!("build #{id} {}", b.status);
+            }
+            last = Some(b.status);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn duration(ms: Option<u64>) -> String {
+    ms.map(|ms| {
+        if ms < 1000 {
+            format!("{ms}ms")
+        } else {
+            format!("{:.1}s", ms as f64 / 1000.0)
+        }
+    })
+    .unwrap_or_default()
+}
+
+fn build_rows(builds: &[BuildView]) -> String {
+    let rows: Vec<Vec<String>> = builds
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.to_string(),
+                b.hash.chars().take(10).collect(),
+                b.status.to_string(),
+                b.agent.clone().unwrap_or_default(),
+                duration(b.duration_ms),
+                b.command.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "COMMIT", "STATUS", "AGENT", "DURATION", "COMMAND"], &rows)
+}
+
+fn show(b: &BuildView) -> String {
+    let opt = |s: &Option<String>| s.clone().unwrap_or_default();
+    let rows = vec![
+        vec!["build".into(), b.id.to_string()],
+        vec!["status".into(), b.status.to_string()],
+        vec!["commit".into(), b.hash.clone()],
+        vec!["command".into(), b.command.clone()],
+        vec!["branch".into(), opt(&b.branch)],
+        vec!["agent".into(), opt(&b.agent)],
+        vec!["attempt".into(), b.attempt.to_string()],
+        vec![
+            "exit code".into(),
+            b.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        ],
+        vec!["created".into(), b.created_at.clone()],
+        vec!["started".into(), opt(&b.started_at)],
+        vec!["finished".into(), opt(&b.finished_at)],
+        vec!["duration".into(), duration(b.duration_ms)],
+    ];
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&format!("{:<10} {}\n", r[0], r[1]));
+    }
+    out
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v).map_err(|e| Error::Api(e.to_string()))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Carries out `cli`. Returns the process exit code.
+pub async fn run(cli: Cli) -> Result<u8, Error> {
+    let client = Client::new(&cli.server, cli.token.clone().filter(|t| !t.is_empty()));
+    let finish = |b: &BuildView, json: bool| -> Result<u8, Error> {
+        if json {
+            print_json(b)?;
+        } else {
+            print!("{}", show(b));
+        }
+        Ok(if b.status == BuildStatus::Success { 0 } else { 1 })
+    };
+    match cli.command {
+        Command::Submit {
+            hash,
+            command,
+            branch,
+            wait,
+        } => {
+            let mut body = serde_json::json!({ "hash": hash });
+            if let Some(c) = command {
+                body["command"] = c.into();
+            }
+            if let Some(b) = branch {
+                body["branch"] = b.into();
+            }
+            let b = client.submit(&body).await?;
+            if wait {
+                let b = client.wait(b.id.0).await?;
+                return finish(&b, cli.json);
+            }
+            if cli.json {
+                print_json(&b)?;
+            } else {
+                println!("build #{} queued ({})", b.id, b.hash);
+            }
+            Ok(0)
+        }
+        Command::List { limit, page } => {
+            let list = client
+                .list(limit.clamp(1, 500), (page.max(1) - 1) * limit)
+                .await?;
+            if cli.json {
+                print_json(&list.builds)?;
+            } else {
+                print!("{}", build_rows(&list.builds));
+            }
+            Ok(0)
+        }
+        Command::Show { id } => {
+            let b = client.show(id).await?;
+            if cli.json {
+                print_json(&b)?;
+            } else {
+                print!("{}", show(&b));
+            }
+            Ok(0)
+        }
+        Command::Log { id, follow, attempt } => {
+            if follow && attempt.is_none() {
+                let status = client.follow(id).await?;
+                return Ok(match status {
+                    Some(BuildStatus::Success) | None => 0,
+                    Some(_) => 1,
+                });
+            }
+            let log = client.log(id, attempt).await?;
+            if cli.json {
+                print_json(&log)?;
+            } else {
+                print!("{}", log.stdout);
+                eprint!("{}", log.stderr);
+                if let Some(note) = &log.note {
+                    eprintln!("[{note}]");
+                }
+            }
+            Ok(0)
+        }
+        Command::Cancel { id } => {
+            let b = client.action(id, "cancel").await?;
+            if cli.json {
+                print_json(&b)?;
+            } else {
+                println!("build #{} {}", b.id, b.status);
+            }
+            Ok(0)
+        }
+        Command::Rebuild { id, wait } => {
+            let b = client.action(id, "rebuild").await?;
+            if wait {
+                let b = client.wait(b.id.0).await?;
+                return finish(&b, cli.json);
+            }
+            if cli.json {
+                print_json(&b)?;
+            } else {
+                println!("build #{} queued (rebuild of #{id})", b.id);
+            }
+            Ok(0)
+        }
+        Command::Agents => {
+            let agents = client.agents().await?;
+            if cli.json {
+                print_json(&agents)?;
+            } else {
+                let rows: Vec<Vec<String>> = agents
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.id.to_string(),
+                            a.url.clone(),
+                            format!("{:?}", a.status).to_lowercase(),
+                            a.last_seen.clone(),
+                            a.build.map(|b| b.to_string()).unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["ID", "URL", "STATUS", "LAST SEEN", "BUILD"], &rows));
+            }
+            Ok(0)
+        }
+    }
+}

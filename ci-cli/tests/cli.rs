@@ -1,0 +1,186 @@
+//! The `ci` binary against a real server and shell agent (started in this
+//! process through their libraries, on loopback, with a SQLite file).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::process::Command;
+use std::sync::Arc;
+
+use ci_agent::{Agent, AgentConfig, Checkouts, ShellRunner};
+use ci_server::{Server, ServerConfig};
+use ci_testkit::GitRepo;
+
+struct Cluster {
+    url: String,
+    repo: GitRepo,
+    _dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn cluster() -> Cluster {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new();
+    repo.commit(&[("build.sh", "echo hello; echo oops >&2\n")], "first");
+    let mut config = ServerConfig::new(
+        ci_core::RepoUrl::parse(&repo.url()).unwrap(),
+        dir.path().join("ci.sqlite"),
+    );
+    config.build_command = Some("sh build.sh".into());
+    let server = Server::open(config).unwrap();
+    let (url, agent_dir) = (
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", l.local_addr().unwrap());
+            tokio::spawn(server.serve(l, std::future::pending()));
+            url
+        }),
+        dir.path().join("agent"),
+    );
+    rt.block_on(async {
+        let config = AgentConfig::new(&url, &agent_dir);
+        let runner = ShellRunner::new(Checkouts::new(&agent_dir).unwrap(), config.repo_schemes.clone());
+        let agent = Agent::new(config, Arc::new(runner)).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tokio::spawn(agent.serve(l, std::future::pending()));
+        let http = reqwest::Client::new();
+        ci_testkit::wait_until("the agent", std::time::Duration::from_secs(20), || async {
+            let a: Vec<serde_json::Value> = http
+                .get(format!("{url}/api/agents"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (a.len() == 1).then_some(())
+        })
+        .await;
+    });
+    Cluster {
+        url,
+        repo,
+        _dir: dir,
+        _rt: rt,
+    }
+}
+
+impl Cluster {
+    fn ci(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_ci"))
+            .args(args)
+            .env_clear()
+            .env("CI_SERVER", &self.url)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[test]
+fn submit_wait_list_show_log_rebuild_agents() {
+    let c = cluster();
+    let (code, out, _) = c.ci(&["submit", "main", "--wait"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("status     success"), "{out}");
+
+    let (code, out, _) = c.ci(&["submit", "main", "--command", "exit 4", "--wait"]);
+    assert_eq!(code, 1, "a failed build exits 1: {out}");
+    assert!(out.contains("exit code  4"), "{out}");
+
+    let (code, out, _) = c.ci(&["list"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("STATUS"), "{out}");
+    assert!(lines[1].starts_with("2 ") && lines[1].contains("failed"), "{out}");
+    assert!(
+        lines[2].starts_with("1 ") && lines[2].contains("success"),
+        "{out}"
+    );
+
+    let (code, out, _) = c.ci(&["--json", "list"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(2));
+
+    let (code, out, _) = c.ci(&["show", "1", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["status"],
+        "success"
+    );
+
+    let (code, out, err) = c.ci(&["log", "1"]);
+    assert_eq!(code, 0);
+    assert!(out.ends_with("hello\n"), "{out}");
+    assert_eq!(err, "oops\n");
+
+    let (code, out, err) = c.ci(&["log", "1", "--follow"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("hello\n") && err == "oops\n", "{out} {err}");
+
+    let (code, out, _) = c.ci(&["rebuild", "1", "--wait"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("build      3"), "{out}");
+
+    let (code, out, _) = c.ci(&["agents"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().nth(1).is_some_and(|l| l.contains("idle")), "{out}");
+    let _ = &c.repo;
+}
+
+#[test]
+fn follow_cancel_and_errors() {
+    let c = cluster();
+    let (code, out, _) = c.ci(&["submit", "main", "--command", "echo started; sleep 60"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("build #1 queued"), "{out}");
+    let follower = Command::new(env!("CARGO_BIN_EXE_ci"))
+        .args(["log", "1", "--follow"])
+        .env_clear()
+        .env("CI_SERVER", &c.url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(ci_testkit::wait_until(
+        "the build to print",
+        std::time::Duration::from_secs(30),
+        || async {
+            let v: serde_json::Value = reqwest::get(format!("{}/api/builds/1/log", c.url))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v["stdout"].as_str()?.contains("started").then_some(())
+        },
+    ));
+    let (code, out, _) = c.ci(&["cancel", "1"]);
+    assert_eq!((code, out.trim()), (0, "build #1 canceled"));
+    let followed = follower.wait_with_output().unwrap();
+    assert_eq!(
+        followed.status.code(),
+        Some(1),
+        "following a canceled build exits 1"
+    );
+    assert!(String::from_utf8_lossy(&followed.stdout).contains("started"));
+
+    let (code, _, err) = c.ci(&["cancel", "1"]);
+    assert_eq!(code, 2);
+    assert!(err.starts_with("ci: 409") && err.lines().count() == 1, "{err}");
+    let (code, _, err) = c.ci(&["show", "99"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("404") && err.contains("not found"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ci"))
+        .args(["--server", "http://127.0.0.1:9", "list"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("ci: cannot reach http://127.0.0.1:9"));
+}

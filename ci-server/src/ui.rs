@@ -1,0 +1,322 @@
+//! The web UI: server-rendered HTML with a little plain JavaScript, embedded
+//! in the binary (no build step).
+//!
+//! - `GET /`: the form to start a build, the builds table (paginated with
+//!   `?page=`) and the agents table; both refresh every two seconds.
+//! - `GET /builds/{id}`: a build's details, its output live while it runs,
+//!   and Cancel and Rebuild buttons.
+//!
+//! Pages render their data on the server, so they read without
+//! JavaScript. When the server has an `API_TOKEN`, pages carry no data: the
+//! script asks for the token once, keeps it in the browser's local storage
+//! and sends it with every request.
+
+use std::fmt::Write;
+
+use ci_core::protocol::BuildView;
+use ci_core::{BuildId, Page};
+use warp::http::StatusCode;
+use warp::reply::{html, with_header, with_status, Response};
+use warp::{Filter, Rejection, Reply};
+
+use crate::api::{with_app, App};
+
+const STYLE: &str = include_str!("../ui/style.css");
+const SCRIPT: &str = include_str!("../ui/app.js");
+/// Builds per page.
+const PAGE_SIZE: usize = 25;
+
+/// The UI's routes.
+pub(crate) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let assets = warp::path!("ui" / String)
+        .and(warp::get())
+        .and_then(|name: String| async move {
+            let (body, kind) = match name.as_str() {
+                "style.css" => (STYLE, "text/css; charset=utf-8"),
+                "app.js" => (SCRIPT, "text/javascript; charset=utf-8"),
+                _ => return Err(warp::reject::not_found()),
+            };
+            let r = with_header(body, "content-type", kind);
+            Ok(with_header(r, "cache-control", "no-cache").into_response())
+        });
+    let index = warp::path::end()
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .map(|app: App, q: std::collections::HashMap<String, String>| {
+            let page = q
+                .get("page")
+                .and_then(|p| p.parse::<usize>().ok())
+                .filter(|p| *p >= 1)
+                .unwrap_or(1);
+            index_page(&app, page)
+        });
+    let build = warp::path("builds")
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_app(app))
+        .map(
+            |id: String, app: App| match id.parse::<i64>().ok().filter(|n| *n > 0) {
+                Some(n) => build_page(&app, BuildId(n)),
+                None => with_status(
+                    html(shell("Not found", "", "<p>No such build.</p>", &app)),
+                    StatusCode::NOT_FOUND,
+                )
+                .into_response(),
+            },
+        );
+    assets.or(index).unify().or(build).unify()
+}
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn status(s: &str) -> String {
+    let icon = match s {
+        "success" => "✔",
+        "failed" => "✖",
+        "running" => "⟳",
+        "queued" => "…",
+        "canceled" => "⊘",
+        "idle" => "○",
+        "busy" => "●",
+        _ => "",
+    };
+    format!(r#"<span class="status status-{s}"><span aria-hidden="true">{icon}</span> {s}</span>"#)
+}
+
+fn duration(ms: Option<u64>) -> String {
+    match ms {
+        None => String::new(),
+        Some(ms) if ms < 1000 => format!("{ms} ms"),
+        Some(ms) if ms < 60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        Some(ms) => format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1000),
+    }
+}
+
+fn shell(title: &str, body_attrs: &str, main: &str, app: &App) -> String {
+    let token = if app.config.api_token.is_some() {
+        "required"
+    } else {
+        "none"
+    };
+    format!(
+        r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · ci</title>
+<link rel="stylesheet" href="/ui/style.css">
+</head>
+<body data-token="{token}" {body_attrs}>
+<header><h1><a href="/">ci</a></h1><span class="muted">{repo}</span></header>
+<main>
+<form id="token-form" class="new" hidden>
+  <label for="token">API token</label><input id="token" name="token" type="password" autocomplete="current-password">
+  <button type="submit">Save</button>
+</form>
+{main}
+</main>
+<script src="/ui/app.js" defer></script>
+</body>
+</html>
+"#,
+        title = esc(title),
+        repo = esc(app.config.repo.as_str()),
+    )
+}
+
+fn build_row(b: &BuildView) -> String {
+    format!(
+        r#"<tr><td><a href="/builds/{id}">#{id}</a></td><td><code>{hash}</code></td><td class="command"><code>{cmd}</code></td><td>{st}</td><td>{agent}</td><td>{dur}</td></tr>"#,
+        id = b.id,
+        hash = esc(&b.hash[..b.hash.len().min(12)]),
+        cmd = esc(&b.command),
+        st = status(b.status.as_str()),
+        agent = esc(b.agent.as_deref().unwrap_or("")),
+        dur = duration(b.duration_ms),
+    )
+}
+
+fn index_page(app: &App, page: usize) -> Response {
+    // With a token, the page carries no data; the script fetches it.
+    let show = app.config.api_token.is_none();
+    let builds: Vec<BuildView> = if show {
+        app.store
+            .list_builds(Page {
+                limit: PAGE_SIZE,
+                offset: (page - 1) * PAGE_SIZE,
+            })
+            .map(|bs| bs.iter().map(BuildView::from).collect())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut rows = String::new();
+    for b in &builds {
+        rows.push_str(&build_row(b));
+    }
+    if rows.is_empty() {
+        rows = r#"<tr><td colspan="6" class="muted">No builds yet.</td></tr>"#.into();
+    }
+    let mut agents = String::new();
+    if show {
+        for a in app.dispatcher.with(|c| c.agents()) {
+            let v = ci_core::protocol::AgentView::from(&a);
+            let _ = write!(
+                agents,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                v.id,
+                esc(&v.url),
+                status(if v.build.is_some() { "busy" } else { "idle" }),
+                esc(&v.last_seen),
+                v.build
+                    .map(|b| format!(r#"<a href="/builds/{b}">#{b}</a>"#))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    if agents.is_empty() {
+        agents = r#"<tr><td colspan="5" class="muted">No agents registered.</td></tr>"#.into();
+    }
+    let default_cmd = app.config.build_command.as_deref().unwrap_or("");
+    let newer = if page > 1 {
+        format!(r#"<a rel="prev" href="/?page={}">← Newer</a>"#, page - 1)
+    } else {
+        String::new()
+    };
+    let older_hidden = if builds.len() < PAGE_SIZE && show {
+        " hidden"
+    } else {
+        ""
+    };
+    let main = format!(
+        r#"<section aria-labelledby="new-h">
+<h2 id="new-h">Start a build</h2>
+<form id="build-form" class="new" method="post" action="/build">
+  <label for="hash">Commit</label>
+  <input id="hash" name="hash" required maxlength="255" placeholder="a SHA, a branch or a tag" autocomplete="off">
+  <label for="command">Command</label>
+  <input id="command" name="command" placeholder="{placeholder}" autocomplete="off">
+  <button type="submit">Build</button>
+  <p id="form-error" class="error" role="alert"></p>
+</form>
+</section>
+<section aria-labelledby="builds-h">
+<h2 id="builds-h">Builds</h2>
+<div class="table-wrap"><table id="builds">
+<caption class="sr-only">Builds, newest first</caption>
+<thead><tr><th scope="col">Build</th><th scope="col">Commit</th><th scope="col">Command</th><th scope="col">Status</th><th scope="col">Agent</th><th scope="col">Duration</th></tr></thead>
+<tbody>{rows}</tbody>
+</table></div>
+<nav class="pager" aria-label="Pages">{newer}<span>Page {page}</span><a rel="next" href="/?page={next}"{older_hidden}>Older →</a></nav>
+</section>
+<section aria-labelledby="agents-h">
+<h2 id="agents-h">Agents</h2>
+<div class="table-wrap"><table id="agents">
+<thead><tr><th scope="col">Agent</th><th scope="col">Address</th><th scope="col">Status</th><th scope="col">Last seen</th><th scope="col">Build</th></tr></thead>
+<tbody>{agents}</tbody>
+</table></div>
+</section>"#,
+        placeholder = esc(if default_cmd.is_empty() {
+            "required: the server has no default"
+        } else {
+            default_cmd
+        }),
+        next = page + 1,
+    );
+    let attrs = format!(r#"data-page="index" data-page-number="{page}" data-page-size="{PAGE_SIZE}""#);
+    html(shell("Builds", &attrs, &main, app)).into_response()
+}
+
+fn build_page(app: &App, id: BuildId) -> Response {
+    let show = app.config.api_token.is_none();
+    let build = match app.store.build(id) {
+        Ok(Some(b)) => Some(BuildView::from(&b)),
+        Ok(None) => {
+            return with_status(
+                html(shell("Not found", "", &format!("<p>No build #{id}.</p>"), app)),
+                StatusCode::NOT_FOUND,
+            )
+            .into_response()
+        }
+        Err(_) => None,
+    };
+    let b = build.filter(|_| show);
+    let field = |f: &dyn Fn(&BuildView) -> String| b.as_ref().map(f).unwrap_or_default();
+    let log = if show {
+        app.store.log(id, None).ok().flatten().unwrap_or_default()
+    } else {
+        ci_core::BuildLog::default()
+    };
+    let main = format!(
+        r#"<h2>Build #{id} <span id="status" aria-live="polite">{st}</span></h2>
+<dl class="details">
+  <dt>Commit</dt><dd><code>{hash}</code></dd>
+  <dt>Command</dt><dd><code>{cmd}</code></dd>
+  <dt>Branch</dt><dd>{branch}</dd>
+  <dt>Agent</dt><dd id="d-agent">{agent}</dd>
+  <dt>Attempt</dt><dd id="d-attempt">{attempt}</dd>
+  <dt>Exit code</dt><dd id="d-exit">{exit}</dd>
+  <dt>Created</dt><dd>{created}</dd>
+  <dt>Started</dt><dd id="d-started">{started}</dd>
+  <dt>Finished</dt><dd id="d-finished">{finished}</dd>
+  <dt>Duration</dt><dd id="d-duration">{dur}</dd>
+</dl>
+<div class="actions">
+  <button id="cancel" type="button" class="secondary">Cancel</button>
+  <button id="rebuild" type="button">Rebuild</button>
+  <p id="action-error" class="error" role="alert"></p>
+</div>
+<section aria-labelledby="out-h"><h3 id="out-h">stdout</h3><pre id="stdout" class="log" tabindex="0">{stdout}</pre></section>
+<section aria-labelledby="err-h"><h3 id="err-h">stderr</h3><pre id="stderr" class="log" tabindex="0">{stderr}</pre></section>"#,
+        st = field(&|b| status(b.status.as_str())),
+        hash = field(&|b| esc(&b.hash)),
+        cmd = field(&|b| esc(&b.command)),
+        branch = field(&|b| esc(b.branch.as_deref().unwrap_or(""))),
+        agent = field(&|b| esc(b.agent.as_deref().unwrap_or(""))),
+        attempt = field(&|b| b.attempt.to_string()),
+        exit = field(&|b| b.exit_code.map(|c| c.to_string()).unwrap_or_default()),
+        created = field(&|b| esc(&b.created_at)),
+        started = field(&|b| esc(b.started_at.as_deref().unwrap_or(""))),
+        finished = field(&|b| esc(b.finished_at.as_deref().unwrap_or(""))),
+        dur = field(&|b| duration(b.duration_ms)),
+        stdout = esc(&log.stdout),
+        stderr = esc(&log.stderr),
+    );
+    html(shell(
+        &format!("Build #{id}"),
+        &format!(r#"data-page="build" data-build="{id}""#),
+        &main,
+        app,
+    ))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_everything_that_matters() {
+        assert_eq!(
+            esc(r#"<script>alert("x&y")</script>'"#),
+            "&lt;script&gt;alert(&quot;x&amp;y&quot;)&lt;/script&gt;&#39;"
+        );
+    }
+}
