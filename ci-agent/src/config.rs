@@ -71,7 +71,8 @@ pub struct Args {
     )]
     pub work_dir: PathBuf,
 
-    /// Time limit per build when the server sets none (e.g. 90s, 30m, 1h).
+    /// Longest any build may run on this agent (e.g. 90s, 30m, 1h); a
+    /// build's own timeout applies when shorter.
     #[arg(long, env = "BUILD_TIMEOUT", value_name = "BUILD_TIMEOUT", default_value = "1h", value_parser = humantime_duration)]
     pub build_timeout: Duration,
 

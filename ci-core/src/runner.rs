@@ -71,11 +71,12 @@ pub trait Runner: Send + Sync + 'static {
 /// Exit code reported for a build that ran out of time (as `timeout(1)`).
 pub const TIMED_OUT: i32 = 124;
 
-/// Runs `job` on `runner` within its timeout (or `default_timeout`) and
-/// returns the completion to report. Never fails: every error becomes a
-/// failed completion with the reason on stderr.
-pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, default_timeout: Duration) -> Completion {
-    let limit = job.timeout.unwrap_or(default_timeout);
+/// Runs `job` on `runner` within its timeout, but never longer than
+/// `max_timeout` (the runner's own limit), and returns the completion to
+/// report. Never fails: every error becomes a failed completion with the
+/// reason on stderr.
+pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, max_timeout: Duration) -> Completion {
+    let limit = job.timeout.map_or(max_timeout, |t| t.min(max_timeout));
     let exit_code = match tokio::time::timeout(limit, runner.run(job, log)).await {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => {
@@ -285,5 +286,8 @@ mod tests {
         assert_eq!(c.exit_code, TIMED_OUT);
         assert_eq!(c.stdout, "started\n");
         assert!(c.stderr.contains("timed out after 1m 30s"), "{}", c.stderr);
+        // The runner's own limit caps a longer one.
+        let c = execute(&Forever, &j, &LogSink::default(), Duration::from_secs(30)).await;
+        assert!(c.stderr.contains("timed out after 30s"), "{}", c.stderr);
     }
 }
