@@ -273,7 +273,7 @@ fn build_page(app: &App, id: BuildId) -> Response {
   <dt>Agent</dt><dd id="d-agent">{agent}</dd>
   <dt>Attempt</dt><dd id="d-attempt">{attempt}</dd>
   <dt>Exit code</dt><dd id="d-exit">{exit}</dd>
-  <dt>Created</dt><dd>{created}</dd>
+  <dt>Created</dt><dd id="d-created">{created}</dd>
   <dt>Started</dt><dd id="d-started">{started}</dd>
   <dt>Finished</dt><dd id="d-finished">{finished}</dd>
   <dt>Duration</dt><dd id="d-duration">{dur}</dd>

@@ -85,6 +85,7 @@ async function refreshBuild(id) {
   set("d-agent", esc(b.agent || ""));
   set("d-attempt", String(b.attempt));
   set("d-exit", b.exitCode == null ? "" : String(b.exitCode));
+  set("d-created", when(b.createdAt));
   set("d-started", when(b.startedAt));
   set("d-finished", when(b.finishedAt));
   set("d-duration", duration(b.durationMs));
