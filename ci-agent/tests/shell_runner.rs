@@ -105,6 +105,28 @@ async fn the_cache_fetches_new_commits_and_moved_refs() {
 }
 
 #[tokio::test]
+async fn the_workspace_is_a_git_checkout_with_branches_tags_and_origin() {
+    let f = fixture();
+    f.repo.commit(&[("a", "1")], "one");
+    f.repo.git(&["tag", "-a", "v1.0", "-m", "release"]);
+    let sha = f.repo.commit(&[("a", "2")], "two");
+    let script = "git rev-parse HEAD; git describe --tags; git branch -r; git remote get-url origin; git status --short | wc -l";
+    let c = f.run(&f.job(1, &sha, script)).await;
+    assert_eq!(c.exit_code, 0, "{c:?}");
+    let lines: Vec<&str> = c.stdout.lines().skip(1).collect();
+    assert_eq!(lines[0], sha);
+    assert!(lines[1].starts_with("v1.0-1-g"), "{c:?}");
+    assert_eq!(lines[2].trim(), "origin/main");
+    assert_eq!(lines[3], f.repo.url());
+    assert_eq!(lines[4].trim(), "0", "a clean checkout");
+    // A build that changes refs changes its workspace, not the cache.
+    let c = f.run(&f.job(2, &sha, "git tag built && git tag")).await;
+    assert!(c.stdout.contains("built"));
+    let c = f.run(&f.job(3, &sha, "git tag")).await;
+    assert!(!c.stdout.contains("built"), "{c:?}");
+}
+
+#[tokio::test]
 async fn unknown_commits_and_bad_repos_fail_with_a_clear_message() {
     let f = fixture();
     f.repo.commit(&[("a", "a")], "a");

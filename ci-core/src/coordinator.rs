@@ -726,14 +726,14 @@ impl Coordinator {
     /// an attempt for each match and returns what to send where.
     pub fn plan(&mut self) -> Result<Vec<Dispatch>> {
         let now = self.clock.now();
-        let free: Vec<Agent> = self
+        let ready = |a: &&Agent| a.cooldown_until.is_none_or(|t| now >= t);
+        let slots: usize = self
             .pool
             .free()
             .into_iter()
-            .filter(|a| a.cooldown_until.is_none_or(|t| now >= t))
-            .cloned()
-            .collect();
-        let slots: usize = free.iter().map(|a| a.free_slots() as usize).sum();
+            .filter(ready)
+            .map(|a| a.free_slots() as usize)
+            .sum();
         if slots == 0 {
             return Ok(Vec::new());
         }
@@ -741,6 +741,21 @@ impl Coordinator {
         if queued.is_empty() {
             return Ok(Vec::new());
         }
+        // Only as many agents as there are builds to place (longest idle
+        // first): a pass with 100 idle agents and one build clones one.
+        let mut need = queued.len();
+        let free: Vec<Agent> = self
+            .pool
+            .free()
+            .into_iter()
+            .filter(ready)
+            .take_while(|a| {
+                let take = need > 0;
+                need = need.saturating_sub(a.free_slots() as usize);
+                take
+            })
+            .cloned()
+            .collect();
         let assignments = self.scheduler.assign(&queued, &free);
         let mut dispatches = Vec::with_capacity(assignments.len());
         for a in assignments {

@@ -46,6 +46,22 @@ pub struct Dispatcher {
     coordinator: Mutex<Coordinator>,
     wake: Notify,
     events: broadcast::Sender<Event>,
+    /// A handle on itself, for the delivery tasks; set by `run`.
+    me: std::sync::OnceLock<std::sync::Weak<Dispatcher>>,
+    /// Set by [`Dispatcher::run`]: from then on, whatever makes work possible
+    /// (a build created, an agent registered or freed) dispatches at once,
+    /// in the same critical section, without waiting for the loop.
+    link: std::sync::OnceLock<Arc<dyn AgentLink>>,
+    /// Deliveries in flight, awaited at shutdown.
+    in_flight: Mutex<JoinSet<()>>,
+    /// A scheduling pass failed: the loop tries again.
+    replan: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for dyn AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentLink")
+    }
 }
 
 impl Dispatcher {
@@ -56,6 +72,10 @@ impl Dispatcher {
             coordinator: Mutex::new(coordinator),
             wake: Notify::new(),
             events,
+            link: std::sync::OnceLock::new(),
+            me: std::sync::OnceLock::new(),
+            in_flight: Mutex::new(JoinSet::new()),
+            replan: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -64,14 +84,42 @@ impl Dispatcher {
     ///
     /// N.B.: `f` runs under a mutex. It must not block for long.
     pub fn with<R>(&self, f: impl FnOnce(&mut Coordinator) -> R) -> R {
-        let (out, events) = {
+        let (out, events, dispatches) = {
             let mut c = self.coordinator.lock().unwrap_or_else(PoisonError::into_inner);
             let out = f(&mut c);
-            (out, c.take_events())
+            let mut events = c.take_events();
+            let worth = events
+                .iter()
+                .any(|e| !matches!(e, Event::Started { .. } | Event::Output(_)));
+            // The scheduling pass the triggers call for, right here.
+            let dispatches = match (worth, self.link.get()) {
+                (true, Some(_)) => match c.plan() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        error!(cause = %e, "scheduling pass failed; the loop retries");
+                        self.replan.store(true, std::sync::atomic::Ordering::SeqCst);
+                        self.wake.notify_one();
+                        Vec::new()
+                    }
+                },
+                _ => Vec::new(),
+            };
+            events.extend(c.take_events());
+            (out, events, dispatches)
         };
+        if let (false, Some(link)) = (dispatches.is_empty(), self.link.get()) {
+            if let (Ok(me), Ok(rt)) = (self.me(), tokio::runtime::Handle::try_current()) {
+                let mut set = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+                while set.try_join_next().is_some() {}
+                for d in dispatches {
+                    set.spawn_on(deliver(me.clone(), link.clone(), d), &rt);
+                }
+            }
+        }
         let mut wake = false;
         for e in events {
-            wake |= !matches!(e, Event::Started { .. } | Event::Output(_));
+            // Lease deadlines may have moved: the loop re-arms its timer.
+            wake |= !matches!(e, Event::Output(_));
             // No subscribers is fine.
             let _ = self.events.send(e);
         }
@@ -79,6 +127,14 @@ impl Dispatcher {
             self.wake.notify_one();
         }
         out
+    }
+
+    /// This dispatcher as an `Arc`, for the delivery tasks.
+    fn me(&self) -> Result<Arc<Dispatcher>> {
+        self.me
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| Error::Unavailable("dispatcher not running".into()))
     }
 
     /// Asks for a scheduling pass.
@@ -154,23 +210,25 @@ impl Dispatcher {
     /// dispatches in flight.
     pub async fn run(self: Arc<Self>, link: Arc<dyn AgentLink>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut in_flight = JoinSet::new();
+        let _ = self.me.set(Arc::downgrade(&self));
+        let _ = self.link.set(link);
         let mut retry = Backoff::default().delays(fastrand::Rng::new());
+        // Builds recovered from the store have no event to trigger them.
+        let mut plan = true;
         loop {
+            if plan || self.replan.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                self.plan_now();
+            }
             let pass = self.with(|c| -> Result<_> {
                 let dropped = c.expire()?;
-                let dispatches = c.plan()?;
                 let wait = c.next_deadline().map(|t| t.since(c.clock().now()));
-                Ok((dropped, dispatches, wait))
+                Ok((dropped, wait))
             });
             let wait = match pass {
-                Ok((dropped, dispatches, wait)) => {
+                Ok((dropped, wait)) => {
                     retry.reset();
                     if dropped > 0 {
                         info!(dropped, "dropped unresponsive agents");
-                    }
-                    for d in dispatches {
-                        in_flight.spawn(deliver(self.clone(), link.clone(), d));
                     }
                     // +1 ms: deadlines are in whole milliseconds.
                     wait.map(|w| w + Duration::from_millis(1))
@@ -178,24 +236,55 @@ impl Dispatcher {
                 Err(e) => {
                     let delay = retry.next().unwrap_or(Duration::from_secs(1));
                     error!(cause = %e, retry_in = ?delay, "scheduling pass failed");
+                    self.replan.store(true, std::sync::atomic::Ordering::SeqCst);
                     Some(delay)
                 }
             };
-            while in_flight.try_join_next().is_some() {}
             let sleep = async {
                 match wait {
                     Some(w) => tokio::time::sleep(w).await,
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = sleep => {}
+            // A deadline passed: an agent's cooldown may have ended, which no
+            // event announces, so plan then too.
+            plan = tokio::select! {
+                _ = self.wake.notified() => false,
+                _ = sleep => true,
                 _ = &mut shutdown => break,
+            };
+        }
+        let mut set = std::mem::take(&mut *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner));
+        debug!(in_flight = set.len(), "scheduling loop stopping");
+        while set.join_next().await.is_some() {}
+    }
+
+    /// A scheduling pass and its deliveries, now.
+    fn plan_now(&self) {
+        let planned = {
+            let mut c = self.coordinator.lock().unwrap_or_else(PoisonError::into_inner);
+            let d = c.plan();
+            (d, c.take_events())
+        };
+        let (dispatches, events) = planned;
+        for e in events {
+            let _ = self.events.send(e);
+        }
+        let dispatches = match dispatches {
+            Ok(d) => d,
+            Err(e) => {
+                error!(cause = %e, "scheduling pass failed");
+                self.replan.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+        };
+        if let (Some(link), Ok(me)) = (self.link.get(), self.me()) {
+            let mut set = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            while set.try_join_next().is_some() {}
+            for d in dispatches {
+                set.spawn(deliver(me.clone(), link.clone(), d));
             }
         }
-        debug!(in_flight = in_flight.len(), "scheduling loop stopping");
-        while in_flight.join_next().await.is_some() {}
     }
 }
 

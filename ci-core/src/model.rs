@@ -500,8 +500,11 @@ pub struct AgentRecord {
 pub struct Page {
     /// Most items to return.
     pub limit: usize,
-    /// Items to skip from the newest.
+    /// Items to skip from the newest (after `before`).
     pub offset: usize,
+    /// Only builds numbered below this: keyset paging, which costs the same
+    /// however deep the page.
+    pub before: Option<BuildId>,
 }
 
 impl Page {
@@ -511,7 +514,11 @@ impl Page {
 
 impl Default for Page {
     fn default() -> Self {
-        Page { limit: 50, offset: 0 }
+        Page {
+            limit: 50,
+            offset: 0,
+            before: None,
+        }
     }
 }
 

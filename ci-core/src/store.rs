@@ -144,8 +144,10 @@ impl BuildStore for MemoryStore {
 
     fn list_builds(&self, page: Page) -> Result<Vec<Build>> {
         let s = self.lock();
+        let end = page.before.unwrap_or(BuildId(i64::MAX));
         Ok(s.builds
-            .values()
+            .range(..end)
+            .map(|(_, b)| b)
             .rev()
             .skip(page.offset)
             .take(page.limit)
@@ -594,15 +596,21 @@ pub mod conformance {
         let ids: Vec<_> = (0..7)
             .map(|i| ok(s.create_build(&new_build("x"), Timestamp(i))).id)
             .collect();
-        let page = |limit, offset| -> Vec<BuildId> {
-            ok(s.list_builds(Page { limit, offset }))
-                .iter()
-                .map(|b| b.id)
-                .collect()
+        let page = |limit, offset, before| -> Vec<BuildId> {
+            ok(s.list_builds(Page {
+                limit,
+                offset,
+                before,
+            }))
+            .iter()
+            .map(|b| b.id)
+            .collect()
         };
-        assert_eq!(page(3, 0), vec![ids[6], ids[5], ids[4]]);
-        assert_eq!(page(3, 6), vec![ids[0]]);
-        assert_eq!(page(3, 10), vec![]);
+        assert_eq!(page(3, 0, None), vec![ids[6], ids[5], ids[4]]);
+        assert_eq!(page(3, 6, None), vec![ids[0]]);
+        assert_eq!(page(3, 10, None), vec![]);
+        assert_eq!(page(2, 0, Some(ids[4])), vec![ids[3], ids[2]], "keyset");
+        assert_eq!(page(2, 1, Some(ids[4])), vec![ids[2], ids[1]]);
     }
 }
 

@@ -388,6 +388,7 @@ fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
 struct ListQuery {
     limit: Option<usize>,
     offset: Option<usize>,
+    before: Option<i64>,
 }
 
 fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -411,7 +412,11 @@ fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
                         "offset must be at most {MAX_OFFSET}"
                     )));
                 }
-                let page = Page { limit, offset };
+                let page = Page {
+                    limit,
+                    offset,
+                    before: q.before.map(BuildId),
+                };
                 let builds = app.store.list_builds(page)?;
                 Ok(json(&BuildList {
                     builds: builds.iter().map(BuildView::from).collect(),

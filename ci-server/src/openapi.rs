@@ -166,7 +166,8 @@ pub fn spec() -> Value {
                     "security": api_security,
                     "parameters": [
                         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": ci_core::Page::MAX_LIMIT, "default": 50 } },
-                        { "name": "offset", "in": "query", "schema": { "type": "integer", "minimum": 0, "maximum": crate::api::MAX_OFFSET, "default": 0 } }
+                        { "name": "offset", "in": "query", "schema": { "type": "integer", "minimum": 0, "maximum": crate::api::MAX_OFFSET, "default": 0 } },
+                        { "name": "before", "in": "query", "description": "Only builds numbered below this (keyset paging: as fast on page 1000 as on page 1)", "schema": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX } }
                     ],
                     "responses": {
                         "200": ok("A page of builds", "BuildList"),

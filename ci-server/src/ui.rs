@@ -161,6 +161,7 @@ fn index_page(app: &App, page: usize) -> Response {
             .list_builds(Page {
                 limit: PAGE_SIZE,
                 offset: (page - 1) * PAGE_SIZE,
+                before: None,
             })
             .map(|bs| bs.iter().map(BuildView::from).collect())
             .unwrap_or_default()

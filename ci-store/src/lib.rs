@@ -382,11 +382,13 @@ impl BuildStore for SqliteStore {
     }
 
     fn list_builds(&self, page: Page) -> ci_core::Result<Vec<Build>> {
-        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds ORDER BY id DESC LIMIT ?1 OFFSET ?2");
+        let sql =
+            format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id < ?3 ORDER BY id DESC LIMIT ?1 OFFSET ?2");
+        let before = page.before.map_or(i64::MAX, |b| b.0);
         Ok(query_builds(
             &self.read(),
             &sql,
-            [limit(page.limit), limit(page.offset)],
+            params![limit(page.limit), limit(page.offset), before],
         )?)
     }
 

@@ -1,0 +1,88 @@
+//! The scheduler's decision: one `Coordinator::plan` pass (free agents,
+//! queued builds, the policy, the store writes) with an in-memory store, and
+//! the `Fifo` policy alone.
+//!
+//!     cargo bench -p ci-core
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // benches may panic
+
+use std::sync::Arc;
+
+use ci_core::coordinator::{Accepted, Report};
+use ci_core::{
+    Agent, AgentId, Attempt, Build, BuildId, BuildStatus, CommitRef, Completion, Coordinator, Fifo,
+    MemoryStore, NewBuild, RepoUrl, Scheduler, Timestamp,
+};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+fn new_build() -> NewBuild {
+    NewBuild::new(
+        RepoUrl::parse("/srv/repo").unwrap(),
+        CommitRef::parse("abcd").unwrap(),
+        "make",
+    )
+    .unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("plan + complete, per build");
+    for agents in [1usize, 16, 100] {
+        g.bench_with_input(BenchmarkId::from_parameter(agents), &agents, |b, &agents| {
+            let store = Arc::new(MemoryStore::new());
+            let mut co = Coordinator::builder(store).build().unwrap();
+            for i in 0..agents {
+                co.register_agent(&format!("http://a{i}:1")).unwrap();
+            }
+            let nb = new_build();
+            b.iter(|| {
+                co.submit(&nb).unwrap();
+                let d = co.plan().unwrap().remove(0);
+                let r = co
+                    .complete(Report {
+                        build: d.build.id,
+                        attempt: Some(d.build.attempt),
+                        agent: Some(d.agent),
+                        verified: false,
+                        completion: Completion {
+                            exit_code: 0,
+                            stdout: String::new(),
+                            stderr: String::new(),
+                        },
+                    })
+                    .unwrap();
+                assert!(matches!(r, Accepted::Finished(_)));
+                co.take_events()
+            })
+        });
+    }
+    g.finish();
+
+    let queued: Vec<Build> = (0..100)
+        .map(|i| Build {
+            id: BuildId(i),
+            repo: "/r".into(),
+            hash: "abcd".into(),
+            branch: None,
+            command: "make".into(),
+            image: None,
+            timeout_ms: None,
+            status: BuildStatus::Queued,
+            attempt: Attempt(0),
+            agent_id: None,
+            agent_url: None,
+            exit_code: None,
+            created_at: Timestamp(0),
+            started_at: None,
+            finished_at: None,
+        })
+        .collect();
+    let free: Vec<Agent> = (0..100)
+        .map(|i| Agent::new(AgentId(i), format!("http://a{i}:1"), Timestamp(0)))
+        .collect();
+    c.bench_function("Fifo::assign, 100 builds x 100 agents", |b| {
+        b.iter(|| Fifo.assign(&queued, &free))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
