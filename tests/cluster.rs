@@ -135,12 +135,7 @@ async fn an_agent_dead_during_a_build_loses_it_to_another_agent() {
     c.start_server();
     c.start_agent("doomed");
     c.wait_agents(1).await;
-    let id = c.api.create(&sha).await.id;
-    let running = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await;
-    c.api.wait_agent_runs(running.agent.as_deref().unwrap(), id).await;
+    let (id, doomed) = c.create_running(&sha).await;
     c.start_agent("rescuer");
     c.wait_agents(2).await;
 
@@ -156,7 +151,7 @@ async fn an_agent_dead_during_a_build_loses_it_to_another_agent() {
         detection <= bound + Duration::from_millis(100),
         "requeued after {detection:?}, bound {bound:?}"
     );
-    assert_ne!(requeued.agent, running.agent);
+    assert_ne!(requeued.agent.as_deref(), Some(doomed.as_str()));
 
     let done = c.api.wait_finished(id, LONG).await;
     assert_eq!(done.status, BuildStatus::Success);
@@ -240,12 +235,7 @@ async fn a_result_survives_a_server_outage() {
     c.start_server();
     c.start_agent("a");
     c.wait_agents(1).await;
-    let id = c.api.create(&sha).await.id;
-    let running = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await;
-    c.api.wait_agent_runs(running.agent.as_deref().unwrap(), id).await;
+    let (id, _) = c.create_running(&sha).await;
     c.kill_server();
     wait_until("the build to finish on the agent", LONG, || async {
         marker.exists().then_some(())

@@ -58,14 +58,7 @@ async fn sigstop_longer_than_the_lease_fences_the_zombie() {
     c.start_server();
     c.start_agent("zombie");
     c.wait_agents(1).await;
-    let id = c.api.create(&sha).await.id;
-    let zombie_url = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await
-        .agent
-        .unwrap();
-    c.api.wait_agent_runs(&zombie_url, id).await;
+    let (id, zombie_url) = c.create_running(&sha).await;
     let pgid = wait_until("the build's pid", LONG, || async { read_pid(&c, 1) }).await;
     c.start_agent("rescuer");
     c.wait_agents(2).await;
@@ -113,14 +106,7 @@ async fn sigstop_shorter_than_the_lease_is_not_a_failure() {
     c.start_agent("napper");
     c.start_agent("idle");
     c.wait_agents(2).await;
-    let id = c.api.create(&sha).await.id;
-    let url = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await
-        .agent
-        .unwrap();
-    c.api.wait_agent_runs(&url, id).await;
+    let (id, url) = c.create_running(&sha).await;
     let pgid = wait_until("the build's pid", LONG, || async { read_pid(&c, 1) }).await;
     let napper = c.agent_index_by_url(&url);
 
@@ -228,14 +214,7 @@ async fn results_outlast_a_server_outage_longer_than_the_backoff_cap() {
     c.start_server();
     c.start_agent("a");
     c.wait_agents(1).await;
-    let ids = [c.api.create(&sha).await.id];
-    let url = c
-        .api
-        .wait_build(ids[0], LONG, "running", |b| b.status == BuildStatus::Running)
-        .await
-        .agent
-        .unwrap();
-    c.api.wait_agent_runs(&url, ids[0]).await;
+    let ids = [c.create_running(&sha).await.0];
     c.kill_server();
     let down = Instant::now();
     // The agent logs its first failure and every tenth: ten failed
@@ -368,13 +347,7 @@ async fn partition_shorter_than_the_lease_changes_nothing() {
     c.start_agent_at("cut-off", &ip);
     c.start_agent_at("other", &agent_ip());
     c.wait_agents(2).await;
-    let id = c.api.create(&sha).await.id;
-    let b = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await;
-    let url = b.agent.unwrap();
-    c.api.wait_agent_runs(&url, id).await;
+    let (id, url) = c.create_running(&sha).await;
     let ip = url
         .trim_start_matches("http://")
         .split(':')
@@ -406,15 +379,8 @@ async fn partition_longer_than_the_lease_moves_the_build() {
     let ip = agent_ip();
     c.start_agent_at("cut-off", &ip);
     c.wait_agents(1).await;
-    let id = c.api.create(&sha).await.id;
-    let url = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await
-        .agent
-        .unwrap();
+    let (id, url) = c.create_running(&sha).await;
     assert!(url.contains(&ip), "{url} is the agent at {ip}");
-    c.api.wait_agent_runs(&url, id).await;
     let pgid = wait_until("the build's pid", LONG, || async { read_pid(&c, 1) }).await;
     c.start_agent_at("other", &agent_ip());
     c.wait_agents(2).await;

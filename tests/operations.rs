@@ -63,14 +63,7 @@ async fn logs_stream_live_and_a_lost_attempt_keeps_its_log() {
     c.start_server();
     c.start_agent("first");
     c.wait_agents(1).await;
-    let id = c.api.create(&sha).await.id;
-    let url = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await
-        .agent
-        .unwrap();
-    c.api.wait_agent_runs(&url, id).await;
+    let (id, _) = c.create_running(&sha).await;
     let api = &c.api;
     wait_until("attempt 1's output", LONG, || async {
         let log = api.log(id).await.ok()?;
@@ -218,14 +211,7 @@ async fn metrics_count_builds_agents_latencies_and_requeues() {
         let id = c.api.create(&sha).await.id;
         c.api.wait_finished(id, LONG).await;
     }
-    let id = c.api.create(&sha).await.id;
-    let url = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await
-        .agent
-        .unwrap();
-    c.api.wait_agent_runs(&url, id).await;
+    let (id, _) = c.create_running(&sha).await;
     c.start_agent("b");
     c.wait_agents(2).await;
     c.agents[0].kill();
@@ -262,14 +248,7 @@ async fn sigterm_an_agent_hands_its_build_back_and_a_server_drains() {
     c.start_server();
     c.start_agent("leaving");
     c.wait_agents(1).await;
-    let id = c.api.create(&sha).await.id;
-    let url = c
-        .api
-        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
-        .await
-        .agent
-        .unwrap();
-    c.api.wait_agent_runs(&url, id).await;
+    let (id, url) = c.create_running(&sha).await;
     c.start_agent("staying");
     c.wait_agents(2).await;
 

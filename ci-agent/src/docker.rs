@@ -157,19 +157,7 @@ impl DockerRunner {
     /// Removes every container of this agent: at start, those a previous
     /// run left behind; at shutdown, those still running. Returns how many.
     pub async fn remove_orphans(&self) -> Result<usize, Error> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{LABEL_AGENT}={}", self.instance)],
-        )]);
-        let opts = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let found = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| docker_err("cannot list containers", e))?;
+        let found = self.labelled(format!("{LABEL_AGENT}={}", self.instance)).await?;
         let mut removed = 0;
         for c in found {
             if let Some(id) = c.id {
@@ -185,19 +173,23 @@ impl DockerRunner {
         Ok(removed)
     }
 
-    /// Removes build containers whose agent ran in a container that is no
-    /// longer running (killed, crashed, removed). Returns how many.
-    pub async fn reap_abandoned(&self) -> Result<usize, Error> {
-        let filters = HashMap::from([("label".to_owned(), vec![LABEL_AGENT_CONTAINER.to_owned()])]);
+    /// Every container (running or not) with this label (`key` or `key=value`).
+    async fn labelled(&self, label: String) -> Result<Vec<bollard::models::ContainerSummary>, Error> {
+        let filters = HashMap::from([("label".to_owned(), vec![label])]);
         let opts = ListContainersOptionsBuilder::new()
             .all(true)
             .filters(&filters)
             .build();
-        let found = self
-            .docker
+        self.docker
             .list_containers(Some(opts))
             .await
-            .map_err(|e| docker_err("cannot list containers", e))?;
+            .map_err(|e| docker_err("cannot list containers", e))
+    }
+
+    /// Removes build containers whose agent ran in a container that is no
+    /// longer running (killed, crashed, removed). Returns how many.
+    pub async fn reap_abandoned(&self) -> Result<usize, Error> {
+        let found = self.labelled(LABEL_AGENT_CONTAINER.to_owned()).await?;
         let mut removed = 0;
         for c in found {
             let (Some(id), Some(owner)) =

@@ -12,6 +12,20 @@ pub fn one_line(message: &str) -> String {
     words.join(" ").trim_start_matches("error: ").to_owned()
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in colour only
+/// on a terminal.
+#[cfg(feature = "cli")]
+pub fn init_tracing() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

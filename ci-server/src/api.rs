@@ -505,7 +505,7 @@ fn metrics(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + 
         .and(with_app(app))
         .map(|app: App| {
             let snapshot = || -> Result<crate::metrics::Snapshot> {
-                let builds = app.store.status_counts()?;
+                let builds = app.metrics.build_counts(|| app.store.status_counts())?;
                 let (idle, busy) = app.dispatcher.with(|c| {
                     let agents = c.agents();
                     let idle = agents.iter().filter(|a| a.is_idle()).count() as u64;

@@ -54,9 +54,16 @@ impl Histogram {
     }
 }
 
+/// Builds per status.
+type Counts = Vec<(BuildStatus, u64)>;
+
 /// The server's metrics. See the [module docs](self).
 #[derive(Debug)]
 pub struct Metrics {
+    /// Builds per status, counted at most every [`COUNTS_TTL`]: the count
+    /// scans an index as long as the history, which is not worth doing on
+    /// every scrape nor worth a trigger on every write.
+    counts: std::sync::Mutex<Option<(tokio::time::Instant, Counts)>>,
     dispatch_latency: Histogram,
     build_duration: Histogram,
     heartbeat_misses: AtomicU64,
@@ -77,6 +84,7 @@ const LEAVE_REASONS: [(LeaveReason, &str); 5] = [
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            counts: std::sync::Mutex::new(None),
             dispatch_latency: Histogram::new(&[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 60.0, 300.0,
@@ -104,7 +112,26 @@ pub struct Snapshot {
     pub busy: u64,
 }
 
+/// How long a count of builds per status is reused.
+pub const COUNTS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Metrics {
+    /// Builds per status, from `count` at most every [`COUNTS_TTL`].
+    pub fn build_counts<E>(
+        &self,
+        count: impl FnOnce() -> Result<Counts, E>,
+    ) -> Result<Counts, E> {
+        let mut cached = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, counts)) = cached.as_ref() {
+            if at.elapsed() < COUNTS_TTL {
+                return Ok(counts.clone());
+            }
+        }
+        let fresh = count()?;
+        *cached = Some((tokio::time::Instant::now(), fresh.clone()));
+        Ok(fresh)
+    }
+
     /// Counts an event.
     pub fn observe(&self, e: &Event) {
         match e {

@@ -198,6 +198,22 @@ impl Cluster {
         &mut self.agents[i]
     }
 
+    /// Creates a build of `sha` and waits until an agent really runs it
+    /// (not just until the server says `running`); returns the build and
+    /// that agent's URL.
+    pub async fn create_running(&self, sha: &str) -> (ci_core::BuildId, String) {
+        let id = self.api.create(sha).await.id;
+        let running = self
+            .api
+            .wait_build(id, Duration::from_secs(60), "running", |b| {
+                b.status == ci_core::BuildStatus::Running
+            })
+            .await;
+        let url = running.agent.expect("a running build has an agent");
+        self.api.wait_agent_runs(&url, id).await;
+        (id, url)
+    }
+
     /// Commits `build.sh` with `script` and returns the SHA.
     pub fn commit_script(&self, script: &str) -> String {
         self.repo.commit(&[("build.sh", script)], script)
