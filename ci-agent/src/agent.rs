@@ -65,8 +65,6 @@ struct Inner {
     client: ServerClient,
     spool: Spool,
     state: Mutex<State>,
-    /// Woken when the agent becomes idle or registers.
-    changed: Notify,
     /// Holds the work directory for this process alone.
     _lock: Flock<File>,
 }
@@ -113,7 +111,6 @@ impl Agent {
                 client,
                 spool,
                 state: Mutex::default(),
-                changed: Notify::new(),
                 _lock: lock,
             }),
         })
@@ -264,7 +261,6 @@ impl Agent {
                 s.heartbeat = Some(heartbeat);
             }
             info!(id = %reply.id, heartbeat = ?heartbeat, "registered");
-            inner.changed.notify_waiters();
             inner.ping_while_known(reply.id, heartbeat).await;
             warn!(id = %reply.id, "the server no longer knows this agent; registering again");
         }
@@ -337,7 +333,6 @@ impl Inner {
             }
         }
         let _ = done.send(true);
-        self.changed.notify_waiters();
         drop(log);
         let completion = match completion {
             Ok(c) => c,
