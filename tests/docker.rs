@@ -59,6 +59,43 @@ async fn builds_pass_and_fail_inside_containers() {
 }
 
 #[tokio::test]
+async fn a_build_may_name_its_own_image() {
+    let debian = "ci-local/debian:bookworm";
+    if !docker_or_skip(&[IMAGE, debian]) {
+        return;
+    }
+    let mut c = docker_cluster(500, 5);
+    let sha = c.commit_script("cat /etc/debian_version");
+    c.start_server();
+    c.start_agent("d");
+    c.wait_agents(1).await;
+    let (status, body) = c
+        .api
+        .post(
+            "/api/builds",
+            &serde_json::json!({ "hash": sha, "image": debian }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["image"], debian);
+    let own = ci_core::BuildId(body["id"].as_i64().unwrap());
+    let default = c.api.create(&sha).await.id;
+    let own = c.api.wait_finished(own, LONG).await;
+    let default = c.api.wait_finished(default, LONG).await;
+    assert_eq!(own.status, BuildStatus::Success, "Debian has /etc/debian_version");
+    assert_eq!(default.status, BuildStatus::Failed, "busybox has none");
+    let log = c.api.log(own.id).await.unwrap();
+    assert!(
+        log["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("into ci-local/debian:bookworm"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
 async fn a_build_over_its_timeout_is_killed_and_its_container_removed() {
     if !docker_or_skip(&[IMAGE]) {
         return;
