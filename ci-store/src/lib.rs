@@ -23,7 +23,9 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ci_core::model::{limits, LogPiece};
@@ -57,6 +59,9 @@ pub enum Error {
     /// A query failed (disk full, I/O error, locked too long).
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    /// The background checkpoint thread could not be started.
+    #[error("cannot start the checkpoint thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// A stored value makes no sense (edited by hand, or a bug).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -183,7 +188,12 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    checkpointer: Option<JoinHandle<()>>,
 }
+
+/// WAL size, in pages, past which the background thread checkpoints
+/// (SQLite's own default for `wal_autocheckpoint`).
+const CHECKPOINT_PAGES: i32 = 1000;
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` with default
@@ -199,13 +209,28 @@ impl SqliteStore {
             path: path.clone(),
             source,
         };
-        let writer = connect(&path, options).map_err(open_err)?;
+        let mut writer = connect(&path, options).map_err(open_err)?;
         migrate(&writer)?;
         let reader = connect(&path, options).map_err(open_err)?;
+        let checkpoints = connect(&path, options).map_err(open_err)?;
+        let (wake, woken) = mpsc::sync_channel(1);
+        let checkpointer = std::thread::Builder::new()
+            .name("ci-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoints, &woken))
+            .map_err(Error::Thread)?;
+        // Replaces the writer's inline autocheckpoint.
+        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            if pages >= CHECKPOINT_PAGES {
+                // Full means a checkpoint is already due; nothing to add.
+                let _ = wake.try_send(());
+            }
+            Ok(())
+        }))?;
         Ok(SqliteStore {
             path,
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -236,6 +261,36 @@ impl SqliteStore {
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Removing the hook drops the only sender, which ends the loop.
+        let unhook = self
+            .write()
+            .wal_hook(None::<fn(&mut rusqlite::hooks::Wal, i32) -> rusqlite::Result<()>>);
+        if let Err(e) = unhook {
+            tracing::warn!(error = %e, "cannot remove the WAL hook");
+            return; // The thread ends when the writer connection closes.
+        }
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs a passive checkpoint each time the writer's WAL hook asks for one,
+/// until the store is dropped.
+fn checkpoint_loop(conn: &Connection, woken: &Receiver<()>) {
+    while woken.recv().is_ok() {
+        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        });
+        match done {
+            Ok((log, copied)) => tracing::trace!(log, copied, "checkpointed the WAL"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
+        }
     }
 }
 
@@ -658,6 +713,32 @@ mod tests {
             "{next} must be above every id ever given ({})",
             ids[2]
         );
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn the_wal_is_checkpointed_into_the_file_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ci.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        // About three WAL frames a commit: well past the threshold.
+        for i in 0..1500 {
+            store.create_build(&new_build(), Timestamp(i)).unwrap();
+        }
+        // Only a checkpoint writes pages into the database file itself.
+        // Polled every 2 ms for up to 20 s.
+        let grown = (0..10_000).any(|_| {
+            let done = std::fs::metadata(&path).unwrap().len() >= before + 64 * 1024;
+            if !done {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            done
+        });
+        assert!(grown, "no checkpoint reached the file");
+        assert_eq!(store.queued_builds(2000).unwrap().len(), 1500);
+        drop(store); // Stops the thread; must not hang.
+        let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.integrity_check().unwrap(), "ok");
     }
 
