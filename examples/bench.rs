@@ -6,7 +6,8 @@
 //! cargo run --release --example bench -- --agents 2 --builds 200 --shell      # real ci-agent processes, shell runner
 //! cargo run --release --example bench -- --lone 50 --shell                      # one build at a time
 //! cargo run --release --example bench -- --failover                             # dead-agent detection and requeue
-//! cargo run --release --example bench -- --agents 16 --builds 1000 --submitters 1  # latency of a lone build
+//! cargo run --release --example bench -- --agents 16 --builds 1000 --submitters 1  # one build at a time
+//! cargo run --release --example bench -- --agents 16 --builds 5000 --rate 1000     # open-loop arrivals
 //! ```
 //!
 //! No-op mode runs K agents in this process: each answers `POST /build` at
@@ -50,6 +51,13 @@ struct Opts {
     failover: bool,
     /// Waiting submitters in the latency phase (default: half the agents).
     submitters: Option<usize>,
+    /// Instead of waiting submitters: builds arriving at this many per
+    /// second, independently of each other (Poisson), whatever the server's
+    /// pace (open loop).
+    rate: Option<f64>,
+    /// With waiting submitters: a pause between a build's completion and the
+    /// submitter's next build (lets the machine go idle between builds).
+    pause_ms: u64,
 }
 
 fn parse_args() -> Result<Opts, Error> {
@@ -61,6 +69,8 @@ fn parse_args() -> Result<Opts, Error> {
         lone: 0,
         failover: false,
         submitters: None,
+        rate: None,
+        pause_ms: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -74,6 +84,8 @@ fn parse_args() -> Result<Opts, Error> {
             "--concurrency" => o.concurrency = num("--concurrency")?.max(1),
             "--lone" => o.lone = num("--lone")?,
             "--submitters" => o.submitters = Some(num("--submitters")?.max(1)),
+            "--rate" => o.rate = Some(num("--rate")?.max(1) as f64),
+            "--pause-ms" => o.pause_ms = num("--pause-ms")? as u64,
             "--shell" => o.shell = true,
             "--failover" => o.failover = true,
             "-h" | "--help" => {
@@ -81,7 +93,7 @@ fn parse_args() -> Result<Opts, Error> {
                     "{}",
                     include_str!("bench.rs")
                         .lines()
-                        .take(8)
+                        .take(11)
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
@@ -252,6 +264,7 @@ async fn noop_agent(server: &str, marks: Arc<Marks>, silent: bool) -> Result<i64
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .insert(req.id.0, Instant::now());
+                        marks.finished.notify_waiters();
                     }
                 });
             }
@@ -425,14 +438,25 @@ async fn run() -> Result<(), Error> {
 
     // Phase 2, latency: submitters that each wait for their build, fewer than
     // the agents, so a free agent is always there: the dispatch path alone.
+    // Or, with `--rate`, builds arriving on their own schedule.
     let latency = if o.shell {
         None
+    } else if let Some(rate) = o.rate {
+        let n = o.builds.min((rate * 5.0) as usize).max(1);
+        let sub = arrivals(&http, &base, n, rate).await;
+        let (d, c, _) = wait_noop(&marks, &sub, n, Instant::now()).await?;
+        Some((sorted(d), sorted(c), n, format!("arriving at {rate} /s")))
     } else {
         let n = o.builds.min(2000);
         let conc = o.submitters.unwrap_or((o.agents / 2).max(1));
-        let sub = submit(&http, &base, n, conc, Some(marks.clone())).await;
+        let pause = Duration::from_millis(o.pause_ms);
+        let sub = submit(&http, &base, n, conc, Some((marks.clone(), pause))).await;
         let (d, c, _) = wait_noop(&marks, &sub, n, Instant::now()).await?;
-        Some((sorted(d), sorted(c), n, conc))
+        let how = match o.pause_ms {
+            0 => format!("{conc} waiting submitters"),
+            p => format!("{conc} waiting submitters, {p} ms apart"),
+        };
+        Some((sorted(d), sorted(c), n, how))
     };
 
     let counts: serde_json::Value = http.get(format!("{base}/metrics")).send().await?.text().await.map(|t| {
@@ -475,8 +499,8 @@ async fn run() -> Result<(), Error> {
         f(&qc, 0.5),
         f(&qc, 0.99)
     );
-    if let Some((d, c, n, conc)) = &latency {
-        println!("  free agents ({n} builds, {conc} waiting submitters):");
+    if let Some((d, c, n, how)) = &latency {
+        println!("  free agents ({n} builds, {how}):");
         println!("    dispatch latency  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>6.2} ms  (submit sent -> the agent has the build)", f(d, 0.5), f(d, 0.99), d.last().copied().unwrap_or(f64::NAN));
         println!(
             "    submit -> complete p50 {:>6.2} ms  p99 {:>6.2} ms  (to the result acknowledged)",
@@ -498,9 +522,10 @@ async fn run() -> Result<(), Error> {
     );
     println!("  GET /api/builds        p50 {list_first:.2} ms (newest page), {list_deep:.2} ms (keyset page in the middle)");
     println!("  builds                 {counts}");
-    let lat = latency.as_ref().map(|(d, c, n, conc)| {
+    let lat = latency.as_ref().map(|(d, c, n, _)| {
         serde_json::json!({
-            "builds": n, "submitters": conc,
+            "builds": n, "submitters": o.rate.is_none().then(|| o.submitters.unwrap_or((o.agents / 2).max(1))),
+            "rate_per_s": o.rate, "pause_ms": o.pause_ms,
             "dispatch_ms": {"p50": f(d, 0.5), "p99": f(d, 0.99), "max": d.last()},
             "complete_ms": {"p50": f(c, 0.5), "p99": f(c, 0.99)},
         })
@@ -520,15 +545,56 @@ async fn run() -> Result<(), Error> {
     Ok(())
 }
 
-/// Submits `n` builds from `conc` concurrent submitters. With `wait`, each
-/// submitter waits for its build to complete before the next. Returns when
+/// Submits one build; returns its id.
+async fn submit_one(http: &reqwest::Client, base: &str) -> Option<i64> {
+    let r = http
+        .post(format!("{base}/api/builds"))
+        .json(&serde_json::json!({"hash": hash()}))
+        .send()
+        .await
+        .ok()?;
+    if r.status().as_u16() != 201 {
+        return None;
+    }
+    r.json::<serde_json::Value>().await.ok()?["id"].as_i64()
+}
+
+/// Submits `n` builds arriving at `rate` per second on average, each after
+/// an exponentially distributed gap (a Poisson process), each from its own
+/// task: an arrival never waits for an earlier one (open loop). Returns when
 /// each was sent, by build id.
+async fn arrivals(http: &reqwest::Client, base: &str, n: usize, rate: f64) -> HashMap<i64, Instant> {
+    let submitted: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut at = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        at += Duration::from_secs_f64(-(1.0 - rng.f64()).ln() / rate);
+        tokio::time::sleep_until(at).await;
+        let (http, base, submitted) = (http.clone(), base.to_owned(), submitted.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            if let Some(id) = submit_one(&http, &base).await {
+                submitted.lock().unwrap_or_else(|e| e.into_inner()).insert(id, t);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let out = submitted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    out
+}
+
+/// Submits `n` builds from `conc` concurrent submitters. With `wait`, each
+/// submitter waits for its build to complete, then for the pause, before
+/// the next. Returns when each was sent, by build id.
 async fn submit(
     http: &reqwest::Client,
     base: &str,
     n: usize,
     conc: usize,
-    wait: Option<Arc<Marks>>,
+    wait: Option<(Arc<Marks>, Duration)>,
 ) -> HashMap<i64, Instant> {
     let submitted: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -544,25 +610,11 @@ async fn submit(
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
                 let t = Instant::now();
-                let r = http
-                    .post(format!("{base}/api/builds"))
-                    .json(&serde_json::json!({"hash": hash()}))
-                    .send()
-                    .await;
-                let Ok(r) = r else { continue };
-                if r.status().as_u16() != 201 {
-                    continue;
-                }
-                let Some(id) = r
-                    .json::<serde_json::Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["id"].as_i64())
-                else {
+                let Some(id) = submit_one(&http, &base).await else {
                     continue;
                 };
                 submitted.lock().unwrap_or_else(|e| e.into_inner()).insert(id, t);
-                if let Some(marks) = &wait {
+                if let Some((marks, pause)) = &wait {
                     loop {
                         let finished = marks.finished.notified();
                         if marks
@@ -574,6 +626,9 @@ async fn submit(
                             break;
                         }
                         let _ = tokio::time::timeout(Duration::from_millis(50), finished).await;
+                    }
+                    if !pause.is_zero() {
+                        tokio::time::sleep(*pause).await;
                     }
                 }
             }
