@@ -105,6 +105,26 @@ async fn the_cache_fetches_new_commits_and_moved_refs() {
 }
 
 #[tokio::test]
+async fn a_remembered_commit_lost_from_the_cache_is_fetched_again() {
+    let f = fixture();
+    let sha = f.repo.commit(&[("v", "1")], "one");
+    let c = f.run(&f.job(1, &sha, "cat v")).await;
+    assert_eq!((c.exit_code, c.stdout.ends_with('1')), (0, true), "{c:?}");
+    // The runner remembers the SHA; the cache it resolved in disappears.
+    let repos = f.work.path().join("repos");
+    std::fs::remove_dir_all(&repos).unwrap();
+    std::fs::create_dir_all(&repos).unwrap();
+    let c = f.run(&f.job(2, &sha, "cat v")).await;
+    assert_eq!((c.exit_code, c.stdout.ends_with('1')), (0, true), "{c:?}");
+    // An abbreviated SHA resolves to the full one in CI_COMMIT, both times.
+    for build in [3, 4] {
+        let c = f.run(&f.job(build, &sha[..10], "echo $CI_COMMIT")).await;
+        assert!(c.stdout.ends_with(&format!("{sha}\n")), "{c:?}");
+    }
+    assert_eq!(f.workspaces(), 0);
+}
+
+#[tokio::test]
 async fn the_workspace_is_a_git_checkout_with_branches_tags_and_origin() {
     let f = fixture();
     f.repo.commit(&[("a", "1")], "one");
