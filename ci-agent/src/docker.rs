@@ -159,15 +159,9 @@ impl DockerRunner {
     pub async fn remove_orphans(&self) -> Result<usize, Error> {
         let found = self.labelled(format!("{LABEL_AGENT}={}", self.instance)).await?;
         let mut removed = 0;
-        for c in found {
-            if let Some(id) = c.id {
-                let force = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
-                match self.docker.remove_container(&id, Some(force)).await {
-                    Ok(()) => removed += 1,
-                    Err(e) => {
-                        tracing::warn!(container = %id, cause = %e, "could not remove an orphaned container")
-                    }
-                }
+        for id in found.into_iter().filter_map(|c| c.id) {
+            if remove(&self.docker, &id).await {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -205,8 +199,9 @@ impl DockerRunner {
             };
             if !owner_running {
                 tracing::warn!(container = %id, agent = %owner, "removing the build container of a dead agent");
-                remove(&self.docker, &id).await;
-                removed += 1;
+                if remove(&self.docker, &id).await {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
@@ -272,10 +267,22 @@ struct ContainerGuard {
     id: Option<String>,
 }
 
-async fn remove(docker: &Docker, id: &str) {
+/// Force-removes a container. False only if it may still exist: one
+/// already gone, or already being removed (its build's guard and a shutdown
+/// sweep can race), counts as removed.
+async fn remove(docker: &Docker, id: &str) -> bool {
     let force = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
-    if let Err(e) = docker.remove_container(id, Some(force)).await {
-        tracing::warn!(container = %id, cause = %e, "could not remove container");
+    match docker.remove_container(id, Some(force)).await {
+        Ok(()) => true,
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => true,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            message,
+        }) if message.contains("already in progress") => true,
+        Err(e) => {
+            tracing::warn!(container = %id, cause = %e, "could not remove container");
+            false
+        }
     }
 }
 
