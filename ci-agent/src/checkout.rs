@@ -21,13 +21,17 @@ use tokio::process::Command;
 
 use crate::Error;
 
+/// How many resolved SHAs an agent remembers (a few hundred KiB at most).
+const REMEMBERED: usize = 4096;
+
 /// Workspaces and repository caches under one directory.
 #[derive(Debug, Clone)]
 pub struct Checkouts {
     root: PathBuf,
     locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
     /// SHAs (as requested, lowercased) already resolved in a cache, with the
-    /// full commit SHA they resolved to. Only SHAs: a ref name may move.
+    /// full commit SHA they resolved to. Only SHAs: a ref name may move. At
+    /// most [`REMEMBERED`] entries; when full it starts over.
     resolved: Arc<Mutex<HashMap<(PathBuf, String), String>>>,
 }
 
@@ -117,12 +121,17 @@ impl Checkouts {
             self.update_cache(repo, &cache, commit).await?
         };
         if let Some(key) = key {
-            self.resolved
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(key, sha.clone());
+            self.remember(key, sha.clone());
         }
         self.workspace(repo, &cache, sha, name).await
+    }
+
+    fn remember(&self, key: (PathBuf, String), sha: String) {
+        let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
+        if resolved.len() >= REMEMBERED {
+            resolved.clear();
+        }
+        resolved.insert(key, sha);
     }
 
     fn remembered(&self, key: &(PathBuf, String)) -> Option<String> {
@@ -355,5 +364,22 @@ impl Git {
 
     async fn run(self, what: &str) -> Result<(), Error> {
         self.output(what).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_shas_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkouts = Checkouts::new(dir.path()).unwrap();
+        for i in 0..REMEMBERED * 2 + 1 {
+            checkouts.remember((PathBuf::from("c"), format!("{i:040x}")), format!("{i:040x}"));
+            assert!(checkouts.resolved.lock().unwrap().len() <= REMEMBERED);
+        }
+        let last = (PathBuf::from("c"), format!("{:040x}", REMEMBERED * 2));
+        assert!(checkouts.remembered(&last).is_some(), "the newest entry is kept");
     }
 }
