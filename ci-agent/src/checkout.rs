@@ -108,10 +108,7 @@ impl Checkouts {
                     // The cache lost the commit (removed, or pruned by a
                     // gc): forget it and take the full path.
                     tracing::debug!(commit = %commit, cause = %e, "remembered commit not usable");
-                    self.resolved
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(key);
+                    self.resolved().remove(key);
                 }
             }
         }
@@ -126,8 +123,12 @@ impl Checkouts {
         self.workspace(repo, &cache, sha, name).await
     }
 
+    fn resolved(&self) -> std::sync::MutexGuard<'_, HashMap<(PathBuf, String), String>> {
+        self.resolved.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn remember(&self, key: (PathBuf, String), sha: String) {
-        let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut resolved = self.resolved();
         if resolved.len() >= REMEMBERED {
             resolved.clear();
         }
@@ -135,8 +136,7 @@ impl Checkouts {
     }
 
     fn remembered(&self, key: &(PathBuf, String)) -> Option<String> {
-        let resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
-        resolved.get(key).cloned()
+        self.resolved().get(key).cloned()
     }
 
     /// A workspace like `git clone --shared` makes, built directly: a clone
@@ -377,7 +377,7 @@ mod tests {
         let checkouts = Checkouts::new(dir.path()).unwrap();
         for i in 0..REMEMBERED * 2 + 1 {
             checkouts.remember((PathBuf::from("c"), format!("{i:040x}")), format!("{i:040x}"));
-            assert!(checkouts.resolved.lock().unwrap().len() <= REMEMBERED);
+            assert!(checkouts.resolved().len() <= REMEMBERED);
         }
         let last = (PathBuf::from("c"), format!("{:040x}", REMEMBERED * 2));
         assert!(checkouts.remembered(&last).is_some(), "the newest entry is kept");
