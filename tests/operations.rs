@@ -322,13 +322,15 @@ async fn the_web_pages_render_and_link_their_assets() {
     assert_eq!(get("/ui/app.js").await.0, 200);
     assert_eq!(get("/ui/style.css").await.0, 200);
     assert_eq!(get("/builds/999").await.0, 404);
-    // A plain form post (no JavaScript) lands on the build's page.
+    // A plain form post (no JavaScript) lands on the build's page. A
+    // browser sends its page's origin with it.
     let r = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
         .post(c.api.url("/build"))
         .header("accept", "text/html")
+        .header("origin", c.api.url(""))
         .form(&[("hash", sha.as_str()), ("command", "true")])
         .send()
         .await

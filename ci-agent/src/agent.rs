@@ -20,6 +20,7 @@
 use std::convert::Infallible;
 use std::fs::File;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -65,9 +66,29 @@ struct Inner {
     client: ServerClient,
     spool: Spool,
     state: Mutex<State>,
+    /// The id of the current registration, for dispatches that arrive
+    /// before the reply to it.
+    registered: watch::Sender<Option<AgentId>>,
+    /// The server's addresses, the only ones builds are taken from when no
+    /// agent token is set; resolved again (at most once a second) when a
+    /// request comes from elsewhere.
+    server_addrs: Mutex<(Vec<IpAddr>, Option<tokio::time::Instant>)>,
     /// Holds the work directory for this process alone.
     _lock: Flock<File>,
 }
+
+/// A request refused: its status and why.
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn into_response(self) -> Response {
+        with_status(json(&ErrorBody { error: self.1 }), self.0).into_response()
+    }
+}
+
+/// How long a dispatch naming a registration the agent has not heard of yet
+/// waits for the reply to that registration.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct State {
@@ -111,6 +132,8 @@ impl Agent {
                 client,
                 spool,
                 state: Mutex::default(),
+                registered: watch::Sender::new(None),
+                server_addrs: Mutex::default(),
                 _lock: lock,
             }),
         })
@@ -126,25 +149,26 @@ impl Agent {
         self.inner.state().running.as_ref().map(|r| r.build)
     }
 
-    /// The agent's HTTP routes (`POST /build`, `GET /healthz`).
+    /// The agent's HTTP routes (`POST /build`, `POST /cancel`, `GET /healthz`).
     pub fn routes(&self) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
         let inner = self.inner.clone();
-        let token = self.inner.config.agent_token.clone();
         let build = warp::path!("build")
             .and(warp::post())
             .and(warp::header::optional::<String>("authorization"))
+            .and(warp::addr::remote())
             .and(warp::body::content_length_limit(256 * 1024))
             .and(warp::body::json())
-            .map(move |auth: Option<String>, req: BuildRequest| {
-                let authorized = token
-                    .as_deref()
-                    .is_none_or(|t| ci_core::auth::bearer_matches(auth.as_deref(), t));
-                if !authorized {
-                    let error = "missing or wrong AGENT_TOKEN (Authorization: Bearer ...)".to_owned();
-                    return with_status(json(&ErrorBody { error }), StatusCode::UNAUTHORIZED).into_response();
-                }
-                accept_build(&inner, req)
-            });
+            .and_then(
+                move |auth: Option<String>, remote: Option<SocketAddr>, req: BuildRequest| {
+                    let inner = inner.clone();
+                    async move {
+                        if let Err(refused) = inner.authorize(auth.as_deref(), remote).await {
+                            return Ok::<_, Infallible>(refused.into_response());
+                        }
+                        Ok(accept_build(&inner, req).await)
+                    }
+                },
+            );
         let inner = self.inner.clone();
         let health = warp::path!("healthz").and(warp::get()).map(move || {
             let s = inner.state();
@@ -156,28 +180,24 @@ impl Agent {
             .into_response()
         });
         let inner = self.inner.clone();
-        let token = self.inner.config.agent_token.clone();
         let cancel = warp::path!("cancel")
             .and(warp::post())
             .and(warp::header::optional::<String>("authorization"))
+            .and(warp::addr::remote())
             .and(warp::body::content_length_limit(16 * 1024))
             .and(warp::body::json())
-            .and_then(move |auth: Option<String>, req: CancelRequest| {
-                let inner = inner.clone();
-                let authorized = token
-                    .as_deref()
-                    .is_none_or(|t| ci_core::auth::bearer_matches(auth.as_deref(), t));
-                async move {
-                    if !authorized {
-                        let error = "missing or wrong AGENT_TOKEN (Authorization: Bearer ...)".to_owned();
-                        return Ok::<_, Infallible>(
-                            with_status(json(&ErrorBody { error }), StatusCode::UNAUTHORIZED).into_response(),
-                        );
+            .and_then(
+                move |auth: Option<String>, remote: Option<SocketAddr>, req: CancelRequest| {
+                    let inner = inner.clone();
+                    async move {
+                        if let Err(refused) = inner.authorize(auth.as_deref(), remote).await {
+                            return Ok::<_, Infallible>(refused.into_response());
+                        }
+                        let stopped = inner.stop(req.id, req.attempt).await;
+                        Ok(json(&serde_json::json!({ "stopped": stopped })).into_response())
                     }
-                    let stopped = inner.stop(req.id, req.attempt).await;
-                    Ok(json(&serde_json::json!({ "stopped": stopped })).into_response())
-                }
-            });
+                },
+            );
         let spec = Arc::new(crate::openapi::spec());
         let openapi = warp::path!("openapi.json")
             .and(warp::get())
@@ -216,6 +236,9 @@ impl Agent {
                 .run(),
         );
         info!(port, server = %self.inner.config.server_url, "ci-agent listening");
+        for w in self.inner.config.security_warnings() {
+            warn!("SECURITY: {w}");
+        }
         let runner = self.inner.runner.clone();
         let maintenance = tokio::spawn(async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
@@ -247,7 +270,10 @@ impl Agent {
                 port,
                 session: true,
             };
-            inner.client.set_secret(None);
+            // The previous session's secret (kept across restarts) proves
+            // that this is the same agent, so the server replaces that
+            // session at once instead of waiting for it to lapse.
+            inner.client.set_secret(inner.load_session());
             let reply = retry("register", inner.config.retry, || {
                 inner.client.register(&announce)
             })
@@ -255,11 +281,15 @@ impl Agent {
             .map_err(Error::Registration)?;
             let heartbeat = Duration::from_millis(reply.timeout.max(10));
             inner.client.set_secret(reply.secret.clone());
+            if let Some(secret) = &reply.secret {
+                inner.save_session(secret);
+            }
             {
                 let mut s = inner.state();
                 s.id = Some(reply.id);
                 s.heartbeat = Some(heartbeat);
             }
+            inner.registered.send_replace(Some(reply.id));
             info!(id = %reply.id, heartbeat = ?heartbeat, "registered");
             inner.ping_while_known(reply.id, heartbeat).await;
             warn!(id = %reply.id, "the server no longer knows this agent; registering again");
@@ -270,6 +300,92 @@ impl Agent {
 impl Inner {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lets a dispatch or cancel through if it presents the agent token or,
+    /// with no token set, if it comes from the server's address; else the
+    /// refusal to answer with.
+    async fn authorize(&self, auth: Option<&str>, remote: Option<SocketAddr>) -> Result<(), Refusal> {
+        let refuse = |status: StatusCode, error: String| Err(Refusal(status, error));
+        if let Some(token) = &self.config.agent_token {
+            if ci_core::auth::bearer_matches(auth, token) {
+                return Ok(());
+            }
+            let error = "missing or wrong AGENT_TOKEN (Authorization: Bearer ...)".to_owned();
+            return refuse(StatusCode::UNAUTHORIZED, error);
+        }
+        let Some(ip) = remote.map(|r| r.ip().to_canonical()) else {
+            return refuse(StatusCode::FORBIDDEN, "no source address".into());
+        };
+        if self.is_server(ip).await {
+            return Ok(());
+        }
+        warn!(%ip, "refused a request that did not come from the server");
+        refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this agent has no AGENT_TOKEN, so it takes builds only from its server ({}), not from {ip}",
+                self.config.server_url
+            ),
+        )
+    }
+
+    /// True if `ip` is one of the server's addresses.
+    async fn is_server(&self, ip: IpAddr) -> bool {
+        let stale = {
+            let cached = self.server_addrs.lock().unwrap_or_else(PoisonError::into_inner);
+            if cached.0.contains(&ip) {
+                return true;
+            }
+            cached.1.is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        };
+        if !stale {
+            return false;
+        }
+        let hostport = self
+            .config
+            .server_url
+            .split_once("://")
+            .map_or(self.config.server_url.as_str(), |(_, rest)| rest);
+        let fresh: Vec<IpAddr> = match tokio::net::lookup_host(hostport).await {
+            Ok(addrs) => addrs.map(|a| a.ip().to_canonical()).collect(),
+            Err(e) => {
+                warn!(server = %hostport, cause = %e, "cannot resolve the server's address");
+                Vec::new()
+            }
+        };
+        let found = fresh.contains(&ip);
+        *self.server_addrs.lock().unwrap_or_else(PoisonError::into_inner) =
+            (fresh, Some(tokio::time::Instant::now()));
+        found
+    }
+
+    fn session_path(&self) -> PathBuf {
+        self.config.work_dir.join("session")
+    }
+
+    /// The session secret of the last registration, if one was kept.
+    fn load_session(&self) -> Option<String> {
+        let s = std::fs::read_to_string(self.session_path()).ok()?;
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_owned())
+    }
+
+    /// Keeps the session secret (readable by this user only).
+    fn save_session(&self, secret: &str) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.session_path();
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(secret.as_bytes()));
+        if let Err(e) = written {
+            warn!(path = %path.display(), cause = %e, "cannot keep the session secret");
+        }
     }
 
     /// Pings while idle. Returns when the server says it does not know `id`.
@@ -304,8 +420,9 @@ impl Inner {
     /// Runs one build to the end and delivers its result.
     async fn run_build(self: Arc<Self>, req: BuildRequest, stop: Arc<Notify>, done: watch::Sender<bool>) {
         let job = Job::from(&req);
-        let agent_id = self.state().id;
-        let (live_tx, live_rx) = tokio::sync::mpsc::unbounded_channel();
+        // N.B.: the id it was dispatched to, which accept_build waited for.
+        let agent_id = req.agent_id.or(self.state().id);
+        let (live_tx, live_rx) = tokio::sync::mpsc::channel(ci_core::runner::LIVE_BACKLOG);
         let log = LogSink::default().with_live(live_tx);
         let forwarder = tokio::spawn(crate::live::forward(
             self.client.clone(),
@@ -456,9 +573,26 @@ impl Inner {
     }
 }
 
-fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
+async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
     let reply =
         |status: StatusCode, error: String| with_status(json(&ErrorBody { error }), status).into_response();
+    if let Some(want) = req.agent_id {
+        // The dispatch may have overtaken the reply to our registration.
+        let mut registered = inner.registered.subscribe();
+        let known = tokio::time::timeout(
+            REGISTRATION_WAIT,
+            registered.wait_for(|id| id.is_some_and(|id| id >= want)),
+        )
+        .await;
+        let now = *inner.registered.borrow();
+        if known.is_err() || now != Some(want) {
+            let me = now.map_or("unregistered".to_owned(), |id| format!("agent {id}"));
+            return reply(
+                StatusCode::CONFLICT,
+                format!("dispatched to agent {want}, but this is {me}"),
+            );
+        }
+    }
     if let Err(e) =
         RepoUrl::parse_with(&req.repo, &inner.config.repo_schemes).and(CommitRef::parse(&req.hash))
     {

@@ -96,6 +96,21 @@ impl Checkouts {
 
     /// Checks out `commit` of `repo` into a new workspace named `name`.
     pub async fn checkout(&self, repo: &RepoUrl, commit: &CommitRef, name: &str) -> Result<Workspace, Error> {
+        // N.B.: git's messages may quote the URL, credentials and all.
+        self.checkout_unscrubbed(repo, commit, name)
+            .await
+            .map_err(|e| match e {
+                Error::Checkout(msg) => Error::Checkout(repo.scrub(&msg)),
+                e => e,
+            })
+    }
+
+    async fn checkout_unscrubbed(
+        &self,
+        repo: &RepoUrl,
+        commit: &CommitRef,
+        name: &str,
+    ) -> Result<Workspace, Error> {
         let cache = self.cache_dir(repo);
         let key = commit
             .is_sha()
@@ -163,7 +178,8 @@ impl Checkouts {
             let dir = dot_git.join(dir);
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
-        let origin = repo.as_str().replace('\\', "\\\\").replace('"', "\\\"");
+        // The build sees the remote without the credentials it was cloned with.
+        let origin = repo.redacted().replace('\\', "\\\\").replace('"', "\\\"");
         let files = [
             ("HEAD", "ref: refs/heads/main\n".to_owned()),
             (

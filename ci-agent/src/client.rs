@@ -140,9 +140,17 @@ impl ServerClient {
         }
     }
 
-    /// `POST /notify_agent`.
+    /// `POST /notify_agent`. A 409 (a live session of this agent's URL
+    /// that we could not prove is ours, say after a restart that lost it)
+    /// is worth retrying: the server lets the URL go once that session
+    /// lapses.
     pub async fn register(&self, body: &NotifyAgent) -> Result<NotifyAgentReply, CallError> {
-        self.post("/notify_agent", body, None).await
+        match self.post("/notify_agent", body, None).await {
+            Err(CallError::Refused { status, message }) if status == StatusCode::CONFLICT => {
+                Err(CallError::Server { status, message })
+            }
+            r => r,
+        }
     }
 
     /// `POST /notify_agent_alive`, giving up after `timeout` so that a lost

@@ -197,6 +197,22 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// What is risky about these settings, one warning per line.
+    pub fn security_warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.agent_token.is_none() && !self.addr.ip().is_loopback() {
+            w.push(format!(
+                "listening on {} without AGENT_TOKEN: builds are accepted from the server's address \
+                 only, which anyone on that host (or spoofing it) can use to run commands here. \
+                 Set AGENT_TOKEN on the server and every agent.",
+                self.addr
+            ));
+        }
+        w
+    }
+}
+
 /// `http://host:port` from a host given with or without a scheme.
 pub fn base_url(host: &str, port: u16) -> Result<String, String> {
     let host = host.trim().trim_end_matches('/');

@@ -338,13 +338,10 @@ impl Runner for DockerRunner {
         if let Some(own) = &self.own_container {
             labels.insert(LABEL_AGENT_CONTAINER.to_owned(), own.clone());
         }
-        let env = vec![
-            "CI=true".to_owned(),
-            format!("CI_BUILD_ID={}", job.build),
-            format!("CI_BUILD_ATTEMPT={attempt}"),
-            format!("CI_COMMIT={}", ws.commit),
-            format!("CI_REPO={repo}"),
-        ];
+        let env = crate::env::ci_variables(job, &ws.commit, &repo)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let s = &self.settings;
         let host = HostConfig {
             privileged: Some(false),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ci_core::protocol::{NotifyBuildLog, WirePiece};
 use ci_core::runner::LogChunk;
 use ci_core::{AgentId, Attempt, BuildId, Stream};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 use tracing::debug;
 
 use crate::client::{CallError, ServerClient};
@@ -58,7 +58,7 @@ pub(crate) async fn forward(
     build: BuildId,
     attempt: Option<Attempt>,
     agent: Option<AgentId>,
-    mut rx: UnboundedReceiver<LogChunk>,
+    mut rx: Receiver<LogChunk>,
 ) {
     let mut out = Utf8Splitter::default();
     let mut err = Utf8Splitter::default();

@@ -79,15 +79,14 @@ impl Runner for ShellRunner {
             .as_bytes(),
         );
 
+        // N.B.: env_clear: the agent's environment holds its secrets.
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(&job.command)
             .current_dir(ws.path())
-            .env("CI", "true")
-            .env("CI_BUILD_ID", job.build.to_string())
-            .env("CI_BUILD_ATTEMPT", job.attempt.map_or(0, |a| a.0).to_string())
-            .env("CI_COMMIT", &ws.commit)
-            .env("CI_REPO", repo.as_str())
+            .env_clear()
+            .envs(crate::env::inherited())
+            .envs(crate::env::ci_variables(job, &ws.commit, &repo))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

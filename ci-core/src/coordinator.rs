@@ -56,6 +56,7 @@ impl Dispatch {
             attempt: Some(self.build.attempt),
             image: self.build.image.clone(),
             timeout_ms: self.build.timeout_ms,
+            agent_id: Some(self.agent),
         }
     }
 }
@@ -219,8 +220,15 @@ pub struct Coordinator {
     leases: HashMap<BuildId, Lease>,
     /// When each queued build (re)entered the queue, for dispatch latency.
     queued_since: HashMap<BuildId, Timestamp>,
+    /// Session secrets of agents dropped from the pool (newest ids kept):
+    /// such an agent may still prove itself to finish a build whose last
+    /// attempt it held, if that build went back to the queue.
+    retired: std::collections::BTreeMap<AgentId, String>,
     events: Vec<Event>,
 }
+
+/// How many dropped agents' secrets are kept, for their late results.
+const RETIRED: usize = 4096;
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -277,6 +285,7 @@ impl CoordinatorBuilder {
             policy: self.policy,
             leases: HashMap::new(),
             queued_since: HashMap::new(),
+            retired: std::collections::BTreeMap::new(),
             events: Vec::new(),
         };
         c.recover()?;
@@ -397,20 +406,44 @@ impl Coordinator {
     /// lost with it, so those builds go back to the queue now rather than
     /// waiting for their leases to run out.
     pub fn register_agent(&mut self, url: &str) -> Result<Registration> {
-        self.register(url, None)
+        self.register(url, None, None)
     }
 
     /// Registers an agent that will prove its identity with `secret` on
-    /// every later request (see [`crate::auth`]).
-    pub fn register_agent_with_secret(&mut self, url: &str, secret: String) -> Result<Registration> {
-        self.register(url, Some(secret))
+    /// every later request (see [`crate::auth`]). `proof` is the secret of
+    /// the session it replaces, if it has one (a restarted agent keeps it).
+    ///
+    /// N.B.: a URL whose agent holds a session can be taken over only with
+    /// that session's secret, or once the session has lapsed (nothing heard
+    /// for a lease): otherwise anyone could kill its running build by
+    /// registering its URL. [`Error::Conflict`] until then.
+    pub fn register_agent_with_secret(
+        &mut self,
+        url: &str,
+        secret: String,
+        proof: Option<&str>,
+    ) -> Result<Registration> {
+        self.register(url, Some(secret), proof)
     }
 
-    fn register(&mut self, url: &str, secret: Option<String>) -> Result<Registration> {
-        if let Some(old) = self.pool.find_by_url(url) {
+    fn register(&mut self, url: &str, secret: Option<String>, proof: Option<&str>) -> Result<Registration> {
+        let now = self.clock.now();
+        if let Some(old) = self.pool.find_by_url(url).and_then(|id| self.pool.get(id)) {
+            if let Some(held) = &old.secret {
+                let proven = proof.is_some_and(|p| crate::auth::ct_eq(p.as_bytes(), held.as_bytes()));
+                let lapses = old.last_seen.plus(self.policy.ttl());
+                if !proven && now < lapses {
+                    return Err(Error::Conflict(format!(
+                        "agent {} at {url} holds a live session: present its secret to replace it, \
+                         or register again after {} ms",
+                        old.id,
+                        lapses.since(now).as_millis()
+                    )));
+                }
+            }
+            let old = old.id;
             self.drop_agent(old, LeaveReason::Replaced)?;
         }
-        let now = self.clock.now();
         let rec = self.store.register_agent(url, secret.as_deref(), now)?;
         let mut agent = Agent::new(rec.id, rec.url, now);
         agent.secret = rec.secret;
@@ -439,21 +472,31 @@ impl Coordinator {
             self.requeue(lease)?;
         }
         self.store.remove_agent(id)?;
-        self.pool.remove(id);
+        if let Some(secret) = self.pool.remove(id).and_then(|a| a.secret) {
+            if self.retired.len() >= RETIRED {
+                self.retired.pop_first();
+            }
+            self.retired.insert(id, secret);
+        }
         self.events.push(Event::AgentLeft { agent: id, reason });
         Ok(())
     }
 
-    /// The agent whose session secret this is.
+    /// The agent whose session secret this is: one in the pool, or one
+    /// dropped from it lately (which can then only finish a build whose
+    /// last attempt it held).
     pub fn agent_by_secret(&self, secret: &str) -> Option<AgentId> {
         // N.B.: compare every agent's secret, in constant time each, so the
         // answer's timing says nothing about how close a guess was.
         let mut found = None;
-        for a in self.pool.iter() {
-            if let Some(s) = &a.secret {
-                if crate::auth::ct_eq(s.as_bytes(), secret.as_bytes()) {
-                    found = Some(a.id);
-                }
+        let live = self
+            .pool
+            .iter()
+            .filter_map(|a| Some((a.id, a.secret.as_deref()?)));
+        let retired = self.retired.iter().map(|(id, s)| (*id, s.as_str()));
+        for (id, s) in live.chain(retired) {
+            if crate::auth::ct_eq(s.as_bytes(), secret.as_bytes()) {
+                found = Some(id);
             }
         }
         found
@@ -628,8 +671,19 @@ impl Coordinator {
                 current: build.attempt,
             });
         }
-        if let Some(lease) = self.leases.get(&id) {
-            self.check_sender(lease.agent, report.agent, report.verified)?;
+        match self.leases.get(&id) {
+            Some(lease) => self.check_sender(lease.agent, report.agent, report.verified)?,
+            // N.B.: no lease: the build went back to the queue. Its last
+            // attempt's result still counts (the work is not wasted), but
+            // only from that attempt's agent, proven: anyone else's would be
+            // a forgery.
+            None if !(report.verified && report.agent.is_some() && report.agent == build.agent_id) => {
+                return Err(Error::Conflict(format!(
+                    "build {id} attempt {attempt} lost its lease; only its agent, proven by its \
+                     session secret, may still report it"
+                )));
+            }
+            None => {}
         }
         if let (Some(agent), Some(lease)) = (report.agent, self.leases.get(&id)) {
             if agent != lease.agent {

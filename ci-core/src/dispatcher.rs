@@ -167,6 +167,30 @@ impl Dispatcher {
         self.with(|c| c.complete(report))
     }
 
+    /// Takes live output of a running attempt. It counts as a heartbeat
+    /// (checked and renewed in memory, under the lock); the pieces are then
+    /// stored outside the lock and off the async threads: the store's
+    /// append is fenced by attempt itself, so a lease lost in between
+    /// stores nothing.
+    pub async fn output(&self, hb: Heartbeat, pieces: Vec<crate::model::LogPiece>) -> Result<usize> {
+        let build = hb
+            .build
+            .ok_or_else(|| Error::invalid("output", "needs a build `id`"))?;
+        let (store, attempt) = self.with(|c| -> Result<_> {
+            c.heartbeat(hb)?;
+            let attempt = c.lease(build).map(|l| l.attempt).unwrap_or_default();
+            Ok((c.store().clone(), attempt))
+        })?;
+        let stored = tokio::task::spawn_blocking(move || store.append_log(build, attempt, &pieces))
+            .await
+            .map_err(|e| Error::Unavailable(format!("log writer: {e}")))??;
+        if stored > 0 {
+            // No subscribers is fine.
+            let _ = self.events.send(Event::Output(build));
+        }
+        Ok(stored)
+    }
+
     /// Cancels build `id`. A running build is stopped on its agent through
     /// `link` before this returns.
     pub async fn cancel(&self, id: BuildId, link: &dyn AgentLink) -> Result<Build> {

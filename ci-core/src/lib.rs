@@ -87,8 +87,8 @@ pub use error::{Error, Result};
 pub use lease::{Lease, LeasePolicy};
 pub use local::LocalCluster;
 pub use model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, LogPiece,
-    NewBuild, Page, RepoUrl,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, LogInfo,
+    LogPiece, NewBuild, Page, RepoUrl,
 };
 pub use pool::{Agent, AgentPool, MemoryAgentPool};
 pub use runner::{execute, Job, LogSink, Runner, Stream};

@@ -240,8 +240,14 @@ impl RepoUrl {
         if s.starts_with('-') {
             return Err(err(format!("must not start with '-': {s:?}")));
         }
-        if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(err("must not contain spaces or control characters".into()));
+        if s.chars().any(char::is_control) {
+            return Err(err("must not contain control characters".into()));
+        }
+        if s.chars().any(char::is_whitespace) {
+            return Err(err(format!(
+                "must not contain spaces: write a path with spaces as a file:// URL with %20, e.g. {:?}",
+                format!("file://{}", s.replace(' ', "%20"))
+            )));
         }
         // `transport::address` runs a git remote helper (`ext::` runs a command).
         if s.contains("::") {
@@ -277,15 +283,57 @@ impl RepoUrl {
         ok.then_some("ssh")
     }
 
-    /// The validated string.
+    /// The validated string, credentials and all: for `git`, and nothing
+    /// that is shown or logged (use [`Display`](fmt::Display) for that).
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The URL with its credentials (`user:password@`) replaced by `***`.
+    /// This is also what [`Display`](fmt::Display) shows.
+    pub fn redacted(&self) -> std::borrow::Cow<'_, str> {
+        redact_url(&self.0)
+    }
+
+    /// `text` (a git error, say) with this URL's credentials replaced by
+    /// `***` wherever they appear.
+    pub fn scrub(&self, text: &str) -> String {
+        match userinfo(&self.0) {
+            Some(secret) => text.replace(secret, "***"),
+            None => text.to_owned(),
+        }
+    }
 }
 
+/// N.B.: shows no credentials, so that a URL can be logged and displayed.
 impl fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.redacted())
+    }
+}
+
+/// The userinfo (`user:password`) of a `scheme://userinfo@host/...` URL.
+/// The scp-like `user@host:path` carries no password and keeps its user.
+fn userinfo(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let (info, _) = authority.rsplit_once('@')?;
+    (!info.is_empty()).then_some(info)
+}
+
+/// `url` with the userinfo of a `scheme://user:password@host` URL replaced by
+/// `***`, for URLs kept as plain strings (a stored build's repository).
+pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
+    match userinfo(url) {
+        Some(info) => {
+            let start = url.find("://").map_or(0, |i| i + 3);
+            let mut out = String::with_capacity(url.len());
+            out.push_str(&url[..start]);
+            out.push_str("***");
+            out.push_str(&url[start + info.len()..]);
+            std::borrow::Cow::Owned(out)
+        }
+        None => std::borrow::Cow::Borrowed(url),
     }
 }
 
@@ -471,6 +519,22 @@ pub struct BuildLog {
     pub complete: bool,
 }
 
+/// What one attempt's log is, without its text: for reading it in pieces.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogInfo {
+    /// The attempt.
+    pub attempt: Attempt,
+    /// True for the accepted result's log, read with
+    /// [`BuildStore::read_log`](crate::BuildStore::read_log); false for
+    /// live pieces, read with
+    /// [`BuildStore::log_pieces_page`](crate::BuildStore::log_pieces_page).
+    pub complete: bool,
+    /// Bytes of standard output.
+    pub stdout_len: u64,
+    /// Bytes of standard error.
+    pub stderr_len: u64,
+}
+
 /// A piece of live output, numbered in the order the agent sent it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogPiece {
@@ -607,6 +671,35 @@ mod tests {
         }
         assert!(RepoUrl::parse_with("https://x/y", &["file"]).is_err());
         assert!(RepoUrl::parse_with("/srv/repo", &["file"]).is_ok());
+    }
+
+    #[test]
+    fn credentials_are_never_displayed() {
+        let r = RepoUrl::parse("https://bob:s3cr3t@git.example.com/x/y.git").unwrap();
+        assert_eq!(r.to_string(), "https://***@git.example.com/x/y.git");
+        assert_eq!(r.as_str(), "https://bob:s3cr3t@git.example.com/x/y.git");
+        assert_eq!(
+            r.scrub("fatal: 'https://bob:s3cr3t@git.example.com/' denied"),
+            "fatal: 'https://***@git.example.com/' denied"
+        );
+        let token = RepoUrl::parse("https://ghp_abc@github.com/o/r").unwrap();
+        assert_eq!(token.to_string(), "https://***@github.com/o/r");
+        for plain in [
+            "git@example.com:x/y.git",
+            "/srv/repo",
+            "https://h/a@b",
+            "file:///srv/r",
+        ] {
+            assert_eq!(RepoUrl::parse(plain).unwrap().to_string(), plain);
+        }
+        assert_eq!(redact_url("ssh://git:pw@h:22/r"), "ssh://***@h:22/r");
+    }
+
+    #[test]
+    fn a_path_with_spaces_is_refused_with_the_way_out() {
+        let e = RepoUrl::parse("/srv/my repo").unwrap_err().to_string();
+        assert!(e.contains("file:///srv/my%20repo"), "{e}");
+        assert!(RepoUrl::parse("file:///srv/my%20repo").is_ok());
     }
 
     #[test]

@@ -163,6 +163,12 @@ pub struct BuildRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout_ms: Option<u64>,
+    /// Extension: the id the agent was given when this was dispatched. A
+    /// dispatch can reach an agent before the reply to its registration
+    /// does; the agent waits until it knows this id, so it never speaks for
+    /// the build under an id the server has replaced.
+    #[serde(rename = "agentId", default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
 }
 
 // === user → server ===
@@ -201,7 +207,7 @@ pub struct BuildView {
     pub hash: String,
     /// Command.
     pub command: String,
-    /// Repository.
+    /// Repository, without credentials.
     pub repo: String,
     /// Branch, if given.
     pub branch: Option<String>,
@@ -235,7 +241,7 @@ impl From<&Build> for BuildView {
             id: b.id,
             hash: b.hash.clone(),
             command: b.command.clone(),
-            repo: b.repo.clone(),
+            repo: crate::model::redact_url(&b.repo).into_owned(),
             branch: b.branch.clone(),
             image: b.image.clone(),
             timeout_ms: b.timeout_ms,
@@ -286,18 +292,7 @@ pub struct LogView {
 impl LogView {
     /// The view of a stored log of `build`.
     pub fn new(build: &Build, log: BuildLog) -> LogView {
-        let note =
-            (!log.complete && (log.attempt < build.attempt || build.status.is_finished())).then(|| {
-                if build.status == BuildStatus::Canceled && log.attempt == build.attempt {
-                    "the log stops here: the build was canceled".to_owned()
-                } else {
-                    format!(
-                        "the log stops here: attempt {} lost its agent; attempt {} took over",
-                        log.attempt,
-                        log.attempt.next()
-                    )
-                }
-            });
+        let note = LogView::note(build, log.attempt, log.complete);
         LogView {
             id: build.id,
             attempt: log.attempt,
@@ -306,6 +301,24 @@ impl LogView {
             complete: log.complete,
             note,
         }
+    }
+}
+
+impl LogView {
+    /// Where an incomplete log of `attempt` of `build` stopped and why,
+    /// once that attempt is over.
+    pub fn note(build: &Build, attempt: Attempt, complete: bool) -> Option<String> {
+        (!complete && (attempt < build.attempt || build.status.is_finished())).then(|| {
+            if build.status == BuildStatus::Canceled && attempt == build.attempt {
+                "the log stops here: the build was canceled".to_owned()
+            } else {
+                format!(
+                    "the log stops here: attempt {} lost its agent; attempt {} took over",
+                    attempt,
+                    attempt.next()
+                )
+            }
+        })
     }
 }
 
@@ -528,6 +541,7 @@ mod tests {
             attempt: None,
             image: None,
             timeout_ms: None,
+            agent_id: None,
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),

@@ -123,10 +123,16 @@ pub struct LogChunk {
 
 /// Collects a build's output, each stream capped at a size limit, and
 /// optionally forwards it as it arrives.
+///
+/// Memory is bounded whatever the build prints: each stream keeps at most
+/// its cap, nothing past the cap is forwarded, and live forwarding (a
+/// bounded channel) stops for good when its reader falls behind, so live
+/// output is always a prefix of the kept output. The final log carries the
+/// rest.
 #[derive(Clone, Debug)]
 pub struct LogSink {
     inner: Arc<Mutex<Buffers>>,
-    live: Option<mpsc::UnboundedSender<LogChunk>>,
+    live: Option<mpsc::Sender<LogChunk>>,
 }
 
 #[derive(Debug, Default)]
@@ -137,11 +143,20 @@ struct Buffers {
     stdout_omitted: u64,
     stderr_omitted: u64,
     seq: u64,
+    /// Live forwarding stopped: its reader fell behind.
+    live_cut: bool,
 }
+
+/// Room kept below [`limits::MAX_LOG`] for the truncation marker, so a
+/// capped log with its marker still fits the store's limit.
+const MARKER_ROOM: usize = 64;
+
+/// How many chunks may wait for the live reader before live output stops.
+pub const LIVE_BACKLOG: usize = 1024;
 
 impl Default for LogSink {
     fn default() -> Self {
-        LogSink::new(limits::MAX_LOG)
+        LogSink::new(limits::MAX_LOG - MARKER_ROOM)
     }
 }
 
@@ -157,8 +172,9 @@ impl LogSink {
         }
     }
 
-    /// Also sends every write, numbered, to `tx`.
-    pub fn with_live(mut self, tx: mpsc::UnboundedSender<LogChunk>) -> LogSink {
+    /// Also sends what is kept, numbered, to `tx` (make it with room for
+    /// [`LIVE_BACKLOG`] chunks). If `tx` is full, live forwarding stops.
+    pub fn with_live(mut self, tx: mpsc::Sender<LogChunk>) -> LogSink {
         self.live = Some(tx);
         self
     }
@@ -181,21 +197,35 @@ impl LogSink {
         *omitted += (data.len() - kept.len()) as u64;
         let seq = b.seq;
         b.seq += 1;
-        if let Some(tx) = &self.live {
-            // A closed receiver only means nobody watches live.
-            let _ = tx.send(LogChunk {
+        if let (Some(tx), false, false) = (&self.live, kept.is_empty(), b.live_cut) {
+            let chunk = LogChunk {
                 seq,
                 stream,
-                data: data.to_vec(),
-            });
+                data: kept.to_vec(),
+            };
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(chunk) {
+                // A closed receiver only means nobody watches live.
+                tracing::warn!("live output fell behind; the rest comes with the result");
+                b.live_cut = true;
+            }
         }
     }
 
-    /// The output so far, as text, with a marker where a stream was cut.
+    /// The output so far, as text, with a marker where a stream was cut
+    /// that says how many bytes were left out.
     pub fn contents(&self) -> (String, String) {
         let b = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let text = |buf: &[u8], omitted: u64| {
+        let text = |buf: &[u8], mut omitted: u64| {
             let mut s = String::from_utf8_lossy(buf).into_owned();
+            // Invalid bytes grow threefold as U+FFFD: cut back to the cap.
+            if s.len() > b.cap {
+                let mut cut = b.cap;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                omitted += (s.len() - cut) as u64;
+                s.truncate(cut);
+            }
             if omitted > 0 {
                 s.push_str(&format!("\n[output truncated: {omitted} bytes omitted]\n"));
             }
@@ -235,7 +265,7 @@ mod tests {
 
     #[test]
     fn caps_each_stream_and_numbers_chunks() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(LIVE_BACKLOG);
         let sink = LogSink::new(4).with_live(tx);
         sink.write(Stream::Stdout, b"abc");
         sink.write(Stream::Stderr, b"e");
@@ -245,6 +275,31 @@ mod tests {
         assert_eq!(err, "e");
         let seqs: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|c| c.seq).collect();
         assert_eq!(seqs, [0, 1, 2]);
+    }
+
+    #[test]
+    fn memory_stays_bounded_whatever_the_build_prints() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let sink = LogSink::new(10).with_live(tx);
+        for _ in 0..1000 {
+            sink.write(Stream::Stdout, b"0123");
+        }
+        let (out, _) = sink.contents();
+        assert_eq!(out, "0123012301\n[output truncated: 3990 bytes omitted]\n");
+        // The channel filled after two chunks; the third cut live output.
+        let live: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(live.len(), 2);
+        assert_eq!(live[1].data, b"0123");
+        // Invalid bytes are cut back to the cap after replacement.
+        let sink = LogSink::new(6);
+        sink.write(Stream::Stderr, &[0xff; 6]);
+        let (_, err) = sink.contents();
+        assert_eq!(err, "\u{fffd}\u{fffd}\n[output truncated: 12 bytes omitted]\n");
+        // The default sink leaves room for its marker under the store's cap.
+        let sink = LogSink::default();
+        sink.write(Stream::Stdout, &vec![b'a'; limits::MAX_LOG + 1000]);
+        let (out, _) = sink.contents();
+        assert!(out.len() <= limits::MAX_LOG, "{}", out.len());
     }
 
     #[tokio::test]

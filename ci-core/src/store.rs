@@ -13,8 +13,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::model::{
-    limits, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogPiece,
-    NewBuild, Page,
+    limits, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo,
+    LogPiece, NewBuild, Page,
 };
 use crate::runner::Stream;
 
@@ -54,9 +54,12 @@ pub trait BuildStore: Send + Sync {
     fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> Result<bool>;
 
     /// Appends live output of `attempt`, if it is the build's running
-    /// attempt. Pieces whose `seq` is already stored are ignored, and
-    /// nothing is kept past [`limits::MAX_LOG`]
-    /// per stream. Returns how many pieces were stored.
+    /// attempt. Pieces are taken in `seq` order; a `seq` at or below the
+    /// highest already taken is a repeat and ignored, and nothing is kept
+    /// past [`limits::MAX_LOG`] per stream. Returns how many pieces were
+    /// stored. Consecutive pieces of one stream may be stored as one (with
+    /// the last one's `seq`), and the cost does not grow with what is
+    /// already stored.
     fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize>;
 
     /// Live output of `attempt` with `seq` above `after`, in order.
@@ -65,6 +68,53 @@ pub trait BuildStore: Send + Sync {
     /// The output of one attempt; the latest if `attempt` is `None`: the
     /// accepted result's log if there is one, else what was streamed.
     fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>>;
+
+    /// What [`BuildStore::log`] would return, without the text: for
+    /// answering with a log of any size in bounded memory.
+    fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<LogInfo>> {
+        Ok(self.log(id, attempt)?.map(|l| LogInfo {
+            attempt: l.attempt,
+            complete: l.complete,
+            stdout_len: l.stdout.len() as u64,
+            stderr_len: l.stderr.len() as u64,
+        }))
+    }
+
+    /// Up to `max` bytes of one stream of an attempt's accepted log, from
+    /// byte `offset` (which may fall inside a character); empty past the
+    /// end or if there is no accepted log.
+    fn read_log(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        stream: Stream,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>> {
+        let Some(log) = self.log(id, Some(attempt))?.filter(|l| l.complete) else {
+            return Ok(Vec::new());
+        };
+        let text = match stream {
+            Stream::Stdout => log.stdout,
+            Stream::Stderr => log.stderr,
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(text.len());
+        let end = start.saturating_add(max).min(text.len());
+        Ok(text.as_bytes()[start..end].to_vec())
+    }
+
+    /// [`BuildStore::log_pieces`], at most `limit` of them.
+    fn log_pieces_page(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<LogPiece>> {
+        let mut pieces = self.log_pieces(id, attempt, after)?;
+        pieces.truncate(limit);
+        Ok(pieces)
+    }
 
     /// How many builds are in each status.
     fn status_counts(&self) -> Result<Vec<(BuildStatus, u64)>>;
@@ -98,6 +148,8 @@ struct Inner {
     queue: BTreeSet<BuildId>,
     logs: HashMap<(BuildId, Attempt), BuildLog>,
     pieces: HashMap<(BuildId, Attempt), BTreeMap<u64, LogPiece>>,
+    /// Per attempt: the highest `seq` taken and the bytes kept per stream.
+    live: HashMap<(BuildId, Attempt), (Option<u64>, [usize; 2])>,
     agents: BTreeMap<AgentId, AgentRecord>,
 }
 
@@ -225,6 +277,7 @@ impl BuildStore for MemoryStore {
             },
         );
         s.pieces.remove(&(id, attempt));
+        s.live.remove(&(id, attempt));
         Ok(true)
     }
 
@@ -252,21 +305,15 @@ impl BuildStore for MemoryStore {
         if !running {
             return Ok(0);
         }
+        let (last, bytes) = s.live.get(&(id, attempt)).copied().unwrap_or_default();
+        let mut taken = Taken::new(last, bytes);
+        let rows = taken.take(pieces);
+        s.live.insert((id, attempt), (taken.last, taken.bytes));
         let stored = s.pieces.entry((id, attempt)).or_default();
-        let mut added = 0;
-        for p in pieces {
-            let used: usize = stored
-                .values()
-                .filter(|q| q.stream == p.stream)
-                .map(|q| q.data.len())
-                .sum();
-            if stored.contains_key(&p.seq) || used + p.data.len() > limits::MAX_LOG {
-                continue;
-            }
-            stored.insert(p.seq, p.clone());
-            added += 1;
+        for row in rows {
+            stored.insert(row.seq, row);
         }
-        Ok(added)
+        Ok(taken.added)
     }
 
     fn log_pieces(&self, id: BuildId, attempt: Attempt, after: Option<u64>) -> Result<Vec<LogPiece>> {
@@ -328,6 +375,61 @@ impl BuildStore for MemoryStore {
     }
 }
 
+/// Live pieces of one append, checked against what was taken before:
+/// the rule of [`BuildStore::append_log`], for every store to share.
+#[derive(Debug)]
+pub struct Taken {
+    /// The highest `seq` taken so far, if any.
+    pub last: Option<u64>,
+    /// Bytes kept so far: stdout, stderr.
+    pub bytes: [usize; 2],
+    /// Pieces taken by this append.
+    pub added: usize,
+}
+
+impl Taken {
+    /// Starts from what was taken before.
+    pub fn new(last: Option<u64>, bytes: [usize; 2]) -> Taken {
+        Taken {
+            last,
+            bytes,
+            added: 0,
+        }
+    }
+
+    /// The rows to store for `pieces`: new pieces in `seq` order, those
+    /// past the cap left out, consecutive ones of one stream joined.
+    pub fn take(&mut self, pieces: &[LogPiece]) -> Vec<LogPiece> {
+        let mut new: Vec<&LogPiece> = pieces
+            .iter()
+            .filter(|p| self.last.is_none_or(|l| p.seq > l))
+            .collect();
+        new.sort_by_key(|p| p.seq);
+        new.dedup_by_key(|p| p.seq);
+        let mut rows: Vec<LogPiece> = Vec::new();
+        for p in new {
+            self.last = Some(p.seq);
+            let used = &mut self.bytes[match p.stream {
+                Stream::Stdout => 0,
+                Stream::Stderr => 1,
+            }];
+            if *used + p.data.len() > limits::MAX_LOG {
+                continue;
+            }
+            *used += p.data.len();
+            self.added += 1;
+            match rows.last_mut() {
+                Some(row) if row.stream == p.stream => {
+                    row.data.push_str(&p.data);
+                    row.seq = p.seq;
+                }
+                _ => rows.push(p.clone()),
+            }
+        }
+        rows
+    }
+}
+
 /// The partial log of an attempt from its live pieces, in order.
 pub fn assemble<'a>(attempt: Attempt, pieces: impl IntoIterator<Item = &'a LogPiece>) -> BuildLog {
     let mut log = BuildLog {
@@ -372,6 +474,100 @@ pub mod conformance {
         listing_is_newest_first(&make());
         cancel_is_fenced(&make());
         live_logs_are_ordered_fenced_and_idempotent(&make());
+        live_logs_are_capped_and_joined(&make());
+        logs_read_in_pieces(&make());
+    }
+
+    /// A log read a piece at a time is the log.
+    pub fn logs_read_in_pieces<S: BuildStore>(s: &S) {
+        let agent = ok(s.register_agent("http://a:1", None, Timestamp(0)));
+        let id = ok(s.create_build(&new_build("x"), Timestamp(0))).id;
+        assert_eq!(ok(s.log_info(id, None)), None);
+        ok(s.start_attempt(id, &agent, Timestamp(1)));
+        let piece = |seq, stream, data: &str| LogPiece {
+            seq,
+            stream,
+            data: data.to_owned(),
+        };
+        let live = [
+            piece(0, Stream::Stdout, "ab"),
+            piece(1, Stream::Stderr, "é"),
+            piece(2, Stream::Stdout, "c"),
+        ];
+        ok(s.append_log(id, Attempt(1), &live));
+        let info = ok(s.log_info(id, None)).unwrap_or_default();
+        assert_eq!((info.complete, info.stdout_len, info.stderr_len), (false, 3, 2));
+        let page: Vec<u64> = ok(s.log_pieces_page(id, Attempt(1), None, 2))
+            .iter()
+            .map(|p| p.seq)
+            .collect();
+        assert_eq!(page, vec![0, 1]);
+        assert_eq!(ok(s.log_pieces_page(id, Attempt(1), Some(1), 2)).len(), 1);
+        let done = Completion {
+            exit_code: 0,
+            stdout: "héllo wörld".into(),
+            stderr: "e".into(),
+        };
+        assert!(ok(s.finish(id, Attempt(1), &done, Timestamp(2))));
+        let info = ok(s.log_info(id, None)).unwrap_or_default();
+        assert_eq!(
+            (info.attempt, info.complete, info.stdout_len, info.stderr_len),
+            (Attempt(1), true, 13, 1)
+        );
+        let mut read = Vec::new();
+        let mut offset = 0;
+        loop {
+            let chunk = ok(s.read_log(id, Attempt(1), Stream::Stdout, offset, 4));
+            if chunk.is_empty() {
+                break;
+            }
+            assert!(chunk.len() <= 4);
+            offset += chunk.len() as u64;
+            read.extend(chunk);
+        }
+        assert_eq!(String::from_utf8(read).ok().as_deref(), Some("héllo wörld"));
+        assert_eq!(ok(s.read_log(id, Attempt(1), Stream::Stderr, 0, 100)), b"e");
+        assert_eq!(ok(s.read_log(id, Attempt(1), Stream::Stderr, 9, 100)), b"");
+        assert_eq!(ok(s.read_log(id, Attempt(2), Stream::Stdout, 0, 100)), b"");
+    }
+
+    /// Many small pieces: kept up to the cap per stream, joined into few
+    /// rows, with retries of overlapping batches stored once.
+    pub fn live_logs_are_capped_and_joined<S: BuildStore>(s: &S) {
+        let agent = ok(s.register_agent("http://a:1", None, Timestamp(0)));
+        let id = ok(s.create_build(&new_build("x"), Timestamp(0))).id;
+        ok(s.start_attempt(id, &agent, Timestamp(1)));
+        let pieces: Vec<LogPiece> = (0..20_000)
+            .map(|seq| LogPiece {
+                seq,
+                stream: Stream::Stdout,
+                data: "y".into(),
+            })
+            .collect();
+        assert_eq!(ok(s.append_log(id, Attempt(1), &pieces[..10_000])), 10_000);
+        // A retry that overlaps the last batch stores only what is new.
+        assert_eq!(ok(s.append_log(id, Attempt(1), &pieces[5_000..])), 10_000);
+        let rows = ok(s.log_pieces(id, Attempt(1), None));
+        assert!(rows.len() <= 2, "{} rows for two batches", rows.len());
+        assert_eq!(rows.last().map(|p| p.seq), Some(19_999));
+        let text: usize = rows.iter().map(|p| p.data.len()).sum();
+        assert_eq!(text, 20_000);
+        // Nothing past the cap; the other stream still has room.
+        let big = |seq, stream| LogPiece {
+            seq,
+            stream,
+            data: "z".repeat(limits::MAX_LOG),
+        };
+        assert_eq!(
+            ok(s.append_log(id, Attempt(1), &[big(20_000, Stream::Stdout)])),
+            0
+        );
+        assert_eq!(
+            ok(s.append_log(id, Attempt(1), &[big(20_001, Stream::Stderr)])),
+            1
+        );
+        let log = ok(s.log(id, None)).unwrap_or_default();
+        assert_eq!((log.stdout.len(), log.stderr.len()), (20_000, limits::MAX_LOG));
     }
 
     /// Cancel acts on queued builds and on the running attempt only.

@@ -252,6 +252,8 @@ impl Sim {
 
     fn register(&mut self, i: usize) {
         let a = &mut self.agents[i];
+        // Like ci-agent, a new process proves itself with the secret it kept.
+        let proof = a.secret.clone();
         a.secret = format!(
             "{}-{}",
             a.secret.split('-').take(2).collect::<Vec<_>>().join("-"),
@@ -259,7 +261,7 @@ impl Sim {
         );
         let (url, secret, kind) = (a.url.clone(), a.secret.clone(), a.kind);
         let registered = match kind {
-            Kind::Secure => self.c.register_agent_with_secret(&url, secret),
+            Kind::Secure => self.c.register_agent_with_secret(&url, secret, Some(&proof)),
             Kind::Claims | Kind::Attempts | Kind::Original => self.c.register_agent(&url),
         };
         match registered {

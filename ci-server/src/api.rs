@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use ci_core::coordinator::{Accepted, Heartbeat, Report};
 use ci_core::protocol::{
-    AgentView, BuildList, BuildView, CreateBuild, ErrorBody, LogView, NotifyAgent, NotifyAgentAlive,
-    NotifyAgentLeave, NotifyAgentReply, NotifyBuildLog, NotifyBuildResult,
+    AgentView, BuildList, BuildView, CreateBuild, ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentLeave,
+    NotifyAgentReply, NotifyBuildLog, NotifyBuildResult,
 };
 use ci_core::{AgentId, BuildId, BuildStore, CommitRef, Completion, Dispatcher, LogPiece, NewBuild, Page};
 use serde::Deserialize;
@@ -51,11 +51,16 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
         }
+    }
+
+    /// The status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 
     fn bad_request(message: impl Into<String>) -> ApiError {
@@ -102,6 +107,7 @@ fn respond<T: Reply>(r: Result<T>) -> Response {
 
 /// Every route, with errors recovered into JSON.
 pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let guard = crate::guard::guard(app.config.clone());
     let agent_protocol = notify_agent(app.clone())
         .or(notify_agent_alive(app.clone()))
         .unify()
@@ -128,13 +134,11 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = I
         .unify()
         .or(healthz())
         .unify();
-    agent_protocol
-        .or(api)
-        .unify()
-        .or(wrong_method())
-        .unify()
+    guard
+        .and(agent_protocol.or(api).unify().or(wrong_method()).unify())
         .recover(recover)
         .unify()
+        .with(crate::guard::headers())
         .with(warp::trace::request())
 }
 
@@ -219,9 +223,14 @@ fn notify_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
         .and(warp::post())
         .and(agent_auth(&app))
         .and(with_app(app))
-        .and(warp::addr::remote())
+        .and(crate::listen::remote())
+        .and(session_secret())
         .and(json_body(MAX_BODY))
-        .map(|app: App, remote: Option<SocketAddr>, body: NotifyAgent| respond(register(&app, remote, body)))
+        .map(
+            |app: App, remote: Option<SocketAddr>, proof: Option<String>, body: NotifyAgent| {
+                respond(register(&app, remote, proof.as_deref(), body))
+            },
+        )
 }
 
 fn notify_agent_alive(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -316,29 +325,31 @@ fn notify_build_log(app: App) -> impl Filter<Extract = (Response,), Error = Reje
         .and(with_app(app))
         .and(session_secret())
         .and(json_body(MAX_RESULT_BODY))
-        .map(|app: App, secret: Option<String>, body: NotifyBuildLog| {
-            let store = || -> Result<_> {
-                let sender = app.sender(secret.as_deref(), body.agent_id)?;
-                let hb = Heartbeat {
-                    build: Some(body.id),
-                    attempt: body.attempt,
-                    agent: sender.agent,
-                    verified: sender.verified,
+        .and_then(
+            |app: App, secret: Option<String>, body: NotifyBuildLog| async move {
+                let store = async {
+                    let sender = app.sender(secret.as_deref(), body.agent_id)?;
+                    let hb = Heartbeat {
+                        build: Some(body.id),
+                        attempt: body.attempt,
+                        agent: sender.agent,
+                        verified: sender.verified,
+                    };
+                    let pieces: Vec<LogPiece> = body
+                        .pieces
+                        .into_iter()
+                        .map(|p| LogPiece {
+                            seq: p.seq,
+                            stream: p.stream,
+                            data: p.data,
+                        })
+                        .collect();
+                    let stored = app.dispatcher.output(hb, pieces).await?;
+                    Ok(json(&serde_json::json!({ "stored": stored })))
                 };
-                let pieces: Vec<LogPiece> = body
-                    .pieces
-                    .into_iter()
-                    .map(|p| LogPiece {
-                        seq: p.seq,
-                        stream: p.stream,
-                        data: p.data,
-                    })
-                    .collect();
-                let stored = app.dispatcher.with(|c| c.output(hb, &pieces))?;
-                Ok(json(&serde_json::json!({ "stored": stored })))
-            };
-            respond(store())
-        })
+                Ok::<_, Rejection>(respond(store.await))
+            },
+        )
 }
 
 fn notify_agent_leave(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -541,19 +552,31 @@ fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + 
         .and(api_auth(&app))
         .and(with_app(app))
         .and(warp::query::<LogQuery>())
-        .map(|id: BuildId, app: App, q: LogQuery| {
+        .and_then(|id: BuildId, app: App, q: LogQuery| async move {
             let follow = q
                 .follow
                 .as_deref()
                 .is_some_and(|f| matches!(f, "1" | "true" | "yes"));
-            if !follow {
-                return respond(log(&app, id, q));
-            }
-            match app.store.build(id) {
-                Ok(Some(_)) => crate::follow::reply(app, id),
-                Ok(None) => ApiError::from(ci_core::Error::BuildNotFound(id)).into_response(),
-                Err(e) => ApiError::from(e).into_response(),
-            }
+            let reply = async {
+                let store = app.store.clone();
+                let build = crate::logs::blocking(move || store.build(id))
+                    .await?
+                    .ok_or(ci_core::Error::BuildNotFound(id))?;
+                if follow {
+                    return Ok(crate::follow::reply(app, id));
+                }
+                let attempt = q.attempt.map(ci_core::Attempt);
+                if let Some(a) = attempt {
+                    if a.0 == 0 || a > build.attempt {
+                        return Err(ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            format!("build {id} has no attempt {a}"),
+                        ));
+                    }
+                }
+                crate::logs::json_reply(app.store.clone(), build, attempt).await
+            };
+            Ok::<_, Rejection>(respond(reply.await))
         })
 }
 
@@ -599,14 +622,19 @@ fn wrong_method() -> impl Filter<Extract = (Response,), Error = Rejection> + Clo
 
 // === handlers ===
 
-fn register(app: &App, remote: Option<SocketAddr>, body: NotifyAgent) -> Result<impl Reply> {
+fn register(
+    app: &App,
+    remote: Option<SocketAddr>,
+    proof: Option<&str>,
+    body: NotifyAgent,
+) -> Result<impl Reply> {
     let url = agent_url(body.host.as_deref(), body.port, remote)?;
     let (reg, secret) = if body.session {
         let secret = ci_core::auth::random_secret()
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no randomness: {e}")))?;
         (
             app.dispatcher
-                .with(|c| c.register_agent_with_secret(&url, secret.clone()))?,
+                .with(|c| c.register_agent_with_secret(&url, secret.clone(), proof))?,
             Some(secret),
         )
     } else {
@@ -641,25 +669,6 @@ fn create(app: &App, body: CreateBuild) -> Result<ci_core::Build> {
         timeout_ms: body.timeout_ms.or(app.config.build_timeout_ms),
     };
     Ok(app.dispatcher.submit(&new)?)
-}
-
-fn log(app: &App, id: BuildId, q: LogQuery) -> Result<impl Reply> {
-    let build = app.store.build(id)?.ok_or(ci_core::Error::BuildNotFound(id))?;
-    let attempt = q.attempt.map(ci_core::Attempt);
-    if let Some(a) = attempt {
-        if a.0 == 0 || a > build.attempt {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("build {id} has no attempt {a}"),
-            ));
-        }
-    }
-    let log = app.store.log(id, attempt)?.unwrap_or(ci_core::BuildLog {
-        attempt: attempt.unwrap_or(build.attempt),
-        complete: build.status.is_finished(),
-        ..Default::default()
-    });
-    Ok(json(&LogView::new(&build, log)))
 }
 
 /// The base URL of an agent from what it announced: `host` with or without

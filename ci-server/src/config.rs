@@ -95,6 +95,42 @@ pub struct Args {
     /// Repository URL schemes builds may use, comma separated.
     #[arg(long, env = "REPO_SCHEMES", value_name = "REPO_SCHEMES", value_delimiter = ',', default_values_t = DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()))]
     pub repo_schemes: Vec<String>,
+
+    /// The URL users reach the server at (e.g. https://ci.example.com):
+    /// its host is accepted in `Host`, and its origin on state-changing
+    /// requests.
+    #[arg(long, env = "PUBLIC_URL", value_name = "PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// More host names the server answers to, comma separated (IP
+    /// addresses and `localhost` always work).
+    #[arg(
+        long,
+        env = "ALLOWED_HOSTS",
+        value_name = "ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
+    /// Listen beyond loopback without AGENT_TOKEN, letting anyone who can
+    /// reach the port register as an agent. For closed test networks only.
+    #[arg(long, env = "INSECURE", value_name = "INSECURE")]
+    pub insecure: bool,
+
+    /// Most connections open at once (0: as many as the file limit allows,
+    /// up to 10,000).
+    #[arg(
+        long,
+        env = "MAX_CONNECTIONS",
+        value_name = "MAX_CONNECTIONS",
+        default_value_t = 0
+    )]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's headers; also how long an
+    /// idle kept-alive connection stays open (e.g. 10s).
+    #[arg(long, env = "HEADER_TIMEOUT", value_name = "HEADER_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub header_timeout: Duration,
 }
 
 /// Validated server settings.
@@ -120,6 +156,16 @@ pub struct ServerConfig {
     pub api_token: Option<String>,
     /// Timeout given to builds that set none.
     pub build_timeout_ms: Option<u64>,
+    /// Names the server answers to, beyond IP addresses and `localhost`:
+    /// the public URL's host and `ALLOWED_HOSTS`, lowercase.
+    pub allowed_hosts: Vec<String>,
+    /// The public URL's origin (`scheme://host[:port]`), also accepted as
+    /// a request's `Origin`.
+    pub public_origin: Option<String>,
+    /// Listening beyond loopback without an agent token was asked for.
+    pub insecure: bool,
+    /// Connection limit and timeouts of the listener.
+    pub limits: crate::listen::Limits,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -149,7 +195,28 @@ impl ServerConfig {
             agent_token: None,
             api_token: None,
             build_timeout_ms: None,
+            allowed_hosts: Vec::new(),
+            public_origin: None,
+            insecure: false,
+            limits: crate::listen::Limits::default(),
         }
+    }
+
+    /// Refuses settings that are unsafe, with what to do instead.
+    pub fn check(&self) -> Result<(), Error> {
+        if !self.addr.ip().is_loopback() && self.agent_token.is_none() && !self.insecure {
+            return Err(Error::Config {
+                name: "AGENT_TOKEN",
+                reason: format!(
+                    "listening on {} needs an agent token, or anyone who can reach the port registers \
+                     as an agent and is sent every build (its commands and repository credentials). \
+                     Set AGENT_TOKEN to a long random value (e.g. `openssl rand -hex 32`) on the server \
+                     and every agent, or pass --insecure on a closed network",
+                    self.addr
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// What is risky about these settings, one warning per line.
@@ -157,8 +224,9 @@ impl ServerConfig {
         let mut w = Vec::new();
         if !self.addr.ip().is_loopback() && self.agent_token.is_none() {
             w.push(format!(
-                "listening on {} without AGENT_TOKEN: anyone who can reach this port can register as an \
-                 agent, receive builds and report results. Set AGENT_TOKEN on the server and every agent.",
+                "listening on {} without AGENT_TOKEN (--insecure): anyone who can reach this port can \
+                 register as an agent, receive builds and report results. Set AGENT_TOKEN on the server \
+                 and every agent.",
                 self.addr
             ));
         }
@@ -204,6 +272,29 @@ impl TryFrom<Args> for ServerConfig {
         let lease = LeasePolicy::new(Duration::from_millis(a.heartbeat_ms), a.missed_heartbeats)
             .map_err(invalid("HEARTBEAT_MS/MISSED_HEARTBEATS"))?;
         let build_command = a.build_command.filter(|c| !c.trim().is_empty());
+        let public_origin = a.public_url.as_deref().map(origin_of).transpose()?;
+        let mut allowed_hosts = Vec::new();
+        if let Some(o) = &public_origin {
+            allowed_hosts.push(crate::guard::host_name(
+                o.split_once("://").map_or(o.as_str(), |x| x.1),
+            ));
+        }
+        for h in a.allowed_hosts.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
+            let ok = h.len() <= 253
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !ok {
+                return Err(Error::Config {
+                    name: "ALLOWED_HOSTS",
+                    reason: format!("{h:?} is not a host name"),
+                });
+            }
+            allowed_hosts.push(h.to_ascii_lowercase());
+        }
+        let max_connections = match a.max_connections {
+            0 => crate::listen::Limits::connections_allowed(10_000),
+            n => n,
+        };
         if a.dispatch_timeout_ms == 0 {
             return Err(Error::Config {
                 name: "DISPATCH_TIMEOUT_MS",
@@ -221,8 +312,37 @@ impl TryFrom<Args> for ServerConfig {
             agent_token: check_token("AGENT_TOKEN", a.agent_token)?,
             api_token: check_token("API_TOKEN", a.api_token)?,
             build_timeout_ms: Some(u64::try_from(a.build_timeout.as_millis()).unwrap_or(u64::MAX)),
+            allowed_hosts,
+            public_origin,
+            insecure: a.insecure,
+            limits: crate::listen::Limits {
+                max_connections,
+                header_timeout: a.header_timeout,
+            },
         })
     }
+}
+
+/// `scheme://host[:port]` of a public URL, lowercase.
+fn origin_of(url: &str) -> Result<String, Error> {
+    let bad = |why: &str| Error::Config {
+        name: "PUBLIC_URL",
+        reason: format!("{url:?} {why}"),
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("is not a URL"))?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(bad("is not an http or https URL"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let ok = !authority.is_empty()
+        && authority
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c));
+    if !ok {
+        return Err(bad("has no valid host"));
+    }
+    Ok(format!("{scheme}://{}", authority.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
@@ -260,10 +380,46 @@ mod tests {
     }
 
     #[test]
+    fn exposed_needs_an_agent_token_or_insecure() {
+        let exposed = parse(&["--repo", "/r", "--host", "0.0.0.0"]).unwrap();
+        let e = exposed.check().unwrap_err().to_string();
+        assert!(e.contains("AGENT_TOKEN") && e.contains("--insecure"), "{e}");
+        assert!(parse(&["--repo", "/r"]).unwrap().check().is_ok());
+        let token = [
+            "--repo",
+            "/r",
+            "--host",
+            "0.0.0.0",
+            "--agent-token",
+            "0123456789abcdef0123",
+        ];
+        assert!(parse(&token).unwrap().check().is_ok());
+        let insecure = parse(&["--repo", "/r", "--host", "0.0.0.0", "--insecure"]).unwrap();
+        assert!(insecure.check().is_ok());
+    }
+
+    #[test]
+    fn public_url_and_allowed_hosts() {
+        let c = parse(&[
+            "--repo",
+            "/r",
+            "--public-url",
+            "https://CI.example.com/ci/",
+            "--allowed-hosts",
+            "server, build-box",
+        ])
+        .unwrap();
+        assert_eq!(c.public_origin.as_deref(), Some("https://ci.example.com"));
+        assert_eq!(c.allowed_hosts, ["ci.example.com", "server", "build-box"]);
+        assert!(parse(&["--repo", "/r", "--public-url", "ftp://x"]).is_err());
+        assert!(parse(&["--repo", "/r", "--allowed-hosts", "a b"]).is_err());
+    }
+
+    #[test]
     fn warns_when_exposed_without_tokens() {
         let local = parse(&["--repo", "/r"]).unwrap();
         assert!(local.security_warnings().is_empty());
-        let exposed = parse(&["--repo", "/r", "--host", "0.0.0.0"]).unwrap();
+        let exposed = parse(&["--repo", "/r", "--host", "0.0.0.0", "--insecure"]).unwrap();
         let w = exposed.security_warnings();
         assert!(w.iter().any(|l| l.contains("without AGENT_TOKEN")), "{w:?}");
         let guarded = parse(&[

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ci_core::coordinator::Event;
 use ci_core::{Attempt, BuildId, Stream};
+use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use warp::reply::Response;
 use warp::sse::Event as Sse;
@@ -28,6 +29,10 @@ struct Follow {
     /// Bytes of stdout and stderr sent for the current attempt.
     sent: [usize; 2],
     queue: VecDeque<Sse>,
+    /// The rest of a finished attempt's log, read a chunk at a time, and
+    /// the event that ends the stream after it.
+    tail: VecDeque<(Stream, crate::logs::TextStream)>,
+    end: Option<Sse>,
     done: bool,
 }
 
@@ -56,12 +61,31 @@ pub(crate) fn reply(app: App, id: BuildId) -> Response {
         after: None,
         sent: [0, 0],
         queue: VecDeque::new(),
+        tail: VecDeque::new(),
+        end: None,
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut f| async move {
         loop {
             if let Some(ev) = f.queue.pop_front() {
                 return Some((Ok::<_, Infallible>(ev), f));
+            }
+            if let Some((stream, chunks)) = f.tail.front_mut() {
+                let stream = *stream;
+                match chunks.next().await {
+                    Some(Ok(text)) => return Some((Ok(Sse::default().event(name(stream)).data(text)), f)),
+                    Some(Err(e)) => {
+                        tracing::warn!(cause = %e, "cannot read the rest of a log");
+                        f.tail.clear();
+                    }
+                    None => {
+                        f.tail.pop_front();
+                    }
+                }
+                continue;
+            }
+            if let Some(end) = f.end.take() {
+                return Some((Ok(end), f));
             }
             if f.done {
                 return None;
@@ -100,19 +124,17 @@ impl Follow {
             self.sent = [0, 0];
         }
         if build.status.is_finished() {
-            // The final log replaces the pieces: send what was not sent yet.
-            if let Ok(Some(log)) = store.log(self.id, Some(self.attempt)) {
-                for (stream, text) in [(Stream::Stdout, &log.stdout), (Stream::Stderr, &log.stderr)] {
-                    let from = self.sent[slot(stream)];
-                    if let Some(rest) = text.get(from..).filter(|r| !r.is_empty()) {
-                        self.queue
-                            .push_back(Sse::default().event(name(stream)).data(rest));
-                    }
+            // The final log replaces the pieces: send what was not sent yet,
+            // a chunk at a time.
+            if let Ok(Some(info)) = store.log_info(self.id, Some(self.attempt)) {
+                for stream in [Stream::Stdout, Stream::Stderr] {
+                    let from = self.sent[slot(stream)] as u64;
+                    let chunks = crate::logs::text(store.clone(), self.id, info, stream, from);
+                    self.tail.push_back((stream, chunks));
                 }
             }
             let end = serde_json::json!({ "status": build.status, "exitCode": build.exit_code });
-            self.queue
-                .push_back(Sse::default().event("end").data(end.to_string()));
+            self.end = Some(Sse::default().event("end").data(end.to_string()));
             self.done = true;
             return;
         }

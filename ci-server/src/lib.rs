@@ -32,7 +32,10 @@
 mod api;
 pub mod config;
 mod follow;
+mod guard;
 pub mod link;
+pub mod listen;
+mod logs;
 pub mod metrics;
 pub mod openapi;
 mod ui;
@@ -105,6 +108,7 @@ impl Server {
 
     /// A server over any store.
     pub fn with_store(config: ServerConfig, store: Arc<dyn BuildStore>) -> Result<Server, Error> {
+        config.check()?;
         let coordinator = Coordinator::builder(store.clone()).lease(config.lease).build()?;
         let link = Arc::new(HttpLink::new(
             config.dispatch_timeout,
@@ -173,16 +177,19 @@ impl Server {
             let _ = stop_tx.send(true);
         });
         if let Ok(addr) = listener.local_addr() {
+            // N.B.: the repository shows without credentials (RepoUrl's Display).
             tracing::info!(%addr, repo = %self.app.config.repo, "ci-server listening");
         }
         for w in self.app.config.security_warnings() {
             tracing::warn!("SECURITY: {w}");
         }
-        warp::serve(self.routes())
-            .incoming(listener)
-            .graceful(stopped(stop_rx))
-            .run()
-            .await;
+        let limits = self.app.config.limits;
+        tracing::info!(
+            max_connections = limits.max_connections,
+            header_timeout = ?limits.header_timeout,
+            "connection limits"
+        );
+        crate::listen::serve(listener, self.routes(), limits, stopped(stop_rx)).await;
         let _ = scheduler.await;
         Ok(())
     }

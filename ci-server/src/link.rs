@@ -19,9 +19,13 @@ impl HttpLink {
     /// A link whose requests give up after `timeout`, presenting `token`
     /// (the agent token) if set.
     pub fn new(timeout: Duration, token: Option<String>) -> Result<HttpLink, reqwest::Error> {
+        // N.B.: no redirects. A dispatch carries the command and the
+        // repository's credentials; an "agent" answering 307 must not be
+        // able to send them to another host.
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(HttpLink { client, token })
     }

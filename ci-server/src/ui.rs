@@ -13,6 +13,8 @@
 
 use std::fmt::Write;
 
+use futures_util::StreamExt;
+
 use ci_core::protocol::BuildView;
 use ci_core::{BuildId, Page};
 use warp::http::StatusCode;
@@ -56,16 +58,16 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rej
         .and(warp::path::end())
         .and(warp::get())
         .and(with_app(app))
-        .map(
-            |id: String, app: App| match id.parse::<i64>().ok().filter(|n| *n > 0) {
-                Some(n) => build_page(&app, BuildId(n)),
+        .and_then(|id: String, app: App| async move {
+            Ok::<_, Rejection>(match id.parse::<i64>().ok().filter(|n| *n > 0) {
+                Some(n) => build_page(&app, BuildId(n)).await,
                 None => with_status(
                     html(shell("Not found", "", "<p>No such build.</p>", &app)),
                     StatusCode::NOT_FOUND,
                 )
                 .into_response(),
-            },
-        );
+            })
+        });
     assets.or(index).unify().or(build).unify()
 }
 
@@ -137,7 +139,7 @@ fn shell(title: &str, body_attrs: &str, main: &str, app: &App) -> String {
 </html>
 "#,
         title = esc(title),
-        repo = esc(app.config.repo.as_str()),
+        repo = esc(&app.config.repo.to_string()),
     )
 }
 
@@ -160,7 +162,7 @@ fn index_page(app: &App, page: usize) -> Response {
         app.store
             .list_builds(Page {
                 limit: PAGE_SIZE,
-                offset: (page - 1) * PAGE_SIZE,
+                offset: (page - 1).saturating_mul(PAGE_SIZE),
                 before: None,
             })
             .map(|bs| bs.iter().map(BuildView::from).collect())
@@ -239,15 +241,21 @@ fn index_page(app: &App, page: usize) -> Response {
         } else {
             default_cmd
         }),
-        next = page + 1,
+        next = page.saturating_add(1),
     );
     let attrs = format!(r#"data-page="index" data-page-number="{page}" data-page-size="{PAGE_SIZE}""#);
     html(shell("Builds", &attrs, &main, app)).into_response()
 }
 
-fn build_page(app: &App, id: BuildId) -> Response {
+/// Marks where a stream's log goes in the page; `esc` turns every `<` of
+/// user text into `&lt;`, so no text can contain these.
+const STDOUT_MARK: &str = "<!--ci:stdout-->";
+const STDERR_MARK: &str = "<!--ci:stderr-->";
+
+async fn build_page(app: &App, id: BuildId) -> Response {
     let show = app.config.api_token.is_none();
-    let build = match app.store.build(id) {
+    let store = app.store.clone();
+    let build = match crate::logs::blocking(move || store.build(id)).await {
         Ok(Some(b)) => Some(BuildView::from(&b)),
         Ok(None) => {
             return with_status(
@@ -260,10 +268,13 @@ fn build_page(app: &App, id: BuildId) -> Response {
     };
     let b = build.filter(|_| show);
     let field = |f: &dyn Fn(&BuildView) -> String| b.as_ref().map(f).unwrap_or_default();
-    let log = if show {
-        app.store.log(id, None).ok().flatten().unwrap_or_default()
-    } else {
-        ci_core::BuildLog::default()
+    let store = app.store.clone();
+    let info = match show {
+        true => crate::logs::blocking(move || store.log_info(id, None))
+            .await
+            .ok()
+            .flatten(),
+        false => None,
     };
     let main = format!(
         r#"<h2>Build #{id} <span id="status" aria-live="polite">{st}</span></h2>
@@ -284,8 +295,8 @@ fn build_page(app: &App, id: BuildId) -> Response {
   <button id="rebuild" type="button">Rebuild</button>
   <p id="action-error" class="error" role="alert"></p>
 </div>
-<section aria-labelledby="out-h"><h3 id="out-h">stdout</h3><pre id="stdout" class="log" tabindex="0">{stdout}</pre></section>
-<section aria-labelledby="err-h"><h3 id="err-h">stderr</h3><pre id="stderr" class="log" tabindex="0">{stderr}</pre></section>"#,
+<section aria-labelledby="out-h"><h3 id="out-h">stdout</h3><pre id="stdout" class="log" tabindex="0">{STDOUT_MARK}</pre></section>
+<section aria-labelledby="err-h"><h3 id="err-h">stderr</h3><pre id="stderr" class="log" tabindex="0">{STDERR_MARK}</pre></section>"#,
         st = field(&|b| status(b.status.as_str())),
         hash = field(&|b| esc(&b.hash)),
         cmd = field(&|b| esc(&b.command)),
@@ -297,16 +308,50 @@ fn build_page(app: &App, id: BuildId) -> Response {
         started = field(&|b| esc(b.started_at.as_deref().unwrap_or(""))),
         finished = field(&|b| esc(b.finished_at.as_deref().unwrap_or(""))),
         dur = field(&|b| duration(b.duration_ms)),
-        stdout = esc(&log.stdout),
-        stderr = esc(&log.stderr),
     );
-    html(shell(
+    let page = shell(
         &format!("Build #{id}"),
         &format!(r#"data-page="build" data-build="{id}""#),
         &main,
         app,
-    ))
-    .into_response()
+    );
+    let (Some((head, rest)), Some(info)) = (page.split_once(STDOUT_MARK), info) else {
+        return html(page.replace(STDOUT_MARK, "").replace(STDERR_MARK, "")).into_response();
+    };
+    let (mid, tail) = rest.split_once(STDERR_MARK).unwrap_or((rest, ""));
+    if info.stdout_len + info.stderr_len <= crate::logs::INLINE {
+        let store = app.store.clone();
+        let log = crate::logs::blocking(move || store.log(id, Some(info.attempt)))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        return html(format!(
+            "{head}{}{mid}{}{tail}",
+            esc(&log.stdout),
+            esc(&log.stderr)
+        ))
+        .into_response();
+    }
+    // A large log streams into the page as it is read.
+    let part = |s: ci_core::Stream| {
+        crate::logs::text(app.store.clone(), id, info, s, 0).map(|t| {
+            t.map(|t| bytes::Bytes::from(esc(&t)))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+    };
+    let piece = |s: &str| {
+        futures_util::stream::once(futures_util::future::ready(Ok(bytes::Bytes::from(s.to_owned()))))
+    };
+    let body = piece(head)
+        .chain(part(ci_core::Stream::Stdout))
+        .chain(piece(mid))
+        .chain(part(ci_core::Stream::Stderr))
+        .chain(piece(tail))
+        .boxed();
+    let mut response = html("<p>This log is too large to show without Server::serve.</p>").into_response();
+    crate::listen::Streamed::attach(&mut response, body);
+    response
 }
 
 #[cfg(test)]

@@ -87,16 +87,18 @@ async fn create_get_and_list_builds() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["command"], "npm test");
 
-    // An HTML form posts urlencoded.
-    let (status, body) = f
-        .raw(
-            "POST",
-            "/build",
-            "application/x-www-form-urlencoded",
-            b"hash=feedbeef&command=make+lint",
-        )
+    // An HTML form posts urlencoded, from a page of the same origin.
+    let resp = warp::test::request()
+        .method("POST")
+        .path("/build")
+        .header("host", "127.0.0.1:3000")
+        .header("origin", "http://127.0.0.1:3000")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("hash=feedbeef&command=make+lint")
+        .reply(&f.server.routes())
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let body: Value = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
+    assert_eq!(resp.status(), StatusCode::CREATED, "{body}");
     assert_eq!(body["command"], "make lint");
 
     let (status, body) = f.call("GET", &format!("/api/builds/{}", b.id), None).await;

@@ -28,10 +28,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ci_core::model::{limits, LogPiece};
+use ci_core::model::LogPiece;
 use ci_core::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, BuildStore, Completion, NewBuild,
-    Page, Stream, Timestamp,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, BuildStore, Completion, LogInfo,
+    NewBuild, Page, Stream, Timestamp,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
@@ -48,6 +48,21 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database cannot be used where it is, and why (a missing or
+    /// read-only directory, a read-only file).
+    #[error("cannot open database {}: {why}", path.display())]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what SQLite said.
+        why: String,
+    },
+    /// Another process (a second server) has the database open.
+    #[error(
+        "database {} is in use by another ci-server process: run one server per SQLite file \
+         (stop the other one, or give this one its own DB_PATH)", .0.display()
+    )]
+    InUse(PathBuf),
     /// The file was written by a newer version of this program.
     #[error("database schema version {found} is newer than this program supports ({supported})")]
     TooNew {
@@ -177,6 +192,21 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX builds_running;
     -- (status, id) order serves the queue, the running set and the counts.
     CREATE INDEX builds_status ON builds (status);",
+    // 4: running totals of live output, so an append costs the same
+    // however much was stored before.
+    "CREATE TABLE live_logs (
+        build_id     INTEGER NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
+        attempt      INTEGER NOT NULL,
+        last_seq     INTEGER NOT NULL,
+        stdout_bytes INTEGER NOT NULL,
+        stderr_bytes INTEGER NOT NULL,
+        PRIMARY KEY (build_id, attempt)
+    );
+    INSERT INTO live_logs (build_id, attempt, last_seq, stdout_bytes, stderr_bytes)
+        SELECT build_id, attempt, MAX(seq),
+               SUM(CASE WHEN stream = 'stdout' THEN length(CAST(data AS BLOB)) ELSE 0 END),
+               SUM(CASE WHEN stream = 'stderr' THEN length(CAST(data AS BLOB)) ELSE 0 END)
+        FROM log_pieces GROUP BY build_id, attempt;",
 ];
 
 const BUILD_COLUMNS: &str = "id, repo, hash, branch, command, image, timeout_ms, status, attempt, \
@@ -189,6 +219,12 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
     checkpointer: Option<JoinHandle<()>>,
+    /// N.B.: an exclusive `flock` on the database file for as long as the
+    /// store lives. SQLite's own locks let a second server share the file,
+    /// and two schedulers on one queue run builds twice. Last, so it is
+    /// closed after the connections: closing any descriptor of the file
+    /// drops this process's POSIX locks on it, SQLite's included.
+    _owner: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// WAL size, in pages, past which the background thread checkpoints
@@ -205,12 +241,13 @@ impl SqliteStore {
     /// Opens the database at `path` with `options`.
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<SqliteStore, Error> {
         let path = path.as_ref().to_path_buf();
-        let open_err = |source| Error::Open {
-            path: path.clone(),
-            source,
-        };
-        let mut writer = connect(&path, options).map_err(open_err)?;
-        migrate(&writer)?;
+        let open_err = |source| diagnose(&path, source);
+        let mut writer = connect(&path, options).map_err(|e| diagnose(&path, e))?;
+        let owner = own(&writer, &path)?;
+        migrate(&writer).map_err(|e| match e {
+            Error::Sqlite(e) => diagnose(&path, e),
+            e => e,
+        })?;
         let reader = connect(&path, options).map_err(open_err)?;
         let checkpoints = connect(&path, options).map_err(open_err)?;
         let (wake, woken) = mpsc::sync_channel(1);
@@ -231,6 +268,7 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
             checkpointer: Some(checkpointer),
+            _owner: owner,
         })
     }
 
@@ -277,6 +315,65 @@ impl Drop for SqliteStore {
         if let Some(thread) = self.checkpointer.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Takes the exclusive `flock` on the file `conn` opened (by the name
+/// SQLite resolved, whatever spelling `path` used).
+fn own(conn: &Connection, path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+    let file = conn.path().filter(|p| !p.is_empty()).map(PathBuf::from);
+    let Some(file) = file else {
+        return Err(Error::Corrupt(format!(
+            "{} is not a database file (an in-memory or temporary database cannot be shared safely)",
+            path.display()
+        )));
+    };
+    let handle = std::fs::File::open(&file).map_err(|e| Error::Unusable {
+        path: file.clone(),
+        why: e.to_string(),
+    })?;
+    nix::fcntl::Flock::lock(handle, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| Error::InUse(file))
+}
+
+/// An open error, with what is wrong with `path` when SQLite does not say
+/// ("unable to open database file" covers a missing directory, a
+/// read-only one and a read-only file alike).
+fn diagnose(path: &Path, source: rusqlite::Error) -> Error {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let why = if path.to_string_lossy().starts_with("file:") {
+        None
+    } else if !dir.is_dir() {
+        Some(format!("directory {} does not exist", dir.display()))
+    } else if path
+        .metadata()
+        .is_ok_and(|m| m.permissions().readonly() || m.permissions().mode() & 0o200 == 0)
+    {
+        Some(format!(
+            "{} is read-only; the server must write to it",
+            path.display()
+        ))
+    } else if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        Some(format!(
+            "directory {} is not writable; SQLite creates its -wal and -shm files next to the database",
+            dir.display()
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Error::Unusable {
+            path: path.to_path_buf(),
+            why: format!("{why} (SQLite: {source})"),
+        },
+        None => Error::Open {
+            path: path.to_path_buf(),
+            source,
+        },
     }
 }
 
@@ -378,18 +475,28 @@ fn stream_name(s: Stream) -> &'static str {
     }
 }
 
+/// The rowid of an attempt's accepted log, for reading it in pieces.
+fn final_log_row(conn: &Connection, id: BuildId, attempt: Attempt) -> Result<Option<i64>, Error> {
+    Ok(conn
+        .prepare_cached("SELECT rowid FROM build_logs WHERE build_id = ?1 AND attempt = ?2")?
+        .query_row(params![id.0, attempt.0], |r| r.get(0))
+        .optional()?)
+}
+
 fn pieces(
     conn: &Connection,
     id: BuildId,
     attempt: Attempt,
     after: Option<u64>,
+    limit: Option<usize>,
 ) -> Result<Vec<LogPiece>, Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, stream, data FROM log_pieces
-         WHERE build_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq",
+         WHERE build_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
     )?;
     let after = after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
-    let rows = stmt.query_map(params![id.0, attempt.0, after], |r| {
+    let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let rows = stmt.query_map(params![id.0, attempt.0, after, limit], |r| {
         let stream: String = r.get(1)?;
         Ok(LogPiece {
             seq: r.get::<_, i64>(0)?.max(0) as u64,
@@ -516,6 +623,8 @@ impl BuildStore for SqliteStore {
             .execute(params![id.0, attempt.0, result.stdout, result.stderr])?;
             tx.prepare_cached("DELETE FROM log_pieces WHERE build_id = ?1 AND attempt = ?2")?
                 .execute(params![id.0, attempt.0])?;
+            tx.prepare_cached("DELETE FROM live_logs WHERE build_id = ?1 AND attempt = ?2")?
+                .execute(params![id.0, attempt.0])?;
             Ok(true)
         })?)
     }
@@ -540,26 +649,44 @@ impl BuildStore for SqliteStore {
             if !running {
                 return Ok(0);
             }
-            let mut added = 0;
-            for p in pieces {
-                let stream = stream_name(p.stream);
-                let used: i64 = tx
-                    .prepare_cached(
-                        "SELECT COALESCE(SUM(length(CAST(data AS BLOB))), 0) FROM log_pieces
-                         WHERE build_id = ?1 AND attempt = ?2 AND stream = ?3",
-                    )?
-                    .query_row(params![id.0, attempt.0, stream], |r| r.get(0))?;
-                if used as usize + p.data.len() > limits::MAX_LOG {
-                    continue;
-                }
-                added += tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO log_pieces (build_id, attempt, seq, stream, data)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )?
-                    .execute(params![id.0, attempt.0, i64::try_from(p.seq).unwrap_or(i64::MAX), stream, p.data])?;
+            let before = tx
+                .prepare_cached(
+                    "SELECT last_seq, stdout_bytes, stderr_bytes FROM live_logs
+                     WHERE build_id = ?1 AND attempt = ?2",
+                )?
+                .query_row(params![id.0, attempt.0], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
+                .optional()?;
+            let mut taken = match before {
+                Some((last, out, err)) => ci_core::store::Taken::new(
+                    u64::try_from(last).ok(),
+                    [usize::try_from(out).unwrap_or(0), usize::try_from(err).unwrap_or(0)],
+                ),
+                None => ci_core::store::Taken::new(None, [0, 0]),
+            };
+            let before_last = taken.last;
+            let rows = taken.take(pieces);
+            let Some(last) = taken.last.filter(|l| before_last != Some(*l)) else {
+                return Ok(0); // nothing new: repeats only
+            };
+            let seq = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let size = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            for row in &rows {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO log_pieces (build_id, attempt, seq, stream, data)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![id.0, attempt.0, seq(row.seq), stream_name(row.stream), row.data])?;
             }
-            Ok(added)
+            tx.prepare_cached(
+                "INSERT INTO live_logs (build_id, attempt, last_seq, stdout_bytes, stderr_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (build_id, attempt) DO UPDATE SET last_seq = excluded.last_seq,
+                    stdout_bytes = excluded.stdout_bytes, stderr_bytes = excluded.stderr_bytes",
+            )?
+            .execute(params![id.0, attempt.0, seq(last), size(taken.bytes[0]), size(taken.bytes[1])])?;
+            Ok(taken.added)
         })?)
     }
 
@@ -569,7 +696,7 @@ impl BuildStore for SqliteStore {
         attempt: Attempt,
         after: Option<u64>,
     ) -> ci_core::Result<Vec<LogPiece>> {
-        Ok(pieces(&self.read(), id, attempt, after)?)
+        Ok(pieces(&self.read(), id, attempt, after, None)?)
     }
 
     fn status_counts(&self) -> ci_core::Result<Vec<(BuildStatus, u64)>> {
@@ -616,8 +743,79 @@ impl BuildStore for SqliteStore {
         if final_log.is_some() {
             return Ok(final_log);
         }
-        let pieces = pieces(&conn, id, attempt, None)?;
+        let pieces = pieces(&conn, id, attempt, None, None)?;
         Ok((!pieces.is_empty()).then(|| ci_core::store::assemble(attempt, &pieces)))
+    }
+
+    fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<LogInfo>> {
+        let conn = self.read();
+        let Some(build) = get_build(&conn, id)? else {
+            return Ok(None);
+        };
+        let attempt = attempt.unwrap_or(build.attempt);
+        if let Some(row) = final_log_row(&conn, id, attempt)? {
+            // N.B.: blob handles read a value's length, not its pages.
+            let len = |column: &str| -> Result<u64, Error> {
+                Ok(conn.blob_open("main", "build_logs", column, row, true)?.len() as u64)
+            };
+            return Ok(Some(LogInfo {
+                attempt,
+                complete: true,
+                stdout_len: len("stdout")?,
+                stderr_len: len("stderr")?,
+            }));
+        }
+        let live = conn
+            .prepare_cached(
+                "SELECT stdout_bytes, stderr_bytes FROM live_logs WHERE build_id = ?1 AND attempt = ?2",
+            )
+            .map_err(Error::from)?
+            .query_row(params![id.0, attempt.0], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?.max(0) as u64,
+                    r.get::<_, i64>(1)?.max(0) as u64,
+                ))
+            })
+            .optional()
+            .map_err(Error::from)?;
+        Ok(live.filter(|(out, err)| out + err > 0).map(|(out, err)| LogInfo {
+            attempt,
+            complete: false,
+            stdout_len: out,
+            stderr_len: err,
+        }))
+    }
+
+    fn read_log(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        stream: Stream,
+        offset: u64,
+        max: usize,
+    ) -> ci_core::Result<Vec<u8>> {
+        let conn = self.read();
+        let Some(row) = final_log_row(&conn, id, attempt)? else {
+            return Ok(Vec::new());
+        };
+        let blob = conn
+            .blob_open("main", "build_logs", stream_name(stream), row, true)
+            .map_err(Error::from)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(blob.len());
+        let mut buf = vec![0; max.min(blob.len() - start)];
+        let n = blob.read_at(&mut buf, start).map_err(Error::from)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn log_pieces_page(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        after: Option<u64>,
+        limit: usize,
+    ) -> ci_core::Result<Vec<LogPiece>> {
+        Ok(pieces(&self.read(), id, attempt, after, Some(limit))?)
     }
 
     fn register_agent(
@@ -762,6 +960,79 @@ mod tests {
             (mode.as_str(), sync, version),
             ("wal", 2, MIGRATIONS.len() as i64)
         );
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ci.sqlite");
+        let first = SqliteStore::open(&path).unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(matches!(err, Error::InUse(_)), "{err}");
+        assert!(err.to_string().contains("in use by another ci-server"), "{err}");
+        // Another spelling of the same file is the same file.
+        let other = dir.path().join(".").join("ci.sqlite");
+        assert!(matches!(SqliteStore::open(other), Err(Error::InUse(_))));
+        drop(first);
+        SqliteStore::open(&path).unwrap();
+    }
+
+    #[test]
+    fn unusable_places_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let err = SqliteStore::open(dir.path().join("no/such/dir/ci.sqlite"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        if nix::unistd::geteuid().is_root() {
+            return; // root writes anywhere: nothing read-only to test
+        }
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let err = SqliteStore::open(ro.join("ci.sqlite")).unwrap_err().to_string();
+        assert!(err.contains("not writable"), "{err}");
+    }
+
+    #[test]
+    fn live_output_of_an_older_schema_carries_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ci.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for (i, sql) in MIGRATIONS[..3].iter().enumerate() {
+                conn.execute_batch(sql).unwrap();
+                conn.pragma_update(None, "user_version", i as i64 + 1).unwrap();
+            }
+            conn.execute_batch(
+                "INSERT INTO agents (url, registered_at) VALUES ('http://a:1', 0);
+                 INSERT INTO builds (repo, hash, command, status, attempt, agent_id, created_at)
+                     VALUES ('/r', 'abcd', 'make', 'running', 1, 1, 0);
+                 INSERT INTO log_pieces VALUES (1, 1, 0, 'stdout', 'héllo'), (1, 1, 1, 'stderr', 'e');",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let piece = |seq, data: &str| LogPiece {
+            seq,
+            stream: Stream::Stdout,
+            data: data.into(),
+        };
+        let (id, a) = (BuildId(1), Attempt(1));
+        assert_eq!(
+            store.append_log(id, a, &[piece(1, "dup")]).unwrap(),
+            0,
+            "seq 1 was taken"
+        );
+        assert_eq!(store.append_log(id, a, &[piece(2, "!")]).unwrap(), 1);
+        let log = store.log(id, None).unwrap().unwrap();
+        assert_eq!((log.stdout.as_str(), log.stderr.as_str()), ("héllo!", "e"));
+        let bytes: i64 = store
+            .read()
+            .query_row("SELECT stdout_bytes FROM live_logs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(bytes, 7);
     }
 
     #[test]

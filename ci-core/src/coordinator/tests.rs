@@ -166,19 +166,85 @@ fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
 #[test]
 fn late_result_of_the_only_attempt_is_kept_if_not_redispatched() {
     let mut f = fixture();
-    f.c.register_agent("http://a:1").unwrap();
+    // Proven by its session secret, which outlives the agent's lease.
+    f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
+        .unwrap();
     let id = f.c.submit(&new_build("x")).unwrap().id;
     let d = f.c.plan().unwrap().remove(0);
     f.advance(300);
     f.c.expire().unwrap();
     assert_eq!(f.status(id), BuildStatus::Queued);
-    let got = f.c.complete(report(&d, 0)).unwrap();
+    assert_eq!(f.c.agent_by_secret("secret-a"), Some(d.agent));
+    let mut late = report(&d, 0);
+    late.verified = true;
+    let got = f.c.complete(late).unwrap();
     assert!(matches!(got, Accepted::Finished(b) if b.status == BuildStatus::Success));
     f.c.register_agent("http://b:1").unwrap();
     assert!(
         f.c.plan().unwrap().is_empty(),
         "finished builds are not dispatched"
     );
+}
+
+#[test]
+fn a_requeued_build_takes_no_result_from_anyone_but_its_proven_agent() {
+    let mut f = fixture();
+    f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
+        .unwrap();
+    let id = f.c.submit(&new_build("x")).unwrap().id;
+    let d = f.c.plan().unwrap().remove(0);
+    f.advance(300);
+    f.c.expire().unwrap();
+    assert_eq!(f.status(id), BuildStatus::Queued);
+    // A token holder claiming to be the agent, without its secret.
+    assert!(matches!(f.c.complete(report(&d, 0)), Err(Error::Conflict(_))));
+    // Another agent, proven, but not the one that held the attempt.
+    let b =
+        f.c.register_agent_with_secret("http://b:1", "secret-b".into(), None)
+            .unwrap()
+            .id;
+    let mut forged = report(&d, 0);
+    (forged.agent, forged.verified) = (Some(b), true);
+    assert!(matches!(f.c.complete(forged), Err(Error::Conflict(_))));
+    assert_ne!(f.status(id), BuildStatus::Success);
+}
+
+#[test]
+fn a_live_session_cannot_be_taken_over_without_its_secret() {
+    let mut f = fixture();
+    let a =
+        f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
+            .unwrap()
+            .id;
+    f.c.submit(&new_build("x")).unwrap();
+    let d = f.c.plan().unwrap().remove(0);
+    assert_eq!(d.agent, a);
+    // Someone else registers the same URL: refused while the lease lives.
+    assert!(matches!(
+        f.c.register_agent_with_secret("http://a:1", "evil".into(), None),
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        f.c.register_agent_with_secret("http://a:1", "evil".into(), Some("guess")),
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(
+        f.c.lease(d.build.id).map(|l| l.agent),
+        Some(a),
+        "the build stays put"
+    );
+    // The agent itself, restarted, proves it and takes over at once.
+    let a2 =
+        f.c.register_agent_with_secret("http://a:1", "secret-a2".into(), Some("secret-a"))
+            .unwrap()
+            .id;
+    assert_ne!(a2, a);
+    // Once the session has lapsed, anyone may have the URL.
+    f.advance(300);
+    assert!(f
+        .c
+        .register_agent_with_secret("http://a:1", "x".into(), None)
+        .is_ok());
 }
 
 #[test]
@@ -460,7 +526,7 @@ fn a_failing_store_changes_nothing_in_memory() {
 fn agents_with_a_session_secret_cannot_be_spoken_for() {
     let mut f = fixture();
     let a =
-        f.c.register_agent_with_secret("http://a:1", "secret-a".into())
+        f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
             .unwrap()
             .id;
     f.c.submit(&new_build("x")).unwrap();
@@ -569,7 +635,7 @@ fn an_unreachable_stop_drops_the_agent_and_a_leaving_agent_hands_back_its_build(
     assert!(f.c.agents().is_empty());
 
     let b =
-        f.c.register_agent_with_secret("http://b:1", "s".into())
+        f.c.register_agent_with_secret("http://b:1", "s".into(), None)
             .unwrap()
             .id;
     let y = f.c.submit(&new_build("y")).unwrap().id;
