@@ -298,7 +298,36 @@ impl Client {
     }
 }
 
+/// `s` with control characters shown as escapes (`\x1b`, `\n`): a
+/// command or branch may hold terminal escapes, and a table or a listing
+/// must not let a build author rewrite the user's terminal.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let n = u32::from(c);
+                if n < 0x100 {
+                    out.push_str(&format!("\\x{n:02x}"));
+                } else {
+                    out.push_str(&format!("\\u{{{n:x}}}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -372,7 +401,7 @@ fn show(b: &BuildView) -> String {
     ];
     let mut out = String::new();
     for r in rows {
-        out.push_str(&format!("{:<10} {}\n", r[0], r[1]));
+        out.push_str(&format!("{:<10} {}\n", r[0], printable(&r[1])));
     }
     out
 }

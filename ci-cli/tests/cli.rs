@@ -184,3 +184,27 @@ fn follow_cancel_and_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("ci: cannot reach http://127.0.0.1:9"));
 }
+
+#[test]
+fn a_build_cannot_write_escapes_to_the_terminal() {
+    let c = cluster();
+    let evil = "echo hi \u{1b}]0;pwned\u{7}\u{1b}[2J\necho second line";
+    let (code, _, err) = c.ci(&["submit", "main", "--command", evil, "--wait"]);
+    assert!(code == 0 || code == 1, "{err}");
+    for args in [&["list"][..], &["show", "1"]] {
+        let (code, out, _) = c.ci(args);
+        assert_eq!(code, 0);
+        assert!(
+            !out.chars().any(|ch| ch.is_control() && ch != '\n'),
+            "{args:?} printed raw control characters: {out:?}"
+        );
+        assert!(
+            out.contains("\\x1b]0;pwned\\x07\\x1b[2J\\necho second line"),
+            "{args:?}: {out}"
+        );
+    }
+    // --json keeps the command as it is, escaped the JSON way.
+    let (_, out, _) = c.ci(&["--json", "show", "1"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["command"], evil);
+}
