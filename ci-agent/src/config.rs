@@ -371,4 +371,19 @@ mod tests {
             .unwrap_err()
             .contains("SERVER_HOST"));
     }
+
+    #[test]
+    fn warns_when_exposed_without_a_token() {
+        let parse = |args: &[&str]| {
+            AgentConfig::try_from(
+                Args::try_parse_from(std::iter::once("ci-agent").chain(args.iter().copied())).unwrap(),
+            )
+            .unwrap()
+        };
+        assert!(parse(&[]).security_warnings().is_empty(), "loopback");
+        let exposed = parse(&["--bind", "0.0.0.0"]).security_warnings();
+        assert!(exposed[0].contains("without AGENT_TOKEN"), "{exposed:?}");
+        let tokened = parse(&["--bind", "0.0.0.0", "--agent-token", "0123456789abcdef0123"]);
+        assert!(tokened.security_warnings().is_empty());
+    }
 }

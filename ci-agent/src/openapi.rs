@@ -29,7 +29,8 @@ pub fn spec() -> Value {
                              "content": { "application/json": { "schema": { "type": "object", "required": ["accepted"], "properties": { "accepted": { "const": true } } } } } },
                     "400": error("Invalid request (repository scheme, ref, empty command)"),
                     "401": error("Missing or wrong agent token"),
-                    "409": error("Busy with another build"),
+                    "403": error("No agent token is set and the request is not from the server's address"),
+                    "409": error("Busy with another build, or dispatched to another registration of this agent"),
                     "413": error("Body too large")
                 }
             } },
@@ -44,7 +45,8 @@ pub fn spec() -> Value {
                     "200": { "description": "Whether it was running here",
                              "content": { "application/json": { "schema": { "type": "object", "required": ["stopped"], "properties": { "stopped": { "type": "boolean" } } } } } },
                     "400": error("Invalid request"),
-                    "401": error("Missing or wrong agent token")
+                    "401": error("Missing or wrong agent token"),
+                    "403": error("No agent token is set and the request is not from the server's address")
                 }
             } },
             "/healthz": { "get": {
@@ -72,7 +74,8 @@ pub fn spec() -> Value {
                         "repo": { "type": "string" },
                         "attempt": { "type": "integer", "minimum": 0, "maximum": u32::MAX },
                         "image": { "type": "string" },
-                        "timeoutMs": { "type": "integer", "minimum": 1 }
+                        "timeoutMs": { "type": "integer", "minimum": 1 },
+                        "agentId": { "type": "integer", "description": "The registration this was dispatched to; the agent waits until it knows it" }
                     }
                 }
             }

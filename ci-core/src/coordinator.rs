@@ -374,6 +374,11 @@ impl Coordinator {
         std::mem::take(&mut self.events)
     }
 
+    /// The agent with this id, if it is in the pool.
+    pub fn agent(&self, id: AgentId) -> Option<&Agent> {
+        self.pool.get(id)
+    }
+
     /// Every agent in the pool.
     pub fn agents(&self) -> Vec<Agent> {
         self.pool.iter().cloned().collect()

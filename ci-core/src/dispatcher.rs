@@ -159,7 +159,17 @@ impl Dispatcher {
 
     /// See [`Coordinator::heartbeat`].
     pub fn heartbeat(&self, hb: Heartbeat) -> Result<()> {
-        self.with(|c| c.heartbeat(hb))
+        let first_ping = self.with(|c| {
+            let first = hb.build.is_none()
+                && hb.agent.and_then(|a| c.agent(a)).is_some_and(|a| !a.pings);
+            c.heartbeat(hb).map(|()| first)
+        })?;
+        if first_ping {
+            // N.B.: the agent now has a silence deadline, which the loop
+            // must arm: no event says so.
+            self.wake();
+        }
+        Ok(())
     }
 
     /// See [`Coordinator::complete`].

@@ -206,9 +206,9 @@ impl ServerConfig {
     pub fn check(&self) -> Result<(), Error> {
         if !self.addr.ip().is_loopback() && self.agent_token.is_none() && !self.insecure {
             return Err(Error::Config {
-                name: "AGENT_TOKEN",
+                name: "HOST",
                 reason: format!(
-                    "listening on {} needs an agent token, or anyone who can reach the port registers \
+                    "listening on {} needs AGENT_TOKEN, or anyone who can reach the port registers \
                      as an agent and is sent every build (its commands and repository credentials). \
                      Set AGENT_TOKEN to a long random value (e.g. `openssl rand -hex 32`) on the server \
                      and every agent, or pass --insecure on a closed network",
@@ -301,7 +301,7 @@ impl TryFrom<Args> for ServerConfig {
                 reason: "must be positive".into(),
             });
         }
-        Ok(ServerConfig {
+        let config = ServerConfig {
             addr: SocketAddr::new(a.host, a.port),
             repo,
             build_command,
@@ -319,7 +319,9 @@ impl TryFrom<Args> for ServerConfig {
                 max_connections,
                 header_timeout: a.header_timeout,
             },
-        })
+        };
+        config.check()?;
+        Ok(config)
     }
 }
 
@@ -381,8 +383,7 @@ mod tests {
 
     #[test]
     fn exposed_needs_an_agent_token_or_insecure() {
-        let exposed = parse(&["--repo", "/r", "--host", "0.0.0.0"]).unwrap();
-        let e = exposed.check().unwrap_err().to_string();
+        let e = parse(&["--repo", "/r", "--host", "0.0.0.0"]).unwrap_err();
         assert!(e.contains("AGENT_TOKEN") && e.contains("--insecure"), "{e}");
         assert!(parse(&["--repo", "/r"]).unwrap().check().is_ok());
         let token = [

@@ -137,7 +137,7 @@ pub fn spec() -> Value {
         .unwrap_or_default();
     let agent_security = json!([{ "agentToken": [] }, {}]);
     let api_security = json!([{ "apiToken": [] }, {}]);
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "ci-server",
@@ -326,11 +326,15 @@ pub fn spec() -> Value {
             "/notify_agent": {
                 "post": {
                     "tags": ["agent protocol"], "summary": "An agent registers", "operationId": "notifyAgent",
+                    "description": "An agent restarting at a URL whose session is still live proves it is that \
+                        agent with the session's secret in `X-Agent-Secret`; without it, the URL is refused \
+                        until the session lapses (one lease without a word from it).",
                     "security": agent_security,
                     "requestBody": body("NotifyAgent"),
                     "responses": with_body_errors(json!({
                         "200": ok("The agent's id and heartbeat interval", "NotifyAgentReply"),
                         "401": error("Missing or wrong agent token"),
+                        "409": error("An agent with a live session holds this URL; retry once it lapses"),
                         "503": error("Storage unavailable; retry")
                     }))
                 }
@@ -504,5 +508,23 @@ pub fn spec() -> Value {
                 }
             }
         }
-    })
+    });
+    guarded(&mut doc);
+    doc
+}
+
+/// Adds what the guard (`guard.rs`) may answer before any route: 403 for
+/// a `Host` that is not the server's or a cross-origin request, and 415 for
+/// a body that is not JSON.
+fn guarded(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (method, op) in paths.values_mut().filter_map(Value::as_object_mut).flat_map(|m| m.iter_mut()) {
+        let responses = &mut op["responses"];
+        responses["403"] = error("Host is not a name of this server, or the request came from another origin");
+        if method == "post" {
+            responses["415"] = error("The body is not application/json");
+        }
+    }
 }

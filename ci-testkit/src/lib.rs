@@ -150,6 +150,44 @@ impl Proc {
         }
     }
 
+    /// Starts `wrapper wrapper_args... bin(name)` (e.g. `prlimit` or
+    /// `setpriv`), with `env`, logging to `log_dir`.
+    pub fn spawn_wrapped(
+        wrapper: &str,
+        wrapper_args: &[&str],
+        name: &str,
+        label: &str,
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Proc {
+        let log = log_dir.join(format!("{label}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(wrapper)
+            .args(wrapper_args)
+            .arg(bin(name))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("CI_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Proc {
+            name: label.to_owned(),
+            child,
+            log,
+        }
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(i32::try_from(self.child.id()).unwrap())
     }

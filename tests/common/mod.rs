@@ -24,6 +24,10 @@ pub struct Cluster {
     pub agent_token: Option<String>,
     /// Extra environment for agents started from now on.
     pub agent_env: Vec<(String, String)>,
+    /// Extra environment for the server, from its next start on.
+    pub server_env: Vec<(String, String)>,
+    /// Runs the server under `prlimit` with this many file descriptors.
+    pub server_fds: Option<u32>,
     starts: usize,
     // N.B.: last, so it is removed after the processes, whose logs (printed
     // when a test fails) live in it.
@@ -46,6 +50,8 @@ impl Cluster {
             api: Api::new(port),
             agent_token: None,
             agent_env: Vec::new(),
+            server_env: Vec::new(),
+            server_fds: None,
             starts: 0,
         }
     }
@@ -73,13 +79,19 @@ impl Cluster {
         if let Some(t) = &self.agent_token {
             env.push(("AGENT_TOKEN", t));
         }
-        let proc = Proc::spawn(
-            "ci-server",
-            &format!("server-{}", self.starts),
-            &[],
-            &env,
-            self.dir.path(),
-        );
+        env.extend(self.server_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let label = format!("server-{}", self.starts);
+        let proc = match self.server_fds {
+            Some(n) => Proc::spawn_wrapped(
+                "/usr/bin/prlimit",
+                &[&format!("--nofile={n}:{n}")],
+                "ci-server",
+                &label,
+                &env,
+                self.dir.path(),
+            ),
+            None => Proc::spawn("ci-server", &label, &[], &env, self.dir.path()),
+        };
         self.server = Some(proc);
     }
 
@@ -339,6 +351,99 @@ impl Api {
     pub async fn wait_finished(&self, id: ci_core::BuildId, timeout: Duration) -> BuildView {
         self.wait_build(id, timeout, "finished", |b| b.status.is_finished())
             .await
+    }
+}
+
+/// A process's memory from `/proc/<pid>/status`, in KiB: `VmRSS` or
+/// `VmHWM` (the peak).
+pub fn memory_kib(pid: nix::unistd::Pid, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Starts counting a process's peak memory (`VmHWM`) again from now.
+pub fn reset_peak_memory(pid: nix::unistd::Pid) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+/// An agent played by the test: it registers with `/notify_agent` and
+/// accepts every `POST /build`, recording it, and runs nothing. Its
+/// heartbeats, results and logs are whatever the test sends.
+pub struct FakeAgent {
+    pub url: String,
+    pub id: i64,
+    pub secret: Option<String>,
+    pub builds: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeAgent {
+    /// Starts on 127.0.0.1 and registers (with a session if `session`),
+    /// presenting `token` if given. `reply` is the status its `/build`
+    /// answers with.
+    pub async fn start(api: &Api, token: Option<&str>, session: bool) -> FakeAgent {
+        FakeAgent::start_answering(api, token, session, warp::http::StatusCode::OK, None).await
+    }
+
+    /// Like [`FakeAgent::start`], answering `/build` with `status` and, if
+    /// given, a `Location` header.
+    pub async fn start_answering(
+        api: &Api,
+        token: Option<&str>,
+        session: bool,
+        status: warp::http::StatusCode,
+        location: Option<String>,
+    ) -> FakeAgent {
+        use warp::Filter;
+        let builds = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = builds.clone();
+        let route = warp::path!("build")
+            .and(warp::post())
+            .and(warp::body::json())
+            .map(move |body: Value| {
+                seen.lock().unwrap().push(body);
+                let reply = warp::reply::with_status(warp::reply::json(&serde_json::json!({})), status);
+                match &location {
+                    Some(l) => warp::reply::Reply::into_response(warp::reply::with_header(reply, "location", l.as_str())),
+                    None => warp::reply::Reply::into_response(reply),
+                }
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(warp::serve(route).incoming(listener).run());
+        let mut req = api.http.post(api.url("/notify_agent")).json(&serde_json::json!({
+            "host": "127.0.0.1", "port": addr.port(), "session": session,
+        }));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let reply: Value = req.send().await.unwrap().json().await.unwrap();
+        FakeAgent {
+            url: format!("http://127.0.0.1:{}", addr.port()),
+            id: reply["id"].as_i64().unwrap_or_else(|| panic!("not registered: {reply}")),
+            secret: reply["secret"].as_str().map(str::to_owned),
+            builds,
+            _task: task,
+        }
+    }
+
+    /// Posts `body` to `path` on the server as this agent (token, and the
+    /// session secret when `proven`).
+    pub async fn post(&self, api: &Api, token: Option<&str>, proven: bool, path: &str, body: &Value) -> (u16, Value) {
+        let mut req = api.http.post(api.url(path)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let (true, Some(s)) = (proven, &self.secret) {
+            req = req.header("x-agent-secret", s);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 }
 
