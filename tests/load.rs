@@ -92,7 +92,10 @@ async fn a_build_printing_300_mb_keeps_the_agent_small() {
     eprintln!("agent: {idle} KiB idle, {peak} KiB at its peak");
     // It keeps 16 MiB of the output and sends it once; it used to keep all
     // 300 MB queued for the live log.
-    assert!(peak < idle + 96 * MIB, "the agent peaked at {peak} KiB (idle {idle} KiB)");
+    assert!(
+        peak < idle + 96 * MIB,
+        "the agent peaked at {peak} KiB (idle {idle} KiB)"
+    );
     let log = c.api.log(id).await.unwrap();
     let out = log["stdout"].as_str().unwrap();
     assert!(out.len() <= ci_core::model::limits::MAX_LOG, "{}", out.len());
@@ -122,7 +125,11 @@ async fn forty_readers_of_a_16_mib_log_keep_the_server_small() {
     let mut readers = tokio::task::JoinSet::new();
     for i in 0..40 {
         let http = c.api.http.clone();
-        let path = if i % 2 == 0 { format!("/api/builds/{id}/log") } else { format!("/builds/{id}") };
+        let path = if i % 2 == 0 {
+            format!("/api/builds/{id}/log")
+        } else {
+            format!("/builds/{id}")
+        };
         let url = c.api.url(&path);
         readers.spawn(async move {
             let r = http.get(url).timeout(LONG).send().await.unwrap();
@@ -134,7 +141,10 @@ async fn forty_readers_of_a_16_mib_log_keep_the_server_small() {
         let (json, body) = done.unwrap();
         if json {
             let v: Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(v["stdout"].as_str().unwrap().len() as u64, 16_000_000 + first_line(&v));
+            assert_eq!(
+                v["stdout"].as_str().unwrap().len() as u64,
+                16_000_000 + first_line(&v)
+            );
             assert_eq!(v["complete"], true);
         } else {
             assert!(body.len() > 16_000_000, "the page carries the log");
@@ -142,7 +152,10 @@ async fn forty_readers_of_a_16_mib_log_keep_the_server_small() {
     }
     let peak = memory_kib(server, "VmHWM");
     eprintln!("server: {before} KiB before, {peak} KiB at its peak during 40 reads");
-    assert!(peak < before + 64 * MIB, "forty readers took the server from {before} to {peak} KiB");
+    assert!(
+        peak < before + 64 * MIB,
+        "forty readers took the server from {before} to {peak} KiB"
+    );
 }
 
 /// Length of the `ci: checked out ...` line the agent puts first.
@@ -161,7 +174,11 @@ async fn idle_sockets_cannot_take_every_descriptor() {
     c.wait_server().await;
     let mut idle = Vec::new();
     for _ in 0..300 {
-        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", c.port)).await.unwrap());
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", c.port))
+                .await
+                .unwrap(),
+        );
     }
     let server = c.server.as_ref().unwrap();
     wait_until("the limit to be logged", LONG, || async {
@@ -173,7 +190,11 @@ async fn idle_sockets_cannot_take_every_descriptor() {
     let mut closed = 0;
     for s in &mut idle {
         let mut buf = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(s, &mut buf)).await;
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(s, &mut buf),
+        )
+        .await;
         if matches!(read, Ok(Ok(0)) | Ok(Err(_))) {
             closed += 1;
         }
@@ -189,5 +210,8 @@ async fn idle_sockets_cannot_take_every_descriptor() {
             .filter(|r| r.status().is_success())
     })
     .await;
-    assert!(c.server.as_mut().unwrap().try_wait().is_none(), "the server is still up");
+    assert!(
+        c.server.as_mut().unwrap().try_wait().is_none(),
+        "the server is still up"
+    );
 }

@@ -108,7 +108,10 @@ async fn a_web_page_cannot_start_builds_or_read_them() {
         .unwrap();
     assert_eq!(typeless.status().as_u16(), 415);
     let body: Value = typeless.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("application/json"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("application/json"),
+        "{body}"
+    );
     // DNS rebinding: the page's own name in Host.
     for path in ["/api/builds", "/"] {
         let rebound = api
@@ -133,7 +136,10 @@ async fn a_web_page_cannot_start_builds_or_read_them() {
     assert_eq!(same.status().as_u16(), 201);
     let index = api.http.get(api.url("/")).send().await.unwrap();
     let h = index.headers();
-    assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert!(h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert_eq!(h["x-frame-options"], "DENY");
 }
@@ -143,8 +149,10 @@ async fn a_build_never_sees_the_agents_secrets() {
     let mut c = Cluster::new(300, 5);
     let sha = c.commit_script("env | sort");
     c.agent_token = Some(TOKEN.into());
-    c.agent_env.push(("CI_TOKEN".into(), "user-api-token-4242".into()));
-    c.agent_env.push(("CLOUD_SECRET_KEY".into(), "cloud-secret-4242".into()));
+    c.agent_env
+        .push(("CI_TOKEN".into(), "user-api-token-4242".into()));
+    c.agent_env
+        .push(("CLOUD_SECRET_KEY".into(), "cloud-secret-4242".into()));
     c.agent_env.push(("LC_ALL".into(), "C".into()));
     c.start_server();
     c.start_agent("a");
@@ -176,7 +184,10 @@ async fn an_agent_without_a_token_takes_builds_only_from_its_server() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 403);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("only from its server"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("only from its server"),
+        "{body}"
+    );
     let cancel = from_elsewhere()
         .post(format!("{agent_url}/cancel"))
         .json(&json!({"id": 99}))
@@ -187,7 +198,10 @@ async fn an_agent_without_a_token_takes_builds_only_from_its_server() {
     // Its server's dispatches still arrive.
     let id = c.api.create(&sha).await.id;
     assert_eq!(c.api.wait_finished(id, LONG).await.status, BuildStatus::Success);
-    assert!(!c.agents[0].log().contains("build=99"), "the foreign build never started");
+    assert!(
+        !c.agents[0].log().contains("build=99"),
+        "the foreign build never started"
+    );
 }
 
 #[tokio::test]
@@ -255,8 +269,20 @@ async fn repository_credentials_never_show() {
     assert_eq!(b.status, BuildStatus::Failed, "the repository cannot be reached");
     assert_eq!(b.repo, "http://***@127.0.0.1:9/private.git");
     let log = c.api.log(id).await.unwrap().to_string();
-    assert!(log.contains("***@127.0.0.1:9"), "the failed clone is reported: {log}");
-    let page = c.api.http.get(c.api.url("/")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        log.contains("***@127.0.0.1:9"),
+        "the failed clone is reported: {log}"
+    );
+    let page = c
+        .api
+        .http
+        .get(c.api.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let build_page = c
         .api
         .http
@@ -267,7 +293,16 @@ async fn repository_credentials_never_show() {
         .text()
         .await
         .unwrap();
-    let list = c.api.http.get(c.api.url("/api/builds")).send().await.unwrap().text().await.unwrap();
+    let list = c
+        .api
+        .http
+        .get(c.api.url("/api/builds"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for (what, text) in [
         ("the index", page),
         ("the build page", build_page),
@@ -292,15 +327,25 @@ async fn a_live_session_cannot_be_taken_over_by_registering_its_url() {
     for session in [true, false] {
         let (status, body) = c
             .api
-            .post("/notify_agent", &json!({"host": "127.0.0.1", "port": port, "session": session}))
+            .post(
+                "/notify_agent",
+                &json!({"host": "127.0.0.1", "port": port, "session": session}),
+            )
             .await
             .unwrap();
         assert_eq!(status, 409, "{body}");
         assert!(body["error"].as_str().unwrap().contains("live session"), "{body}");
     }
     let b = c.api.wait_finished(id, LONG).await;
-    assert_eq!((b.status, b.attempt.0), (BuildStatus::Success, 1), "the build was never moved");
-    assert!(c.api.log(id).await.unwrap()["stdout"].as_str().unwrap().ends_with("survived\n"));
+    assert_eq!(
+        (b.status, b.attempt.0),
+        (BuildStatus::Success, 1),
+        "the build was never moved"
+    );
+    assert!(c.api.log(id).await.unwrap()["stdout"]
+        .as_str()
+        .unwrap()
+        .ends_with("survived\n"));
 }
 
 #[tokio::test]
@@ -315,15 +360,23 @@ async fn a_requeued_build_takes_no_forged_result() {
     // The agent never sends a heartbeat: its lease lapses, and with no
     // other agent the build waits in the queue.
     c.api
-        .wait_build(id, LONG, "requeued", |b| b.status == BuildStatus::Queued && b.attempt.0 == 1)
+        .wait_build(id, LONG, "requeued", |b| {
+            b.status == BuildStatus::Queued && b.attempt.0 == 1
+        })
         .await;
-    let forged = json!({"id": id, "status": 0, "stdout": "forged", "stderr": "", "attempt": 1, "agentId": agent.id});
-    let (status, body) = agent.post(&c.api, Some(TOKEN), false, "/notify_build_result", &forged).await;
+    let forged =
+        json!({"id": id, "status": 0, "stdout": "forged", "stderr": "", "attempt": 1, "agentId": agent.id});
+    let (status, body) = agent
+        .post(&c.api, Some(TOKEN), false, "/notify_build_result", &forged)
+        .await;
     assert_eq!(status, 409, "a token holder without the session secret: {body}");
     assert_eq!(c.api.build(id).await.unwrap().status, BuildStatus::Queued);
     // The agent that held the attempt still may, proven by its secret.
-    let real = json!({"id": id, "status": 0, "stdout": "real", "stderr": "", "attempt": 1, "agentId": agent.id});
-    let (status, body) = agent.post(&c.api, Some(TOKEN), true, "/notify_build_result", &real).await;
+    let real =
+        json!({"id": id, "status": 0, "stdout": "real", "stderr": "", "attempt": 1, "agentId": agent.id});
+    let (status, body) = agent
+        .post(&c.api, Some(TOKEN), true, "/notify_build_result", &real)
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(c.api.log(id).await.unwrap()["stdout"], "real");
 }
@@ -364,7 +417,15 @@ async fn the_ui_takes_any_page_number() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 200, "page {page}");
     }
-    assert!(c.api.http.get(c.api.url("/healthz")).send().await.unwrap().status().is_success());
+    assert!(c
+        .api
+        .http
+        .get(c.api.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success());
 }
 
 #[tokio::test]

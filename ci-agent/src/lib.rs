@@ -11,7 +11,7 @@
 //! - [`checkout`]: per-repository caches and fresh workspaces.
 //! - [`shell`]: [`ShellRunner`], `sh -c` in a process group.
 //! - [`docker`]: [`DockerRunner`], a fresh container per build (bollard).
-//! - [`env`]: the environment builds see (an allow-list, never the agent's).
+//! - [`env`](mod@env): the environment builds see (an allow-list, never the agent's).
 //! - [`openapi`]: the description of the agent's HTTP interface.
 //!
 //! ```no_run

@@ -160,8 +160,7 @@ impl Dispatcher {
     /// See [`Coordinator::heartbeat`].
     pub fn heartbeat(&self, hb: Heartbeat) -> Result<()> {
         let first_ping = self.with(|c| {
-            let first = hb.build.is_none()
-                && hb.agent.and_then(|a| c.agent(a)).is_some_and(|a| !a.pings);
+            let first = hb.build.is_none() && hb.agent.and_then(|a| c.agent(a)).is_some_and(|a| !a.pings);
             c.heartbeat(hb).map(|()| first)
         })?;
         if first_ping {

@@ -520,9 +520,14 @@ fn guarded(doc: &mut Value) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
     };
-    for (method, op) in paths.values_mut().filter_map(Value::as_object_mut).flat_map(|m| m.iter_mut()) {
+    for (method, op) in paths
+        .values_mut()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|m| m.iter_mut())
+    {
         let responses = &mut op["responses"];
-        responses["403"] = error("Host is not a name of this server, or the request came from another origin");
+        responses["403"] =
+            error("Host is not a name of this server, or the request came from another origin");
         if method == "post" {
             responses["415"] = error("The body is not application/json");
         }

@@ -70,8 +70,16 @@ fn unsafe_settings_are_refused_with_what_to_do() {
         &[],
         "AGENT_TOKEN",
     );
-    assert_one_line_config_error(&["--repo", "/r", "--db", db], &[("HOST", "0.0.0.0")], "--insecure");
-    assert_one_line_config_error(&["--repo", "/srv/my repo", "--db", db], &[], "file:///srv/my%20repo");
+    assert_one_line_config_error(
+        &["--repo", "/r", "--db", db],
+        &[("HOST", "0.0.0.0")],
+        "--insecure",
+    );
+    assert_one_line_config_error(
+        &["--repo", "/srv/my repo", "--db", db],
+        &[],
+        "file:///srv/my%20repo",
+    );
     assert_one_line_config_error(
         &["--repo", "/r", "--db", "/nonexistent/dir/ci.sqlite"],
         &[],

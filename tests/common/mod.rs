@@ -408,7 +408,11 @@ impl FakeAgent {
                 seen.lock().unwrap().push(body);
                 let reply = warp::reply::with_status(warp::reply::json(&serde_json::json!({})), status);
                 match &location {
-                    Some(l) => warp::reply::Reply::into_response(warp::reply::with_header(reply, "location", l.as_str())),
+                    Some(l) => warp::reply::Reply::into_response(warp::reply::with_header(
+                        reply,
+                        "location",
+                        l.as_str(),
+                    )),
                     None => warp::reply::Reply::into_response(reply),
                 }
             });
@@ -424,7 +428,9 @@ impl FakeAgent {
         let reply: Value = req.send().await.unwrap().json().await.unwrap();
         FakeAgent {
             url: format!("http://127.0.0.1:{}", addr.port()),
-            id: reply["id"].as_i64().unwrap_or_else(|| panic!("not registered: {reply}")),
+            id: reply["id"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("not registered: {reply}")),
             secret: reply["secret"].as_str().map(str::to_owned),
             builds,
             _task: task,
@@ -433,7 +439,14 @@ impl FakeAgent {
 
     /// Posts `body` to `path` on the server as this agent (token, and the
     /// session secret when `proven`).
-    pub async fn post(&self, api: &Api, token: Option<&str>, proven: bool, path: &str, body: &Value) -> (u16, Value) {
+    pub async fn post(
+        &self,
+        api: &Api,
+        token: Option<&str>,
+        proven: bool,
+        path: &str,
+        body: &Value,
+    ) -> (u16, Value) {
         let mut req = api.http.post(api.url(path)).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
