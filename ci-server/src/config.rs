@@ -96,7 +96,7 @@ pub struct Args {
     #[arg(long, env = "REPO_SCHEMES", value_name = "REPO_SCHEMES", value_delimiter = ',', default_values_t = DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()))]
     pub repo_schemes: Vec<String>,
 
-    /// The URL users reach the server at (e.g. https://ci.example.com):
+    /// The URL users reach the server at (e.g. `https://ci.example.com`):
     /// its host is accepted in `Host`, and its origin on state-changing
     /// requests.
     #[arg(long, env = "PUBLIC_URL", value_name = "PUBLIC_URL")]
