@@ -71,7 +71,7 @@ async fn run() -> Result<bool, Error> {
     let mut config = ServerConfig::new(repo.clone(), tmp.path().join("ci.sqlite"));
     config.build_command = Some("sh build.sh".into());
     config.lease = ci_core::LeasePolicy::new(Duration::from_millis(250), 4)?;
-    let server = Server::open(config)?;
+    let server = Server::open(config).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -5,18 +5,21 @@
 //! 2. Register, retrying with backoff until the server answers.
 //! 3. While idle, ping every heartbeat interval. If the server no longer
 //!    knows this agent (it was dropped), go back to 2.
-//! 4. On `POST /build`: answer at once, run the build in the background,
-//!    send a heartbeat every interval. If the server refuses a heartbeat
-//!    (the attempt was superseded or the build is no longer running), stop
-//!    the build: its result would not count.
+//! 4. On `POST /build`: answer at once, run the build in the background
+//!    (up to `CAPACITY` at once), send a heartbeat every interval for each.
+//!    If the server refuses a heartbeat (the attempt was superseded or the
+//!    build is no longer running), stop the build: its result would not
+//!    count.
 //! 5. While it runs, forward its output live, in numbered pieces.
 //! 6. When the build ends, write the result to the spool, then deliver it,
-//!    retrying with backoff until the server gives a definite answer.
+//!    retrying with backoff until the server gives a definite answer. If
+//!    the machinery failed (not the build), hand the attempt back instead.
 //! 7. On `POST /cancel`, stop the build and answer once it is dead.
 //! 8. On shutdown, take no new builds, let the running one finish within
 //!    the grace period, then leave the server (which requeues anything
 //!    still held) and stop it.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fs::File;
 use std::future::Future;
@@ -25,11 +28,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use ci_core::heartbeat::{keep_alive, Beat};
+use ci_core::protocol::limits::{MAX_CANCEL_BODY, MAX_DISPATCH_BODY};
 use ci_core::protocol::{
     BuildRequest, CancelRequest, ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentLeave,
-    NotifyBuildResult,
+    NotifyBuildHandback, NotifyBuildResult,
 };
-use ci_core::{execute, AgentId, Attempt, BuildId, CommitRef, Job, LogSink, RepoUrl, Runner};
+use ci_core::retry::retry;
+use ci_core::{execute, AgentId, Attempt, BuildId, Job, LogSink, Outcome, Runner};
 use nix::fcntl::{Flock, FlockArg};
 use reqwest::StatusCode;
 use tokio::net::TcpListener;
@@ -38,7 +44,7 @@ use tracing::{debug, error, info, warn};
 use warp::reply::{json, with_status, Response};
 use warp::{Filter, Rejection, Reply};
 
-use crate::client::{retry, CallError, ServerClient};
+use crate::client::{CallError, ServerClient};
 use crate::config::AgentConfig;
 use crate::Error;
 
@@ -94,14 +100,14 @@ const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
 struct State {
     id: Option<AgentId>,
     heartbeat: Option<Duration>,
-    running: Option<Running>,
+    /// The builds being run, at most `CAPACITY`.
+    running: BTreeMap<BuildId, Running>,
     /// Shutting down: no new builds.
     draining: bool,
 }
 
-/// The build being run.
+/// A build being run.
 struct Running {
-    build: BuildId,
     attempt: Option<Attempt>,
     /// Stops it (cancel, shutdown).
     stop: Arc<Notify>,
@@ -144,9 +150,9 @@ impl Agent {
         self.inner.state().id
     }
 
-    /// The build running now, if any.
-    pub fn running(&self) -> Option<BuildId> {
-        self.inner.state().running.as_ref().map(|r| r.build)
+    /// The builds running now, oldest number first.
+    pub fn running(&self) -> Vec<BuildId> {
+        self.inner.state().running.keys().copied().collect()
     }
 
     /// The agent's HTTP routes (`POST /build`, `POST /cancel`, `GET /healthz`).
@@ -156,7 +162,7 @@ impl Agent {
             .and(warp::post())
             .and(warp::header::optional::<String>("authorization"))
             .and(warp::addr::remote())
-            .and(warp::body::content_length_limit(256 * 1024))
+            .and(warp::body::content_length_limit(MAX_DISPATCH_BODY))
             .and(warp::body::json())
             .and_then(
                 move |auth: Option<String>, remote: Option<SocketAddr>, req: BuildRequest| {
@@ -175,7 +181,8 @@ impl Agent {
             json(&serde_json::json!({
                 "status": "ok",
                 "id": s.id,
-                "build": s.running.as_ref().map(|r| r.build),
+                "build": s.running.keys().next(),
+                "builds": s.running.keys().collect::<Vec<_>>(),
             }))
             .into_response()
         });
@@ -184,7 +191,7 @@ impl Agent {
             .and(warp::post())
             .and(warp::header::optional::<String>("authorization"))
             .and(warp::addr::remote())
-            .and(warp::body::content_length_limit(16 * 1024))
+            .and(warp::body::content_length_limit(MAX_CANCEL_BODY))
             .and(warp::body::json())
             .and_then(
                 move |auth: Option<String>, remote: Option<SocketAddr>, req: CancelRequest| {
@@ -269,6 +276,8 @@ impl Agent {
                 host: inner.config.advertise_host.clone(),
                 port,
                 session: true,
+                capacity: Some(inner.config.capacity),
+                labels: Some(inner.config.labels.clone()).filter(|l| !l.is_empty()),
             };
             // The previous session's secret (kept across restarts) proves
             // that this is the same agent, so the server replaces that
@@ -390,38 +399,46 @@ impl Inner {
 
     /// Pings while idle. Returns when the server says it does not know `id`.
     async fn ping_while_known(&self, id: AgentId, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if self.state().running.is_some() {
-                continue;
-            }
-            let draining = self.state().draining;
+        keep_alive(every, || async move {
+            let (busy, draining) = {
+                let s = self.state();
+                (!s.running.is_empty(), s.draining)
+            };
             if draining {
                 return std::future::pending().await;
+            }
+            if busy {
+                return Beat::Alive;
             }
             let ping = NotifyAgentAlive {
                 agent_id: Some(id),
                 ..NotifyAgentAlive::default()
             };
             match self.client.alive(&ping, every).await {
-                Ok(()) => {}
+                Ok(()) => Beat::Alive,
                 // Unknown, or our secret is no longer valid: start over.
-                Err(e) if matches!(e.refused_status(), Some(StatusCode::NOT_FOUND)) => return,
+                Err(e) if matches!(e.refused_status(), Some(StatusCode::NOT_FOUND)) => Beat::Refused,
                 Err(CallError::Server { status, .. }) if status == StatusCode::UNAUTHORIZED => {
                     warn!("the server refuses our AGENT_TOKEN");
+                    Beat::Unheard
                 }
-                Err(e) => debug!(cause = %e, "ping failed"),
+                Err(e) => {
+                    debug!(cause = %e, "ping failed");
+                    Beat::Unheard
+                }
             }
-        }
+        })
+        .await;
     }
 
     /// Runs one build to the end and delivers its result.
-    async fn run_build(self: Arc<Self>, req: BuildRequest, stop: Arc<Notify>, done: watch::Sender<bool>) {
-        let job = Job::from(&req);
-        // N.B.: the id it was dispatched to, which accept_build waited for.
-        let agent_id = req.agent_id.or(self.state().id);
+    async fn run_build(
+        self: Arc<Self>,
+        job: Job,
+        agent_id: Option<AgentId>,
+        stop: Arc<Notify>,
+        done: watch::Sender<bool>,
+    ) {
         let (live_tx, live_rx) = tokio::sync::mpsc::channel(ci_core::runner::LIVE_BACKLOG);
         let log = LogSink::default().with_live(live_tx);
         let forwarder = tokio::spawn(crate::live::forward(
@@ -431,28 +448,23 @@ impl Inner {
             agent_id,
             live_rx,
         ));
-        info!(build = %job.build, attempt = ?job.attempt, commit = %job.hash, "build started");
-        let completion = {
+        info!(build = %job.build, attempt = ?job.attempt, commit = %job.commit, "build started");
+        let outcome = {
             let run = execute(&*self.runner, &job, &log, self.config.build_timeout);
             let beat = self.heartbeat(&job, agent_id);
             tokio::select! {
-                c = run => Ok(c),
+                o = run => Ok(o),
                 () = beat => Err("the server gave it to another attempt"),
                 () = stop.notified() => Err("stopped"),
             }
         };
         // The run is over (its processes or container killed if it did not
         // finish): free the slot.
-        {
-            let mut s = self.state();
-            if s.running.as_ref().is_some_and(|r| r.build == job.build) {
-                s.running = None;
-            }
-        }
+        self.state().running.remove(&job.build);
         let _ = done.send(true);
         drop(log);
-        let completion = match completion {
-            Ok(c) => c,
+        let outcome = match outcome {
+            Ok(o) => o,
             Err(why) => {
                 forwarder.abort();
                 warn!(build = %job.build, why, "build abandoned");
@@ -461,6 +473,13 @@ impl Inner {
         };
         // Let the last live pieces go out before the result ends the build.
         let _ = tokio::time::timeout(Duration::from_secs(2), forwarder).await;
+        let completion = match outcome {
+            Outcome::Completed(c) => c,
+            Outcome::HandBack(reason) => {
+                warn!(build = %job.build, %reason, "the machinery failed; handing the build back");
+                return self.hand_back(&job, agent_id, reason).await;
+            }
+        };
         info!(build = %job.build, exit_code = completion.exit_code, "build finished");
         let result = NotifyBuildResult {
             id: job.build,
@@ -480,16 +499,33 @@ impl Inner {
         self.deliver(&result, spooled.as_deref()).await;
     }
 
+    /// Gives an attempt back to the server, retrying while it is away.
+    async fn hand_back(&self, job: &Job, agent_id: Option<AgentId>, reason: String) {
+        let Some(attempt) = job.attempt else {
+            // A server that numbers no attempts cannot take one back: the
+            // lease lapses instead.
+            return;
+        };
+        let back = NotifyBuildHandback {
+            id: job.build,
+            attempt,
+            agent_id,
+            reason,
+        };
+        match retry("hand back", self.config.retry, || self.client.handback(&back)).await {
+            Ok(()) => info!(build = %job.build, "build handed back"),
+            Err(e) => warn!(build = %job.build, cause = %e, "hand-back refused"),
+        }
+    }
+
     /// Stops build `id` (of `attempt`, if given) if it runs here, and waits
     /// until it has. Returns whether it was running.
     async fn stop(&self, id: BuildId, attempt: Option<Attempt>) -> bool {
         let running = {
             let s = self.state();
             s.running
-                .as_ref()
-                .filter(|r| {
-                    r.build == id && (attempt.is_none() || r.attempt.is_none() || r.attempt == attempt)
-                })
+                .get(&id)
+                .filter(|r| attempt.is_none() || r.attempt.is_none() || r.attempt == attempt)
                 .map(|r| (r.stop.clone(), r.done.clone()))
         };
         let Some((stop, mut done)) = running else {
@@ -501,18 +537,24 @@ impl Inner {
         true
     }
 
-    /// Graceful shutdown: take no new builds, give the running one up to
+    /// Graceful shutdown: take no new builds, give the running ones up to
     /// the grace period, then leave the server (which hands back what this
-    /// agent still holds) and stop it.
+    /// agent still holds) and stop them.
     async fn drain(&self) {
-        let running = {
+        let running: Vec<(BuildId, watch::Receiver<bool>)> = {
             let mut s = self.state();
             s.draining = true;
-            s.running.as_ref().map(|r| (r.build, r.done.clone()))
+            s.running.iter().map(|(b, r)| (*b, r.done.clone())).collect()
         };
-        if let Some((build, mut done)) = running {
-            info!(%build, grace = ?self.config.shutdown_grace, "shutting down: letting the build finish");
-            let _ = tokio::time::timeout(self.config.shutdown_grace, done.wait_for(|d| *d)).await;
+        if !running.is_empty() {
+            let builds: Vec<BuildId> = running.iter().map(|(b, _)| *b).collect();
+            info!(?builds, grace = ?self.config.shutdown_grace, "shutting down: letting the builds finish");
+            let all = futures_util::future::join_all(
+                running
+                    .into_iter()
+                    .map(|(_, mut done)| async move { done.wait_for(|d| *d).await.map(drop) }),
+            );
+            let _ = tokio::time::timeout(self.config.shutdown_grace, all).await;
         }
         let id = self.state().id;
         if let Some(id) = id {
@@ -521,8 +563,13 @@ impl Inner {
                 Err(e) => warn!(cause = %e, "could not tell the server this agent leaves"),
             }
         }
-        let still = self.state().running.as_ref().map(|r| (r.build, r.attempt));
-        if let Some((build, attempt)) = still {
+        let still: Vec<(BuildId, Option<Attempt>)> = self
+            .state()
+            .running
+            .iter()
+            .map(|(b, r)| (*b, r.attempt))
+            .collect();
+        for (build, attempt) in still {
             warn!(%build, "shutting down: stopping the build, the server runs it elsewhere");
             self.stop(build, attempt).await;
         }
@@ -532,25 +579,26 @@ impl Inner {
     /// one: the attempt no longer counts.
     async fn heartbeat(&self, job: &Job, agent: Option<AgentId>) {
         let every = self.state().heartbeat.unwrap_or(Duration::from_secs(1));
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
+        keep_alive(every, || async move {
             let hb = NotifyAgentAlive {
                 id: Some(job.build),
                 attempt: job.attempt,
                 agent_id: agent,
             };
             match self.client.alive(&hb, every).await {
-                Ok(()) => {}
+                Ok(()) => Beat::Alive,
                 Err(CallError::Refused { status, message }) => {
                     warn!(build = %job.build, %status, %message, "heartbeat refused");
-                    return;
+                    Beat::Refused
                 }
                 // The server is down or busy: keep building, keep trying.
-                Err(e) => debug!(build = %job.build, cause = %e, "heartbeat failed"),
+                Err(e) => {
+                    debug!(build = %job.build, cause = %e, "heartbeat failed");
+                    Beat::Unheard
+                }
             }
-        }
+        })
+        .await;
     }
 
     /// Delivers a result until the server gives a definite answer, then
@@ -576,6 +624,10 @@ impl Inner {
 async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
     let reply =
         |status: StatusCode, error: String| with_status(json(&ErrorBody { error }), status).into_response();
+    let job = match Job::from_request(&req, &inner.config.repo_schemes) {
+        Ok(job) => job,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     if let Some(want) = req.agent_id {
         // The dispatch may have overtaken the reply to our registration.
         let mut registered = inner.registered.subscribe();
@@ -593,32 +645,35 @@ async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
             );
         }
     }
-    if let Err(e) =
-        RepoUrl::parse_with(&req.repo, &inner.config.repo_schemes).and(CommitRef::parse(&req.hash))
-    {
-        return reply(StatusCode::BAD_REQUEST, e.to_string());
-    }
-    if req.command.trim().is_empty() {
-        return reply(StatusCode::BAD_REQUEST, "command must not be empty".into());
-    }
     let stop = Arc::new(Notify::new());
     let (done_tx, done_rx) = watch::channel(false);
-    {
+    let agent_id = {
         let mut s = inner.state();
         if s.draining {
             return reply(StatusCode::CONFLICT, "shutting down".into());
         }
-        if let Some(r) = &s.running {
-            return reply(StatusCode::CONFLICT, format!("busy with build {}", r.build));
+        if s.running.contains_key(&req.id) {
+            return reply(StatusCode::CONFLICT, format!("already running build {}", req.id));
         }
-        s.running = Some(Running {
-            build: req.id,
-            attempt: req.attempt,
-            stop: stop.clone(),
-            done: done_rx,
-        });
-    }
-    tokio::spawn(inner.clone().run_build(req, stop, done_tx));
+        if s.running.len() >= inner.config.capacity as usize {
+            let builds: Vec<String> = s.running.keys().map(ToString::to_string).collect();
+            return reply(
+                StatusCode::CONFLICT,
+                format!("busy with build {}", builds.join(", ")),
+            );
+        }
+        s.running.insert(
+            req.id,
+            Running {
+                attempt: req.attempt,
+                stop: stop.clone(),
+                done: done_rx,
+            },
+        );
+        // N.B.: the id it was dispatched to, which was waited for above.
+        req.agent_id.or(s.id)
+    };
+    tokio::spawn(inner.clone().run_build(job, agent_id, stop, done_tx));
     json(&serde_json::json!({"accepted": true})).into_response()
 }
 

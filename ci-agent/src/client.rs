@@ -1,16 +1,15 @@
-//! The agent's side of the protocol: calls to the server, and retrying them.
+//! The agent's side of the protocol: calls to the server, and what their
+//! failures mean (retried with [`ci_core::retry::retry`]).
 
 use std::time::Duration;
 
 use ci_core::protocol::{
-    ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentLeave, NotifyAgentReply, NotifyBuildLog,
-    NotifyBuildResult,
+    ErrorBody, NotifyAgent, NotifyAgentAlive, NotifyAgentLeave, NotifyAgentReply, NotifyBuildHandback,
+    NotifyBuildLog, NotifyBuildResult,
 };
-use ci_core::Backoff;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::{debug, warn};
 
 /// How a call to the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +33,12 @@ pub enum CallError {
         /// Its message.
         message: String,
     },
+}
+
+impl ci_core::retry::Transient for CallError {
+    fn is_transient(&self) -> bool {
+        self.is_retryable()
+    }
 }
 
 impl CallError {
@@ -168,6 +173,13 @@ impl ServerClient {
             .map(drop)
     }
 
+    /// `POST /notify_build_handback` (extension).
+    pub async fn handback(&self, body: &NotifyBuildHandback) -> Result<(), CallError> {
+        self.post::<_, serde_json::Value>("/notify_build_handback", body, None)
+            .await
+            .map(drop)
+    }
+
     /// `POST /notify_agent_leave` (extension).
     pub async fn leave(&self, body: &NotifyAgentLeave) -> Result<(), CallError> {
         self.post::<_, serde_json::Value>("/notify_agent_leave", body, Some(Duration::from_secs(2)))
@@ -180,36 +192,5 @@ impl ServerClient {
         self.post::<_, serde_json::Value>("/notify_build_result", body, None)
             .await
             .map(drop)
-    }
-}
-
-/// Calls `f` until it succeeds or fails for good, sleeping `backoff`
-/// between retryable failures.
-pub async fn retry<T, F, Fut>(what: &str, backoff: Backoff, mut f: F) -> Result<T, CallError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, CallError>>,
-{
-    let mut delays = backoff.delays(fastrand::Rng::new());
-    let mut failures = 0u32;
-    loop {
-        match f().await {
-            Ok(v) => {
-                if failures > 0 {
-                    debug!(what, failures, "succeeded after retries");
-                }
-                return Ok(v);
-            }
-            Err(e) if e.is_retryable() => {
-                failures += 1;
-                let delay = delays.next().unwrap_or(backoff.cap());
-                // Log the first failure and then every tenth, not every one.
-                if failures == 1 || failures % 10 == 0 {
-                    warn!(what, failures, cause = %e, retry_in = ?delay, "retrying");
-                }
-                tokio::time::sleep(delay).await;
-            }
-            Err(e) => return Err(e),
-        }
     }
 }

@@ -136,6 +136,15 @@ pub struct Args {
     /// Repository URL schemes builds may use, comma separated.
     #[arg(long, env = "REPO_SCHEMES", value_name = "REPO_SCHEMES", value_delimiter = ',', default_values_t = DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()))]
     pub repo_schemes: Vec<String>,
+
+    /// How many builds this agent runs at once.
+    #[arg(long, env = "CAPACITY", value_name = "CAPACITY", default_value_t = 1)]
+    pub capacity: u32,
+
+    /// What this agent can run, comma separated (e.g. linux,docker,arch=amd64):
+    /// steps that ask for labels go only to agents that have them all.
+    #[arg(long, env = "LABELS", value_name = "LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -174,6 +183,10 @@ pub struct AgentConfig {
     pub docker: DockerSettings,
     /// How long a running build may finish at shutdown.
     pub shutdown_grace: Duration,
+    /// How many builds run at once.
+    pub capacity: u32,
+    /// What this agent can run.
+    pub labels: ci_core::Labels,
 }
 
 impl AgentConfig {
@@ -193,6 +206,8 @@ impl AgentConfig {
             agent_token: None,
             docker: DockerSettings::default(),
             shutdown_grace: Duration::from_secs(10),
+            capacity: 1,
+            labels: ci_core::Labels::default(),
         }
     }
 }
@@ -311,6 +326,19 @@ impl TryFrom<Args> for AgentConfig {
             reason: e.to_string(),
         })?;
         let docker = docker_settings(&a)?;
+        if !(1..=ci_core::protocol::NotifyAgent::MAX_CAPACITY).contains(&a.capacity) {
+            return Err(Error::Config {
+                name: "CAPACITY",
+                reason: format!("must be 1 to {}", ci_core::protocol::NotifyAgent::MAX_CAPACITY),
+            });
+        }
+        let labels =
+            ci_core::Labels::parse(a.labels.iter().filter(|l| !l.trim().is_empty())).map_err(|e| {
+                Error::Config {
+                    name: "LABELS",
+                    reason: e.to_string(),
+                }
+            })?;
         if a.work_dir.as_os_str().is_empty() {
             return Err(Error::Config {
                 name: "WORK_DIR",
@@ -329,6 +357,8 @@ impl TryFrom<Args> for AgentConfig {
             request_timeout: Duration::from_secs(10),
             docker,
             shutdown_grace: a.shutdown_grace,
+            capacity: a.capacity,
+            labels,
             agent_token: match a.agent_token.filter(|t| !t.is_empty()) {
                 Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => {
                     return Err(Error::Config {

@@ -22,7 +22,7 @@ use bollard::query_parameters::{
     RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
-use ci_core::{CommitRef, Job, LogSink, RepoUrl, Runner, Stream};
+use ci_core::{Job, LogSink, RepoUrl, RunError, Runner, Stream};
 use futures_util::StreamExt;
 use tokio::process::Command;
 
@@ -299,26 +299,23 @@ impl Drop for ContainerGuard {
 
 #[async_trait]
 impl Runner for DockerRunner {
-    async fn run(&self, job: &Job, log: &LogSink) -> ci_core::Result<i32> {
-        let repo = RepoUrl::parse_with(&job.repo, &self.repo_schemes)?;
-        let commit = CommitRef::parse(&job.hash)?;
-        let image = job.image.clone().unwrap_or_else(|| self.settings.image.clone());
-        // Same rule as the server's, for builds from other servers.
-        let probe = ci_core::NewBuild {
-            repo: repo.clone(),
-            hash: commit.clone(),
-            branch: None,
-            command: job.command.clone(),
-            image: Some(image.clone()),
-            timeout_ms: None,
+    async fn run(&self, job: &Job, log: &LogSink) -> Result<i32, RunError> {
+        let (repo, commit) = (&job.repo, &job.commit);
+        // Jobs are validated, but maybe against other schemes than ours.
+        RepoUrl::parse_with(repo.as_str(), &self.repo_schemes).map_err(|e| RunError::Setup(e.to_string()))?;
+        let image = match &job.image {
+            Some(i) => i.to_string(),
+            None => self.settings.image.clone(),
         };
-        probe.validate()?;
-        self.ensure_image(&image).await?;
+        // A missing image is the build's problem: it fails wherever it goes.
+        self.ensure_image(&image)
+            .await
+            .map_err(|e| RunError::Setup(e.to_string()))?;
 
         let attempt = job.attempt.map_or(0, |a| a.0);
         let ws = self
             .checkouts
-            .checkout(&repo, &commit, &format!("{}-{attempt}", job.build))
+            .checkout(repo, commit, &format!("{}-{attempt}", job.build))
             .await?;
         let tar = Self::archive(ws.path()).await?;
         log.write(
@@ -338,7 +335,7 @@ impl Runner for DockerRunner {
         if let Some(own) = &self.own_container {
             labels.insert(LABEL_AGENT_CONTAINER.to_owned(), own.clone());
         }
-        let env = crate::env::ci_variables(job, &ws.commit, &repo)
+        let env = crate::env::ci_variables(job, &ws.commit, repo)
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();

@@ -147,8 +147,15 @@ pub async fn runner_for(config: &AgentConfig) -> Result<std::sync::Arc<dyn ci_co
     }
 }
 
-impl From<Error> for ci_core::Error {
-    fn from(e: Error) -> ci_core::Error {
-        ci_core::Error::Runner(e.to_string())
+impl From<Error> for ci_core::RunError {
+    /// What a runner's own failure means for the build: a checkout that
+    /// fails fails the build wherever it goes; the machinery failing
+    /// (the container engine, starting a process, the disk) hands the
+    /// attempt back for another agent.
+    fn from(e: Error) -> ci_core::RunError {
+        match e {
+            Error::Checkout(_) | Error::Config { .. } => ci_core::RunError::Setup(e.to_string()),
+            _ => ci_core::RunError::Infra(e.to_string()),
+        }
     }
 }

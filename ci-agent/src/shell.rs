@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ci_core::{CommitRef, Job, LogSink, RepoUrl, Runner, Stream};
+use ci_core::{Job, LogSink, RepoUrl, RunError, Runner, Stream};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -64,11 +64,12 @@ async fn pump(mut from: impl AsyncRead + Unpin, stream: Stream, log: LogSink) {
 
 #[async_trait]
 impl Runner for ShellRunner {
-    async fn run(&self, job: &Job, log: &LogSink) -> ci_core::Result<i32> {
-        let repo = RepoUrl::parse_with(&job.repo, &self.repo_schemes)?;
-        let commit = CommitRef::parse(&job.hash)?;
+    async fn run(&self, job: &Job, log: &LogSink) -> Result<i32, RunError> {
+        let (repo, commit) = (&job.repo, &job.commit);
+        // Jobs are validated, but maybe against other schemes than ours.
+        RepoUrl::parse_with(repo.as_str(), &self.repo_schemes).map_err(|e| RunError::Setup(e.to_string()))?;
         let name = format!("{}-{}", job.build, job.attempt.map_or(0, |a| a.0));
-        let ws = self.checkouts.checkout(&repo, &commit, &name).await?;
+        let ws = self.checkouts.checkout(repo, commit, &name).await?;
         log.write(
             Stream::Stdout,
             format!(
@@ -86,14 +87,14 @@ impl Runner for ShellRunner {
             .current_dir(ws.path())
             .env_clear()
             .envs(crate::env::inherited())
-            .envs(crate::env::ci_variables(job, &ws.commit, &repo))
+            .envs(crate::env::ci_variables(job, &ws.commit, repo))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| Error::Spawn(e.to_string()))?;
+            .map_err(|e| RunError::from(Error::Spawn(e.to_string())))?;
         let group = child
             .id()
             .and_then(|id| i32::try_from(id).ok())
@@ -107,7 +108,10 @@ impl Runner for ShellRunner {
             .take()
             .map(|s| tokio::spawn(pump(s, Stream::Stderr, log.clone())));
 
-        let status = child.wait().await.map_err(|e| Error::Spawn(e.to_string()))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| RunError::from(Error::Spawn(e.to_string())))?;
         // The shell is done; whatever it left running goes with it, so the
         // pipes close and the next build starts clean.
         drop(group);

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ci_agent::{Checkouts, ShellRunner};
-use ci_core::{execute, Attempt, BuildId, Job, LogSink, Runner};
+use ci_core::protocol::BuildRequest;
+use ci_core::{execute, Attempt, BuildId, Completion, Job, LogSink, Outcome, RepoUrl, Runner};
 use ci_testkit::{alive, wait_until, GitRepo};
 
 struct Fixture {
@@ -30,26 +31,42 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn job(&self, build: i64, hash: &str, command: &str) -> Job {
-        Job {
-            build: BuildId(build),
-            attempt: Some(Attempt(1)),
-            repo: self.repo.url(),
-            hash: hash.into(),
+    fn request(&self, build: i64, hash: &str, command: &str) -> BuildRequest {
+        BuildRequest {
+            id: BuildId(build),
             command: command.into(),
+            hash: hash.into(),
+            repo: self.repo.url(),
+            attempt: Some(Attempt(1)),
             image: None,
-            timeout: None,
+            timeout_ms: None,
+            agent_id: None,
         }
     }
 
-    async fn run(&self, job: &Job) -> ci_core::Completion {
-        execute(&*self.runner, job, &LogSink::default(), Duration::from_secs(60)).await
+    fn job(&self, build: i64, hash: &str, command: &str) -> Job {
+        Job::from_request(
+            &self.request(build, hash, command),
+            ci_core::model::DEFAULT_REPO_SCHEMES,
+        )
+        .unwrap()
+    }
+
+    async fn run(&self, job: &Job) -> Completion {
+        completed(execute(&*self.runner, job, &LogSink::default(), Duration::from_secs(60)).await)
     }
 
     fn workspaces(&self) -> usize {
         std::fs::read_dir(self.work.path().join("builds"))
             .unwrap()
             .count()
+    }
+}
+
+fn completed(outcome: Outcome) -> Completion {
+    match outcome {
+        Outcome::Completed(c) => c,
+        Outcome::HandBack(why) => panic!("handed back: {why}"),
     }
 }
 
@@ -158,14 +175,17 @@ async fn unknown_commits_and_bad_repos_fail_with_a_clear_message() {
     assert!(c.stderr.contains("not found"), "{}", c.stderr);
 
     let mut job = f.job(3, "main", "true");
-    job.repo = "/nonexistent/repo".into();
+    job.repo = RepoUrl::parse("/nonexistent/repo").unwrap();
     let c = f.run(&job).await;
     assert!(c.stderr.contains("git could not clone"), "{}", c.stderr);
 
-    let mut job = f.job(4, "--upload-pack=touch /tmp/x", "true");
-    job.repo = f.repo.url();
-    let c = f.run(&job).await;
-    assert!(c.stderr.contains("invalid hash"), "{}", c.stderr);
+    // A ref that git would read as an option never becomes a job.
+    let bad = Job::from_request(
+        &f.request(4, "--upload-pack=touch /tmp/x", "true"),
+        ci_core::model::DEFAULT_REPO_SCHEMES,
+    );
+    let e = bad.unwrap_err().to_string();
+    assert!(e.contains("invalid hash"), "{e}");
     assert_eq!(f.workspaces(), 0);
 }
 
@@ -239,7 +259,7 @@ async fn output_is_capped_with_a_marker() {
     f.repo.commit(&[("a", "a")], "a");
     let job = f.job(1, "main", "head -c 3000000 /dev/zero | tr '\\0' x");
     let log = LogSink::new(1_000_000);
-    let c = execute(&*f.runner, &job, &log, Duration::from_secs(60)).await;
+    let c = completed(execute(&*f.runner, &job, &log, Duration::from_secs(60)).await);
     assert_eq!(c.exit_code, 0);
     assert!(c.stdout.len() < 1_000_100, "{}", c.stdout.len());
     assert!(

@@ -27,9 +27,9 @@ fn cluster() -> Cluster {
         dir.path().join("ci.sqlite"),
     );
     config.build_command = Some("sh build.sh".into());
-    let server = Server::open(config).unwrap();
     let (url, agent_dir) = (
         rt.block_on(async {
+            let server = Server::open(config).await.unwrap();
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", l.local_addr().unwrap());
             tokio::spawn(server.serve(l, std::future::pending()));

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use ci_core::coordinator::{Accepted, Report};
 use ci_core::{
-    Agent, AgentId, Attempt, Build, BuildId, BuildStatus, CommitRef, Completion, Coordinator, Fifo,
-    MemoryStore, NewBuild, RepoUrl, Scheduler, Timestamp,
+    AgentId, Attempt, Build, BuildId, BuildStatus, CommitRef, Completion, Coordinator, Fifo, Labels,
+    MemoryStore, NewBuild, Offer, RepoUrl, Scheduler, Timestamp,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
@@ -28,30 +28,34 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("plan + complete, per build");
     for agents in [1usize, 16, 100] {
         g.bench_with_input(BenchmarkId::from_parameter(agents), &agents, |b, &agents| {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let store = Arc::new(MemoryStore::new());
-            let mut co = Coordinator::builder(store).build().unwrap();
+            let mut co = rt.block_on(Coordinator::builder(store).build()).unwrap();
             for i in 0..agents {
-                co.register_agent(&format!("http://a{i}:1")).unwrap();
+                rt.block_on(co.register_agent(&format!("http://a{i}:1"))).unwrap();
             }
             let nb = new_build();
             b.iter(|| {
-                co.submit(&nb).unwrap();
-                let d = co.plan().unwrap().remove(0);
-                let r = co
-                    .complete(Report {
-                        build: d.build.id,
-                        attempt: Some(d.build.attempt),
-                        agent: Some(d.agent),
-                        verified: false,
-                        completion: Completion {
-                            exit_code: 0,
-                            stdout: String::new(),
-                            stderr: String::new(),
-                        },
-                    })
-                    .unwrap();
-                assert!(matches!(r, Accepted::Finished(_)));
-                co.take_events()
+                rt.block_on(async {
+                    co.submit(&nb).await.unwrap();
+                    let d = co.plan().await.unwrap().remove(0);
+                    let r = co
+                        .complete(Report {
+                            build: d.build.id,
+                            attempt: Some(d.build.attempt),
+                            agent: Some(d.agent),
+                            verified: false,
+                            completion: Completion {
+                                exit_code: 0,
+                                stdout: String::new(),
+                                stderr: String::new(),
+                            },
+                        })
+                        .await
+                        .unwrap();
+                    assert!(matches!(r, Accepted::Finished(_)));
+                    co.take_events()
+                })
             })
         });
     }
@@ -76,8 +80,14 @@ fn bench(c: &mut Criterion) {
             finished_at: None,
         })
         .collect();
-    let free: Vec<Agent> = (0..100)
-        .map(|i| Agent::new(AgentId(i), format!("http://a{i}:1"), Timestamp(0)))
+    let free: Vec<Offer> = (0..100)
+        .map(|i| Offer {
+            agent: AgentId(i),
+            url: format!("http://a{i}:1"),
+            labels: Labels::default(),
+            free_slots: 1,
+            idle_since: Timestamp(0),
+        })
         .collect();
     c.bench_function("Fifo::assign, 100 builds x 100 agents", |b| {
         b.iter(|| Fifo.assign(&queued, &free))

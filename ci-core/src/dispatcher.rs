@@ -1,30 +1,39 @@
-//! The dispatcher: runs a [`Coordinator`] in an async program.
+//! The dispatcher: one task owns the [`Coordinator`]; everything else sends
+//! it commands and awaits typed answers.
 //!
-//! It shares the coordinator behind a mutex, publishes its [`Event`]s, and
-//! runs the scheduling loop: on every wake-up (a build created, an agent
-//! registered or freed, a lease deadline reached) it expires lapsed leases,
-//! plans dispatches, and hands each one to an [`AgentLink`] concurrently.
-//! The HTTP server links over HTTP; [`LocalCluster`](crate::local::LocalCluster)
-//! links over channels.
+//! The task serves commands in the order they arrive (a burst at a time),
+//! then runs a scheduling pass if any of them may have made work possible
+//! (a build created, an agent registered or freed), and hands each
+//! dispatch to its [`AgentLink`] on a task of its own: a slow agent delays
+//! nobody. It also keeps the coordinator's deadlines: lapsed leases, silent
+//! agents, ended cooldowns. Heartbeats and live output do not come here at
+//! all: they go through the [`Fence`], straight to the store.
+//!
+//! A dispatcher starts paused: it answers commands, but runs scheduling
+//! passes only when asked ([`Dispatcher::plan`]), until
+//! [`Dispatcher::start_scheduling`]. A server serving HTTP starts it; a
+//! test driving the routes alone can leave it paused.
 
-use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::clock::Timestamp;
 use crate::coordinator::{
-    Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Heartbeat, Registration, Report,
-    StopOrder,
+    Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Fence, HandBack, Heartbeat,
+    Registration, Report, StopOrder,
 };
 use crate::error::{Error, Result};
-use crate::model::{Build, BuildId, NewBuild};
+use crate::model::{AgentId, Build, BuildId, LogPiece, NewBuild};
+use crate::pool::{Agent, AgentPool, Enrollment};
+use crate::store::Store;
 
-/// How dispatches reach agents.
+/// How dispatches and stop orders reach agents.
 #[async_trait]
 pub trait AgentLink: Send + Sync + 'static {
     /// Delivers `dispatch` to its agent. Returns once the agent has accepted
@@ -40,22 +49,38 @@ pub trait AgentLink: Send + Sync + 'static {
     }
 }
 
-/// A shared, running coordinator. See the [module docs](self).
-#[derive(Debug)]
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What the task is asked to do.
+enum Command {
+    Submit(NewBuild, Reply<Build>),
+    Register(Enrollment, Option<String>, Reply<Registration>),
+    Complete(Report, Reply<Accepted>),
+    HandBack(HandBack, Reply<()>),
+    Cancel(BuildId, Reply<Build>),
+    Stopped(StopOrder, bool, Reply<Build>),
+    Left(AgentId, bool, Reply<()>),
+    Failed(Dispatch, DispatchFailure, Option<Reply<()>>),
+    Plan(Reply<Vec<Dispatch>>),
+    Start,
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A handle on the task that owns the coordinator. See the [module
+/// docs](self). Cheap to clone.
+#[derive(Clone)]
 pub struct Dispatcher {
-    coordinator: Mutex<Coordinator>,
-    wake: Notify,
+    tx: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
-    /// A handle on itself, for the delivery tasks; set by `run`.
-    me: std::sync::OnceLock<std::sync::Weak<Dispatcher>>,
-    /// Set by [`Dispatcher::run`]: from then on, whatever makes work possible
-    /// (a build created, an agent registered or freed) dispatches at once,
-    /// in the same critical section, without waiting for the loop.
-    link: std::sync::OnceLock<Arc<dyn AgentLink>>,
-    /// Deliveries in flight, awaited at shutdown.
-    in_flight: Mutex<JoinSet<()>>,
-    /// A scheduling pass failed: the loop tries again.
-    replan: std::sync::atomic::AtomicBool,
+    fence: Fence,
+    store: Arc<dyn Store>,
+    pool: Arc<dyn AgentPool>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for dyn AgentLink {
@@ -64,82 +89,142 @@ impl std::fmt::Debug for dyn AgentLink {
     }
 }
 
+/// Commands waiting for the task, at most.
+const QUEUE: usize = 4096;
+/// Commands served before a scheduling pass, at most.
+const BURST: usize = 256;
+
 impl Dispatcher {
-    /// Wraps `coordinator`. Call [`Dispatcher::run`] to start scheduling.
-    pub fn new(coordinator: Coordinator) -> Arc<Dispatcher> {
+    /// Starts the task that owns `coordinator` and delivers through `link`,
+    /// paused (see the [module docs](self)). Must be called within a tokio
+    /// runtime.
+    pub fn spawn(coordinator: Coordinator, link: Arc<dyn AgentLink>) -> Dispatcher {
+        let (tx, rx) = mpsc::channel(QUEUE);
         let (events, _) = broadcast::channel(4096);
-        Arc::new(Dispatcher {
-            coordinator: Mutex::new(coordinator),
-            wake: Notify::new(),
+        let handle = Dispatcher {
+            tx: tx.clone(),
+            events: events.clone(),
+            fence: coordinator.fence().clone(),
+            store: coordinator.store().clone(),
+            pool: coordinator.pool().clone(),
+        };
+        let task = Task {
+            wake: coordinator.fence().woken(),
+            c: coordinator,
+            rx,
+            me: tx.downgrade(),
             events,
-            link: std::sync::OnceLock::new(),
-            me: std::sync::OnceLock::new(),
-            in_flight: Mutex::new(JoinSet::new()),
-            replan: std::sync::atomic::AtomicBool::new(false),
-        })
+            link,
+            scheduling: false,
+            deliveries: JoinSet::new(),
+            deadline: None,
+            retry: Backoff::default().delays(fastrand::Rng::new()),
+        };
+        tokio::spawn(task.run());
+        handle
     }
 
-    /// Runs `f` on the coordinator, then publishes the events it recorded
-    /// and wakes the scheduling loop if they may have made work possible.
-    ///
-    /// N.B.: `f` runs under a mutex. It must not block for long.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Coordinator) -> R) -> R {
-        let (out, events, dispatches) = {
-            let mut c = self.coordinator.lock().unwrap_or_else(PoisonError::into_inner);
-            let out = f(&mut c);
-            let mut events = c.take_events();
-            let worth = events
-                .iter()
-                .any(|e| !matches!(e, Event::Started { .. } | Event::Output(_)));
-            // The scheduling pass the triggers call for, right here.
-            let dispatches = match (worth, self.link.get()) {
-                (true, Some(_)) => match c.plan() {
-                    Ok(d) => d,
-                    Err(e) => {
-                        error!(cause = %e, "scheduling pass failed; the loop retries");
-                        self.replan.store(true, std::sync::atomic::Ordering::SeqCst);
-                        self.wake.notify_one();
-                        Vec::new()
-                    }
-                },
-                _ => Vec::new(),
-            };
-            events.extend(c.take_events());
-            (out, events, dispatches)
-        };
-        if let (false, Some(link)) = (dispatches.is_empty(), self.link.get()) {
-            if let (Ok(me), Ok(rt)) = (self.me(), tokio::runtime::Handle::try_current()) {
-                let mut set = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-                while set.try_join_next().is_some() {}
-                for d in dispatches {
-                    set.spawn_on(deliver(me.clone(), link.clone(), d), &rt);
-                }
-            }
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::Unavailable("the dispatcher has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| Error::Unavailable("the dispatcher has stopped".into()))?
+    }
+
+    /// From now on, scheduling passes run whenever work may have become
+    /// possible, and deadlines are kept.
+    pub async fn start_scheduling(&self) -> Result<()> {
+        self.tx
+            .send(Command::Start)
+            .await
+            .map_err(|_| Error::Unavailable("the dispatcher has stopped".into()))
+    }
+
+    /// Stops the task after the dispatches in flight were delivered (or
+    /// failed). Commands sent later get [`Error::Unavailable`].
+    pub async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(done)).await.is_ok() {
+            let _ = finished.await;
         }
-        let mut wake = false;
-        for e in events {
-            // Lease deadlines may have moved: the loop re-arms its timer.
-            wake |= !matches!(e, Event::Output(_));
+    }
+
+    /// Queues a build. See [`Coordinator::submit`].
+    pub async fn submit(&self, new: &NewBuild) -> Result<Build> {
+        let new = new.clone();
+        self.call(|r| Command::Submit(new, r)).await
+    }
+
+    /// Registers an agent. See [`Coordinator::register`].
+    pub async fn register(&self, enrollment: Enrollment, proof: Option<String>) -> Result<Registration> {
+        self.call(|r| Command::Register(enrollment, proof, r)).await
+    }
+
+    /// Takes a result. See [`Coordinator::complete`].
+    pub async fn complete(&self, report: Report) -> Result<Accepted> {
+        self.call(|r| Command::Complete(report, r)).await
+    }
+
+    /// Takes an attempt an agent gives back. See [`Coordinator::hand_back`].
+    pub async fn hand_back(&self, back: HandBack) -> Result<()> {
+        self.call(|r| Command::HandBack(back, r)).await
+    }
+
+    /// Cancels build `id`. A running build is stopped on its agent before
+    /// this returns.
+    pub async fn cancel(&self, id: BuildId) -> Result<Build> {
+        self.call(|r| Command::Cancel(id, r)).await
+    }
+
+    /// An agent leaves on purpose. See [`Coordinator::agent_left`].
+    pub async fn agent_left(&self, id: AgentId, verified: bool) -> Result<()> {
+        self.call(|r| Command::Left(id, verified, r)).await
+    }
+
+    /// One scheduling pass, now, whose dispatches go to the caller instead
+    /// of the link: for tests and for embedders that deliver themselves.
+    pub async fn plan(&self) -> Result<Vec<Dispatch>> {
+        self.call(Command::Plan).await
+    }
+
+    /// Records that a dispatch the caller took with [`Dispatcher::plan`]
+    /// could not be delivered. See [`Coordinator::dispatch_failed`].
+    pub async fn dispatch_failed(&self, dispatch: Dispatch, failure: DispatchFailure) -> Result<()> {
+        self.call(|r| Command::Failed(dispatch, failure, Some(r))).await
+    }
+
+    /// A heartbeat or ping. See [`Fence::heartbeat`].
+    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<()> {
+        self.fence.heartbeat(hb).await
+    }
+
+    /// Live output of a running attempt. See [`Fence::output`].
+    pub async fn output(&self, hb: Heartbeat, pieces: &[LogPiece]) -> Result<usize> {
+        let (stored, event) = self.fence.output(hb, pieces).await?;
+        if let Some(e) = event {
             // No subscribers is fine.
             let _ = self.events.send(e);
         }
-        if wake {
-            self.wake.notify_one();
-        }
-        out
+        Ok(stored)
     }
 
-    /// This dispatcher as an `Arc`, for the delivery tasks.
-    fn me(&self) -> Result<Arc<Dispatcher>> {
-        self.me
-            .get()
-            .and_then(std::sync::Weak::upgrade)
-            .ok_or_else(|| Error::Unavailable("dispatcher not running".into()))
+    /// The path of heartbeats and live output.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
-    /// Asks for a scheduling pass.
-    pub fn wake(&self) {
-        self.wake.notify_one();
+    /// The store, for reads.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Every agent.
+    pub async fn agents(&self) -> Result<Vec<Agent>> {
+        self.pool.agents().await
     }
 
     /// Everything that happens from now on.
@@ -147,82 +232,11 @@ impl Dispatcher {
         self.events.subscribe()
     }
 
-    /// See [`Coordinator::submit`].
-    pub fn submit(&self, new: &NewBuild) -> Result<Build> {
-        self.with(|c| c.submit(new))
-    }
-
-    /// See [`Coordinator::register_agent`].
-    pub fn register_agent(&self, url: &str) -> Result<Registration> {
-        self.with(|c| c.register_agent(url))
-    }
-
-    /// See [`Coordinator::heartbeat`].
-    pub fn heartbeat(&self, hb: Heartbeat) -> Result<()> {
-        let first_ping = self.with(|c| {
-            let first = hb.build.is_none() && hb.agent.and_then(|a| c.agent(a)).is_some_and(|a| !a.pings);
-            c.heartbeat(hb).map(|()| first)
-        })?;
-        if first_ping {
-            // N.B.: the agent now has a silence deadline, which the loop
-            // must arm: no event says so.
-            self.wake();
-        }
-        Ok(())
-    }
-
-    /// See [`Coordinator::complete`].
-    pub fn complete(&self, report: Report) -> Result<Accepted> {
-        self.with(|c| c.complete(report))
-    }
-
-    /// Takes live output of a running attempt. It counts as a heartbeat
-    /// (checked and renewed in memory, under the lock); the pieces are then
-    /// stored outside the lock and off the async threads: the store's
-    /// append is fenced by attempt itself, so a lease lost in between
-    /// stores nothing.
-    pub async fn output(&self, hb: Heartbeat, pieces: Vec<crate::model::LogPiece>) -> Result<usize> {
-        let build = hb
-            .build
-            .ok_or_else(|| Error::invalid("output", "needs a build `id`"))?;
-        let (store, attempt) = self.with(|c| -> Result<_> {
-            c.heartbeat(hb)?;
-            let attempt = c.lease(build).map(|l| l.attempt).unwrap_or_default();
-            Ok((c.store().clone(), attempt))
-        })?;
-        let stored = tokio::task::spawn_blocking(move || store.append_log(build, attempt, &pieces))
-            .await
-            .map_err(|e| Error::Unavailable(format!("log writer: {e}")))??;
-        if stored > 0 {
-            // No subscribers is fine.
-            let _ = self.events.send(Event::Output(build));
-        }
-        Ok(stored)
-    }
-
-    /// Cancels build `id`. A running build is stopped on its agent through
-    /// `link` before this returns.
-    pub async fn cancel(&self, id: BuildId, link: &dyn AgentLink) -> Result<Build> {
-        let order = match self.with(|c| c.cancel(id))? {
-            Cancel::Done(b) => return Ok(b),
-            Cancel::Stop(order) => order,
-        };
-        let reached = link.stop(&order).await;
-        if let Err(e) = &reached {
-            warn!(build = %id, agent = %order.agent, failure = ?e, "could not stop the build on its agent");
-        }
-        self.with(|c| c.stop_delivered(&order, reached.is_ok()))?;
-        self.with(|c| c.store().build(id))?
-            .ok_or(Error::BuildNotFound(id))
-    }
-
     /// Waits until build `id` has finished and returns it.
     pub async fn wait_finished(&self, id: BuildId) -> Result<Build> {
         let mut events = self.subscribe();
         loop {
-            let build = self
-                .with(|c| c.store().build(id))?
-                .ok_or(Error::BuildNotFound(id))?;
+            let build = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
             if build.status.is_finished() {
                 return Ok(build);
             }
@@ -238,97 +252,450 @@ impl Dispatcher {
             }
         }
     }
+}
 
-    /// The scheduling loop. Runs until `shutdown` resolves, then waits for
-    /// dispatches in flight.
-    pub async fn run(self: Arc<Self>, link: Arc<dyn AgentLink>, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let _ = self.me.set(Arc::downgrade(&self));
-        let _ = self.link.set(link);
-        let mut retry = Backoff::default().delays(fastrand::Rng::new());
-        // Builds recovered from the store have no event to trigger them.
-        let mut plan = true;
+// === the task ===
+
+struct Task {
+    c: Coordinator,
+    rx: mpsc::Receiver<Command>,
+    /// Itself, for deliveries to report failures (weak, so that the task
+    /// ends when every handle is gone).
+    me: mpsc::WeakSender<Command>,
+    events: broadcast::Sender<Event>,
+    link: Arc<dyn AgentLink>,
+    scheduling: bool,
+    deliveries: JoinSet<()>,
+    /// When to look at leases, silences and cooldowns next: never later
+    /// than the earliest of them (earlier is only a wasted look).
+    deadline: Option<Timestamp>,
+    retry: crate::backoff::Delays,
+    wake: Arc<Notify>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut stopping = None;
+        let mut batch = Vec::with_capacity(BURST);
         loop {
-            if plan || self.replan.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                self.plan_now();
-            }
-            let pass = self.with(|c| -> Result<_> {
-                let dropped = c.expire()?;
-                let wait = c.next_deadline().map(|t| t.since(c.clock().now()));
-                Ok((dropped, wait))
-            });
-            let wait = match pass {
-                Ok((dropped, wait)) => {
-                    retry.reset();
-                    if dropped > 0 {
-                        info!(dropped, "dropped unresponsive agents");
-                    }
-                    // +1 ms: deadlines are in whole milliseconds.
-                    wait.map(|w| w + Duration::from_millis(1))
-                }
-                Err(e) => {
-                    let delay = retry.next().unwrap_or(Duration::from_secs(1));
-                    error!(cause = %e, retry_in = ?delay, "scheduling pass failed");
-                    self.replan.store(true, std::sync::atomic::Ordering::SeqCst);
-                    Some(delay)
-                }
-            };
+            while self.deliveries.try_join_next().is_some() {}
+            let wait = self
+                .deadline
+                .filter(|_| self.scheduling)
+                .map(|d| d.since(self.c.clock().now()) + Duration::from_millis(1));
             let sleep = async {
                 match wait {
                     Some(w) => tokio::time::sleep(w).await,
                     None => std::future::pending().await,
                 }
             };
-            // A deadline passed: an agent's cooldown may have ended, which no
-            // event announces, so plan then too.
-            plan = tokio::select! {
-                _ = self.wake.notified() => false,
-                _ = sleep => true,
-                _ = &mut shutdown => break,
-            };
+            let mut plan = false;
+            tokio::select! {
+                n = self.rx.recv_many(&mut batch, BURST) => {
+                    if n == 0 {
+                        break; // every handle is gone
+                    }
+                    for cmd in batch.drain(..) {
+                        match cmd {
+                            Command::Shutdown(done) => stopping = Some(done),
+                            cmd => plan |= self.serve(cmd).await,
+                        }
+                    }
+                    self.extend_deadline();
+                }
+                () = sleep => {
+                    self.expire().await;
+                    // A cooldown may have ended, which no event announces.
+                    plan = true;
+                }
+                () = self.wake.notified() => {
+                    self.deadline = self.next_deadline().await;
+                }
+            }
+            if stopping.is_some() {
+                break;
+            }
+            if plan && self.scheduling {
+                self.plan().await;
+            }
+            self.publish();
         }
-        let mut set = std::mem::take(&mut *self.in_flight.lock().unwrap_or_else(PoisonError::into_inner));
-        debug!(in_flight = set.len(), "scheduling loop stopping");
-        while set.join_next().await.is_some() {}
+        self.publish();
+        debug!(in_flight = self.deliveries.len(), "dispatcher stopping");
+        // Deliveries that fail now have no one to tell.
+        self.rx.close();
+        while self.deliveries.join_next().await.is_some() {}
+        if let Some(done) = stopping {
+            let _ = done.send(());
+        }
     }
 
-    /// A scheduling pass and its deliveries, now.
-    fn plan_now(&self) {
-        let planned = {
-            let mut c = self.coordinator.lock().unwrap_or_else(PoisonError::into_inner);
-            let d = c.plan();
-            (d, c.take_events())
-        };
-        let (dispatches, events) = planned;
-        for e in events {
-            let _ = self.events.send(e);
+    /// Serves one command. Returns whether it may have made work possible.
+    async fn serve(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(new, reply) => answer(reply, self.c.submit(&new).await),
+            Command::Register(e, proof, reply) => answer(reply, self.c.register(e, proof.as_deref()).await),
+            Command::Complete(report, reply) => answer(reply, self.c.complete(report).await),
+            Command::HandBack(back, reply) => answer(reply, self.c.hand_back(back).await),
+            Command::Left(id, verified, reply) => answer(reply, self.c.agent_left(id, verified).await),
+            Command::Cancel(id, reply) => match self.c.cancel(id).await {
+                Ok(Cancel::Done(b)) => answer(reply, Ok(b)),
+                Ok(Cancel::Stop(order)) => {
+                    // N.B.: the agent takes a while to kill the work; the
+                    // answer waits for it, the task does not.
+                    let (link, me) = (self.link.clone(), self.me.clone());
+                    self.deliveries.spawn(async move {
+                        let reached = link.stop(&order).await;
+                        if let Err(e) = &reached {
+                            warn!(build = %order.build, agent = %order.agent, failure = ?e, "could not stop the build on its agent");
+                        }
+                        if let Some(me) = me.upgrade() {
+                            let _ = me.send(Command::Stopped(order, reached.is_ok(), reply)).await;
+                        }
+                    });
+                    false
+                }
+                Err(e) => answer(reply, Err(e)),
+            },
+            Command::Stopped(order, reached, reply) => {
+                let done = match self.c.stop_delivered(&order, reached).await {
+                    Ok(()) => self
+                        .c
+                        .store()
+                        .build(order.build)
+                        .await
+                        .and_then(|b| b.ok_or(Error::BuildNotFound(order.build))),
+                    Err(e) => Err(e),
+                };
+                answer(reply, done)
+            }
+            Command::Failed(d, failure, reply) => {
+                warn!(build = %d.build.id, agent = %d.agent, url = %d.agent_url, ?failure, "dispatch failed");
+                let recorded = self.c.dispatch_failed(&d, failure).await;
+                if let Err(e) = &recorded {
+                    // The lease stays; when it lapses the build is requeued anyway.
+                    error!(cause = %e, build = %d.build.id, "could not record a failed dispatch");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(recorded);
+                }
+                true
+            }
+            Command::Plan(reply) => {
+                let planned = self.c.plan().await;
+                self.extend_deadline();
+                let _ = reply.send(planned);
+                false
+            }
+            Command::Start => {
+                self.scheduling = true;
+                self.deadline = self.next_deadline().await;
+                // Builds recovered from the store have no event to trigger them.
+                true
+            }
+            Command::Shutdown(_) => false,
         }
-        let dispatches = match dispatches {
+    }
+
+    /// A scheduling pass, its dispatches handed to the link.
+    async fn plan(&mut self) {
+        match self.c.plan().await {
+            Ok(dispatches) => {
+                self.retry.reset();
+                if !dispatches.is_empty() {
+                    self.extend_deadline();
+                }
+                for d in dispatches {
+                    let (link, me) = (self.link.clone(), self.me.clone());
+                    self.deliveries.spawn(async move {
+                        debug!(build = %d.build.id, attempt = %d.build.attempt, agent = %d.agent, "dispatching");
+                        if let Err(failure) = link.dispatch(&d).await {
+                            if let Some(me) = me.upgrade() {
+                                let _ = me.send(Command::Failed(d, failure, None)).await;
+                            }
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                // Nothing was started (a pass starts its attempts in one
+                // step): try again after a backoff.
+                let delay = self.retry.next().unwrap_or(Duration::from_secs(1));
+                error!(cause = %e, retry_in = ?delay, "scheduling pass failed");
+                let at = self.c.clock().now().plus(delay);
+                self.deadline = Some(self.deadline.map_or(at, |d| d.min(at)));
+            }
+        }
+    }
+
+    async fn expire(&mut self) {
+        match self.c.expire().await {
+            Ok(0) => {}
+            Ok(dropped) => info!(dropped, "dropped unresponsive agents"),
+            Err(e) => error!(cause = %e, "could not expire leases"),
+        }
+        self.deadline = self.next_deadline().await;
+    }
+
+    async fn next_deadline(&self) -> Option<Timestamp> {
+        match self.c.next_deadline().await {
             Ok(d) => d,
             Err(e) => {
-                error!(cause = %e, "scheduling pass failed");
-                self.replan.store(true, std::sync::atomic::Ordering::SeqCst);
-                return;
+                error!(cause = %e, "could not read the next deadline; looking again in a second");
+                Some(self.c.clock().now().plus(Duration::from_secs(1)))
             }
-        };
-        if let (Some(link), Ok(me)) = (self.link.get(), self.me()) {
-            let mut set = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-            while set.try_join_next().is_some() {}
-            for d in dispatches {
-                set.spawn(deliver(me.clone(), link.clone(), d));
-            }
+        }
+    }
+
+    /// A command or a pass may have started leases or cooldowns, which run
+    /// a full lease from now, and no deadline is later than that: the timer
+    /// need not be later either.
+    fn extend_deadline(&mut self) {
+        let at = self.c.lease_policy().deadline(self.c.clock().now());
+        self.deadline = Some(self.deadline.map_or(at, |d| d.min(at)));
+    }
+
+    fn publish(&mut self) {
+        for e in self.c.take_events() {
+            // No subscribers is fine.
+            let _ = self.events.send(e);
         }
     }
 }
 
-async fn deliver(dispatcher: Arc<Dispatcher>, link: Arc<dyn AgentLink>, d: Dispatch) {
-    debug!(build = %d.build.id, attempt = %d.build.attempt, agent = %d.agent, "dispatching");
-    let Err(failure) = link.dispatch(&d).await else {
-        return;
-    };
-    warn!(build = %d.build.id, agent = %d.agent, url = %d.agent_url, ?failure, "dispatch failed");
-    if let Err(e) = dispatcher.with(|c| c.dispatch_failed(&d, failure)) {
-        // The lease stays; when it lapses the build is requeued anyway.
-        error!(cause = %e, build = %d.build.id, "could not record failed dispatch");
+/// Sends a command's answer. Returns whether it may have made work
+/// possible (it succeeded).
+fn answer<T>(reply: Reply<T>, result: Result<T>) -> bool {
+    let ok = result.is_ok();
+    // The caller may have gone; the command still happened.
+    let _ = reply.send(result);
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::model::{BuildStatus, CommitRef, Completion, RepoUrl};
+    use crate::{LeasePolicy, MemoryStore};
+
+    /// A link that records what it was asked to deliver and answers as told.
+    #[derive(Default)]
+    struct FakeLink {
+        sent: Mutex<Vec<Dispatch>>,
+        stopped: Mutex<Vec<StopOrder>>,
+        /// Agents that answer busy, and those that cannot be reached.
+        busy: Mutex<Vec<AgentId>>,
+        gone: Mutex<Vec<AgentId>>,
+    }
+
+    #[async_trait]
+    impl AgentLink for FakeLink {
+        async fn dispatch(&self, d: &Dispatch) -> Result<(), DispatchFailure> {
+            self.sent.lock().unwrap().push(d.clone());
+            if self.gone.lock().unwrap().contains(&d.agent) {
+                return Err(DispatchFailure::Unreachable("connection refused".into()));
+            }
+            if self.busy.lock().unwrap().contains(&d.agent) {
+                return Err(DispatchFailure::Busy("409 busy".into()));
+            }
+            Ok(())
+        }
+
+        async fn stop(&self, order: &StopOrder) -> Result<(), DispatchFailure> {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            self.stopped.lock().unwrap().push(order.clone());
+            Ok(())
+        }
+    }
+
+    fn build() -> NewBuild {
+        let repo = RepoUrl::parse("/srv/repo").unwrap();
+        NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap()
+    }
+
+    fn policy() -> LeasePolicy {
+        LeasePolicy::new(Duration::from_millis(100), 3).unwrap()
+    }
+
+    async fn dispatcher(link: Arc<FakeLink>) -> Dispatcher {
+        let c = Coordinator::builder(Arc::new(MemoryStore::new()))
+            .lease(policy())
+            .build()
+            .await
+            .unwrap();
+        let d = Dispatcher::spawn(c, link);
+        d.start_scheduling().await.unwrap();
+        d
+    }
+
+    async fn settle() {
+        // Let the task and the deliveries run (time is paused: nothing
+        // advances while anything can run).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    fn sent(link: &FakeLink) -> Vec<(BuildId, AgentId, u32)> {
+        let s = link.sent.lock().unwrap();
+        s.iter()
+            .map(|d| (d.build.id, d.agent, d.build.attempt.0))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_build_is_dispatched_when_made_and_when_an_agent_frees() {
+        let link = Arc::new(FakeLink::default());
+        let d = dispatcher(link.clone()).await;
+        let a = d.register(enroll("http://a:1"), None).await.unwrap().id;
+        let x = d.submit(&build()).await.unwrap().id;
+        let y = d.submit(&build()).await.unwrap().id;
+        settle().await;
+        assert_eq!(sent(&link), vec![(x, a, 1)], "one agent, one build");
+        let report = Report {
+            build: x,
+            attempt: None,
+            agent: Some(a),
+            verified: true,
+            completion: Completion {
+                exit_code: 0,
+                stdout: String::new(),
+                stderr: String::new(),
+            },
+        };
+        d.complete(report).await.unwrap();
+        settle().await;
+        assert_eq!(
+            sent(&link),
+            vec![(x, a, 1), (y, a, 1)],
+            "the freed agent gets the next"
+        );
+        d.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_agent_loses_its_build_within_the_lease() {
+        let link = Arc::new(FakeLink::default());
+        let d = dispatcher(link.clone()).await;
+        let a = d.register(enroll("http://a:1"), None).await.unwrap().id;
+        let x = d.submit(&build()).await.unwrap().id;
+        settle().await;
+        let b = d.register(enroll("http://b:1"), None).await.unwrap().id;
+        // a sends no heartbeat: after the lease (3 × 100 ms) x goes to b.
+        tokio::time::sleep(Duration::from_millis(299)).await;
+        assert_eq!(sent(&link), vec![(x, a, 1)]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(sent(&link), vec![(x, a, 1), (x, b, 2)]);
+        let agents: Vec<AgentId> = d.agents().await.unwrap().iter().map(|a| a.id).collect();
+        assert_eq!(agents, vec![b], "the silent agent is dropped");
+        d.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_keep_a_build_where_it_is() {
+        let link = Arc::new(FakeLink::default());
+        let d = dispatcher(link.clone()).await;
+        let a = d.register(enroll("http://a:1"), None).await.unwrap().id;
+        let x = d.submit(&build()).await.unwrap().id;
+        settle().await;
+        d.register(enroll("http://b:1"), None).await.unwrap();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let hb = Heartbeat {
+                build: Some(x),
+                attempt: Some(crate::Attempt(1)),
+                agent: Some(a),
+                verified: false,
+            };
+            d.heartbeat(hb).await.unwrap();
+        }
+        assert_eq!(sent(&link), vec![(x, a, 1)], "two seconds of heartbeats, no move");
+        d.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_agent_cools_down_and_an_unreachable_one_is_dropped() {
+        let link = Arc::new(FakeLink::default());
+        let d = dispatcher(link.clone()).await;
+        let a = d.register(enroll("http://a:1"), None).await.unwrap().id;
+        link.busy.lock().unwrap().push(a);
+        let x = d.submit(&build()).await.unwrap().id;
+        settle().await;
+        assert_eq!(sent(&link), vec![(x, a, 1)]);
+        assert_eq!(
+            d.store().build(x).await.unwrap().map(|b| b.status),
+            Some(BuildStatus::Queued),
+            "back in the queue"
+        );
+        assert_eq!(d.agents().await.unwrap().len(), 1, "a busy agent is kept");
+        // Nothing for a lease; then it gets the build again.
+        link.busy.lock().unwrap().clear();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(sent(&link).len(), 1);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(sent(&link), vec![(x, a, 1), (x, a, 2)]);
+        // An agent that cannot be reached is dropped, and its build waits.
+        let b = d.register(enroll("http://b:1"), None).await.unwrap().id;
+        link.gone.lock().unwrap().push(b);
+        let y = d.submit(&build()).await.unwrap().id;
+        settle().await;
+        assert_eq!(sent(&link).last(), Some(&(y, b, 1)));
+        let agents: Vec<AgentId> = d.agents().await.unwrap().iter().map(|a| a.id).collect();
+        assert_eq!(agents, vec![a]);
+        d.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_answers_once_the_agent_stopped_the_work() {
+        let link = Arc::new(FakeLink::default());
+        let d = dispatcher(link.clone()).await;
+        let a = d.register(enroll("http://a:1"), None).await.unwrap().id;
+        let x = d.submit(&build()).await.unwrap().id;
+        let y = d.submit(&build()).await.unwrap().id;
+        settle().await;
+        let started = tokio::time::Instant::now();
+        let canceled = d.cancel(x).await.unwrap();
+        assert_eq!(canceled.status, BuildStatus::Canceled);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2),
+            "after the stop was delivered"
+        );
+        assert_eq!(link.stopped.lock().unwrap().len(), 1);
+        settle().await;
+        assert_eq!(
+            sent(&link),
+            vec![(x, a, 1), (y, a, 1)],
+            "the slot freed after the stop"
+        );
+        // The task served other commands while the stop was on its way.
+        d.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_dispatcher_plans_only_when_asked() {
+        let link = Arc::new(FakeLink::default());
+        let c = Coordinator::builder(Arc::new(MemoryStore::new()))
+            .build()
+            .await
+            .unwrap();
+        let d = Dispatcher::spawn(c, link.clone());
+        let a = d.register(enroll("http://a:1"), None).await.unwrap().id;
+        let x = d.submit(&build()).await.unwrap().id;
+        settle().await;
+        assert!(sent(&link).is_empty());
+        let planned = d.plan().await.unwrap();
+        assert_eq!((planned[0].build.id, planned[0].agent), (x, a));
+        assert!(sent(&link).is_empty(), "the caller delivers what it asked for");
+        d.shutdown().await;
+        assert!(matches!(d.submit(&build()).await, Err(Error::Unavailable(_))));
+    }
+
+    fn enroll(url: &str) -> Enrollment {
+        Enrollment {
+            url: url.into(),
+            capacity: 1,
+            ..Enrollment::default()
+        }
     }
 }

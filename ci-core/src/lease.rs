@@ -1,10 +1,10 @@
-//! Leases: how long a running attempt stays assigned without a heartbeat.
+//! The lease policy: how long a running attempt stays assigned without a
+//! heartbeat. The leases themselves live in the store ([`crate::store::Lease`]).
 
 use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::model::{AgentId, Attempt, BuildId};
 
 /// The heartbeat contract between server and agents: agents send a
 /// heartbeat every `interval`; after `missed` intervals without one, the
@@ -61,26 +61,6 @@ impl Default for LeasePolicy {
     }
 }
 
-/// A running attempt's hold on its build.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    /// The build.
-    pub build: BuildId,
-    /// The attempt that holds it.
-    pub attempt: Attempt,
-    /// The agent running the attempt.
-    pub agent: AgentId,
-    /// When the lease lapses unless renewed.
-    pub expires_at: Timestamp,
-}
-
-impl Lease {
-    /// True if the lease has lapsed at `now`.
-    pub fn is_expired(&self, now: Timestamp) -> bool {
-        now >= self.expires_at
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,10 +70,10 @@ mod tests {
         let p = LeasePolicy::new(Duration::from_millis(200), 3).unwrap();
         assert_eq!(p.ttl(), Duration::from_millis(600));
         assert_eq!(p.deadline(Timestamp(1000)), Timestamp(1600));
-        let l = Lease {
-            build: BuildId(1),
-            attempt: Attempt(1),
-            agent: AgentId(1),
+        let l = crate::store::Lease {
+            build: crate::model::BuildId(1),
+            attempt: crate::model::Attempt(1),
+            agent: crate::model::AgentId(1),
             expires_at: Timestamp(1600),
         };
         assert!(!l.is_expired(Timestamp(1599)));

@@ -10,17 +10,25 @@
 //!
 //! # Layout
 //! - [`model`]: builds, attempts, agents and the validated values
-//!   ([`CommitRef`], [`RepoUrl`]) they are made of.
-//! - [`protocol`]: the JSON wire types shared by server, agents and clients.
-//! - [`store`]: the [`BuildStore`] trait and [`MemoryStore`].
-//! - [`pool`]: the [`AgentPool`] trait and [`MemoryAgentPool`].
+//!   ([`CommitRef`], [`RepoUrl`], [`ImageRef`], [`Labels`]) they are made
+//!   of.
+//! - [`protocol`]: the JSON wire types shared by server, agents and
+//!   clients, with their size limits.
+//! - [`store`]: persistence, async and split by concern ([`Queue`] with
+//!   the leases, [`Logs`], [`Builds`], [`Agents`]), [`MemoryStore`], and the
+//!   conformance suite every store passes.
+//! - [`pool`]: the [`AgentPool`] registry, in memory and store-backed.
 //! - [`scheduler`]: the [`Scheduler`] policy trait and [`Fifo`].
-//! - [`lease`], [`backoff`], [`clock`]: heartbeat leases, retry delays, time.
-//! - [`coordinator`]: the lifecycle state machine, [`Coordinator`].
-//! - [`dispatcher`]: runs a coordinator in async code, [`Dispatcher`].
-//! - [`runner`]: the [`Runner`] trait that actually runs builds.
-//! - [`local`]: [`LocalCluster`], an embedded coordinator with in-process
-//!   workers.
+//! - [`coordinator`]: the lifecycle, [`Coordinator`], and the [`Fence`]
+//!   that heartbeats and live output go through.
+//! - [`dispatcher`]: the one task that owns a coordinator, [`Dispatcher`],
+//!   and the [`AgentLink`] it delivers through.
+//! - [`runner`]: the [`Runner`] trait that actually runs builds, [`Job`],
+//!   [`RunError`], [`LogSink`].
+//! - [`heartbeat`], [`retry`]: the loops every agent runs.
+//! - [`lease`], [`backoff`], [`clock`], [`auth`]: lease policy, retry
+//!   delays, time, secrets.
+//! - [`local`]: [`LocalCluster`], a coordinator with in-process workers.
 //!
 //! # Embedding
 //! Run builds with your own runner and an in-memory store:
@@ -28,28 +36,28 @@
 //! ```
 //! use std::sync::Arc;
 //! use ci_core::{
-//!     async_trait, CommitRef, Coordinator, Job, LocalCluster, LogSink, MemoryStore,
-//!     NewBuild, RepoUrl, Runner, Stream, BuildStatus,
+//!     async_trait, BuildStatus, CommitRef, Coordinator, Job, LocalCluster, LogSink, MemoryStore,
+//!     NewBuild, RepoUrl, RunError, Runner, Stream,
 //! };
 //!
 //! struct Echo;
 //!
 //! #[async_trait]
 //! impl Runner for Echo {
-//!     async fn run(&self, job: &Job, log: &LogSink) -> ci_core::Result<i32> {
-//!         log.write(Stream::Stdout, format!("building {}\n", job.hash).as_bytes());
+//!     async fn run(&self, job: &Job, log: &LogSink) -> Result<i32, RunError> {
+//!         log.write(Stream::Stdout, format!("building {}\n", job.commit).as_bytes());
 //!         Ok(if job.command == "fail" { 1 } else { 0 })
 //!     }
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> ci_core::Result<()> {
-//! let coordinator = Coordinator::builder(Arc::new(MemoryStore::new())).build()?;
-//! let cluster = LocalCluster::start(coordinator, vec![Arc::new(Echo), Arc::new(Echo)])?;
+//! let coordinator = Coordinator::builder(Arc::new(MemoryStore::new())).build().await?;
+//! let cluster = LocalCluster::start(coordinator, vec![Arc::new(Echo), Arc::new(Echo)]).await?;
 //!
 //! let repo = RepoUrl::parse("file:///srv/repo.git")?;
-//! let ok = cluster.submit(&NewBuild::new(repo.clone(), CommitRef::parse("a1b2c3d")?, "make")?)?;
-//! let bad = cluster.submit(&NewBuild::new(repo, CommitRef::parse("main")?, "fail")?)?;
+//! let ok = cluster.submit(&NewBuild::new(repo.clone(), CommitRef::parse("a1b2c3d")?, "make")?).await?;
+//! let bad = cluster.submit(&NewBuild::new(repo, CommitRef::parse("main")?, "fail")?).await?;
 //!
 //! assert_eq!(cluster.wait(ok.id).await?.status, BuildStatus::Success);
 //! assert_eq!(cluster.wait(bad.id).await?.status, BuildStatus::Failed);
@@ -66,12 +74,15 @@ pub mod clock;
 pub mod coordinator;
 pub mod dispatcher;
 pub mod error;
+pub mod heartbeat;
 pub mod lease;
 pub mod local;
 pub mod model;
 pub mod pool;
+#[cfg(feature = "cli")]
 pub mod process;
 pub mod protocol;
+pub mod retry;
 pub mod runner;
 pub mod scheduler;
 pub mod store;
@@ -80,17 +91,18 @@ pub use async_trait::async_trait;
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use coordinator::{
-    Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Heartbeat, Report, StopOrder,
+    Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Fence, HandBack, Heartbeat, Report,
+    StopOrder,
 };
 pub use dispatcher::{AgentLink, Dispatcher};
 pub use error::{Error, Result};
-pub use lease::{Lease, LeasePolicy};
+pub use lease::LeasePolicy;
 pub use local::LocalCluster;
 pub use model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, LogInfo,
-    LogPiece, NewBuild, Page, RepoUrl,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, ImageRef,
+    Labels, LogInfo, LogPiece, NewBuild, Page, RepoUrl,
 };
-pub use pool::{Agent, AgentPool, MemoryAgentPool};
-pub use runner::{execute, Job, LogSink, Runner, Stream};
+pub use pool::{Agent, AgentPool, Enrollment, MemoryAgentPool, Offer, StoreAgentPool};
+pub use runner::{execute, Job, LogSink, Outcome, RunError, Runner, Stream};
 pub use scheduler::{Assignment, Fifo, Scheduler};
-pub use store::{BuildStore, MemoryStore};
+pub use store::{Agents, Builds, Lease, Logs, MemoryStore, Queue, Store};

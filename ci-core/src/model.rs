@@ -337,6 +337,43 @@ pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+// === images ===
+
+/// A container image reference, such as `debian:bookworm-slim` or
+/// `registry.example.com/team/rust@sha256:...`.
+///
+/// N.B.: it never starts with `-`, so it cannot be read as an option.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ImageRef(String);
+
+impl ImageRef {
+    /// Validates `s`: 1 to 512 of `A-Z a-z 0-9 . _ - / : @`, not starting
+    /// with `-`.
+    pub fn parse(s: &str) -> Result<ImageRef> {
+        let ok = !s.is_empty()
+            && s.len() <= limits::MAX_IMAGE
+            && !s.starts_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c));
+        if !ok {
+            return Err(Error::invalid("image", format!("not an image reference: {s:?}")));
+        }
+        Ok(ImageRef(s.to_owned()))
+    }
+
+    /// The validated string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 // === builds ===
 
 /// Limits on what a build may carry, so nothing unbounded reaches the store.
@@ -408,18 +445,7 @@ impl NewBuild {
             }
         }
         if let Some(image) = &self.image {
-            let ok = !image.is_empty()
-                && image.len() <= limits::MAX_IMAGE
-                && !image.starts_with('-')
-                && image
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c));
-            if !ok {
-                return Err(Error::invalid(
-                    "image",
-                    format!("not an image reference: {image:?}"),
-                ));
-            }
+            ImageRef::parse(image)?;
         }
         if let Some(t) = self.timeout_ms {
             if t == 0 || t > limits::MAX_TIMEOUT_MS {
@@ -525,9 +551,8 @@ pub struct LogInfo {
     /// The attempt.
     pub attempt: Attempt,
     /// True for the accepted result's log, read with
-    /// [`BuildStore::read_log`](crate::BuildStore::read_log); false for
-    /// live pieces, read with
-    /// [`BuildStore::log_pieces_page`](crate::BuildStore::log_pieces_page).
+    /// [`Logs::read_log`](crate::Logs::read_log); false for live pieces,
+    /// read with [`Logs::log_pieces`](crate::Logs::log_pieces).
     pub complete: bool,
     /// Bytes of standard output.
     pub stdout_len: u64,
@@ -557,6 +582,71 @@ pub struct AgentRecord {
     pub registered_at: Timestamp,
     /// The session secret it proves its identity with, if it asked for one.
     pub secret: Option<String>,
+    /// How many builds it may run at once.
+    pub capacity: u32,
+    /// What it can run.
+    pub labels: Labels,
+}
+
+// === labels ===
+
+/// What an agent can run, or what a step needs: names such as `linux`,
+/// `docker` or `arch=arm64`. A step goes only to an agent that has all of
+/// its labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Labels(std::collections::BTreeSet<String>);
+
+impl Labels {
+    /// Most labels an agent or a step may carry.
+    pub const MAX: usize = 32;
+    /// Longest label, in bytes.
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates each label: 1 to 64 of `A-Z a-z 0-9 . _ - : / =`.
+    pub fn parse<S: AsRef<str>>(labels: impl IntoIterator<Item = S>) -> Result<Labels> {
+        let mut set = std::collections::BTreeSet::new();
+        for l in labels {
+            let l = l.as_ref().trim();
+            let ok = !l.is_empty()
+                && l.len() <= Self::MAX_LEN
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-:/=".contains(c));
+            if !ok {
+                return Err(Error::invalid(
+                    "labels",
+                    format!("{l:?} is not 1 to 64 of A-Z a-z 0-9 . _ - : / ="),
+                ));
+            }
+            set.insert(l.to_owned());
+        }
+        if set.len() > Self::MAX {
+            return Err(Error::invalid("labels", format!("more than {}", Self::MAX)));
+        }
+        Ok(Labels(set))
+    }
+
+    /// True if every label of `needed` is here.
+    pub fn satisfy(&self, needed: &Labels) -> bool {
+        needed.0.is_subset(&self.0)
+    }
+
+    /// The labels, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// True if there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        Labels::parse(v).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Which page of a listing to return.

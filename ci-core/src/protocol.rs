@@ -17,8 +17,39 @@ use std::fmt;
 use serde::de::IntoDeserializer;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::model::{AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus};
+use crate::model::{AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus, Labels};
 use crate::pool::Agent;
+
+/// Size limits of the wire, defined once for the server, the agents and
+/// the clients, so that nothing one side accepts is refused by the other.
+pub mod limits {
+    use crate::model::limits::{MAX_BRANCH, MAX_COMMAND, MAX_IMAGE, MAX_LOG};
+    use crate::model::{CommitRef, RepoUrl};
+
+    /// Bytes JSON may spend on one character: `\u001b` for a control
+    /// character; `\ud83d\ude00`, 12 bytes, for one outside the BMP.
+    const JSON_CHAR: u64 = 12;
+
+    /// Largest body of an ordinary request (a build to create, a
+    /// registration, a heartbeat): a command of [`MAX_COMMAND`] characters
+    /// however JSON escapes them, with room to spare.
+    pub const MAX_BODY: u64 = 1024 * 1024;
+
+    /// Largest `POST /build` an agent takes: every field at its limit, each
+    /// character escaped as JSON would at worst.
+    pub const MAX_DISPATCH_BODY: u64 = JSON_CHAR
+        * (MAX_COMMAND as u64 + RepoUrl::MAX_LEN as u64 + CommitRef::MAX_LEN as u64 + MAX_IMAGE as u64)
+        + 4096;
+
+    /// Largest `POST /cancel` an agent takes.
+    pub const MAX_CANCEL_BODY: u64 = 16 * 1024;
+
+    /// Largest build result: two capped logs plus slack.
+    pub const MAX_RESULT_BODY: u64 = 2 * MAX_LOG as u64 + 64 * 1024;
+
+    const _: () = assert!(MAX_DISPATCH_BODY <= MAX_BODY, "a dispatch fits an ordinary body");
+    const _: () = assert!(JSON_CHAR * (MAX_COMMAND as u64 + MAX_BRANCH as u64) < MAX_BODY);
+}
 
 // === agent → server ===
 
@@ -37,6 +68,21 @@ pub struct NotifyAgent {
     /// can then heartbeat or report for this agent's builds.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub session: bool,
+    /// Extension: how many builds the agent runs at once (default 1).
+    #[serde(
+        default,
+        deserialize_with = "opt_integral",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub capacity: Option<u32>,
+    /// Extension: what the agent can run (for steps that ask for labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+}
+
+impl NotifyAgent {
+    /// Most builds an agent may say it runs at once.
+    pub const MAX_CAPACITY: u32 = 1024;
 }
 
 /// Reply to [`NotifyAgent`].
@@ -114,6 +160,22 @@ pub struct WirePiece {
     pub stream: crate::runner::Stream,
     /// The text.
     pub data: String,
+}
+
+/// Extension, `POST /notify_build_handback`: an attempt the agent's
+/// machinery could not run (its container engine or disk failed, not the
+/// build); the build goes back to the queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyBuildHandback {
+    /// The build.
+    pub id: BuildId,
+    /// The attempt given back.
+    pub attempt: Attempt,
+    /// The sending agent.
+    #[serde(rename = "agentId", default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    /// What failed.
+    pub reason: String,
 }
 
 /// Extension, `POST /notify_agent_leave`: an agent going away on purpose;

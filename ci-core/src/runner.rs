@@ -12,40 +12,60 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
-use crate::model::{limits, Attempt, BuildId, Completion};
+use crate::model::{limits, Attempt, BuildId, CommitRef, Completion, ImageRef, Labels, RepoUrl};
 use crate::protocol::BuildRequest;
 
-/// One attempt of a build, as a runner sees it.
+/// One attempt of a build, as a runner sees it: every value already
+/// validated, so no runner parses a string again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     /// The build.
     pub build: BuildId,
     /// The attempt, if the server numbers them.
     pub attempt: Option<Attempt>,
-    /// Repository URL.
-    pub repo: String,
+    /// Repository to check out.
+    pub repo: RepoUrl,
     /// Commit or ref to check out.
-    pub hash: String,
+    pub commit: CommitRef,
     /// Shell command.
     pub command: String,
     /// Container image, for runners that use one.
-    pub image: Option<String>,
-    /// Time limit; the agent's default applies when `None`.
+    pub image: Option<ImageRef>,
+    /// Time limit; the runner's default applies when `None`.
     pub timeout: Option<Duration>,
 }
 
-impl From<&BuildRequest> for Job {
-    fn from(r: &BuildRequest) -> Job {
-        Job {
+impl Job {
+    /// The job a dispatch asks for, if every value in it is valid, with
+    /// repositories limited to `schemes`.
+    pub fn from_request<S: AsRef<str>>(r: &BuildRequest, schemes: &[S]) -> Result<Job> {
+        if r.command.trim().is_empty() {
+            return Err(crate::Error::invalid("command", "must not be empty"));
+        }
+        Ok(Job {
             build: r.id,
             attempt: r.attempt,
-            repo: r.repo.clone(),
-            hash: r.hash.clone(),
+            repo: RepoUrl::parse_with(&r.repo, schemes)?,
+            commit: CommitRef::parse(&r.hash)?,
             command: r.command.clone(),
-            image: r.image.clone(),
+            image: r.image.as_deref().map(ImageRef::parse).transpose()?,
             timeout: r.timeout_ms.map(Duration::from_millis),
-        }
+        })
     }
+}
+
+/// Why a runner could not run a build. The variant says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// This build cannot run, wherever it goes: its commit is not in the
+    /// repository, its image does not exist. It fails, with this reason.
+    #[error("{0}")]
+    Setup(String),
+    /// The machinery failed, not the build: the container engine is down,
+    /// the disk is full. The attempt goes back to the queue for another
+    /// agent.
+    #[error("{0}")]
+    Infra(String),
 }
 
 /// Runs builds.
@@ -55,10 +75,18 @@ impl From<&BuildRequest> for Job {
 /// container). That is how timeouts and abandoned attempts stop work.
 #[async_trait]
 pub trait Runner: Send + Sync + 'static {
-    /// Runs `job` to the end and returns its exit code. An `Err` means the
-    /// build could not run (checkout failed, engine unreachable); the build
-    /// then fails with the error's message.
-    async fn run(&self, job: &Job, log: &LogSink) -> Result<i32>;
+    /// How many builds it may run at once.
+    fn capacity(&self) -> u32 {
+        1
+    }
+
+    /// What it can run, for steps that ask for labels.
+    fn labels(&self) -> Labels {
+        Labels::default()
+    }
+
+    /// Runs `job` to the end and returns its exit code.
+    async fn run(&self, job: &Job, log: &LogSink) -> Result<i32, RunError>;
 
     /// Housekeeping, called by the agent every few seconds while it runs
     /// (for example, removing what dead peers left behind).
@@ -71,18 +99,28 @@ pub trait Runner: Send + Sync + 'static {
 /// Exit code reported for a build that ran out of time (as `timeout(1)`).
 pub const TIMED_OUT: i32 = 124;
 
+/// How an attempt ended on its runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It ran (or could not, for a reason of its own): report this result.
+    Completed(Completion),
+    /// The machinery failed: give the attempt back, with this reason.
+    HandBack(String),
+}
+
 /// Runs `job` on `runner` within its timeout, but never longer than
-/// `max_timeout` (the runner's own limit), and returns the completion to
-/// report. Never fails: every error becomes a failed completion with the
-/// reason on stderr.
-pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, max_timeout: Duration) -> Completion {
+/// `max_timeout` (the runner's own limit). A [`RunError::Setup`] or a
+/// timeout becomes a failed completion with the reason on stderr; a
+/// [`RunError::Infra`] becomes [`Outcome::HandBack`].
+pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, max_timeout: Duration) -> Outcome {
     let limit = job.timeout.map_or(max_timeout, |t| t.min(max_timeout));
     let exit_code = match tokio::time::timeout(limit, runner.run(job, log)).await {
         Ok(Ok(code)) => code,
-        Ok(Err(e)) => {
-            log.write(Stream::Stderr, format!("ci: {e}\n").as_bytes());
+        Ok(Err(RunError::Setup(why))) => {
+            log.write(Stream::Stderr, format!("ci: {why}\n").as_bytes());
             Completion::NOT_RUN
         }
+        Ok(Err(RunError::Infra(why))) => return Outcome::HandBack(why),
         Err(_) => {
             let msg = format!(
                 "ci: build timed out after {}\n",
@@ -93,10 +131,20 @@ pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, max_timeout:
         }
     };
     let (stdout, stderr) = log.contents();
-    Completion {
+    Outcome::Completed(Completion {
         exit_code,
         stdout,
         stderr,
+    })
+}
+
+impl Outcome {
+    /// The completion, or `None` for a hand-back.
+    pub fn completion(self) -> Option<Completion> {
+        match self {
+            Outcome::Completed(c) => Some(c),
+            Outcome::HandBack(_) => None,
+        }
     }
 }
 
@@ -241,13 +289,12 @@ impl LogSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
 
     mockall::mock! {
         Run {}
         #[async_trait]
         impl Runner for Run {
-            async fn run(&self, job: &Job, log: &LogSink) -> Result<i32>;
+            async fn run(&self, job: &Job, log: &LogSink) -> Result<i32, RunError>;
         }
     }
 
@@ -255,8 +302,8 @@ mod tests {
         Job {
             build: BuildId(1),
             attempt: Some(Attempt(1)),
-            repo: "/r".into(),
-            hash: "abcd".into(),
+            repo: RepoUrl::parse("/r").unwrap(),
+            commit: CommitRef::parse("abcd").unwrap(),
             command: "true".into(),
             image: None,
             timeout: None,
@@ -306,10 +353,45 @@ mod tests {
     async fn runner_errors_become_failed_completions() {
         let mut r = MockRun::new();
         r.expect_run()
-            .returning(|_, _| Err(Error::Runner("checkout failed: no such commit".into())));
-        let c = execute(&r, &job(), &LogSink::default(), Duration::from_secs(1)).await;
+            .returning(|_, _| Err(RunError::Setup("checkout failed: no such commit".into())));
+        let c = execute(&r, &job(), &LogSink::default(), Duration::from_secs(1))
+            .await
+            .completion()
+            .unwrap();
         assert_eq!(c.exit_code, Completion::NOT_RUN);
         assert!(c.stderr.contains("checkout failed"), "{}", c.stderr);
+    }
+
+    #[tokio::test]
+    async fn infrastructure_failures_hand_the_attempt_back() {
+        let mut r = MockRun::new();
+        r.expect_run()
+            .returning(|_, _| Err(RunError::Infra("the Docker daemon is gone".into())));
+        let out = execute(&r, &job(), &LogSink::default(), Duration::from_secs(1)).await;
+        assert_eq!(out, Outcome::HandBack("the Docker daemon is gone".into()));
+    }
+
+    #[test]
+    fn jobs_carry_validated_values() {
+        let req = |repo: &str, hash: &str, command: &str| BuildRequest {
+            id: BuildId(1),
+            command: command.into(),
+            hash: hash.into(),
+            repo: repo.into(),
+            attempt: Some(Attempt(2)),
+            image: Some("debian:bookworm".into()),
+            timeout_ms: Some(1500),
+            agent_id: None,
+        };
+        let j = Job::from_request(&req("/srv/r", "main", "make"), &["file"]).unwrap();
+        assert_eq!(
+            (j.commit.as_str(), j.timeout),
+            ("main", Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(j.image.map(|i| i.to_string()).as_deref(), Some("debian:bookworm"));
+        assert!(Job::from_request(&req("https://x/y", "main", "make"), &["file"]).is_err());
+        assert!(Job::from_request(&req("/srv/r", "--upload-pack=x", "make"), &["file"]).is_err());
+        assert!(Job::from_request(&req("/srv/r", "main", "  "), &["file"]).is_err());
     }
 
     #[tokio::test]
@@ -319,7 +401,10 @@ mod tests {
             log.write(Stream::Stdout, b"hello\n");
             Ok(3)
         });
-        let c = execute(&r, &job(), &LogSink::default(), Duration::from_secs(1)).await;
+        let c = execute(&r, &job(), &LogSink::default(), Duration::from_secs(1))
+            .await
+            .completion()
+            .unwrap();
         assert_eq!((c.exit_code, c.stdout.as_str()), (3, "hello\n"));
     }
 
@@ -327,7 +412,7 @@ mod tests {
 
     #[async_trait]
     impl Runner for Forever {
-        async fn run(&self, _: &Job, log: &LogSink) -> Result<i32> {
+        async fn run(&self, _: &Job, log: &LogSink) -> Result<i32, RunError> {
             log.write(Stream::Stdout, b"started\n");
             std::future::pending().await
         }
@@ -337,12 +422,18 @@ mod tests {
     async fn timeouts_fail_the_build_with_a_message() {
         let mut j = job();
         j.timeout = Some(Duration::from_secs(90));
-        let c = execute(&Forever, &j, &LogSink::default(), Duration::from_secs(3600)).await;
+        let c = execute(&Forever, &j, &LogSink::default(), Duration::from_secs(3600))
+            .await
+            .completion()
+            .unwrap();
         assert_eq!(c.exit_code, TIMED_OUT);
         assert_eq!(c.stdout, "started\n");
         assert!(c.stderr.contains("timed out after 1m 30s"), "{}", c.stderr);
         // The runner's own limit caps a longer one.
-        let c = execute(&Forever, &j, &LogSink::default(), Duration::from_secs(30)).await;
+        let c = execute(&Forever, &j, &LogSink::default(), Duration::from_secs(30))
+            .await
+            .completion()
+            .unwrap();
         assert!(c.stderr.contains("timed out after 30s"), "{}", c.stderr);
     }
 }

@@ -1,12 +1,13 @@
-//! Scheduling policy: which queued build goes to which free agent.
+//! Scheduling policy: which ready build goes to which free agent.
 //!
-//! The [`Coordinator`](crate::Coordinator) asks the policy on every
-//! scheduling pass and enforces the invariants itself (a build goes to one
-//! agent, an agent gets no more than its free slots), so a policy can only
-//! choose, never break the guarantees.
+//! On every scheduling pass the [`Coordinator`](crate::Coordinator) gives
+//! the policy a window of ready work (oldest first) and the offers of the
+//! agents that can take some, and enforces the invariants itself (a build
+//! goes to one agent, an agent gets no more than its free slots, labels
+//! match), so a policy can only choose, never break the guarantees.
 
 use crate::model::{AgentId, Build, BuildId};
-use crate::pool::Agent;
+use crate::pool::Offer;
 
 /// One build to start on one agent.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -19,10 +20,17 @@ pub struct Assignment {
 
 /// A scheduling policy.
 #[cfg_attr(test, mockall::automock)]
-pub trait Scheduler: Send {
-    /// Pairs `queued` builds (oldest first) with `free` agents (longest idle
+pub trait Scheduler: Send + Sync {
+    /// How many of the oldest ready builds to consider when agents have
+    /// `free_slots` between them. A policy that may skip builds (for labels
+    /// or priorities) looks further than the free slots.
+    fn window(&self, free_slots: usize) -> usize {
+        free_slots
+    }
+
+    /// Pairs `ready` builds (oldest first) with `offers` (longest idle
     /// first, each with at least one free slot).
-    fn assign(&mut self, queued: &[Build], free: &[Agent]) -> Vec<Assignment>;
+    fn assign(&mut self, ready: &[Build], offers: &[Offer]) -> Vec<Assignment>;
 }
 
 /// First in, first out: the oldest build goes to the longest-idle agent.
@@ -30,11 +38,11 @@ pub trait Scheduler: Send {
 pub struct Fifo;
 
 impl Scheduler for Fifo {
-    fn assign(&mut self, queued: &[Build], free: &[Agent]) -> Vec<Assignment> {
-        let slots = free
+    fn assign(&mut self, ready: &[Build], offers: &[Offer]) -> Vec<Assignment> {
+        let slots = offers
             .iter()
-            .flat_map(|a| std::iter::repeat_n(a.id, a.free_slots() as usize));
-        queued
+            .flat_map(|o| std::iter::repeat_n(o.agent, o.free_slots as usize));
+        ready
             .iter()
             .zip(slots)
             .map(|(b, agent)| Assignment { build: b.id, agent })

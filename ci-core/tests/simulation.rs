@@ -3,13 +3,17 @@
 //! events on a virtual clock, with no I/O.
 //!
 //! Agents join, die, stall and recover; dispatches, heartbeats and results
-//! are lost, delayed and duplicated; builds are submitted; the server
+//! are lost, delayed and duplicated; agents answer dispatches busy (409);
+//! embedded workers, which heartbeat under their id but never ping while
+//! idle, sit idle for long; the store fails now and then (a scheduling
+//! pass's starts, results, heartbeats); builds are submitted; the server
 //! restarts from the store; users cancel builds. After every step the
 //! invariants are checked:
-//! no agent holds more builds than its capacity; leases and the store agree
-//! on what runs; no result or heartbeat of a superseded attempt is accepted;
-//! no build waits while an agent is free after a scheduling pass; numbers
-//! only go up.
+//! no agent holds more builds than its capacity; every lease is a running
+//! attempt with a holder, and was dispatched (none is stranded by a failed
+//! pass); no result or heartbeat of a superseded attempt is accepted; no
+//! build waits while an agent is free after a scheduling pass; an embedded
+//! worker is never forgotten; numbers only go up.
 //! At the end the faults stop and every submitted build must complete
 //! exactly once.
 //!
@@ -18,13 +22,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ci_core::coordinator::{Accepted, Cancel, Dispatch, DispatchFailure, Heartbeat, Report, StopOrder};
+use ci_core::store::{Builds, FaultyStore, Op, Queue};
 use ci_core::{
-    AgentId, Attempt, BuildId, BuildStatus, BuildStore, Clock, CommitRef, Completion, Coordinator, Error,
+    AgentId, Attempt, BuildId, BuildStatus, Clock, CommitRef, Completion, Coordinator, Enrollment, Error,
     LeasePolicy, ManualClock, MemoryStore, NewBuild, RepoUrl, Timestamp,
 };
 
@@ -64,6 +70,9 @@ enum Kind {
     Attempts,
     /// Only the original fields: no attempt, no agentId, no pings.
     Original,
+    /// A `LocalCluster` worker: heartbeats under its id, proven, and never
+    /// dies or stalls (it is in-process). It must never be forgotten.
+    Embedded,
 }
 
 #[derive(Debug)]
@@ -84,7 +93,11 @@ struct Sim {
     seed: u64,
     rng: fastrand::Rng,
     clock: Arc<ManualClock>,
-    store: Arc<MemoryStore>,
+    store: Arc<FaultyStore>,
+    /// The store's failure rate, in percent (during the faults).
+    fail_percent: Arc<AtomicU64>,
+    /// Every attempt the server handed out to be sent.
+    dispatched: BTreeSet<(BuildId, Attempt)>,
     c: Coordinator,
     agents: Vec<SimAgent>,
     wire: Vec<(u64, Msg)>,
@@ -111,19 +124,31 @@ fn policy() -> LeasePolicy {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Sim {
+    async fn new(seed: u64) -> Sim {
         let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
-        let store = Arc::new(MemoryStore::new());
+        // The store fails 3% of a pass's starts, results, heartbeats and
+        // live output while the faults last.
+        let fail_percent = Arc::new(AtomicU64::new(3));
+        let rng = Mutex::new(fastrand::Rng::with_seed(seed ^ 0x5eed));
+        let percent = fail_percent.clone();
+        let store = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), move |op: Op| {
+            let _ = op;
+            let p = percent.load(Ordering::SeqCst);
+            p > 0 && rng.lock().unwrap().u64(..100) < p
+        }));
         let c = Coordinator::builder(store.clone())
             .clock(clock.clone())
             .lease(policy())
             .build()
+            .await
             .unwrap();
         Sim {
             seed,
             rng: fastrand::Rng::with_seed(seed),
             clock,
             store,
+            fail_percent,
+            dispatched: BTreeSet::new(),
             c,
             agents: Vec::new(),
             wire: Vec::new(),
@@ -141,6 +166,21 @@ impl Sim {
     /// Sends `msg`, maybe losing, delaying or duplicating it.
     fn send(&mut self, msg: Msg) {
         let now = self.now();
+        // An embedded worker is in the server's process: no network between.
+        let in_process = match &msg {
+            Msg::Dispatch(d) => self
+                .agents
+                .iter()
+                .any(|a| a.kind == Kind::Embedded && a.url == d.agent_url),
+            Msg::Heartbeat { from, .. } | Msg::Result { from, .. } => {
+                self.agents[*from].kind == Kind::Embedded
+            }
+            Msg::Stop(_) => false,
+        };
+        if in_process {
+            self.wire.push((now, msg));
+            return;
+        }
         if self.faults && self.rng.u8(..100) < 5 {
             return; // lost
         }
@@ -156,34 +196,35 @@ impl Sim {
     }
 
     /// Runs the schedule, then the calm; returns how many builds it made.
-    fn run(mut self) -> usize {
+    async fn run(mut self) -> usize {
         let n_agents = self.rng.usize(1..5);
         for _ in 0..n_agents {
-            self.add_agent();
+            self.add_agent().await;
         }
         for step in 0..STEPS {
             self.step = step;
-            self.random_event();
-            self.tick();
+            self.random_event().await;
+            self.tick().await;
         }
         // Calm: no more faults; everyone alive comes back; let it drain.
         self.faults = false;
+        self.fail_percent.store(0, Ordering::SeqCst);
         for a in &mut self.agents {
             if a.health != Health::Dead {
                 a.health = Health::Up;
             }
         }
         if !self.agents.iter().any(|a| a.health == Health::Up) {
-            self.add_agent();
+            self.add_agent().await;
         }
         for step in STEPS..STEPS + 5000 {
             self.step = step;
-            self.tick();
-            if self.all_done() && self.wire.is_empty() {
+            self.tick().await;
+            if self.all_done().await && self.wire.is_empty() {
                 break;
             }
         }
-        if std::env::var_os("SIM_DEBUG").is_some() && !self.all_done() {
+        if std::env::var_os("SIM_DEBUG").is_some() && !self.all_done().await {
             for a in &self.agents {
                 eprintln!(
                     "sim agent {:?} {} id={:?} {:?} job={:?} outbox={}",
@@ -195,19 +236,19 @@ impl Sim {
                     a.outbox.is_some()
                 );
             }
-            for a in self.c.agents() {
+            for a in self.c.agents().await.unwrap() {
                 eprintln!("pool {:?}", a);
             }
         }
         check!(
             self,
-            self.all_done(),
+            self.all_done().await,
             "builds never finished: {:?}",
-            self.unfinished()
+            self.unfinished().await
         );
         for id in &self.submitted {
             let n = self.accepted.get(id).map_or(0, Vec::len);
-            let canceled = self.store.build(*id).unwrap().unwrap().status == BuildStatus::Canceled;
+            let canceled = self.store.build(*id).await.unwrap().unwrap().status == BuildStatus::Canceled;
             check!(
                 self,
                 n == usize::from(!canceled),
@@ -217,25 +258,29 @@ impl Sim {
         self.submitted.len()
     }
 
-    fn all_done(&self) -> bool {
-        self.unfinished().is_empty()
+    async fn all_done(&self) -> bool {
+        self.unfinished().await.is_empty()
     }
 
-    fn unfinished(&self) -> Vec<(BuildId, BuildStatus)> {
-        self.submitted
-            .iter()
-            .map(|id| (*id, self.store.build(*id).unwrap().unwrap().status))
-            .filter(|(_, s)| !s.is_finished())
-            .collect()
+    async fn unfinished(&self) -> Vec<(BuildId, BuildStatus)> {
+        let mut left = Vec::new();
+        for id in &self.submitted {
+            let status = self.store.build(*id).await.unwrap().unwrap().status;
+            if !status.is_finished() {
+                left.push((*id, status));
+            }
+        }
+        left
     }
 
-    fn add_agent(&mut self) {
+    async fn add_agent(&mut self) {
         let n = self.agents.len();
-        let kind = match self.rng.u8(..10) {
+        let kind = match self.rng.u8(..11) {
             0..=3 => Kind::Secure,
             4..=5 => Kind::Claims,
             6..=7 => Kind::Attempts,
-            _ => Kind::Original,
+            8..=9 => Kind::Original,
+            _ => Kind::Embedded,
         };
         self.agents.push(SimAgent {
             kind,
@@ -247,10 +292,10 @@ impl Sim {
             next_beat: 0,
             outbox: None,
         });
-        self.register(n);
+        self.register(n).await;
     }
 
-    fn register(&mut self, i: usize) {
+    async fn register(&mut self, i: usize) {
         let a = &mut self.agents[i];
         // Like ci-agent, a new process proves itself with the secret it kept.
         let proof = a.secret.clone();
@@ -261,8 +306,19 @@ impl Sim {
         );
         let (url, secret, kind) = (a.url.clone(), a.secret.clone(), a.kind);
         let registered = match kind {
-            Kind::Secure => self.c.register_agent_with_secret(&url, secret, Some(&proof)),
-            Kind::Claims | Kind::Attempts | Kind::Original => self.c.register_agent(&url),
+            Kind::Secure => {
+                self.c
+                    .register_agent_with_secret(&url, secret, Some(&proof))
+                    .await
+            }
+            Kind::Claims | Kind::Attempts | Kind::Original | Kind::Embedded => {
+                let e = Enrollment {
+                    url: url.clone(),
+                    capacity: 1,
+                    ..Enrollment::default()
+                };
+                self.c.register(e, None).await
+            }
         };
         match registered {
             Ok(r) => {
@@ -276,28 +332,30 @@ impl Sim {
         }
     }
 
-    fn random_event(&mut self) {
+    async fn random_event(&mut self) {
         let roll = self.rng.u8(..100);
         match roll {
             0..=24 => {
                 let repo = RepoUrl::parse("/srv/repo").unwrap();
                 let new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
-                let b = self.c.submit(&new).unwrap();
+                let b = self.c.submit(&new).await.unwrap();
                 if let Some(last) = self.submitted.last() {
                     check!(self, b.id > *last, "build number {} not above {last}", b.id);
                 }
                 self.submitted.push(b.id);
             }
-            25..=27 if self.agents.len() < 8 => self.add_agent(),
+            25..=27 if self.agents.len() < 8 => self.add_agent().await,
             28..=30 => {
-                // An agent dies.
+                // An agent dies (an embedded worker lives as long as we do).
                 let i = self.rng.usize(..self.agents.len());
-                self.agents[i].health = Health::Dead;
+                if self.agents[i].kind != Kind::Embedded {
+                    self.agents[i].health = Health::Dead;
+                }
             }
             31..=35 => {
                 // An agent stalls, for less or more than the lease.
                 let i = self.rng.usize(..self.agents.len());
-                if self.agents[i].health == Health::Up {
+                if self.agents[i].health == Health::Up && self.agents[i].kind != Kind::Embedded {
                     let until = self.now() + self.rng.u64(50..(INTERVAL_MS * u64::from(MISSED) * 3));
                     self.agents[i].health = Health::Stalled(until);
                 }
@@ -308,14 +366,14 @@ impl Sim {
                 let i = self.rng.usize(..self.agents.len());
                 if self.agents[i].health == Health::Dead {
                     self.agents[i].health = Health::Up;
-                    self.register(i);
+                    self.register(i).await;
                 }
             }
-            38 => self.restart_server(),
+            38 => self.restart_server().await,
             39..=40 if !self.submitted.is_empty() => {
                 // A user cancels a build.
                 let id = self.submitted[self.rng.usize(..self.submitted.len())];
-                match self.c.cancel(id) {
+                match self.c.cancel(id).await {
                     Ok(Cancel::Done(_)) => {}
                     Ok(Cancel::Stop(order)) => self.send(Msg::Stop(order)),
                     Err(Error::Conflict(_)) => {} // already finished
@@ -326,33 +384,42 @@ impl Sim {
         }
     }
 
-    fn restart_server(&mut self) {
-        self.c = Coordinator::builder(self.store.clone())
-            .clock(self.clock.clone())
-            .lease(policy())
-            .build()
-            .unwrap();
-        self.check_invariants("after restart");
+    async fn restart_server(&mut self) {
+        // Recovery reads the store; a store failing then is a server that
+        // fails to start, and is started again.
+        let c = loop {
+            let built = Coordinator::builder(self.store.clone())
+                .clock(self.clock.clone())
+                .lease(policy())
+                .build()
+                .await;
+            match built {
+                Ok(c) => break c,
+                Err(e) => check!(self, e.is_retryable(), "recovery failed: {e}"),
+            }
+        };
+        self.c = c;
+        self.check_invariants("after restart").await;
     }
 
     /// An agent without pings that the server dropped never finds out (a
     /// limitation of the original protocol); once the faults stop, its
     /// operator restarts it whenever that happens.
-    fn operator_restarts_forgotten_agents(&mut self) {
-        let known: Vec<AgentId> = self.c.agents().iter().map(|a| a.id).collect();
+    async fn operator_restarts_forgotten_agents(&mut self) {
+        let known: Vec<AgentId> = self.c.agents().await.unwrap().iter().map(|a| a.id).collect();
         for i in 0..self.agents.len() {
             let a = &self.agents[i];
             let pings = matches!(a.kind, Kind::Secure | Kind::Claims);
             if !pings && a.health == Health::Up && !a.id.is_some_and(|id| known.contains(&id)) {
-                self.register(i);
+                self.register(i).await;
             }
         }
     }
 
     /// Time passes; messages arrive; agents work; the server schedules.
-    fn tick(&mut self) {
+    async fn tick(&mut self) {
         if !self.faults {
-            self.operator_restarts_forgotten_agents();
+            self.operator_restarts_forgotten_agents().await;
         }
         self.clock
             .advance(Duration::from_millis(self.rng.u64(1..INTERVAL_MS)));
@@ -364,19 +431,30 @@ impl Sim {
                 }
             }
         }
-        self.deliver_due();
+        self.deliver_due().await;
         self.agents_work();
-        let dropped = self.c.expire().unwrap();
-        let _ = dropped;
-        let dispatches = self.c.plan().unwrap();
-        self.check_invariants("after plan");
-        self.check_no_idle_agent_with_work();
-        for d in dispatches {
-            self.send(Msg::Dispatch(d));
+        if let Err(e) = self.c.expire().await {
+            check!(self, e.is_retryable(), "expire failed: {e}");
+        }
+        let planned = self.c.plan().await;
+        if let Ok(dispatches) = &planned {
+            self.dispatched
+                .extend(dispatches.iter().map(|d| (d.build.id, d.build.attempt)));
+        }
+        self.check_invariants("after plan").await;
+        self.check_events();
+        match planned {
+            Ok(dispatches) => {
+                self.check_no_idle_agent_with_work().await;
+                for d in dispatches {
+                    self.send(Msg::Dispatch(d));
+                }
+            }
+            Err(e) => check!(self, e.is_retryable(), "a pass failed: {e}"),
         }
     }
 
-    fn deliver_due(&mut self) {
+    async fn deliver_due(&mut self) {
         let now = self.now();
         let mut due: Vec<(u64, Msg)> = Vec::new();
         self.wire.retain(|(at, m)| {
@@ -390,13 +468,16 @@ impl Sim {
         due.sort_by_key(|(at, _)| *at);
         for (_, msg) in due {
             match msg {
-                Msg::Dispatch(d) => self.agent_receives(d),
+                Msg::Dispatch(d) => self.agent_receives(d).await,
                 Msg::Heartbeat { from, hb } => {
                     if self.agents[from].health == Health::Dead {
                         continue; // a dead process's packets still arrive; they are answered to no one
                     }
-                    let current = hb.build.map(|b| self.store.build(b).unwrap().unwrap().attempt);
-                    let r = self.c.heartbeat(hb);
+                    let current = match hb.build {
+                        Some(b) => Some(self.store.build(b).await.unwrap().unwrap().attempt),
+                        None => None,
+                    };
+                    let r = self.c.heartbeat(hb).await;
                     // Attempt-less (original) heartbeats speak for the latest attempt.
                     if let (Ok(()), Some(current), Some(_)) = (&r, current, hb.attempt) {
                         check!(
@@ -406,9 +487,9 @@ impl Sim {
                             hb.attempt
                         );
                     }
-                    self.agent_hears_heartbeat_reply(from, hb, r);
+                    self.agent_hears_heartbeat_reply(from, hb, r).await;
                 }
-                Msg::Result { from, report } => self.server_receives_result(from, report),
+                Msg::Result { from, report } => self.server_receives_result(from, report).await,
                 Msg::Stop(order) => {
                     let reached = self.agents.iter_mut().find(|a| {
                         a.url == order.agent_url && a.health == Health::Up && a.id == Some(order.agent)
@@ -424,13 +505,13 @@ impl Sim {
                         }
                         None => false,
                     };
-                    self.c.stop_delivered(&order, reached).unwrap();
+                    self.c.stop_delivered(&order, reached).await.unwrap();
                 }
             }
         }
     }
 
-    fn agent_receives(&mut self, d: Dispatch) {
+    async fn agent_receives(&mut self, d: Dispatch) {
         let now = self.now();
         let Some(i) = self.agents.iter().position(|a| a.url == d.agent_url) else {
             return;
@@ -441,6 +522,7 @@ impl Sim {
             // Refused or timed out: the server drops the agent.
             self.c
                 .dispatch_failed(&d, DispatchFailure::Unreachable("unreachable".into()))
+                .await
                 .unwrap();
             return;
         }
@@ -448,6 +530,7 @@ impl Sim {
             // 409 busy: the build goes back, the agent cools down.
             self.c
                 .dispatch_failed(&d, DispatchFailure::Busy("busy".into()))
+                .await
                 .unwrap();
             return;
         }
@@ -456,13 +539,15 @@ impl Sim {
         a.next_beat = now;
     }
 
-    fn agent_hears_heartbeat_reply(&mut self, from: usize, hb: Heartbeat, r: Result<(), Error>) {
+    async fn agent_hears_heartbeat_reply(&mut self, from: usize, hb: Heartbeat, r: Result<(), Error>) {
         let a = &mut self.agents[from];
         match (r, hb.build) {
             (Ok(()), _) => {}
+            // Not heard (the store failed): keep going, as agents do.
+            (Err(e), _) if e.is_retryable() => {}
             (Err(Error::AgentNotFound(_)), None) => {
                 if a.health == Health::Up {
-                    self.register(from);
+                    self.register(from).await;
                 }
             }
             (Err(_), Some(b)) => {
@@ -477,9 +562,9 @@ impl Sim {
         }
     }
 
-    fn server_receives_result(&mut self, from: usize, report: Report) {
-        let before = self.store.build(report.build).unwrap().unwrap();
-        let r = self.c.complete(report.clone());
+    async fn server_receives_result(&mut self, from: usize, report: Report) {
+        let before = self.store.build(report.build).await.unwrap().unwrap();
+        let r = self.c.complete(report.clone()).await;
         match &r {
             Ok(Accepted::Finished(_)) => {
                 // An attempt-less (original) result speaks for the latest attempt.
@@ -528,7 +613,7 @@ impl Sim {
             let Some(id) = a.id else { continue };
             if let Some((build, attempt, done_at)) = a.job {
                 let (attempt_field, agent_field, verified) = match a.kind {
-                    Kind::Secure => (Some(attempt), Some(id), true),
+                    Kind::Secure | Kind::Embedded => (Some(attempt), Some(id), true),
                     Kind::Claims => (Some(attempt), Some(id), false),
                     Kind::Attempts => (Some(attempt), None, false),
                     Kind::Original => (None, None, false),
@@ -582,8 +667,8 @@ impl Sim {
         }
     }
 
-    fn check_invariants(&self, when: &str) {
-        let agents = self.c.agents();
+    async fn check_invariants(&self, when: &str) {
+        let agents = self.c.agents().await.unwrap();
         for a in &agents {
             check!(
                 self,
@@ -593,38 +678,60 @@ impl Sim {
                 a.running
             );
         }
-        // Leases and the store agree.
-        let running: BTreeMap<BuildId, Attempt> = self
-            .store
-            .running_builds()
-            .unwrap()
-            .into_iter()
-            .map(|b| (b.id, b.attempt))
-            .collect();
-        let leased: BTreeMap<BuildId, Attempt> = self.c.leases().map(|l| (l.build, l.attempt)).collect();
-        check!(
-            self,
-            running == leased,
-            "{when}: running {running:?} but leased {leased:?}"
-        );
-        for l in self.c.leases() {
+        // Every lease is a running attempt with a holder, and was handed out
+        // to be sent: a failed pass strands none.
+        for l in self.store.leases().await.unwrap() {
+            let b = self.store.build(l.build).await.unwrap().unwrap();
+            check!(
+                self,
+                b.status == BuildStatus::Running && b.attempt == l.attempt && b.agent_id == Some(l.agent),
+                "{when}: lease {l:?} but the build is {:?} attempt {} on {:?}",
+                b.status,
+                b.attempt,
+                b.agent_id
+            );
             let holds = agents
                 .iter()
                 .any(|a| a.id == l.agent && a.running.contains(&l.build));
             check!(self, holds, "{when}: lease {l:?} has no holder");
+            check!(
+                self,
+                self.dispatched.contains(&(l.build, l.attempt)),
+                "{when}: lease {l:?} was never dispatched: a stranded attempt"
+            );
+        }
+    }
+
+    /// An embedded worker is never dropped for silence, however long it
+    /// idles: it never pings, so its silence means nothing.
+    fn check_events(&mut self) {
+        for e in self.c.take_events() {
+            if let ci_core::Event::AgentLeft { agent, reason } = e {
+                let embedded = self
+                    .agents
+                    .iter()
+                    .any(|a| a.kind == Kind::Embedded && a.id == Some(agent));
+                check!(
+                    self,
+                    !(embedded && reason == ci_core::coordinator::LeaveReason::Silent),
+                    "embedded worker {agent} was dropped for silence"
+                );
+            }
         }
     }
 
     /// After a scheduling pass, a queued build and a free agent (not cooling
     /// down after a busy answer) never coexist.
-    fn check_no_idle_agent_with_work(&self) {
-        let queued = self.store.queued_builds(1).unwrap();
+    async fn check_no_idle_agent_with_work(&self) {
+        let queued = self.store.queued(1).await.unwrap();
         let now = self.clock.now();
         let free = self
             .c
             .agents()
+            .await
+            .unwrap()
             .iter()
-            .filter(|a| a.free_slots() > 0 && a.cooldown_until.is_none_or(|t| now >= t))
+            .filter(|a| a.is_ready(now))
             .count();
         check!(
             self,
@@ -649,7 +756,11 @@ fn simulated_clusters_keep_every_invariant() {
     };
     #[allow(clippy::disallowed_types)] // wall time of the whole run, only reported
     let t0 = std::time::Instant::now();
-    let builds: usize = seeds.iter().map(|seed| Sim::new(*seed).run()).sum();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let builds: usize = seeds
+        .iter()
+        .map(|seed| rt.block_on(async { Sim::new(*seed).await.run().await }))
+        .sum();
     println!(
         "simulated {} seeds x {STEPS} steps, {builds} builds, in {:.2?}",
         seeds.len(),

@@ -96,7 +96,7 @@ pub(crate) fn reply(app: App, id: BuildId) -> Response {
     warp::sse::reply(
         warp::sse::keep_alive()
             .interval(Duration::from_secs(15))
-            .stream(stream),
+            .stream(sync_wrapper::SyncStream::new(stream)),
     )
     .into_response()
 }
@@ -105,7 +105,7 @@ impl Follow {
     /// Queues what is new, or waits for something to happen.
     async fn fill(&mut self) {
         let store = &self.app.store;
-        let build = match store.build(self.id) {
+        let build = match store.build(self.id).await {
             Ok(Some(b)) => b,
             _ => {
                 self.queue
@@ -126,7 +126,7 @@ impl Follow {
         if build.status.is_finished() {
             // The final log replaces the pieces: send what was not sent yet,
             // a chunk at a time.
-            if let Ok(Some(info)) = store.log_info(self.id, Some(self.attempt)) {
+            if let Ok(Some(info)) = store.log_info(self.id, Some(self.attempt)).await {
                 for stream in [Stream::Stdout, Stream::Stderr] {
                     let from = self.sent[slot(stream)] as u64;
                     let chunks = crate::logs::text(store.clone(), self.id, info, stream, from);
@@ -139,7 +139,7 @@ impl Follow {
             return;
         }
         if self.attempt.0 > 0 {
-            if let Ok(pieces) = store.log_pieces(self.id, self.attempt, self.after) {
+            if let Ok(pieces) = store.log_pieces(self.id, self.attempt, self.after, 256).await {
                 for p in pieces {
                     self.after = Some(p.seq);
                     self.sent[slot(p.stream)] += p.data.len();

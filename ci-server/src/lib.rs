@@ -6,7 +6,12 @@
 //!   ([`ServerConfig`]).
 //! - [`Server`]: opens the store, recovers state and serves HTTP on a
 //!   listener the caller binds, until a shutdown future resolves.
-//! - `api` (private): the routes of the agent protocol and the JSON API.
+//! - `api` (private): the routes, by resource: `agents` (the agent
+//!   protocol), `builds`, `misc`.
+//! - `guard` (private): Host, Origin and Content-Type checks before any
+//!   route, and the security headers.
+//! - [`listen`]: the bounded accept loop (timeouts, connection limit).
+//! - `logs` (private): logs of any size, read and sent a chunk at a time.
 //! - [`link`]: [`HttpLink`], delivering builds to agents.
 //! - [`openapi`]: the OpenAPI description, served at `/api/openapi.json`.
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
@@ -14,14 +19,14 @@
 //! - `ui` (private): the web pages, server-rendered HTML with a little
 //!   JavaScript, embedded in the binary.
 //!
-//! The scheduling itself is [`ci_core::Coordinator`], driven by a
-//! [`ci_core::Dispatcher`].
+//! The scheduling itself is [`ci_core::Coordinator`], owned by a
+//! [`ci_core::Dispatcher`] task.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), ci_server::Error> {
 //! use ci_server::{Server, ServerConfig};
 //! let config = ServerConfig::new(ci_core::RepoUrl::parse("/srv/repo.git")?, "ci.sqlite");
-//! let server = Server::open(config)?;
+//! let server = Server::open(config).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.map_err(ci_server::Error::Io)?;
 //! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
 //! # }
@@ -43,7 +48,7 @@ mod ui;
 use std::future::Future;
 use std::sync::Arc;
 
-use ci_core::{BuildStore, Coordinator, Dispatcher};
+use ci_core::{Coordinator, Dispatcher, Store};
 use ci_store::SqliteStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -94,8 +99,8 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Opens the SQLite database named in `config` and recovers the state
-    /// it holds.
-    pub fn open(config: ServerConfig) -> Result<Server, Error> {
+    /// it holds. Must be called within a tokio runtime.
+    pub async fn open(config: ServerConfig) -> Result<Server, Error> {
         let store = SqliteStore::open_with(
             &config.db_path,
             ci_store::Options {
@@ -103,23 +108,26 @@ impl Server {
                 ..Default::default()
             },
         )?;
-        Self::with_store(config, Arc::new(store))
+        Self::with_store(config, Arc::new(store)).await
     }
 
-    /// A server over any store.
-    pub fn with_store(config: ServerConfig, store: Arc<dyn BuildStore>) -> Result<Server, Error> {
+    /// A server over any store. Must be called within a tokio runtime: the
+    /// dispatcher's task starts here, paused until [`Server::serve`].
+    pub async fn with_store(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server, Error> {
         config.check()?;
-        let coordinator = Coordinator::builder(store.clone()).lease(config.lease).build()?;
+        let coordinator = Coordinator::builder(store.clone())
+            .lease(config.lease)
+            .build()
+            .await?;
         let link = Arc::new(HttpLink::new(
             config.dispatch_timeout,
             config.agent_token.clone(),
         )?);
         Ok(Server {
             app: api::App {
-                dispatcher: Dispatcher::new(coordinator),
+                dispatcher: Dispatcher::spawn(coordinator, link),
                 store,
                 config: Arc::new(config),
-                link,
                 metrics: Arc::default(),
                 draining: Arc::default(),
             },
@@ -127,7 +135,7 @@ impl Server {
     }
 
     /// The dispatcher, to observe or drive the coordinator in-process.
-    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+    pub fn dispatcher(&self) -> &Dispatcher {
         &self.app.dispatcher
     }
 
@@ -150,12 +158,6 @@ impl Server {
         let stopped = move |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let scheduler = tokio::spawn(
-            self.app
-                .dispatcher
-                .clone()
-                .run(self.app.link.clone(), stopped(stop_rx.clone())),
-        );
         let (metrics, mut events) = (self.app.metrics.clone(), self.app.dispatcher.subscribe());
         tokio::spawn(async move {
             loop {
@@ -189,8 +191,10 @@ impl Server {
             header_timeout = ?limits.header_timeout,
             "connection limits"
         );
+        self.app.dispatcher.start_scheduling().await?;
         crate::listen::serve(listener, self.routes(), limits, stopped(stop_rx)).await;
-        let _ = scheduler.await;
+        // Requests are done: let the dispatches in flight finish, then stop.
+        self.app.dispatcher.shutdown().await;
         Ok(())
     }
 }

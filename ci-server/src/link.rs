@@ -79,16 +79,25 @@ impl AgentLink for HttpLink {
             Ok(body) => format!("{status}: {}", body.error),
             Err(_) => status.to_string(),
         };
-        // A busy or unauthorized agent disagrees with us about its state or
-        // its credentials: drop it; it registers again with a clean slate.
-        // Any other refusal is about this build, which would fail anywhere.
-        match status {
-            StatusCode::CONFLICT
-            | StatusCode::UNAUTHORIZED
-            | StatusCode::FORBIDDEN
-            | StatusCode::NOT_FOUND => Err(DispatchFailure::Unreachable(reason)),
-            s if s.is_client_error() => Err(DispatchFailure::Rejected(reason)),
-            _ => Err(DispatchFailure::Unreachable(reason)),
+        Err(classify(status, reason))
+    }
+}
+
+/// What an agent's answer to `POST /build` means for the dispatch:
+/// - 409: busy with work we do not know of (a superseded attempt it was
+///   never told of, or a registration it has not heard of yet). It is alive:
+///   keep it, cool it down, requeue the build.
+/// - 401, 403, 404: it does not take builds from us (credentials, source
+///   address) or at this URL: drop it; it registers again with a clean slate.
+/// - any other 4xx: it refuses this build, which would fail anywhere.
+/// - 3xx (never followed), 5xx: drop it.
+fn classify(status: StatusCode, reason: String) -> DispatchFailure {
+    match status {
+        StatusCode::CONFLICT => DispatchFailure::Busy(reason),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
+            DispatchFailure::Unreachable(reason)
         }
+        s if s.is_client_error() => DispatchFailure::Rejected(reason),
+        _ => DispatchFailure::Unreachable(reason),
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ci_core::protocol::LogView;
-use ci_core::{Attempt, Build, BuildId, BuildStore, LogInfo, Stream};
+use ci_core::{Attempt, Build, BuildId, LogInfo, Store, Stream};
 use futures_util::stream::{self, StreamExt};
 use warp::reply::{json, Response};
 use warp::Reply;
@@ -26,17 +26,8 @@ const PAGE: usize = 64;
 /// under `Server::serve`).
 pub(crate) const INLINE: u64 = 256 * 1024;
 
-/// Runs a store read on the blocking pool.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> ci_core::Result<T> + Send + 'static,
-) -> ci_core::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ci_core::Error::Unavailable(format!("store reader: {e}")))?
-}
-
 struct Reader {
-    store: Arc<dyn BuildStore>,
+    store: Arc<dyn Store>,
     id: BuildId,
     info: LogInfo,
     stream: Stream,
@@ -55,7 +46,7 @@ pub(crate) type TextStream =
 
 /// One stream of a log as text, a chunk at a time, from byte `from`.
 pub(crate) fn text(
-    store: Arc<dyn BuildStore>,
+    store: Arc<dyn Store>,
     id: BuildId,
     info: LogInfo,
     stream: Stream,
@@ -72,26 +63,28 @@ pub(crate) fn text(
         carry: Vec::new(),
         done: false,
     };
-    Box::pin(stream::try_unfold(reader, |mut r| async move {
-        loop {
-            if r.done {
-                return Ok(None);
+    Box::pin(sync_wrapper::SyncStream::new(stream::try_unfold(
+        reader,
+        |mut r| async move {
+            loop {
+                if r.done {
+                    return Ok(None);
+                }
+                let text = r.next().await?;
+                if !text.is_empty() {
+                    return Ok(Some((text, r)));
+                }
             }
-            let text = r.next().await?;
-            if !text.is_empty() {
-                return Ok(Some((text, r)));
-            }
-        }
-    }))
+        },
+    )))
 }
 
 impl Reader {
     /// The next piece of text; empty when a read held none of it.
     async fn next(&mut self) -> ci_core::Result<String> {
-        let (store, id, attempt, stream) = (self.store.clone(), self.id, self.info.attempt, self.stream);
+        let (store, id, attempt, stream) = (&self.store, self.id, self.info.attempt, self.stream);
         if self.info.complete {
-            let offset = self.offset;
-            let bytes = blocking(move || store.read_log(id, attempt, stream, offset, CHUNK)).await?;
+            let bytes = store.read_log(id, attempt, stream, self.offset, CHUNK).await?;
             if bytes.is_empty() {
                 self.done = true;
                 return Ok(String::from_utf8_lossy(&std::mem::take(&mut self.carry)).into_owned());
@@ -109,8 +102,7 @@ impl Reader {
             self.carry = rest;
             return Ok(text);
         }
-        let after = self.after;
-        let page = blocking(move || store.log_pieces_page(id, attempt, after, PAGE)).await?;
+        let page = store.log_pieces(id, attempt, self.after, PAGE).await?;
         let Some(last) = page.last() else {
             self.done = true;
             return Ok(String::new());
@@ -135,30 +127,25 @@ fn json_escaped(text: &str) -> String {
 /// `GET /api/builds/{id}/log`: the log of `attempt` (the latest if `None`)
 /// of `build`, as a [`LogView`].
 pub(crate) async fn json_reply(
-    store: Arc<dyn BuildStore>,
+    store: Arc<dyn Store>,
     build: Build,
     attempt: Option<Attempt>,
 ) -> Result<Response, ApiError> {
     let id = build.id;
-    let info = {
-        let store = store.clone();
-        blocking(move || store.log_info(id, attempt)).await?
-    }
-    .unwrap_or(LogInfo {
+    let info = store.log_info(id, attempt).await?.unwrap_or(LogInfo {
         attempt: attempt.unwrap_or(build.attempt),
         complete: build.status.is_finished(),
         ..LogInfo::default()
     });
     if info.stdout_len + info.stderr_len <= INLINE {
-        let log = {
-            let store = store.clone();
-            blocking(move || store.log(id, Some(info.attempt))).await?
-        }
-        .unwrap_or(ci_core::BuildLog {
-            attempt: info.attempt,
-            complete: info.complete,
-            ..Default::default()
-        });
+        let log = store
+            .log(id, Some(info.attempt))
+            .await?
+            .unwrap_or(ci_core::BuildLog {
+                attempt: info.attempt,
+                complete: info.complete,
+                ..Default::default()
+            });
         return Ok(json(&LogView::new(&build, log)).into_response());
     }
     let mut head = serde_json::json!({

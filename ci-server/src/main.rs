@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
     let addr = config.addr;
-    let server = match Server::open(config) {
+    let server = match Server::open(config).await {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };

@@ -117,18 +117,28 @@ pub const COUNTS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Metrics {
     /// Builds per status, from `count` at most every [`COUNTS_TTL`].
-    pub fn build_counts<E>(&self, count: impl FnOnce() -> Result<Counts, E>) -> Result<Counts, E> {
-        let mut cached = self
-            .counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((at, counts)) = cached.as_ref() {
-            if at.elapsed() < COUNTS_TTL {
-                return Ok(counts.clone());
+    pub async fn build_counts<E, F, Fut>(&self, count: F) -> Result<Counts, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Counts, E>>,
+    {
+        {
+            let cached = self
+                .counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((at, counts)) = cached.as_ref() {
+                if at.elapsed() < COUNTS_TTL {
+                    return Ok(counts.clone());
+                }
             }
         }
-        let fresh = count()?;
-        *cached = Some((tokio::time::Instant::now(), fresh.clone()));
+        let fresh = count().await?;
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((tokio::time::Instant::now(), fresh.clone()));
         Ok(fresh)
     }
 

@@ -45,14 +45,16 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rej
         .and(warp::get())
         .and(with_app(app.clone()))
         .and(warp::query::<std::collections::HashMap<String, String>>())
-        .map(|app: App, q: std::collections::HashMap<String, String>| {
-            let page = q
-                .get("page")
-                .and_then(|p| p.parse::<usize>().ok())
-                .filter(|p| *p >= 1)
-                .unwrap_or(1);
-            index_page(&app, page)
-        });
+        .and_then(
+            |app: App, q: std::collections::HashMap<String, String>| async move {
+                let page = q
+                    .get("page")
+                    .and_then(|p| p.parse::<usize>().ok())
+                    .filter(|p| *p >= 1)
+                    .unwrap_or(1);
+                Ok::<_, Rejection>(index_page(&app, page).await)
+            },
+        );
     let build = warp::path("builds")
         .and(warp::path::param::<String>())
         .and(warp::path::end())
@@ -155,7 +157,7 @@ fn build_row(b: &BuildView) -> String {
     )
 }
 
-fn index_page(app: &App, page: usize) -> Response {
+async fn index_page(app: &App, page: usize) -> Response {
     // With a token, the page carries no data; the script fetches it.
     let show = app.config.api_token.is_none();
     let builds: Vec<BuildView> = if show {
@@ -165,6 +167,7 @@ fn index_page(app: &App, page: usize) -> Response {
                 offset: (page - 1).saturating_mul(PAGE_SIZE),
                 before: None,
             })
+            .await
             .map(|bs| bs.iter().map(BuildView::from).collect())
             .unwrap_or_default()
     } else {
@@ -179,7 +182,7 @@ fn index_page(app: &App, page: usize) -> Response {
     }
     let mut agents = String::new();
     if show {
-        for a in app.dispatcher.with(|c| c.agents()) {
+        for a in app.dispatcher.agents().await.unwrap_or_default() {
             let v = ci_core::protocol::AgentView::from(&a);
             let _ = write!(
                 agents,
@@ -254,8 +257,7 @@ const STDERR_MARK: &str = "<!--ci:stderr-->";
 
 async fn build_page(app: &App, id: BuildId) -> Response {
     let show = app.config.api_token.is_none();
-    let store = app.store.clone();
-    let build = match crate::logs::blocking(move || store.build(id)).await {
+    let build = match app.store.build(id).await {
         Ok(Some(b)) => Some(BuildView::from(&b)),
         Ok(None) => {
             return with_status(
@@ -268,12 +270,8 @@ async fn build_page(app: &App, id: BuildId) -> Response {
     };
     let b = build.filter(|_| show);
     let field = |f: &dyn Fn(&BuildView) -> String| b.as_ref().map(f).unwrap_or_default();
-    let store = app.store.clone();
     let info = match show {
-        true => crate::logs::blocking(move || store.log_info(id, None))
-            .await
-            .ok()
-            .flatten(),
+        true => app.store.log_info(id, None).await.ok().flatten(),
         false => None,
     };
     let main = format!(
@@ -320,8 +318,9 @@ async fn build_page(app: &App, id: BuildId) -> Response {
     };
     let (mid, tail) = rest.split_once(STDERR_MARK).unwrap_or((rest, ""));
     if info.stdout_len + info.stderr_len <= crate::logs::INLINE {
-        let store = app.store.clone();
-        let log = crate::logs::blocking(move || store.log(id, Some(info.attempt)))
+        let log = app
+            .store
+            .log(id, Some(info.attempt))
             .await
             .ok()
             .flatten()

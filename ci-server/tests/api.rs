@@ -16,11 +16,11 @@ struct Fixture {
     server: Server,
 }
 
-fn fixture() -> Fixture {
+async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(RepoUrl::parse("/srv/repo").unwrap(), dir.path().join("ci.sqlite"));
     config.build_command = Some("make test".into());
-    let server = Server::open(config).unwrap();
+    let server = Server::open(config).await.unwrap();
     Fixture { _dir: dir, server }
 }
 
@@ -60,7 +60,7 @@ fn error_of(v: &Value) -> String {
 
 #[tokio::test]
 async fn create_get_and_list_builds() {
-    let f = fixture();
+    let f = fixture().await;
     let (status, body) = f
         .call(
             "POST",
@@ -122,7 +122,7 @@ async fn create_get_and_list_builds() {
 
 #[tokio::test]
 async fn invalid_hashes_are_refused_and_never_stored() {
-    let f = fixture();
+    let f = fixture().await;
     for hash in [
         "",
         "-rf",
@@ -144,7 +144,7 @@ async fn invalid_hashes_are_refused_and_never_stored() {
 
 #[tokio::test]
 async fn malformed_bodies_get_json_errors() {
-    let f = fixture();
+    let f = fixture().await;
     let cases: &[(&str, &str, &[u8], StatusCode)] = &[
         (
             "/api/builds",
@@ -204,7 +204,7 @@ async fn malformed_bodies_get_json_errors() {
 
 #[tokio::test]
 async fn unknown_things_are_404_never_500() {
-    let f = fixture();
+    let f = fixture().await;
     for path in [
         "/api/builds/999",
         "/api/builds/999/log",
@@ -259,7 +259,7 @@ async fn unknown_things_are_404_never_500() {
 
 #[tokio::test]
 async fn the_original_agent_protocol() {
-    let f = fixture();
+    let f = fixture().await;
     let (status, body) = f
         .call(
             "POST",
@@ -282,7 +282,7 @@ async fn the_original_agent_protocol() {
 
     // Drive a build through the coordinator as the dispatcher would.
     f.call("POST", "/api/builds", Some(json!({"hash": "abcd"}))).await;
-    let d = f.server.dispatcher().with(|c| c.plan()).unwrap().remove(0);
+    let d = f.server.dispatcher().plan().await.unwrap().remove(0);
     let id = d.build.id.0;
     let (status, _) = f
         .call("POST", "/notify_agent_alive", Some(json!({ "id": id })))
@@ -316,18 +316,19 @@ async fn the_original_agent_protocol() {
 
 #[tokio::test]
 async fn superseded_attempts_get_409() {
-    let f = fixture();
+    let f = fixture().await;
     f.call("POST", "/notify_agent", Some(json!({"host": "a", "port": 1})))
         .await;
     f.call("POST", "/api/builds", Some(json!({"hash": "abcd"}))).await;
-    let d1 = f.server.dispatcher().with(|c| c.plan()).unwrap().remove(0);
+    let d1 = f.server.dispatcher().plan().await.unwrap().remove(0);
     f.server
         .dispatcher()
-        .with(|c| c.dispatch_failed(&d1, ci_core::DispatchFailure::Unreachable("gone".into())))
+        .dispatch_failed(d1, ci_core::DispatchFailure::Unreachable("gone".into()))
+        .await
         .unwrap();
     f.call("POST", "/notify_agent", Some(json!({"host": "b", "port": 1})))
         .await;
-    let d2 = f.server.dispatcher().with(|c| c.plan()).unwrap().remove(0);
+    let d2 = f.server.dispatcher().plan().await.unwrap().remove(0);
     assert_eq!(d2.build.attempt.0, 2);
     let id = d2.build.id.0;
     let (status, _) = f
@@ -348,7 +349,7 @@ async fn superseded_attempts_get_409() {
 
 #[tokio::test]
 async fn healthz() {
-    let f = fixture();
+    let f = fixture().await;
     let (status, body) = f.call("GET", "/healthz", None).await;
     assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
 }
@@ -357,8 +358,10 @@ async fn healthz() {
 fn builds_without_a_command_need_a_default() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig::new(RepoUrl::parse("/srv/repo").unwrap(), dir.path().join("ci.sqlite"));
-    let server = Server::with_store(config, Arc::new(ci_core::MemoryStore::new())).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(Server::with_store(config, Arc::new(ci_core::MemoryStore::new())))
+        .unwrap();
     let resp = rt.block_on(
         warp::test::request()
             .method("POST")
@@ -370,14 +373,14 @@ fn builds_without_a_command_need_a_default() {
     assert!(String::from_utf8_lossy(resp.body()).contains("BUILD_COMMAND"));
 }
 
-fn guarded() -> Fixture {
+async fn guarded() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(RepoUrl::parse("/srv/repo").unwrap(), dir.path().join("ci.sqlite"));
     config.build_command = Some("make".into());
     config.agent_token = Some("agent-token-0123456789".into());
     config.api_token = Some("api-token-0123456789".into());
     Fixture {
-        server: Server::open(config).unwrap(),
+        server: Server::open(config).await.unwrap(),
         _dir: dir,
     }
 }
@@ -405,7 +408,7 @@ const USER: (&str, &str) = ("authorization", "Bearer api-token-0123456789");
 
 #[tokio::test]
 async fn tokens_gate_the_agent_protocol_and_the_api() {
-    let f = guarded();
+    let f = guarded().await;
     let register = json!({"host": "a", "port": 1});
     for headers in [&[][..], &[("authorization", "Bearer wrong")][..], &[USER][..]] {
         let (status, body) = call_as(&f, "/notify_agent", headers, register.clone()).await;
@@ -431,7 +434,7 @@ async fn tokens_gate_the_agent_protocol_and_the_api() {
 
 #[tokio::test]
 async fn a_session_secret_proves_who_speaks_for_a_build() {
-    let f = guarded();
+    let f = guarded().await;
     let (_, reply) = call_as(
         &f,
         "/notify_agent",
@@ -453,7 +456,7 @@ async fn a_session_secret_proves_who_speaks_for_a_build() {
     let b_secret = reply["secret"].as_str().unwrap().to_owned();
 
     call_as(&f, "/api/builds", &[USER], json!({"hash": "abcd"})).await;
-    let d = f.server.dispatcher().with(|c| c.plan()).unwrap();
+    let d = f.server.dispatcher().plan().await.unwrap();
     let held = d.iter().find(|d| d.agent.0 == a_id).map(|d| d.build.id.0);
     let (holder_id, holder_secret, other_id, other_secret) = match held {
         Some(_) => (a_id, a_secret, b_id, b_secret),
@@ -492,7 +495,7 @@ async fn a_session_secret_proves_who_speaks_for_a_build() {
 
 #[tokio::test]
 async fn a_missing_body_is_a_400() {
-    let f = fixture();
+    let f = fixture().await;
     let resp = warp::test::request()
         .method("POST")
         .path("/build")

@@ -11,10 +11,10 @@ use ci_server::openapi::{spec, OPERATIONS};
 use ci_server::{Server, ServerConfig};
 use serde_json::{json, Value};
 
-fn server(dir: &tempfile::TempDir) -> Server {
+async fn server(dir: &tempfile::TempDir) -> Server {
     let mut config = ServerConfig::new(RepoUrl::parse("/srv/repo").unwrap(), dir.path().join("ci.sqlite"));
     config.build_command = Some("make".into());
-    Server::open(config).unwrap()
+    Server::open(config).await.unwrap()
 }
 
 /// Resolves `{"$ref": "#/components/schemas/X"}`.
@@ -161,7 +161,7 @@ async fn check_call(
 #[tokio::test]
 async fn every_operation_is_routed_and_answers_as_documented() {
     let dir = tempfile::tempdir().unwrap();
-    let server = server(&dir);
+    let server = server(&dir).await;
     let doc = spec();
 
     // Happy paths, in an order that makes each one meaningful.
@@ -225,7 +225,7 @@ async fn every_operation_is_routed_and_answers_as_documented() {
         None,
     )
     .await;
-    server.dispatcher().with(|c| c.plan()).unwrap();
+    server.dispatcher().plan().await.unwrap();
     let agents = check_call(&server, &doc, "GET", "/api/agents", "/api/agents", None).await;
     assert_eq!(agents[0]["status"], "busy");
     let hb = warp::test::request()

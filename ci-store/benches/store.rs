@@ -5,7 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // benches may panic
 
-use ci_core::{AgentRecord, Attempt, BuildStore, CommitRef, Completion, NewBuild, Page, RepoUrl, Timestamp};
+use ci_core::store::{Agents, Builds, Claim, Queue};
+use ci_core::{AgentRecord, Attempt, CommitRef, Completion, Enrollment, NewBuild, Page, RepoUrl, Timestamp};
 use ci_store::SqliteStore;
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -18,10 +19,34 @@ fn new_build() -> NewBuild {
     .unwrap()
 }
 
+/// One build's lifecycle: create, start on `agent`, finish.
+async fn lifecycle(store: &SqliteStore, nb: &NewBuild, agent: &AgentRecord, done: &Completion) -> bool {
+    let b = store.create_build(nb, Timestamp(1)).await.unwrap();
+    let claim = Claim {
+        build: b.id,
+        agent: agent.id,
+        agent_url: agent.url.clone(),
+        lease_until: Timestamp(10),
+    };
+    store.start(&[claim], Timestamp(2)).await.unwrap();
+    store.finish(b.id, Attempt(1), done, Timestamp(3)).await.unwrap()
+}
+
 fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
-    let agent: AgentRecord = store.register_agent("http://a:1", None, Timestamp(0)).unwrap();
+    let enrollment = Enrollment {
+        url: "http://a:1".into(),
+        capacity: 1,
+        ..Enrollment::default()
+    };
+    let agent: AgentRecord = rt
+        .block_on(store.register_agent(&enrollment, Timestamp(0)))
+        .unwrap();
     let done = Completion {
         exit_code: 0,
         stdout: "ok\n".into(),
@@ -29,24 +54,20 @@ fn bench(c: &mut Criterion) {
     };
     let nb = new_build();
     // A history, so that the queries run against a realistic table.
-    for _ in 0..10_000 {
-        let b = store.create_build(&nb, Timestamp(1)).unwrap();
-        store.start_attempt(b.id, &agent, Timestamp(2)).unwrap();
-        store.finish(b.id, Attempt(1), &done, Timestamp(3)).unwrap();
-    }
+    rt.block_on(async {
+        for _ in 0..10_000 {
+            lifecycle(&store, &nb, &agent, &done).await;
+        }
+    });
 
     c.bench_function("create_build", |b| {
-        b.iter(|| store.create_build(&nb, Timestamp(1)).unwrap())
+        b.iter(|| rt.block_on(store.create_build(&nb, Timestamp(1))).unwrap())
     });
     c.bench_function("build lifecycle: create + start + finish", |b| {
-        b.iter(|| {
-            let build = store.create_build(&nb, Timestamp(1)).unwrap();
-            store.start_attempt(build.id, &agent, Timestamp(2)).unwrap();
-            store.finish(build.id, Attempt(1), &done, Timestamp(3)).unwrap()
-        })
+        b.iter(|| rt.block_on(lifecycle(&store, &nb, &agent, &done)))
     });
-    c.bench_function("queued_builds(16)", |b| {
-        b.iter(|| store.queued_builds(16).unwrap())
+    c.bench_function("queued(16)", |b| {
+        b.iter(|| rt.block_on(store.queued(16)).unwrap())
     });
     let page = Page {
         limit: 50,
@@ -54,16 +75,18 @@ fn bench(c: &mut Criterion) {
         before: None,
     };
     c.bench_function("list_builds(50), newest page", |b| {
-        b.iter(|| store.list_builds(page).unwrap())
+        b.iter(|| rt.block_on(store.list_builds(page)).unwrap())
     });
     let deep = Page {
         before: Some(ci_core::BuildId(5000)),
         ..page
     };
     c.bench_function("list_builds(50), keyset page in the middle", |b| {
-        b.iter(|| store.list_builds(deep).unwrap())
+        b.iter(|| rt.block_on(store.list_builds(deep)).unwrap())
     });
-    c.bench_function("status_counts", |b| b.iter(|| store.status_counts().unwrap()));
+    c.bench_function("status_counts", |b| {
+        b.iter(|| rt.block_on(store.status_counts()).unwrap())
+    });
 }
 
 criterion_group!(benches, bench);

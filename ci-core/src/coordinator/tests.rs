@@ -1,10 +1,13 @@
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::*;
 use crate::clock::ManualClock;
+use crate::model::{Attempt, BuildStatus, Completion, NewBuild};
 use crate::model::{CommitRef, RepoUrl};
 use crate::scheduler::{Assignment, MockScheduler};
-use crate::store::{MemoryStore, MockBuildStore};
+use crate::store::{Agents, Builds, FaultyStore, Logs, MemoryStore, Op};
 
 struct Fixture {
     clock: Arc<ManualClock>,
@@ -16,13 +19,14 @@ fn policy() -> LeasePolicy {
     LeasePolicy::new(Duration::from_millis(100), 3).unwrap()
 }
 
-fn fixture() -> Fixture {
+async fn fixture() -> Fixture {
     let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
     let store = Arc::new(MemoryStore::new());
     let c = Coordinator::builder(store.clone())
         .clock(clock.clone())
         .lease(policy())
         .build()
+        .await
         .unwrap();
     Fixture { clock, store, c }
 }
@@ -55,8 +59,8 @@ fn report(d: &Dispatch, code: i32) -> Report {
 }
 
 impl Fixture {
-    fn status(&self, id: BuildId) -> BuildStatus {
-        self.store.build(id).unwrap().unwrap().status
+    async fn status(&self, id: BuildId) -> BuildStatus {
+        self.store.build(id).await.unwrap().unwrap().status
     }
 
     fn advance(&self, ms: u64) {
@@ -64,49 +68,50 @@ impl Fixture {
     }
 }
 
-#[test]
-fn n_agents_run_n_of_m_builds_then_pick_up_the_rest() {
-    let mut f = fixture();
-    let a = f.c.register_agent("http://a:1").unwrap().id;
-    let b = f.c.register_agent("http://b:1").unwrap().id;
-    let ids: Vec<_> = (0..5)
-        .map(|i| f.c.submit(&new_build(&format!("c{i}"))).unwrap().id)
-        .collect();
+#[tokio::test]
+async fn n_agents_run_n_of_m_builds_then_pick_up_the_rest() {
+    let mut f = fixture().await;
+    let a = f.c.register_agent("http://a:1").await.unwrap().id;
+    let b = f.c.register_agent("http://b:1").await.unwrap().id;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(f.c.submit(&new_build(&format!("c{i}"))).await.unwrap().id);
+    }
 
-    let first = f.c.plan().unwrap();
+    let first = f.c.plan().await.unwrap();
     assert_eq!(first.len(), 2);
     assert_eq!(first[0].build.id, ids[0], "oldest first");
     assert_eq!(first[1].build.id, ids[1]);
     let agents: Vec<_> = first.iter().map(|d| d.agent).collect();
     assert!(agents.contains(&a) && agents.contains(&b));
     assert!(first.iter().all(|d| d.build.attempt == Attempt(1)));
-    assert!(f.c.plan().unwrap().is_empty(), "no agent is free");
+    assert!(f.c.plan().await.unwrap().is_empty(), "no agent is free");
 
-    f.c.complete(report(&first[0], 0)).unwrap();
-    let next = f.c.plan().unwrap();
+    f.c.complete(report(&first[0], 0)).await.unwrap();
+    let next = f.c.plan().await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!((next[0].build.id, next[0].agent), (ids[2], first[0].agent));
-    assert_eq!(f.status(ids[0]), BuildStatus::Success);
+    assert_eq!(f.status(ids[0]).await, BuildStatus::Success);
 }
 
-#[test]
-fn dispatch_request_carries_the_attempt() {
-    let mut f = fixture();
-    f.c.register_agent("http://a:1").unwrap();
-    f.c.submit(&new_build("make")).unwrap();
-    let d = f.c.plan().unwrap().remove(0);
+#[tokio::test]
+async fn dispatch_request_carries_the_attempt() {
+    let mut f = fixture().await;
+    f.c.register_agent("http://a:1").await.unwrap();
+    f.c.submit(&new_build("make")).await.unwrap();
+    let d = f.c.plan().await.unwrap().remove(0);
     let req = d.request();
     assert_eq!((req.command.as_str(), req.hash.as_str()), ("make", "abc123"));
     assert_eq!(req.attempt, Some(Attempt(1)));
     assert_eq!(d.agent_url, "http://a:1");
 }
 
-#[test]
-fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
-    let mut f = fixture();
-    let a = f.c.register_agent("http://a:1").unwrap().id;
-    let id = f.c.submit(&new_build("sleep")).unwrap().id;
-    let d1 = f.c.plan().unwrap().remove(0);
+#[tokio::test]
+async fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
+    let mut f = fixture().await;
+    let a = f.c.register_agent("http://a:1").await.unwrap().id;
+    let id = f.c.submit(&new_build("sleep")).await.unwrap().id;
+    let d1 = f.c.plan().await.unwrap().remove(0);
 
     for _ in 0..10 {
         f.advance(100);
@@ -116,17 +121,27 @@ fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
             agent: Some(a),
             verified: false,
         };
-        f.c.heartbeat(hb).unwrap();
-        assert_eq!(f.c.expire().unwrap(), 0, "a live agent is never expired");
+        f.c.heartbeat(hb).await.unwrap();
+        assert_eq!(f.c.expire().await.unwrap(), 0, "a live agent is never expired");
     }
-    assert_eq!(f.c.next_deadline(), Some(f.clock.now().plus(policy().ttl())));
+    assert_eq!(
+        f.c.next_deadline().await.unwrap(),
+        Some(f.clock.now().plus(policy().ttl()))
+    );
 
     f.advance(299);
-    assert_eq!(f.c.expire().unwrap(), 0);
+    assert_eq!(f.c.expire().await.unwrap(), 0);
     f.advance(1);
-    assert_eq!(f.c.expire().unwrap(), 1, "lease lapsed after missed * interval");
-    assert_eq!(f.status(id), BuildStatus::Queued);
-    assert!(f.c.agents().is_empty(), "the dead agent is dropped");
+    assert_eq!(
+        f.c.expire().await.unwrap(),
+        1,
+        "lease lapsed after missed * interval"
+    );
+    assert_eq!(f.status(id).await, BuildStatus::Queued);
+    assert!(
+        f.c.agents().await.unwrap().is_empty(),
+        "the dead agent is dropped"
+    );
     let events = f.c.take_events();
     assert!(events.contains(&Event::Requeued {
         build: id,
@@ -137,8 +152,8 @@ fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
         reason: LeaveReason::MissedHeartbeats
     }));
 
-    let b = f.c.register_agent("http://b:1").unwrap().id;
-    let d2 = f.c.plan().unwrap().remove(0);
+    let b = f.c.register_agent("http://b:1").await.unwrap().id;
+    let d2 = f.c.plan().await.unwrap().remove(0);
     assert_eq!((d2.build.id, d2.build.attempt, d2.agent), (id, Attempt(2), b));
 
     // The zombie of attempt 1 is fenced out, on heartbeats and on results.
@@ -148,94 +163,107 @@ fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
         agent: Some(a),
         verified: false,
     };
-    assert!(matches!(f.c.heartbeat(zombie_hb), Err(Error::Superseded { .. })));
     assert!(matches!(
-        f.c.complete(report(&d1, 0)),
+        f.c.heartbeat(zombie_hb).await,
         Err(Error::Superseded { .. })
     ));
-    assert_eq!(f.status(id), BuildStatus::Running);
-
-    f.c.complete(report(&d2, 1)).unwrap();
-    assert_eq!(f.status(id), BuildStatus::Failed);
     assert!(matches!(
-        f.c.complete(report(&d1, 0)),
+        f.c.complete(report(&d1, 0)).await,
+        Err(Error::Superseded { .. })
+    ));
+    assert_eq!(f.status(id).await, BuildStatus::Running);
+
+    f.c.complete(report(&d2, 1)).await.unwrap();
+    assert_eq!(f.status(id).await, BuildStatus::Failed);
+    assert!(matches!(
+        f.c.complete(report(&d1, 0)).await,
         Err(Error::Superseded { .. })
     ));
 }
 
-#[test]
-fn late_result_of_the_only_attempt_is_kept_if_not_redispatched() {
-    let mut f = fixture();
+#[tokio::test]
+async fn late_result_of_the_only_attempt_is_kept_if_not_redispatched() {
+    let mut f = fixture().await;
     // Proven by its session secret, which outlives the agent's lease.
     f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
+        .await
         .unwrap();
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    let d = f.c.plan().unwrap().remove(0);
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
     f.advance(300);
-    f.c.expire().unwrap();
-    assert_eq!(f.status(id), BuildStatus::Queued);
-    assert_eq!(f.c.agent_by_secret("secret-a"), Some(d.agent));
+    f.c.expire().await.unwrap();
+    assert_eq!(f.status(id).await, BuildStatus::Queued);
+    assert_eq!(f.c.agent_by_secret("secret-a").await.unwrap(), Some(d.agent));
     let mut late = report(&d, 0);
     late.verified = true;
-    let got = f.c.complete(late).unwrap();
+    let got = f.c.complete(late).await.unwrap();
     assert!(matches!(got, Accepted::Finished(b) if b.status == BuildStatus::Success));
-    f.c.register_agent("http://b:1").unwrap();
+    f.c.register_agent("http://b:1").await.unwrap();
     assert!(
-        f.c.plan().unwrap().is_empty(),
+        f.c.plan().await.unwrap().is_empty(),
         "finished builds are not dispatched"
     );
 }
 
-#[test]
-fn a_requeued_build_takes_no_result_from_anyone_but_its_proven_agent() {
-    let mut f = fixture();
+#[tokio::test]
+async fn a_requeued_build_takes_no_result_from_anyone_but_its_proven_agent() {
+    let mut f = fixture().await;
     f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
+        .await
         .unwrap();
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    let d = f.c.plan().unwrap().remove(0);
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
     f.advance(300);
-    f.c.expire().unwrap();
-    assert_eq!(f.status(id), BuildStatus::Queued);
+    f.c.expire().await.unwrap();
+    assert_eq!(f.status(id).await, BuildStatus::Queued);
     // A token holder claiming to be the agent, without its secret.
-    assert!(matches!(f.c.complete(report(&d, 0)), Err(Error::Conflict(_))));
+    assert!(matches!(
+        f.c.complete(report(&d, 0)).await,
+        Err(Error::Conflict(_))
+    ));
     // Another agent, proven, but not the one that held the attempt.
     let b =
         f.c.register_agent_with_secret("http://b:1", "secret-b".into(), None)
+            .await
             .unwrap()
             .id;
     let mut forged = report(&d, 0);
     (forged.agent, forged.verified) = (Some(b), true);
-    assert!(matches!(f.c.complete(forged), Err(Error::Conflict(_))));
-    assert_ne!(f.status(id), BuildStatus::Success);
+    assert!(matches!(f.c.complete(forged).await, Err(Error::Conflict(_))));
+    assert_ne!(f.status(id).await, BuildStatus::Success);
 }
 
-#[test]
-fn a_live_session_cannot_be_taken_over_without_its_secret() {
-    let mut f = fixture();
+#[tokio::test]
+async fn a_live_session_cannot_be_taken_over_without_its_secret() {
+    let mut f = fixture().await;
     let a =
         f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
+            .await
             .unwrap()
             .id;
-    f.c.submit(&new_build("x")).unwrap();
-    let d = f.c.plan().unwrap().remove(0);
+    f.c.submit(&new_build("x")).await.unwrap();
+    let d = f.c.plan().await.unwrap().remove(0);
     assert_eq!(d.agent, a);
     // Someone else registers the same URL: refused while the lease lives.
     assert!(matches!(
-        f.c.register_agent_with_secret("http://a:1", "evil".into(), None),
+        f.c.register_agent_with_secret("http://a:1", "evil".into(), None)
+            .await,
         Err(Error::Conflict(_))
     ));
     assert!(matches!(
-        f.c.register_agent_with_secret("http://a:1", "evil".into(), Some("guess")),
+        f.c.register_agent_with_secret("http://a:1", "evil".into(), Some("guess"))
+            .await,
         Err(Error::Conflict(_))
     ));
     assert_eq!(
-        f.c.lease(d.build.id).map(|l| l.agent),
+        f.c.lease(d.build.id).await.unwrap().map(|l| l.agent),
         Some(a),
         "the build stays put"
     );
     // The agent itself, restarted, proves it and takes over at once.
     let a2 =
         f.c.register_agent_with_secret("http://a:1", "secret-a2".into(), Some("secret-a"))
+            .await
             .unwrap()
             .id;
     assert_ne!(a2, a);
@@ -244,21 +272,28 @@ fn a_live_session_cannot_be_taken_over_without_its_secret() {
     assert!(f
         .c
         .register_agent_with_secret("http://a:1", "x".into(), None)
+        .await
         .is_ok());
 }
 
-#[test]
-fn results_finish_once_and_identical_repeats_are_noops() {
-    let mut f = fixture();
-    f.c.register_agent("http://a:1").unwrap();
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    let d = f.c.plan().unwrap().remove(0);
-    assert!(matches!(f.c.complete(report(&d, 0)), Ok(Accepted::Finished(_))));
-    assert!(matches!(f.c.complete(report(&d, 0)), Ok(Accepted::Duplicate(_))));
+#[tokio::test]
+async fn results_finish_once_and_identical_repeats_are_noops() {
+    let mut f = fixture().await;
+    f.c.register_agent("http://a:1").await.unwrap();
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
+    assert!(matches!(
+        f.c.complete(report(&d, 0)).await,
+        Ok(Accepted::Finished(_))
+    ));
+    assert!(matches!(
+        f.c.complete(report(&d, 0)).await,
+        Ok(Accepted::Duplicate(_))
+    ));
     let mut other = report(&d, 0);
     other.completion.stdout = "different".into();
-    assert!(matches!(f.c.complete(other), Err(Error::Conflict(_))));
-    assert_eq!(f.store.log(id, None).unwrap().unwrap().stdout, "out");
+    assert!(matches!(f.c.complete(other).await, Err(Error::Conflict(_))));
+    assert_eq!(f.store.log(id, None).await.unwrap().unwrap().stdout, "out");
     let finished =
         f.c.take_events()
             .iter()
@@ -267,16 +302,17 @@ fn results_finish_once_and_identical_repeats_are_noops() {
     assert_eq!(finished, 1);
 }
 
-#[test]
-fn original_protocol_without_attempt_or_agent_works() {
-    let mut f = fixture();
-    f.c.register_agent("http://a:1").unwrap();
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    f.c.plan().unwrap();
+#[tokio::test]
+async fn original_protocol_without_attempt_or_agent_works() {
+    let mut f = fixture().await;
+    f.c.register_agent("http://a:1").await.unwrap();
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    f.c.plan().await.unwrap();
     f.c.heartbeat(Heartbeat {
         build: Some(id),
         ..Heartbeat::default()
     })
+    .await
     .unwrap();
     let r = Report {
         build: id,
@@ -285,20 +321,26 @@ fn original_protocol_without_attempt_or_agent_works() {
         verified: false,
         completion: done(0, ""),
     };
-    f.c.complete(r.clone()).unwrap();
-    assert!(matches!(f.c.complete(r), Ok(Accepted::Duplicate(_))));
+    f.c.complete(r.clone()).await.unwrap();
+    assert!(matches!(f.c.complete(r).await, Ok(Accepted::Duplicate(_))));
 }
 
-#[test]
-fn unknown_and_idle_builds_are_reported_as_such() {
-    let mut f = fixture();
+#[tokio::test]
+async fn unknown_and_idle_builds_are_reported_as_such() {
+    let mut f = fixture().await;
     let hb = |id| Heartbeat {
         build: Some(BuildId(id)),
         ..Heartbeat::default()
     };
-    assert!(matches!(f.c.heartbeat(hb(42)), Err(Error::BuildNotFound(_))));
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    assert!(matches!(f.c.heartbeat(hb(id.0)), Err(Error::NotRunning { .. })));
+    assert!(matches!(
+        f.c.heartbeat(hb(42)).await,
+        Err(Error::BuildNotFound(_))
+    ));
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    assert!(matches!(
+        f.c.heartbeat(hb(id.0)).await,
+        Err(Error::NotRunning { .. })
+    ));
     let r = Report {
         build: id,
         attempt: None,
@@ -307,27 +349,27 @@ fn unknown_and_idle_builds_are_reported_as_such() {
         completion: done(0, ""),
     };
     assert!(
-        matches!(f.c.complete(r), Err(Error::Conflict(_))),
+        matches!(f.c.complete(r).await, Err(Error::Conflict(_))),
         "never dispatched"
     );
     let ping = Heartbeat {
         agent: Some(AgentId(9)),
         ..Heartbeat::default()
     };
-    assert!(matches!(f.c.heartbeat(ping), Err(Error::AgentNotFound(_))));
+    assert!(matches!(f.c.heartbeat(ping).await, Err(Error::AgentNotFound(_))));
     assert!(matches!(
-        f.c.heartbeat(Heartbeat::default()),
+        f.c.heartbeat(Heartbeat::default()).await,
         Err(Error::Invalid { .. })
     ));
 }
 
-#[test]
-fn another_agent_cannot_speak_for_a_lease() {
-    let mut f = fixture();
-    let a = f.c.register_agent("http://a:1").unwrap().id;
-    let b = f.c.register_agent("http://b:1").unwrap().id;
-    f.c.submit(&new_build("x")).unwrap();
-    let d = f.c.plan().unwrap().remove(0);
+#[tokio::test]
+async fn another_agent_cannot_speak_for_a_lease() {
+    let mut f = fixture().await;
+    let a = f.c.register_agent("http://a:1").await.unwrap().id;
+    let b = f.c.register_agent("http://b:1").await.unwrap().id;
+    f.c.submit(&new_build("x")).await.unwrap();
+    let d = f.c.plan().await.unwrap().remove(0);
     let other = if d.agent == a { b } else { a };
     let hb = Heartbeat {
         build: Some(d.build.id),
@@ -335,43 +377,45 @@ fn another_agent_cannot_speak_for_a_lease() {
         agent: Some(other),
         verified: false,
     };
-    assert!(matches!(f.c.heartbeat(hb), Err(Error::Conflict(_))));
+    assert!(matches!(f.c.heartbeat(hb).await, Err(Error::Conflict(_))));
     let mut r = report(&d, 0);
     r.agent = Some(other);
-    assert!(matches!(f.c.complete(r), Err(Error::Conflict(_))));
-    assert_eq!(f.status(d.build.id), BuildStatus::Running);
+    assert!(matches!(f.c.complete(r).await, Err(Error::Conflict(_))));
+    assert_eq!(f.status(d.build.id).await, BuildStatus::Running);
 }
 
-#[test]
-fn reregistering_at_the_same_url_requeues_what_the_old_process_held() {
-    let mut f = fixture();
-    let old = f.c.register_agent("http://a:1").unwrap().id;
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    f.c.plan().unwrap();
-    let new = f.c.register_agent("http://a:1").unwrap().id;
+#[tokio::test]
+async fn reregistering_at_the_same_url_requeues_what_the_old_process_held() {
+    let mut f = fixture().await;
+    let old = f.c.register_agent("http://a:1").await.unwrap().id;
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    f.c.plan().await.unwrap();
+    let new = f.c.register_agent("http://a:1").await.unwrap().id;
     assert_ne!(old, new);
-    assert_eq!(f.status(id), BuildStatus::Queued, "not stuck running");
-    let d = f.c.plan().unwrap().remove(0);
+    assert_eq!(f.status(id).await, BuildStatus::Queued, "not stuck running");
+    let d = f.c.plan().await.unwrap().remove(0);
     assert_eq!((d.agent, d.build.attempt), (new, Attempt(2)));
-    assert_eq!(f.c.agents().len(), 1);
+    assert_eq!(f.c.agents().await.unwrap().len(), 1);
 }
 
-#[test]
-fn unreachable_agents_are_dropped_and_rejected_builds_fail() {
-    let mut f = fixture();
-    f.c.register_agent("http://a:1").unwrap();
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    let d = f.c.plan().unwrap().remove(0);
+#[tokio::test]
+async fn unreachable_agents_are_dropped_and_rejected_builds_fail() {
+    let mut f = fixture().await;
+    f.c.register_agent("http://a:1").await.unwrap();
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
     f.c.dispatch_failed(&d, DispatchFailure::Unreachable("refused".into()))
+        .await
         .unwrap();
-    assert_eq!(f.status(id), BuildStatus::Queued);
-    assert!(f.c.agents().is_empty());
+    assert_eq!(f.status(id).await, BuildStatus::Queued);
+    assert!(f.c.agents().await.unwrap().is_empty());
 
-    f.c.register_agent("http://b:1").unwrap();
-    let d = f.c.plan().unwrap().remove(0);
+    f.c.register_agent("http://b:1").await.unwrap();
+    let d = f.c.plan().await.unwrap().remove(0);
     f.c.dispatch_failed(&d, DispatchFailure::Rejected("bad repo".into()))
+        .await
         .unwrap();
-    let b = f.store.build(id).unwrap().unwrap();
+    let b = f.store.build(id).await.unwrap().unwrap();
     assert_eq!(
         (b.status, b.exit_code),
         (BuildStatus::Failed, Some(Completion::NOT_RUN))
@@ -379,82 +423,90 @@ fn unreachable_agents_are_dropped_and_rejected_builds_fail() {
     assert!(f
         .store
         .log(id, None)
+        .await
         .unwrap()
         .unwrap()
         .stderr
         .contains("bad repo"));
-    assert_eq!(f.c.agents().len(), 1, "the agent that refused stays");
-    assert!(f.c.agents()[0].is_idle());
+    assert_eq!(
+        f.c.agents().await.unwrap().len(),
+        1,
+        "the agent that refused stays"
+    );
+    assert!(f.c.agents().await.unwrap()[0].is_idle());
 }
 
-#[test]
-fn pinging_agents_that_fall_silent_are_dropped_but_original_ones_are_not() {
-    let mut f = fixture();
-    let pinger = f.c.register_agent("http://a:1").unwrap().id;
-    let original = f.c.register_agent("http://b:1").unwrap().id;
+#[tokio::test]
+async fn pinging_agents_that_fall_silent_are_dropped_but_original_ones_are_not() {
+    let mut f = fixture().await;
+    let pinger = f.c.register_agent("http://a:1").await.unwrap().id;
+    let original = f.c.register_agent("http://b:1").await.unwrap().id;
     f.c.heartbeat(Heartbeat {
         agent: Some(pinger),
         ..Heartbeat::default()
     })
+    .await
     .unwrap();
     f.advance(1000);
-    assert_eq!(f.c.expire().unwrap(), 1);
-    let left: Vec<_> = f.c.agents().iter().map(|a| a.id).collect();
+    assert_eq!(f.c.expire().await.unwrap(), 1);
+    let left: Vec<_> = f.c.agents().await.unwrap().iter().map(|a| a.id).collect();
     assert_eq!(left, vec![original]);
 }
 
-#[test]
-fn recovery_restores_leases_and_requeues_orphans() {
-    let mut f = fixture();
-    f.c.register_agent("http://a:1").unwrap();
-    let b = f.c.register_agent("http://b:1").unwrap().id;
-    let x = f.c.submit(&new_build("x")).unwrap().id;
-    let y = f.c.submit(&new_build("y")).unwrap().id;
-    f.c.submit(&new_build("z")).unwrap();
-    let ds = f.c.plan().unwrap();
+#[tokio::test]
+async fn recovery_restores_leases_and_requeues_orphans() {
+    let mut f = fixture().await;
+    f.c.register_agent("http://a:1").await.unwrap();
+    let b = f.c.register_agent("http://b:1").await.unwrap().id;
+    let x = f.c.submit(&new_build("x")).await.unwrap().id;
+    let y = f.c.submit(&new_build("y")).await.unwrap().id;
+    f.c.submit(&new_build("z")).await.unwrap();
+    let ds = f.c.plan().await.unwrap();
     assert_eq!(ds.len(), 2);
     // The agent holding y vanished from the store while the server was down.
     let y_agent = ds.iter().find(|d| d.build.id == y).unwrap().agent;
-    f.store.remove_agent(y_agent).unwrap();
+    f.store.remove_agent(y_agent).await.unwrap();
 
     f.advance(250);
     let mut c2 = Coordinator::builder(f.store.clone())
         .clock(f.clock.clone())
         .lease(policy())
         .build()
+        .await
         .unwrap();
-    assert_eq!(f.status(x), BuildStatus::Running);
-    assert_eq!(f.status(y), BuildStatus::Queued, "its agent is gone");
-    let lease = c2.lease(x).unwrap();
+    assert_eq!(f.status(x).await, BuildStatus::Running);
+    assert_eq!(f.status(y).await, BuildStatus::Queued, "its agent is gone");
+    let lease = c2.lease(x).await.unwrap().unwrap();
     assert_eq!(
         lease.expires_at,
         f.clock.now().plus(policy().ttl()),
         "a fresh lease"
     );
-    assert_eq!(c2.agents().len(), 1);
+    assert_eq!(c2.agents().await.unwrap().len(), 1);
     // The surviving agent is busy with x, so nothing is dispatched...
-    assert!(c2.plan().unwrap().is_empty() || b == y_agent);
+    assert!(c2.plan().await.unwrap().is_empty() || b == y_agent);
     // ...and numbering continues.
-    assert!(c2.submit(&new_build("w")).unwrap().id.0 > 3);
+    assert!(c2.submit(&new_build("w")).await.unwrap().id.0 > 3);
 }
 
-#[test]
-fn the_coordinator_enforces_capacity_whatever_the_policy_proposes() {
+#[tokio::test]
+async fn the_coordinator_enforces_capacity_whatever_the_policy_proposes() {
     let clock = Arc::new(ManualClock::new(Timestamp(0)));
     let store = Arc::new(MemoryStore::new());
     let mut policy = MockScheduler::new();
+    policy.expect_window().returning(|free| free);
     policy.expect_assign().returning(|queued, free| {
         // A buggy policy: every build to the first agent, the first build twice.
         let mut v: Vec<_> = queued
             .iter()
             .map(|b| Assignment {
                 build: b.id,
-                agent: free[0].id,
+                agent: free[0].agent,
             })
             .collect();
         v.push(Assignment {
             build: queued[0].id,
-            agent: free[free.len() - 1].id,
+            agent: free[free.len() - 1].agent,
         });
         v
     });
@@ -462,77 +514,99 @@ fn the_coordinator_enforces_capacity_whatever_the_policy_proposes() {
         .clock(clock)
         .scheduler(policy)
         .build()
+        .await
         .unwrap();
-    c.register_agent("http://a:1").unwrap();
-    c.register_agent("http://b:1").unwrap();
+    c.register_agent("http://a:1").await.unwrap();
+    c.register_agent("http://b:1").await.unwrap();
     for _ in 0..3 {
-        c.submit(&new_build("x")).unwrap();
+        c.submit(&new_build("x")).await.unwrap();
     }
-    let ds = c.plan().unwrap();
+    let ds = c.plan().await.unwrap();
     assert_eq!(ds.len(), 1, "one build per agent, each build once: {ds:?}");
-    for a in c.agents() {
+    for a in c.agents().await.unwrap() {
         assert!(a.running.len() <= a.capacity as usize);
     }
 }
 
-#[test]
-fn a_failing_store_changes_nothing_in_memory() {
-    let mut store = MockBuildStore::new();
-    store.expect_agents().returning(|| Ok(vec![]));
-    store.expect_running_builds().returning(|| Ok(vec![]));
-    store.expect_register_agent().returning(|url, secret, now| {
-        Ok(AgentRecord {
-            id: AgentId(1),
-            url: url.to_owned(),
-            registered_at: now,
-            secret: secret.map(str::to_owned),
-        })
-    });
-    let queued = Build {
-        id: BuildId(1),
-        repo: "/r".into(),
-        hash: "abcd".into(),
-        branch: None,
-        command: "x".into(),
-        image: None,
-        timeout_ms: None,
-        status: BuildStatus::Queued,
-        attempt: Attempt(0),
-        agent_id: None,
-        agent_url: None,
-        exit_code: None,
-        created_at: Timestamp(0),
-        started_at: None,
-        finished_at: None,
-    };
-    store
-        .expect_queued_builds()
-        .returning(move |_| Ok(vec![queued.clone()]));
-    store
-        .expect_start_attempt()
-        .returning(|_, _, _| Err(Error::store("disk I/O error")));
-    let mut c = Coordinator::builder(Arc::new(store)).build().unwrap();
-    c.register_agent("http://a:1").unwrap();
-    let err = c.plan().unwrap_err();
+#[tokio::test]
+async fn a_failing_store_changes_nothing_in_memory() {
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = fail.clone();
+    let store = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), move |op| {
+        matches!(op, Op::Start(_)) && failing.load(Ordering::SeqCst)
+    }));
+    let mut c = Coordinator::builder(store.clone()).build().await.unwrap();
+    c.register_agent("http://a:1").await.unwrap();
+    let id = c.submit(&new_build("x")).await.unwrap().id;
+    fail.store(true, Ordering::SeqCst);
+    let err = c.plan().await.unwrap_err();
     assert!(err.is_retryable());
-    assert!(c.lease(BuildId(1)).is_none());
+    assert!(c.lease(id).await.unwrap().is_none());
     assert!(
-        c.agents()[0].is_idle(),
+        c.agents().await.unwrap()[0].is_idle(),
         "no slot is taken by a dispatch that did not happen"
     );
 }
 
-#[test]
-fn agents_with_a_session_secret_cannot_be_spoken_for() {
-    let mut f = fixture();
+/// Bug: a store error in the middle of a scheduling pass stranded the
+/// attempts the pass had already started: running in the store and leased,
+/// but never sent, so a healthy agent was dropped a lease later. A pass
+/// now starts its attempts in one store step: a store that fails on the
+/// second start starts none.
+#[tokio::test]
+async fn a_store_failing_mid_pass_strands_no_attempt() {
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = fail.clone();
+    // Fails when asked to start a second build, as a transaction that
+    // fails half way rolls back.
+    let store = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), move |op| {
+        matches!(op, Op::Start(n) if n >= 2) && failing.load(Ordering::SeqCst)
+    }));
+    let mut c = Coordinator::builder(store.clone())
+        .clock(clock.clone())
+        .lease(policy())
+        .build()
+        .await
+        .unwrap();
+    let a = c.register_agent("http://a:1").await.unwrap().id;
+    let b = c.register_agent("http://b:1").await.unwrap().id;
+    let x = c.submit(&new_build("x")).await.unwrap().id;
+    let y = c.submit(&new_build("y")).await.unwrap().id;
+    fail.store(true, Ordering::SeqCst);
+    assert!(c.plan().await.is_err());
+    for id in [x, y] {
+        assert_eq!(
+            store.build(id).await.unwrap().map(|b| b.status),
+            Some(BuildStatus::Queued),
+            "build {id} was not started behind anyone's back"
+        );
+    }
+    // A lease later, both agents are still there, and the next pass (the
+    // store recovered) starts both builds, each once.
+    clock.advance(policy().ttl());
+    assert_eq!(c.expire().await.unwrap(), 0, "no healthy agent is dropped");
+    fail.store(false, Ordering::SeqCst);
+    let ds = c.plan().await.unwrap();
+    let mut started: Vec<(BuildId, AgentId)> = ds.iter().map(|d| (d.build.id, d.agent)).collect();
+    started.sort();
+    assert_eq!(started.len(), 2);
+    assert!(started.iter().all(|(_, agent)| *agent == a || *agent == b));
+    assert!(ds.iter().all(|d| d.build.attempt == Attempt(1)));
+}
+
+#[tokio::test]
+async fn agents_with_a_session_secret_cannot_be_spoken_for() {
+    let mut f = fixture().await;
     let a =
         f.c.register_agent_with_secret("http://a:1", "secret-a".into(), None)
+            .await
             .unwrap()
             .id;
-    f.c.submit(&new_build("x")).unwrap();
-    let d = f.c.plan().unwrap().remove(0);
-    assert_eq!(f.c.agent_by_secret("secret-a"), Some(a));
-    assert_eq!(f.c.agent_by_secret("secret-b"), None);
+    f.c.submit(&new_build("x")).await.unwrap();
+    let d = f.c.plan().await.unwrap().remove(0);
+    assert_eq!(f.c.agent_by_secret("secret-a").await.unwrap(), Some(a));
+    assert_eq!(f.c.agent_by_secret("secret-b").await.unwrap(), None);
 
     // Claiming the agent's id, or saying nothing, is not enough.
     for (agent, verified) in [(Some(a), false), (None, false), (None, true)] {
@@ -543,23 +617,26 @@ fn agents_with_a_session_secret_cannot_be_spoken_for() {
             verified,
         };
         assert!(
-            matches!(f.c.heartbeat(hb), Err(Error::Unauthenticated(_))),
+            matches!(f.c.heartbeat(hb).await, Err(Error::Unauthenticated(_))),
             "{agent:?} {verified}"
         );
         let mut r = report(&d, 0);
         r.agent = agent;
         r.verified = verified;
-        assert!(matches!(f.c.complete(r), Err(Error::Unauthenticated(_))));
+        assert!(matches!(f.c.complete(r).await, Err(Error::Unauthenticated(_))));
         let ping = Heartbeat {
             agent: Some(a),
             verified,
             ..Heartbeat::default()
         };
         if !verified {
-            assert!(matches!(f.c.heartbeat(ping), Err(Error::Unauthenticated(_))));
+            assert!(matches!(
+                f.c.heartbeat(ping).await,
+                Err(Error::Unauthenticated(_))
+            ));
         }
     }
-    assert_eq!(f.status(d.build.id), BuildStatus::Running);
+    assert_eq!(f.status(d.build.id).await, BuildStatus::Running);
 
     let hb = Heartbeat {
         build: Some(d.build.id),
@@ -567,30 +644,33 @@ fn agents_with_a_session_secret_cannot_be_spoken_for() {
         agent: Some(a),
         verified: true,
     };
-    f.c.heartbeat(hb).unwrap();
+    f.c.heartbeat(hb).await.unwrap();
     let mut r = report(&d, 0);
     r.verified = true;
-    f.c.complete(r).unwrap();
-    assert_eq!(f.status(d.build.id), BuildStatus::Success);
+    f.c.complete(r).await.unwrap();
+    assert_eq!(f.status(d.build.id).await, BuildStatus::Success);
 
     // Secrets survive a restart.
     let c2 = Coordinator::builder(f.store.clone())
         .clock(f.clock.clone())
         .build()
+        .await
         .unwrap();
-    assert_eq!(c2.agent_by_secret("secret-a"), Some(a));
+    assert_eq!(c2.agent_by_secret("secret-a").await.unwrap(), Some(a));
 }
 
-#[test]
-fn cancel_queued_at_once_and_running_after_the_agent_stops() {
-    let mut f = fixture();
-    let a = f.c.register_agent("http://a:1").unwrap().id;
-    let running = f.c.submit(&new_build("r")).unwrap().id;
-    let d = f.c.plan().unwrap().remove(0);
-    let queued = f.c.submit(&new_build("q")).unwrap().id;
+#[tokio::test]
+async fn cancel_queued_at_once_and_running_after_the_agent_stops() {
+    let mut f = fixture().await;
+    let a = f.c.register_agent("http://a:1").await.unwrap().id;
+    let running = f.c.submit(&new_build("r")).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
+    let queued = f.c.submit(&new_build("q")).await.unwrap().id;
 
-    assert!(matches!(f.c.cancel(queued).unwrap(), Cancel::Done(b) if b.status == BuildStatus::Canceled));
-    let order = match f.c.cancel(running).unwrap() {
+    assert!(
+        matches!(f.c.cancel(queued).await.unwrap(), Cancel::Done(b) if b.status == BuildStatus::Canceled)
+    );
+    let order = match f.c.cancel(running).await.unwrap() {
         Cancel::Stop(o) => o,
         other => panic!("{other:?}"),
     };
@@ -598,67 +678,81 @@ fn cancel_queued_at_once_and_running_after_the_agent_stops() {
         (order.agent, order.build, order.attempt),
         (a, running, Attempt(1))
     );
-    assert_eq!(f.status(running), BuildStatus::Canceled);
-    assert!(f.c.lease(running).is_none());
-    let another = f.c.submit(&new_build("next")).unwrap().id;
+    assert_eq!(f.status(running).await, BuildStatus::Canceled);
+    assert!(f.c.lease(running).await.unwrap().is_none());
+    let another = f.c.submit(&new_build("next")).await.unwrap().id;
     assert!(
-        f.c.plan().unwrap().is_empty(),
+        f.c.plan().await.unwrap().is_empty(),
         "the slot stays taken until the agent has stopped"
     );
-    f.c.stop_delivered(&order, true).unwrap();
-    let next = f.c.plan().unwrap();
+    f.c.stop_delivered(&order, true).await.unwrap();
+    let next = f.c.plan().await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].build.id, another);
 
     // A late result and heartbeat of the canceled attempt change nothing.
-    assert!(matches!(f.c.complete(report(&d, 0)), Err(Error::Conflict(_))));
+    assert!(matches!(
+        f.c.complete(report(&d, 0)).await,
+        Err(Error::Conflict(_))
+    ));
     let hb = Heartbeat {
         build: Some(running),
         attempt: Some(Attempt(1)),
         agent: Some(a),
         verified: false,
     };
-    assert!(matches!(f.c.heartbeat(hb), Err(Error::NotRunning { .. })));
-    assert!(matches!(f.c.cancel(running), Err(Error::Conflict(_))), "once");
+    assert!(matches!(f.c.heartbeat(hb).await, Err(Error::NotRunning { .. })));
+    assert!(
+        matches!(f.c.cancel(running).await, Err(Error::Conflict(_))),
+        "once"
+    );
 }
 
-#[test]
-fn an_unreachable_stop_drops_the_agent_and_a_leaving_agent_hands_back_its_build() {
-    let mut f = fixture();
-    f.c.register_agent("http://a:1").unwrap();
-    let x = f.c.submit(&new_build("x")).unwrap().id;
-    f.c.plan().unwrap();
-    let Cancel::Stop(order) = f.c.cancel(x).unwrap() else {
+#[tokio::test]
+async fn an_unreachable_stop_drops_the_agent_and_a_leaving_agent_hands_back_its_build() {
+    let mut f = fixture().await;
+    f.c.register_agent("http://a:1").await.unwrap();
+    let x = f.c.submit(&new_build("x")).await.unwrap().id;
+    f.c.plan().await.unwrap();
+    let Cancel::Stop(order) = f.c.cancel(x).await.unwrap() else {
         panic!()
     };
-    f.c.stop_delivered(&order, false).unwrap();
-    assert!(f.c.agents().is_empty());
+    f.c.stop_delivered(&order, false).await.unwrap();
+    assert!(f.c.agents().await.unwrap().is_empty());
 
     let b =
         f.c.register_agent_with_secret("http://b:1", "s".into(), None)
+            .await
             .unwrap()
             .id;
-    let y = f.c.submit(&new_build("y")).unwrap().id;
-    f.c.plan().unwrap();
-    assert!(matches!(f.c.agent_left(b, false), Err(Error::Unauthenticated(_))));
-    f.c.agent_left(b, true).unwrap();
-    assert_eq!(f.status(y), BuildStatus::Queued, "handed back at once");
-    assert!(f.c.agents().is_empty());
+    let y = f.c.submit(&new_build("y")).await.unwrap().id;
+    f.c.plan().await.unwrap();
+    assert!(matches!(
+        f.c.agent_left(b, false).await,
+        Err(Error::Unauthenticated(_))
+    ));
+    f.c.agent_left(b, true).await.unwrap();
+    assert_eq!(f.status(y).await, BuildStatus::Queued, "handed back at once");
+    assert!(f.c.agents().await.unwrap().is_empty());
 }
 
-#[test]
-fn a_busy_agent_cools_down_instead_of_being_dropped() {
-    let mut f = fixture();
-    let a = f.c.register_agent("http://a:1").unwrap().id;
-    let id = f.c.submit(&new_build("x")).unwrap().id;
-    let d = f.c.plan().unwrap().remove(0);
+#[tokio::test]
+async fn a_busy_agent_cools_down_instead_of_being_dropped() {
+    let mut f = fixture().await;
+    let a = f.c.register_agent("http://a:1").await.unwrap().id;
+    let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
     f.c.dispatch_failed(&d, DispatchFailure::Busy("409".into()))
+        .await
         .unwrap();
-    assert_eq!(f.status(id), BuildStatus::Queued);
-    assert_eq!(f.c.agents().len(), 1, "kept");
-    assert!(f.c.plan().unwrap().is_empty(), "cooling down");
-    assert_eq!(f.c.next_deadline(), Some(f.clock.now().plus(policy().ttl())));
+    assert_eq!(f.status(id).await, BuildStatus::Queued);
+    assert_eq!(f.c.agents().await.unwrap().len(), 1, "kept");
+    assert!(f.c.plan().await.unwrap().is_empty(), "cooling down");
+    assert_eq!(
+        f.c.next_deadline().await.unwrap(),
+        Some(f.clock.now().plus(policy().ttl()))
+    );
     f.advance(300);
-    let again = f.c.plan().unwrap();
+    let again = f.c.plan().await.unwrap();
     assert_eq!((again[0].agent, again[0].build.attempt), (a, Attempt(2)));
 }

@@ -1,0 +1,201 @@
+//! What goes in and out of the coordinator: dispatches and their failures,
+//! heartbeats, results, stop orders, and events for observers.
+
+use crate::model::{AgentId, Attempt, Build, BuildId, BuildStatus, Completion};
+use crate::protocol::BuildRequest;
+
+/// A build handed to an agent: the caller must send it, and report back
+/// if it could not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The agent to send it to.
+    pub agent: AgentId,
+    /// That agent's base URL.
+    pub agent_url: String,
+    /// The build, with its new attempt number.
+    pub build: Build,
+}
+
+impl Dispatch {
+    /// The `POST /build` body for the agent.
+    pub fn request(&self) -> BuildRequest {
+        BuildRequest {
+            id: self.build.id,
+            command: self.build.command.clone(),
+            hash: self.build.hash.clone(),
+            repo: self.build.repo.clone(),
+            attempt: Some(self.build.attempt),
+            image: self.build.image.clone(),
+            timeout_ms: self.build.timeout_ms,
+            agent_id: Some(self.agent),
+        }
+    }
+}
+
+/// Why a dispatch failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DispatchFailure {
+    /// The agent could not be reached or answered with a server error: it
+    /// is dropped and its builds go back to the queue.
+    Unreachable(String),
+    /// The agent refused this build as invalid (a 4xx other than
+    /// busy/unauthorized): the build fails with the agent's reason rather
+    /// than bouncing between agents forever.
+    Rejected(String),
+    /// The agent is alive but busy with work the coordinator does not know
+    /// about (a superseded attempt it was never told of, say): the build
+    /// goes back to the queue and the agent gets nothing for one lease.
+    Busy(String),
+}
+
+/// A heartbeat, or an idle agent's ping.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The build being worked on; `None` for an idle agent's ping.
+    pub build: Option<BuildId>,
+    /// The attempt being worked on, if the agent says.
+    pub attempt: Option<Attempt>,
+    /// The sending agent, if it says (or proved it).
+    pub agent: Option<AgentId>,
+    /// True if `agent` was proven with the agent's session secret rather
+    /// than merely claimed.
+    pub verified: bool,
+}
+
+/// A result reported by an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The build.
+    pub build: BuildId,
+    /// The attempt that produced it. Agents that do not say are taken to
+    /// speak for the latest attempt (the original protocol has no attempts).
+    pub attempt: Option<Attempt>,
+    /// The reporting agent, if it says (or proved it).
+    pub agent: Option<AgentId>,
+    /// True if `agent` was proven with the agent's session secret.
+    pub verified: bool,
+    /// What happened.
+    pub completion: Completion,
+}
+
+/// An attempt its agent gives back because the machinery failed (the
+/// container engine or the disk, not the build): the build goes back to
+/// the queue, unless it has been handed back too often.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandBack {
+    /// The build.
+    pub build: BuildId,
+    /// The attempt given back.
+    pub attempt: Attempt,
+    /// The agent, if it says (or proved it).
+    pub agent: Option<AgentId>,
+    /// True if `agent` was proven with the agent's session secret.
+    pub verified: bool,
+    /// What failed.
+    pub reason: String,
+}
+
+/// How a result was taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// The result finished the build.
+    Finished(Build),
+    /// The same result was already recorded; nothing changed.
+    Duplicate(Build),
+}
+
+/// Why an agent left the pool.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LeaveReason {
+    /// A dispatch to it failed.
+    Unreachable,
+    /// Its lease ran out: it missed too many heartbeats mid-build.
+    MissedHeartbeats,
+    /// It pinged while idle, then fell silent.
+    Silent,
+    /// A new process registered at the same URL.
+    Replaced,
+    /// It said it was going (graceful shutdown).
+    Left,
+}
+
+/// Something that happened, for observers (logs, metrics, live views).
+/// Events are facts: each says what changed, once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A build was created.
+    Created(BuildId),
+    /// A build's attempt was dispatched.
+    Started {
+        /// The build.
+        build: BuildId,
+        /// Its new attempt.
+        attempt: Attempt,
+        /// The agent.
+        agent: AgentId,
+        /// Time from creation (or requeue) to dispatch.
+        waited_ms: u64,
+    },
+    /// A running build went back to the queue.
+    Requeued {
+        /// The build.
+        build: BuildId,
+        /// The attempt that lost its lease.
+        attempt: Attempt,
+    },
+    /// A build finished.
+    Finished {
+        /// The build.
+        build: BuildId,
+        /// Its final status.
+        status: BuildStatus,
+        /// Run time of the accepted attempt.
+        duration_ms: Option<u64>,
+    },
+    /// An agent joined.
+    AgentJoined(AgentId),
+    /// A running attempt sent output.
+    Output(BuildId),
+    /// An agent left.
+    AgentLeft {
+        /// The agent.
+        agent: AgentId,
+        /// Why.
+        reason: LeaveReason,
+    },
+}
+
+/// What cancelling a build did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// The build was queued: it is canceled, nothing else to do.
+    Done(Build),
+    /// The build was running: it is canceled, and the caller must tell the
+    /// agent to stop it, then report with
+    /// [`Coordinator::stop_delivered`](crate::Coordinator::stop_delivered).
+    /// Until then the agent's slot stays taken, so no new build lands on an
+    /// agent still busy killing the old one.
+    Stop(StopOrder),
+}
+
+/// An order to stop an attempt on an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopOrder {
+    /// The agent.
+    pub agent: AgentId,
+    /// Its URL.
+    pub agent_url: String,
+    /// The build.
+    pub build: BuildId,
+    /// The attempt to stop.
+    pub attempt: Attempt,
+}
+
+/// The reply to a registration.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// The agent's new id.
+    pub id: AgentId,
+    /// How often it must send heartbeats, in milliseconds.
+    pub heartbeat_ms: u64,
+}

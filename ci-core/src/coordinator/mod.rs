@@ -1,0 +1,293 @@
+//! The coordinator: the build lifecycle, with no I/O of its own.
+//!
+//! It decides what happens to builds and agents and records every change
+//! through the [`Store`] and the [`AgentPool`] before it reports success.
+//! It never sleeps, never sends anything and reads time only from its
+//! [`Clock`]: callers feed it what happened (a build submitted, an agent
+//! registered, a result, a failed dispatch, the passage of time) and carry
+//! out the [`Dispatch`]es and [`StopOrder`]s it returns. One task owns it
+//! (the [`Dispatcher`](crate::Dispatcher)); the most frequent traffic,
+//! heartbeats and live output, goes through a [`Fence`] instead and never
+//! waits for that task. The HTTP server, the embedded
+//! [`LocalCluster`](crate::LocalCluster) and the deterministic simulation
+//! all drive this same code.
+//!
+//! # Guarantees
+//! - Every dispatch is a new, numbered attempt, started in the store with a
+//!   lease. Heartbeats and results are fenced by attempt: a superseded
+//!   attempt changes nothing.
+//! - A build finishes once. A re-delivery of the accepted result is
+//!   acknowledged as a duplicate; any other second result is a conflict.
+//! - An agent never holds more builds than its capacity.
+//! - A scheduling pass starts its attempts in one store step: if the store
+//!   fails, none is started, so none is stranded.
+//! - After a restart, [`CoordinatorBuilder::build`] gives running builds a
+//!   fresh lease on their agents (or puts them back in the queue if their
+//!   agent is unknown), so their agents have time to report in.
+
+mod agents;
+mod fence;
+mod lifecycle;
+mod messages;
+mod plan;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use fence::{Fence, Sender};
+pub use messages::{
+    Accepted, Cancel, Dispatch, DispatchFailure, Event, HandBack, Heartbeat, LeaveReason, Registration,
+    Report, StopOrder,
+};
+
+use crate::clock::{Clock, Timestamp};
+use crate::error::{Error, Result};
+use crate::lease::LeasePolicy;
+use crate::model::{AgentId, BuildId};
+use crate::pool::{Agent, AgentPool, StoreAgentPool};
+use crate::scheduler::{Fifo, Scheduler};
+use crate::store::{Lease, Store};
+
+/// How many times an attempt may be handed back for a failure of the
+/// machinery before the build fails instead.
+pub const MAX_HAND_BACKS: u32 = 3;
+
+/// The build lifecycle. See the [module docs](self).
+pub struct Coordinator {
+    store: Arc<dyn Store>,
+    pool: Arc<dyn AgentPool>,
+    scheduler: Box<dyn Scheduler>,
+    clock: Arc<dyn Clock>,
+    policy: LeasePolicy,
+    fence: Fence,
+    /// When each queued build (re)entered the queue, for dispatch latency.
+    queued_since: HashMap<BuildId, Timestamp>,
+    /// Hand-backs per build, against [`MAX_HAND_BACKS`].
+    hand_backs: HashMap<BuildId, u32>,
+    events: Vec<Event>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Coordinator`].
+pub struct CoordinatorBuilder {
+    store: Arc<dyn Store>,
+    pool: Option<Arc<dyn AgentPool>>,
+    scheduler: Box<dyn Scheduler>,
+    clock: Arc<dyn Clock>,
+    policy: LeasePolicy,
+}
+
+impl std::fmt::Debug for CoordinatorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorBuilder")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CoordinatorBuilder {
+    /// Uses this agent pool instead of a [`StoreAgentPool`] on the store.
+    pub fn pool(mut self, pool: Arc<dyn AgentPool>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Uses this policy instead of [`Fifo`].
+    pub fn scheduler(mut self, scheduler: impl Scheduler + 'static) -> Self {
+        self.scheduler = Box::new(scheduler);
+        self
+    }
+
+    /// Uses this clock instead of the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets the heartbeat interval and how many may be missed.
+    pub fn lease(mut self, policy: LeasePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Builds the coordinator, recovering agents and running builds from
+    /// the store.
+    pub async fn build(self) -> Result<Coordinator> {
+        let now = self.clock.now();
+        let pool: Arc<dyn AgentPool> = match self.pool {
+            Some(p) => p,
+            None => Arc::new(StoreAgentPool::load(self.store.clone(), now).await?),
+        };
+        let fence = Fence::new(self.store.clone(), pool.clone(), self.clock.clone(), self.policy);
+        let mut c = Coordinator {
+            store: self.store,
+            pool,
+            scheduler: self.scheduler,
+            clock: self.clock,
+            policy: self.policy,
+            fence,
+            queued_since: HashMap::new(),
+            hand_backs: HashMap::new(),
+            events: Vec::new(),
+        };
+        c.recover(now).await?;
+        Ok(c)
+    }
+}
+
+// === impl Coordinator ===
+
+impl Coordinator {
+    /// Starts building a coordinator over `store`.
+    pub fn builder(store: Arc<dyn Store>) -> CoordinatorBuilder {
+        CoordinatorBuilder {
+            store,
+            pool: None,
+            scheduler: Box::new(Fifo),
+            clock: Arc::new(crate::clock::SystemClock::new()),
+            policy: LeasePolicy::default(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The agent pool.
+    pub fn pool(&self) -> &Arc<dyn AgentPool> {
+        &self.pool
+    }
+
+    /// The path of heartbeats and live output, which needs no coordinator.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// The lease policy.
+    pub fn lease_policy(&self) -> LeasePolicy {
+        self.policy
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Takes the events recorded since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Running builds get a fresh lease; those whose agent is unknown (or
+    /// has no free slot for them) go back to the queue.
+    async fn recover(&mut self, now: Timestamp) -> Result<()> {
+        self.store.extend_leases(self.policy.deadline(now)).await?;
+        for lease in self.store.leases().await? {
+            let holder = self
+                .pool
+                .get(lease.agent)
+                .await?
+                .filter(|a| a.free_slots() > 0 || a.running.contains(&lease.build));
+            match holder {
+                Some(_) => {
+                    self.pool.hold(lease.agent, lease.build).await?;
+                }
+                None => self.requeue(&lease, now).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent with this id, if it is in the pool.
+    pub async fn agent(&self, id: AgentId) -> Result<Option<Agent>> {
+        self.pool.get(id).await
+    }
+
+    /// Every agent in the pool.
+    pub async fn agents(&self) -> Result<Vec<Agent>> {
+        self.pool.agents().await
+    }
+
+    /// The agent whose session secret this is. See [`AgentPool::by_secret`].
+    pub async fn agent_by_secret(&self, secret: &str) -> Result<Option<AgentId>> {
+        self.pool.by_secret(secret).await
+    }
+
+    /// The lease on a build, if it is running.
+    pub async fn lease(&self, build: BuildId) -> Result<Option<Lease>> {
+        Ok(self.store.leases().await?.into_iter().find(|l| l.build == build))
+    }
+
+    /// A heartbeat or an idle agent's ping: see [`Fence::heartbeat`].
+    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<()> {
+        self.fence.heartbeat(hb).await
+    }
+
+    /// Puts a leased build back in the queue and frees its agent's slot.
+    async fn requeue(&mut self, lease: &Lease, now: Timestamp) -> Result<()> {
+        if self.store.requeue(lease.build, lease.attempt).await? {
+            self.queued_since.insert(lease.build, now);
+            self.events.push(Event::Requeued {
+                build: lease.build,
+                attempt: lease.attempt,
+            });
+        }
+        self.pool.release(lease.agent, lease.build, now).await
+    }
+
+    /// Expires lapsed leases and silent agents: such an agent is dropped and
+    /// its builds go back to the queue. Returns how many agents were
+    /// dropped.
+    pub async fn expire(&mut self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut dead: Vec<(AgentId, LeaveReason)> = Vec::new();
+        for lease in self.store.lapsed(now, 1024).await? {
+            if self.pool.get(lease.agent).await?.is_some() {
+                dead.push((lease.agent, LeaveReason::MissedHeartbeats));
+            } else {
+                // Its agent is already gone: only the build is left to move.
+                self.requeue(&lease, now).await?;
+            }
+        }
+        for agent in self.pool.silent(now, self.policy.ttl()).await? {
+            dead.push((agent, LeaveReason::Silent));
+        }
+        dead.sort_by_key(|(a, _)| *a);
+        dead.dedup_by_key(|(a, _)| *a);
+        for (agent, reason) in &dead {
+            self.drop_agent(*agent, *reason).await?;
+        }
+        Ok(dead.len())
+    }
+
+    /// The earliest time at which [`Coordinator::expire`] may have work, or
+    /// an agent's cooldown ends.
+    pub async fn next_deadline(&self) -> Result<Option<Timestamp>> {
+        let leases = self.store.next_deadline().await?;
+        let agents = self.pool.next_deadline(self.policy.ttl()).await?;
+        Ok(leases.into_iter().chain(agents).min())
+    }
+
+    /// Refuses a request about `holder`'s work unless it came, proven, from
+    /// `holder` itself (when `holder` authenticates at all).
+    async fn check_sender(&self, holder: AgentId, sender: Option<AgentId>, verified: bool) -> Result<()> {
+        let authenticates = self.pool.get(holder).await?.is_some_and(|a| a.secret.is_some());
+        if authenticates && !(verified && sender == Some(holder)) {
+            return Err(Error::Unauthenticated(format!(
+                "agent {holder} proves its identity with a session secret; this request did not"
+            )));
+        }
+        Ok(())
+    }
+}

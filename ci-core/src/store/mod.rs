@@ -1,0 +1,208 @@
+//! Persistence, split by concern, and async: the queue and its leases
+//! ([`Queue`]), live and final logs ([`Logs`]), the read side of the API
+//! ([`Builds`]), and the agents' records ([`Agents`]). A [`Store`] is all
+//! four. [`MemoryStore`] is the reference implementation, [`FaultyStore`]
+//! one that fails when told to (for tests); `ci-store` provides SQLite.
+//!
+//! Every method is one atomic step: it happens entirely or not at all, and
+//! once it returns `Ok` it is durable as far as the implementation promises.
+//! The state-changing methods are *fenced*: they take the attempt they
+//! expect and do nothing (returning `false`, or an error saying why) if the
+//! build moved on.
+//!
+//! **Leases live here**, as a deadline on each running attempt, so that a
+//! restarted server, or a second one, sees them: [`Queue::start`] grants
+//! them, [`Queue::renew`] (a heartbeat) extends them, [`Queue::lapsed`]
+//! finds the expired ones.
+
+use async_trait::async_trait;
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::model::{
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo, LogPiece,
+    NewBuild, Page,
+};
+use crate::pool::Enrollment;
+use crate::runner::Stream;
+
+mod faulty;
+mod memory;
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance;
+
+pub use faulty::{FaultyStore, Op};
+pub use memory::{assemble, refuse_renewal, MemoryStore, Taken};
+
+/// A running attempt's hold on its build.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The build.
+    pub build: BuildId,
+    /// The attempt that holds it.
+    pub attempt: Attempt,
+    /// The agent running the attempt.
+    pub agent: AgentId,
+    /// When the lease lapses unless renewed.
+    pub expires_at: Timestamp,
+}
+
+impl Lease {
+    /// True if the lease has lapsed at `now`.
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        now >= self.expires_at
+    }
+}
+
+/// A queued build to start on an agent, with its first lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// The build.
+    pub build: BuildId,
+    /// The agent.
+    pub agent: AgentId,
+    /// The agent's URL, kept on the build after the agent is gone.
+    pub agent_url: String,
+    /// Until when the new attempt holds the build without a heartbeat.
+    pub lease_until: Timestamp,
+}
+
+/// The queue: builds from creation to their end, attempts and leases.
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Stores a new queued build and gives it the next, never used, number.
+    async fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build>;
+
+    /// Up to `limit` queued builds, oldest first.
+    async fn queued(&self, limit: usize) -> Result<Vec<Build>>;
+
+    /// Starts the claimed builds, all in one step: each that is still
+    /// queued becomes running as its next attempt, on its agent, leased
+    /// until the claim's deadline; one that is not queued any more is
+    /// skipped. Returns the builds started. A failure starts none, so no
+    /// attempt is ever left running that nobody was told of.
+    async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Build>>;
+
+    /// A heartbeat: extends the lease of the running attempt of `id` to
+    /// `until`. `attempt` and `agent`, when given, must be the running
+    /// attempt's. Errors: [`BuildNotFound`](crate::Error::BuildNotFound),
+    /// [`NotRunning`](crate::Error::NotRunning),
+    /// [`Superseded`](crate::Error::Superseded) for an older attempt,
+    /// [`Conflict`](crate::Error::Conflict) for a newer one or another agent.
+    async fn renew(
+        &self,
+        id: BuildId,
+        attempt: Option<Attempt>,
+        agent: Option<AgentId>,
+        until: Timestamp,
+    ) -> Result<Lease>;
+
+    /// Puts a running build back in the queue, keeping its attempt number,
+    /// if `attempt` is still its latest. Returns whether it did.
+    async fn requeue(&self, id: BuildId, attempt: Attempt) -> Result<bool>;
+
+    /// Records the result of `attempt` and finishes the build, if the build
+    /// is unfinished and `attempt` is its latest. Returns whether it did.
+    async fn finish(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        result: &Completion,
+        now: Timestamp,
+    ) -> Result<bool>;
+
+    /// Cancels a build that is queued, or running as `attempt`. Returns
+    /// whether it did.
+    async fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> Result<bool>;
+
+    /// The lease of every running attempt.
+    async fn leases(&self) -> Result<Vec<Lease>>;
+
+    /// Up to `limit` running attempts whose lease has lapsed at `now`,
+    /// earliest deadline first.
+    async fn lapsed(&self, now: Timestamp, limit: usize) -> Result<Vec<Lease>>;
+
+    /// The earliest deadline of any lease.
+    async fn next_deadline(&self) -> Result<Option<Timestamp>>;
+
+    /// Gives every running attempt a lease until at least `until`: after a
+    /// restart, so that agents have time to report in.
+    async fn extend_leases(&self, until: Timestamp) -> Result<()>;
+}
+
+/// Build output: live pieces while an attempt runs, the accepted result's
+/// log afterwards.
+#[async_trait]
+pub trait Logs: Send + Sync {
+    /// Appends live output of `attempt`, if it is the build's running
+    /// attempt. Pieces are taken in `seq` order; a `seq` at or below the
+    /// highest already taken is a repeat and ignored, and nothing is kept
+    /// past [`limits::MAX_LOG`](crate::model::limits::MAX_LOG) per stream.
+    /// Returns how many pieces were stored. Consecutive pieces of one stream
+    /// may be stored as one (with the last one's `seq`), and the cost does
+    /// not grow with what is already stored.
+    async fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize>;
+
+    /// Live output of `attempt` with `seq` above `after`, in order, at most
+    /// `limit` of them.
+    async fn log_pieces(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<LogPiece>>;
+
+    /// The output of one attempt; the latest if `attempt` is `None`: the
+    /// accepted result's log if there is one, else what was streamed.
+    async fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>>;
+
+    /// What [`Logs::log`] would return, without the text: for answering
+    /// with a log of any size in bounded memory.
+    async fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<LogInfo>>;
+
+    /// Up to `max` bytes of one stream of an attempt's accepted log, from
+    /// byte `offset` (which may fall inside a character); empty past the
+    /// end or if there is no accepted log.
+    async fn read_log(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        stream: Stream,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>>;
+}
+
+/// The read side of the API.
+#[async_trait]
+pub trait Builds: Send + Sync {
+    /// The build with this id.
+    async fn build(&self, id: BuildId) -> Result<Option<Build>>;
+
+    /// A page of builds, newest first.
+    async fn list_builds(&self, page: Page) -> Result<Vec<Build>>;
+
+    /// How many builds are in each status.
+    async fn status_counts(&self) -> Result<Vec<(BuildStatus, u64)>>;
+}
+
+/// The agents' records, which outlive a server process.
+#[async_trait]
+pub trait Agents: Send + Sync {
+    /// Registers an agent with a new id, never used before, replacing any
+    /// agent registered at the same URL.
+    async fn register_agent(&self, enrollment: &Enrollment, now: Timestamp) -> Result<AgentRecord>;
+
+    /// Forgets an agent. Not an error if it is already gone.
+    async fn remove_agent(&self, id: AgentId) -> Result<()>;
+
+    /// Every registered agent.
+    async fn agents(&self) -> Result<Vec<AgentRecord>>;
+}
+
+/// All of persistence: what a server runs on.
+pub trait Store: Queue + Logs + Builds + Agents {}
+
+impl<T: Queue + Logs + Builds + Agents> Store for T {}

@@ -1,0 +1,298 @@
+//! The agent protocol: registration, heartbeats and pings, results, live
+//! output, hand-backs and leaves. Heartbeats and live output go through
+//! the fence, never waiting for the coordinator's task.
+
+use std::net::SocketAddr;
+
+use ci_core::coordinator::{Accepted, HandBack, Heartbeat, Report, Sender};
+use ci_core::protocol::{
+    NotifyAgent, NotifyAgentAlive, NotifyAgentLeave, NotifyAgentReply, NotifyBuildHandback, NotifyBuildLog,
+    NotifyBuildResult,
+};
+use ci_core::{AgentId, Completion, Enrollment, LogPiece};
+use warp::http::StatusCode;
+use warp::reply::{json, Response};
+use warp::{Filter, Rejection, Reply};
+
+use super::{bearer, json_body, respond, with_app, ApiError, App, Result, MAX_BODY, MAX_RESULT_BODY};
+
+/// The agent protocol's routes.
+pub(super) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    notify_agent(app.clone())
+        .or(notify(app.clone(), "notify_agent_alive", MAX_BODY, alive))
+        .unify()
+        .or(notify(
+            app.clone(),
+            "notify_build_result",
+            MAX_RESULT_BODY,
+            result,
+        ))
+        .unify()
+        .or(notify(app.clone(), "notify_build_log", MAX_RESULT_BODY, log))
+        .unify()
+        .or(notify(app.clone(), "notify_build_handback", MAX_BODY, handback))
+        .unify()
+        .or(notify(app, "notify_agent_leave", MAX_BODY, leave))
+        .unify()
+}
+
+fn agent_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    bearer(app.config.agent_token.clone(), "AGENT_TOKEN")
+}
+
+fn session_secret() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Copy {
+    warp::header::optional::<String>(ci_core::auth::SESSION_HEADER)
+}
+
+/// `POST /{name}` with a JSON body of up to `limit` bytes, from an agent
+/// (token checked), answered by `handle`.
+fn notify<B, F, Fut>(
+    app: App,
+    name: &'static str,
+    limit: u64,
+    handle: F,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone
+where
+    B: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(App, Option<String>, B) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response>> + Send,
+{
+    warp::path(name)
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(agent_auth(&app))
+        .and(with_app(app))
+        .and(session_secret())
+        .and(json_body::<B>(limit))
+        .and_then(move |app: App, secret: Option<String>, body: B| {
+            let handle = handle.clone();
+            async move { Ok::<_, Rejection>(respond(handle(app, secret, body).await)) }
+        })
+}
+
+fn notify_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("notify_agent")
+        .and(warp::post())
+        .and(agent_auth(&app))
+        .and(with_app(app))
+        .and(crate::listen::remote())
+        .and(session_secret())
+        .and(json_body(MAX_BODY))
+        .and_then(
+            |app: App, remote: Option<SocketAddr>, proof: Option<String>, body: NotifyAgent| async move {
+                Ok::<_, Rejection>(respond(register(&app, remote, proof, body).await))
+            },
+        )
+}
+
+async fn sender(app: &App, secret: Option<&str>, claimed: Option<AgentId>) -> Result<Sender> {
+    Ok(app.dispatcher.fence().sender(secret, claimed).await?)
+}
+
+async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Result<Response> {
+    let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
+    let hb = Heartbeat {
+        build: body.id,
+        attempt: body.attempt,
+        agent: sender.agent,
+        verified: sender.verified,
+    };
+    app.dispatcher.heartbeat(hb).await?;
+    Ok(json(&serde_json::json!({"ok": true})).into_response())
+}
+
+async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Result<Response> {
+    let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
+    let report = Report {
+        build: body.id,
+        attempt: body.attempt,
+        agent: sender.agent,
+        verified: sender.verified,
+        completion: Completion {
+            exit_code: body.status,
+            stdout: body.stdout,
+            stderr: body.stderr,
+        },
+    };
+    let reply = match app.dispatcher.complete(report).await? {
+        Accepted::Finished(b) => serde_json::json!({"stored": true, "status": b.status}),
+        Accepted::Duplicate(b) => serde_json::json!({"stored": true, "duplicate": true, "status": b.status}),
+    };
+    Ok(json(&reply).into_response())
+}
+
+async fn log(app: App, secret: Option<String>, body: NotifyBuildLog) -> Result<Response> {
+    let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
+    let hb = Heartbeat {
+        build: Some(body.id),
+        attempt: body.attempt,
+        agent: sender.agent,
+        verified: sender.verified,
+    };
+    let pieces: Vec<LogPiece> = body
+        .pieces
+        .into_iter()
+        .map(|p| LogPiece {
+            seq: p.seq,
+            stream: p.stream,
+            data: p.data,
+        })
+        .collect();
+    let stored = app.dispatcher.output(hb, &pieces).await?;
+    Ok(json(&serde_json::json!({ "stored": stored })).into_response())
+}
+
+async fn handback(app: App, secret: Option<String>, body: NotifyBuildHandback) -> Result<Response> {
+    let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
+    let reason: String = body.reason.chars().take(4096).collect();
+    tracing::warn!(build = %body.id, attempt = %body.attempt, agent = ?sender.agent, %reason, "attempt handed back");
+    let back = HandBack {
+        build: body.id,
+        attempt: body.attempt,
+        agent: sender.agent,
+        verified: sender.verified,
+        reason,
+    };
+    app.dispatcher.hand_back(back).await?;
+    Ok(json(&serde_json::json!({ "ok": true })).into_response())
+}
+
+async fn leave(app: App, secret: Option<String>, body: NotifyAgentLeave) -> Result<Response> {
+    let sender = sender(&app, secret.as_deref(), Some(body.agent_id)).await?;
+    app.dispatcher.agent_left(body.agent_id, sender.verified).await?;
+    tracing::info!(agent = %body.agent_id, "agent left");
+    Ok(json(&serde_json::json!({ "ok": true })).into_response())
+}
+
+async fn register(
+    app: &App,
+    remote: Option<SocketAddr>,
+    proof: Option<String>,
+    body: NotifyAgent,
+) -> Result<impl Reply> {
+    let url = agent_url(body.host.as_deref(), body.port, remote)?;
+    let capacity = body.capacity.unwrap_or(1);
+    if !(1..=NotifyAgent::MAX_CAPACITY).contains(&capacity) {
+        return Err(ApiError::bad_request(format!(
+            "capacity must be 1 to {}",
+            NotifyAgent::MAX_CAPACITY
+        )));
+    }
+    let secret = match body.session {
+        true => Some(
+            ci_core::auth::random_secret()
+                .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no randomness: {e}")))?,
+        ),
+        false => None,
+    };
+    let enrollment = Enrollment {
+        url: url.clone(),
+        secret: secret.clone(),
+        capacity,
+        labels: body.labels.unwrap_or_default(),
+    };
+    let reg = app.dispatcher.register(enrollment, proof).await?;
+    tracing::info!(agent = %reg.id, %url, session = body.session, capacity, "agent registered");
+    Ok(json(&NotifyAgentReply {
+        id: reg.id,
+        timeout: reg.heartbeat_ms,
+        secret,
+    }))
+}
+
+/// The base URL of an agent from what it announced: `host` with or without
+/// a scheme and a port (the `port` field wins). Without a usable host, the
+/// request's source address is used. Mirrors `HOST_PATTERN` in the OpenAPI
+/// document exactly.
+pub(crate) fn agent_url(host: Option<&str>, port: u16, remote: Option<SocketAddr>) -> Result<String> {
+    let bad = |why: &str| ApiError::bad_request(format!("invalid host {host:?}: {why}"));
+    let h = host.unwrap_or("");
+    let (scheme, rest) = match h.split_once("://") {
+        Some((s, rest)) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {
+            (s.to_ascii_lowercase(), rest)
+        }
+        Some(_) => return Err(bad("scheme must be http or https")),
+        None => ("http".to_owned(), h),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    // Drop a `:port` suffix (after `]` for IPv6, or the only colon).
+    let name = match rest.rsplit_once(':') {
+        Some((n, p))
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok()
+                && (!n.contains(':') || (n.starts_with('[') && n.ends_with(']'))) =>
+        {
+            n
+        }
+        _ => rest,
+    };
+    let ipv6 = name.strip_prefix('[').and_then(|n| n.strip_suffix(']'));
+    let name = match ipv6 {
+        Some(inner) => {
+            let ip: std::net::Ipv6Addr = inner.parse().map_err(|_| bad("not an IPv6 address"))?;
+            (!ip.is_unspecified()).then(|| format!("[{ip}]"))
+        }
+        None => {
+            let hostname = name.len() <= 253
+                && !name.starts_with('-')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !hostname {
+                return Err(bad("not a host name or IP address"));
+            }
+            (!name.is_empty() && name != "0.0.0.0").then(|| name.to_owned())
+        }
+    };
+    let name = match (name, remote) {
+        (Some(n), _) => n,
+        (None, Some(SocketAddr::V4(a))) => a.ip().to_string(),
+        (None, Some(SocketAddr::V6(a))) => format!("[{}]", a.ip()),
+        (None, None) => return Err(bad("no host given and no source address")),
+    };
+    Ok(format!("{scheme}://{name}:{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_urls_from_what_agents_announce() {
+        let remote: Option<SocketAddr> = Some("127.0.0.7:5555".parse().unwrap());
+        let url = |h: Option<&str>, p| agent_url(h, p, remote);
+        assert_eq!(
+            url(Some("http://agent-01"), 3001).unwrap(),
+            "http://agent-01:3001"
+        );
+        assert_eq!(url(Some("agent-01"), 3001).unwrap(), "http://agent-01:3001");
+        assert_eq!(
+            url(Some("http://agent-01:3001/"), 3001).unwrap(),
+            "http://agent-01:3001"
+        );
+        assert_eq!(url(Some("HTTPS://a.b"), 1).unwrap(), "https://a.b:1");
+        assert_eq!(url(Some("[::1]"), 1).unwrap(), "http://[::1]:1");
+        assert_eq!(url(None, 3001).unwrap(), "http://127.0.0.7:3001");
+        assert_eq!(url(Some("0.0.0.0"), 3001).unwrap(), "http://127.0.0.7:3001");
+        assert_eq!(url(Some(""), 3001).unwrap(), "http://127.0.0.7:3001");
+        assert_eq!(url(Some(":80"), 3001).unwrap(), "http://127.0.0.7:3001");
+        assert_eq!(url(Some("[::1]:80"), 3001).unwrap(), "http://[::1]:3001");
+        assert_eq!(url(Some("[::]"), 3001).unwrap(), "http://127.0.0.7:3001");
+        for bad in [
+            "ftp://x",
+            "a b",
+            "x/y",
+            "-x",
+            "user@host",
+            "http://a/b/c",
+            " a",
+            "::1",
+            "[::g]",
+            "a:",
+            "\u{8b}",
+        ] {
+            assert!(url(Some(bad), 1).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,628 @@
+//! [`SqliteStore`]: the four store traits on one SQLite file.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use ci_core::model::LogPiece;
+use ci_core::store::{Agents, Builds, Claim, Lease, Logs, Queue, Taken};
+use ci_core::{
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, LogInfo,
+    NewBuild, Page, Stream, Timestamp,
+};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::checkpoint::{checkpoint_loop, CHECKPOINT_PAGES};
+use crate::rows::{
+    build_from_row, final_log_row, get_build, labels_from, labels_text, lease_from_row, limit, pieces,
+    query_builds, stream_name, ts, BUILD_COLUMNS,
+};
+use crate::schema::{connect, diagnose, migrate, own};
+use crate::writer::Writer;
+use crate::{Error, Options};
+
+/// Reader connections kept open between reads.
+const READERS: usize = 4;
+
+/// The SQLite store. See the [crate docs](crate).
+#[derive(Debug)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    writer: Writer,
+    checkpointer: Option<JoinHandle<()>>,
+    /// N.B.: an exclusive `flock` on the database file for as long as the
+    /// store lives. SQLite's own locks let a second server share the file,
+    /// and two schedulers on one queue run builds twice. Last, so it is
+    /// closed after the connections: closing any descriptor of the file
+    /// drops this process's POSIX locks on it, SQLite's included.
+    _owner: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// What reads share, off the async threads.
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    options: Options,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with default
+    /// options, and brings its schema up to date.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, Error> {
+        Self::open_with(path, Options::default())
+    }
+
+    /// Opens the database at `path` with `options`.
+    pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<SqliteStore, Error> {
+        let path = path.as_ref().to_path_buf();
+        let mut writer = connect(&path, options).map_err(|e| diagnose(&path, e))?;
+        let owner = own(&writer, &path)?;
+        migrate(&writer).map_err(|e| match e {
+            Error::Sqlite(e) => diagnose(&path, e),
+            e => e,
+        })?;
+        let checkpoints = connect(&path, options).map_err(|e| diagnose(&path, e))?;
+        let (wake, woken) = mpsc::sync_channel(1);
+        let checkpointer = std::thread::Builder::new()
+            .name("ci-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoints, &woken))
+            .map_err(Error::Thread)?;
+        // Replaces the writer's inline autocheckpoint. The hook goes with
+        // the writer's connection, and with it the only sender, which ends
+        // the checkpoint loop.
+        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            if pages >= CHECKPOINT_PAGES {
+                // Full means a checkpoint is already due; nothing to add.
+                let _ = wake.try_send(());
+            }
+            Ok(())
+        }))?;
+        Ok(SqliteStore {
+            shared: Arc::new(Shared {
+                path,
+                options,
+                readers: Mutex::new(Vec::new()),
+            }),
+            writer: Writer::spawn(writer)?,
+            checkpointer: Some(checkpointer),
+            _owner: owner,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Runs `PRAGMA integrity_check` and returns its verdict (`"ok"` when
+    /// the file is sound).
+    pub fn integrity_check(&self) -> Result<String, Error> {
+        self.shared
+            .with_reader(|r| Ok(r.query_row("PRAGMA integrity_check", [], |row| row.get(0))?))
+    }
+
+    /// Runs `f` in a transaction on the writer's thread.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, Error> + Send + 'static,
+    ) -> ci_core::Result<T> {
+        Ok(self.writer.write(f).await?)
+    }
+
+    /// Runs `f` with a reader connection, off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
+    ) -> ci_core::Result<T> {
+        let shared = self.shared.clone();
+        let out = tokio::task::spawn_blocking(move || shared.with_reader(f))
+            .await
+            .map_err(|e| ci_core::Error::Unavailable(format!("store reader: {e}")))?;
+        Ok(out?)
+    }
+
+    /// A reader connection for tests and tools, used synchronously.
+    #[doc(hidden)]
+    pub fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+        self.shared.with_reader(f)
+    }
+}
+
+impl Shared {
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+        let pooled = self.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => connect(&self.path, self.options)?,
+        };
+        let out = f(&conn);
+        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if readers.len() < READERS {
+            readers.push(conn);
+        }
+        out
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // The writer's connection goes with its thread, and with it the WAL
+        // hook whose sender keeps the checkpoint loop alive.
+        self.writer.stop();
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Why a renewal found nothing to renew, from what the build is now.
+fn refusal(tx: &Transaction<'_>, id: BuildId, attempt: Option<Attempt>, agent: Option<AgentId>) -> Error {
+    match get_build(tx, id) {
+        Ok(build) => match ci_core::store::refuse_renewal(build.as_ref(), id, attempt, agent) {
+            Some(e) => Error::Refused(e),
+            None => Error::Corrupt(format!(
+                "build {id} is running but its lease could not be renewed"
+            )),
+        },
+        Err(e) => e,
+    }
+}
+
+fn leases(conn: &Connection, sql_tail: &str, p: impl rusqlite::Params) -> Result<Vec<Lease>, Error> {
+    let sql =
+        format!("SELECT id, attempt, agent_id, lease_until FROM builds WHERE status = 'running' {sql_tail}");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(p, lease_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// === impl Queue ===
+
+#[async_trait]
+impl Queue for SqliteStore {
+    async fn create_build(&self, new: &NewBuild, now: Timestamp) -> ci_core::Result<Build> {
+        let new = new.clone();
+        self.write(move |tx| {
+            let sql = format!(
+                "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7) RETURNING {BUILD_COLUMNS}"
+            );
+            Ok(tx.prepare_cached(&sql)?.query_row(
+                params![
+                    new.repo.as_str(),
+                    new.hash.as_str(),
+                    new.branch,
+                    new.command,
+                    new.image,
+                    new.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+                    ts(now),
+                ],
+                build_from_row,
+            )?)
+        })
+        .await
+    }
+
+    async fn queued(&self, n: usize) -> ci_core::Result<Vec<Build>> {
+        self.writer
+            .with_connection(move |conn| {
+                let sql = format!(
+                    "SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'queued' ORDER BY id LIMIT ?1"
+                );
+                query_builds(conn, &sql, [limit(n)])
+            })
+            .await
+            .map_err(Into::into)
+    }
+
+    async fn start(&self, claims: &[Claim], now: Timestamp) -> ci_core::Result<Vec<Build>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let claims = claims.to_vec();
+        self.write(move |tx| {
+            let sql = format!(
+                "UPDATE builds SET status = 'running', attempt = attempt + 1,
+                    agent_id = ?2, agent_url = ?3, started_at = ?4, lease_until = ?5
+                 WHERE id = ?1 AND status = 'queued' RETURNING {BUILD_COLUMNS}"
+            );
+            let mut stmt = tx.prepare_cached(&sql)?;
+            let mut started = Vec::with_capacity(claims.len());
+            for c in &claims {
+                let build = stmt
+                    .query_row(
+                        params![c.build.0, c.agent.0, c.agent_url, ts(now), ts(c.lease_until)],
+                        build_from_row,
+                    )
+                    .optional()?;
+                started.extend(build);
+            }
+            Ok(started)
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        id: BuildId,
+        attempt: Option<Attempt>,
+        agent: Option<AgentId>,
+        until: Timestamp,
+    ) -> ci_core::Result<Lease> {
+        self.write(move |tx| {
+            let renewed = tx
+                .prepare_cached(
+                    "UPDATE builds SET lease_until = MAX(COALESCE(lease_until, 0), ?4)
+                     WHERE id = ?1 AND status = 'running' AND attempt = COALESCE(?2, attempt)
+                       AND (?3 IS NULL OR agent_id = ?3)
+                     RETURNING id, attempt, agent_id, lease_until",
+                )?
+                .query_row(
+                    params![id.0, attempt.map(|a| a.0), agent.map(|a| a.0), ts(until)],
+                    lease_from_row,
+                )
+                .optional()?;
+            renewed.ok_or_else(|| refusal(tx, id, attempt, agent))
+        })
+        .await
+    }
+
+    async fn requeue(&self, id: BuildId, attempt: Attempt) -> ci_core::Result<bool> {
+        self.write(move |tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET status = 'queued', lease_until = NULL
+                     WHERE id = ?1 AND status = 'running' AND attempt = ?2",
+                )?
+                .execute(params![id.0, attempt.0])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        result: &Completion,
+        now: Timestamp,
+    ) -> ci_core::Result<bool> {
+        let status = BuildStatus::from_exit_code(result.exit_code);
+        let result = result.clone();
+        self.write(move |tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET status = ?3, exit_code = ?4, finished_at = ?5, lease_until = NULL
+                     WHERE id = ?1 AND attempt = ?2 AND attempt > 0
+                       AND status IN ('queued', 'running')",
+                )?
+                .execute(params![id.0, attempt.0, status.as_str(), result.exit_code, ts(now)])?;
+            if n == 0 {
+                return Ok(false);
+            }
+            tx.prepare_cached(
+                "INSERT INTO build_logs (build_id, attempt, stdout, stderr) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (build_id, attempt) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr",
+            )?
+            .execute(params![id.0, attempt.0, result.stdout, result.stderr])?;
+            tx.prepare_cached("DELETE FROM log_pieces WHERE build_id = ?1 AND attempt = ?2")?
+                .execute(params![id.0, attempt.0])?;
+            tx.prepare_cached("DELETE FROM live_logs WHERE build_id = ?1 AND attempt = ?2")?
+                .execute(params![id.0, attempt.0])?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> ci_core::Result<bool> {
+        self.write(move |tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET status = 'canceled', finished_at = ?3, lease_until = NULL
+                     WHERE id = ?1 AND attempt = ?2 AND status IN ('queued', 'running')",
+                )?
+                .execute(params![id.0, attempt.0, ts(now)])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn leases(&self) -> ci_core::Result<Vec<Lease>> {
+        self.writer
+            .with_connection(|conn| leases(conn, "ORDER BY id", []))
+            .await
+            .map_err(Into::into)
+    }
+
+    async fn lapsed(&self, now: Timestamp, n: usize) -> ci_core::Result<Vec<Lease>> {
+        self.writer
+            .with_connection(move |conn| {
+                leases(
+                    conn,
+                    "AND COALESCE(lease_until, 0) <= ?1 ORDER BY lease_until, id LIMIT ?2",
+                    params![ts(now), limit(n)],
+                )
+            })
+            .await
+            .map_err(Into::into)
+    }
+
+    async fn next_deadline(&self) -> ci_core::Result<Option<Timestamp>> {
+        self.writer
+            .with_connection(|conn| {
+                let min: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT MIN(COALESCE(lease_until, 0)) FROM builds WHERE status = 'running'",
+                    )?
+                    .query_row([], |r| r.get(0))?;
+                Ok(min.map(|m| Timestamp(m.max(0) as u64)))
+            })
+            .await
+            .map_err(Into::into)
+    }
+
+    async fn extend_leases(&self, until: Timestamp) -> ci_core::Result<()> {
+        self.write(move |tx| {
+            tx.prepare_cached(
+                "UPDATE builds SET lease_until = MAX(COALESCE(lease_until, 0), ?1) WHERE status = 'running'",
+            )?
+            .execute([ts(until)])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+// === impl Logs ===
+
+#[async_trait]
+impl Logs for SqliteStore {
+    async fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> ci_core::Result<usize> {
+        let pieces = pieces.to_vec();
+        self.write(move |tx| {
+            let running: bool = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM builds WHERE id = ?1 AND attempt = ?2 AND status = 'running')",
+                )?
+                .query_row(params![id.0, attempt.0], |r| r.get(0))?;
+            if !running {
+                return Ok(0);
+            }
+            let before = tx
+                .prepare_cached(
+                    "SELECT last_seq, stdout_bytes, stderr_bytes FROM live_logs
+                     WHERE build_id = ?1 AND attempt = ?2",
+                )?
+                .query_row(params![id.0, attempt.0], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
+                .optional()?;
+            let mut taken = match before {
+                Some((last, out, err)) => Taken::new(
+                    u64::try_from(last).ok(),
+                    [usize::try_from(out).unwrap_or(0), usize::try_from(err).unwrap_or(0)],
+                ),
+                None => Taken::new(None, [0, 0]),
+            };
+            let before_last = taken.last;
+            let rows = taken.take(&pieces);
+            let Some(last) = taken.last.filter(|l| before_last != Some(*l)) else {
+                return Ok(0); // nothing new: repeats only
+            };
+            let seq = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let size = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            for row in &rows {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO log_pieces (build_id, attempt, seq, stream, data)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![id.0, attempt.0, seq(row.seq), stream_name(row.stream), row.data])?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO live_logs (build_id, attempt, last_seq, stdout_bytes, stderr_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (build_id, attempt) DO UPDATE SET last_seq = excluded.last_seq,
+                    stdout_bytes = excluded.stdout_bytes, stderr_bytes = excluded.stderr_bytes",
+            )?
+            .execute(params![id.0, attempt.0, seq(last), size(taken.bytes[0]), size(taken.bytes[1])])?;
+            Ok(taken.added)
+        })
+        .await
+    }
+
+    async fn log_pieces(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        after: Option<u64>,
+        n: usize,
+    ) -> ci_core::Result<Vec<LogPiece>> {
+        self.read(move |conn| pieces(conn, id, attempt, after, Some(n)))
+            .await
+    }
+
+    async fn log(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<BuildLog>> {
+        self.read(move |conn| {
+            let Some(build) = get_build(conn, id)? else {
+                return Ok(None);
+            };
+            let attempt = attempt.unwrap_or(build.attempt);
+            let final_log = conn
+                .prepare_cached("SELECT stdout, stderr FROM build_logs WHERE build_id = ?1 AND attempt = ?2")?
+                .query_row(params![id.0, attempt.0], |r| {
+                    Ok(BuildLog {
+                        attempt,
+                        stdout: r.get(0)?,
+                        stderr: r.get(1)?,
+                        complete: true,
+                    })
+                })
+                .optional()?;
+            if final_log.is_some() {
+                return Ok(final_log);
+            }
+            let pieces = pieces(conn, id, attempt, None, None)?;
+            Ok((!pieces.is_empty()).then(|| ci_core::store::assemble(attempt, &pieces)))
+        })
+        .await
+    }
+
+    async fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<LogInfo>> {
+        self.read(move |conn| {
+            let Some(build) = get_build(conn, id)? else {
+                return Ok(None);
+            };
+            let attempt = attempt.unwrap_or(build.attempt);
+            if let Some(row) = final_log_row(conn, id, attempt)? {
+                // N.B.: blob handles read a value's length, not its pages.
+                let len = |column: &str| -> Result<u64, Error> {
+                    Ok(conn.blob_open("main", "build_logs", column, row, true)?.len() as u64)
+                };
+                return Ok(Some(LogInfo {
+                    attempt,
+                    complete: true,
+                    stdout_len: len("stdout")?,
+                    stderr_len: len("stderr")?,
+                }));
+            }
+            let live = conn
+                .prepare_cached(
+                    "SELECT stdout_bytes, stderr_bytes FROM live_logs WHERE build_id = ?1 AND attempt = ?2",
+                )?
+                .query_row(params![id.0, attempt.0], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?.max(0) as u64,
+                        r.get::<_, i64>(1)?.max(0) as u64,
+                    ))
+                })
+                .optional()?;
+            Ok(live.filter(|(out, err)| out + err > 0).map(|(out, err)| LogInfo {
+                attempt,
+                complete: false,
+                stdout_len: out,
+                stderr_len: err,
+            }))
+        })
+        .await
+    }
+
+    async fn read_log(
+        &self,
+        id: BuildId,
+        attempt: Attempt,
+        stream: Stream,
+        offset: u64,
+        max: usize,
+    ) -> ci_core::Result<Vec<u8>> {
+        self.read(move |conn| {
+            let Some(row) = final_log_row(conn, id, attempt)? else {
+                return Ok(Vec::new());
+            };
+            let blob = conn.blob_open("main", "build_logs", stream_name(stream), row, true)?;
+            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(blob.len());
+            let mut buf = vec![0; max.min(blob.len() - start)];
+            let n = blob.read_at(&mut buf, start)?;
+            buf.truncate(n);
+            Ok(buf)
+        })
+        .await
+    }
+}
+
+// === impl Builds ===
+
+#[async_trait]
+impl Builds for SqliteStore {
+    async fn build(&self, id: BuildId) -> ci_core::Result<Option<Build>> {
+        self.read(move |conn| get_build(conn, id)).await
+    }
+
+    async fn list_builds(&self, page: Page) -> ci_core::Result<Vec<Build>> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {BUILD_COLUMNS} FROM builds WHERE id < ?3 ORDER BY id DESC LIMIT ?1 OFFSET ?2"
+            );
+            let before = page.before.map_or(i64::MAX, |b| b.0);
+            query_builds(conn, &sql, params![limit(page.limit), limit(page.offset), before])
+        })
+        .await
+    }
+
+    async fn status_counts(&self) -> ci_core::Result<Vec<(BuildStatus, u64)>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM builds GROUP BY status")?;
+            let found: Vec<(String, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(BuildStatus::ALL
+                .iter()
+                .map(|st| {
+                    let n = found
+                        .iter()
+                        .find(|(s, _)| s == st.as_str())
+                        .map_or(0, |(_, n)| *n);
+                    (*st, n.max(0) as u64)
+                })
+                .collect())
+        })
+        .await
+    }
+}
+
+// === impl Agents ===
+
+#[async_trait]
+impl Agents for SqliteStore {
+    async fn register_agent(&self, e: &Enrollment, now: Timestamp) -> ci_core::Result<AgentRecord> {
+        let e = e.clone();
+        self.write(move |tx| {
+            tx.prepare_cached("DELETE FROM agents WHERE url = ?1")?
+                .execute([&e.url])?;
+            tx.prepare_cached(
+                "INSERT INTO agents (url, registered_at, secret, capacity, labels) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![e.url, ts(now), e.secret, e.capacity.max(1), labels_text(&e.labels)])?;
+            Ok(AgentRecord {
+                id: AgentId(tx.last_insert_rowid()),
+                url: e.url,
+                registered_at: now,
+                secret: e.secret,
+                capacity: e.capacity.max(1),
+                labels: e.labels,
+            })
+        })
+        .await
+    }
+
+    async fn remove_agent(&self, id: AgentId) -> ci_core::Result<()> {
+        self.write(move |tx| {
+            tx.prepare_cached("DELETE FROM agents WHERE id = ?1")?
+                .execute([id.0])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn agents(&self) -> ci_core::Result<Vec<AgentRecord>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, url, registered_at, secret, capacity, labels FROM agents ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(AgentRecord {
+                    id: AgentId(r.get(0)?),
+                    url: r.get(1)?,
+                    registered_at: Timestamp(r.get::<_, i64>(2)?.max(0) as u64),
+                    secret: r.get(3)?,
+                    capacity: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(1).max(1),
+                    labels: labels_from(&r.get::<_, String>(5)?),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,232 @@
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use ci_core::model::LogPiece;
+use ci_core::store::{Builds, Logs, Queue};
+use ci_core::{Attempt, BuildId, CommitRef, NewBuild, RepoUrl, Stream, Timestamp};
+use rusqlite::Connection;
+
+use crate::schema::MIGRATIONS;
+use crate::{Error, Options, SqliteStore, Synchronous};
+
+fn new_build() -> NewBuild {
+    NewBuild::new(
+        RepoUrl::parse("/srv/repo").unwrap(),
+        CommitRef::parse("abcd").unwrap(),
+        "make",
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn conforms_to_the_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    ci_core::store::conformance::run_all(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = dir.path().join(format!("{i}.sqlite"));
+        async move { SqliteStore::open(path).unwrap() }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ids_are_never_reused_after_deletes_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(store.create_build(&new_build(), Timestamp(i)).await.unwrap().id);
+    }
+    drop(store);
+
+    // Delete the newest builds behind the store's back, then reopen.
+    let conn = Connection::open(&path).unwrap();
+    conn.execute("DELETE FROM builds WHERE id >= ?1", [ids[1].0])
+        .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    let next = store.create_build(&new_build(), Timestamp(9)).await.unwrap().id;
+    assert!(
+        next > ids[2],
+        "{next} must be above every id ever given ({})",
+        ids[2]
+    );
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn the_wal_is_checkpointed_into_the_file_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    // About three WAL frames a commit: well past the threshold.
+    for i in 0..1500 {
+        store.create_build(&new_build(), Timestamp(i)).await.unwrap();
+    }
+    // Only a checkpoint writes pages into the database file itself.
+    // Polled every 2 ms for up to 20 s.
+    let grown = (0..10_000).any(|_| {
+        let done = std::fs::metadata(&path).unwrap().len() >= before + 64 * 1024;
+        if !done {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        done
+    });
+    assert!(grown, "no checkpoint reached the file");
+    assert_eq!(store.queued(2000).await.unwrap().len(), 1500);
+    drop(store); // Stops the thread; must not hang.
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn wal_mode_and_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    let store = SqliteStore::open_with(
+        &path,
+        Options {
+            synchronous: Synchronous::Full,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let (mode, sync, version) = store
+        .with_reader(|conn| {
+            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            Ok((mode, sync, version))
+        })
+        .unwrap();
+    assert_eq!(
+        (mode.as_str(), sync, version),
+        ("wal", 2, MIGRATIONS.len() as i64)
+    );
+}
+
+#[test]
+fn a_second_store_on_the_same_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    let first = SqliteStore::open(&path).unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(matches!(err, Error::InUse(_)), "{err}");
+    assert!(err.to_string().contains("in use by another ci-server"), "{err}");
+    // Another spelling of the same file is the same file.
+    let other = dir.path().join(".").join("ci.sqlite");
+    assert!(matches!(SqliteStore::open(other), Err(Error::InUse(_))));
+    drop(first);
+    SqliteStore::open(&path).unwrap();
+}
+
+#[test]
+fn unusable_places_are_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let err = SqliteStore::open(dir.path().join("no/such/dir/ci.sqlite"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not exist"), "{err}");
+    if nix::unistd::geteuid().is_root() {
+        return; // root writes anywhere: nothing read-only to test
+    }
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let err = SqliteStore::open(ro.join("ci.sqlite")).unwrap_err().to_string();
+    assert!(err.contains("not writable"), "{err}");
+}
+
+#[tokio::test]
+async fn live_output_of_an_older_schema_carries_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for (i, sql) in MIGRATIONS[..3].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i as i64 + 1).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO agents (url, registered_at) VALUES ('http://a:1', 0);
+             INSERT INTO builds (repo, hash, command, status, attempt, agent_id, created_at)
+                 VALUES ('/r', 'abcd', 'make', 'running', 1, 1, 0);
+             INSERT INTO log_pieces VALUES (1, 1, 0, 'stdout', 'héllo'), (1, 1, 1, 'stderr', 'e');",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let piece = |seq, data: &str| LogPiece {
+        seq,
+        stream: Stream::Stdout,
+        data: data.into(),
+    };
+    let (id, a) = (BuildId(1), Attempt(1));
+    assert_eq!(
+        store.append_log(id, a, &[piece(1, "dup")]).await.unwrap(),
+        0,
+        "seq 1 was taken"
+    );
+    assert_eq!(store.append_log(id, a, &[piece(2, "!")]).await.unwrap(), 1);
+    let log = store.log(id, None).await.unwrap().unwrap();
+    assert_eq!((log.stdout.as_str(), log.stderr.as_str()), ("héllo!", "e"));
+    let bytes: i64 = store
+        .with_reader(|c| Ok(c.query_row("SELECT stdout_bytes FROM live_logs", [], |r| r.get(0))?))
+        .unwrap();
+    assert_eq!(bytes, 7);
+}
+
+#[test]
+fn a_newer_schema_is_refused_not_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(matches!(err, Error::TooNew { found: 99, .. }), "{err}");
+}
+
+#[tokio::test]
+async fn hostile_strings_are_stored_verbatim() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
+    let mut b = new_build();
+    b.command = "echo '); DROP TABLE builds; --".into();
+    b.branch = Some("ünï\"code".into());
+    let id = store.create_build(&b, Timestamp(0)).await.unwrap().id;
+    let got = store.build(id).await.unwrap().unwrap();
+    assert_eq!((got.command, got.branch), (b.command, b.branch));
+}
+
+#[test]
+fn queue_queries_use_the_partial_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
+    let conn = Connection::open(store.path()).unwrap();
+    let plan: String = conn
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT id FROM builds WHERE status = 'queued' ORDER BY id LIMIT 5",
+            [],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("builds_status"), "{plan}");
+    let plan: String = conn
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT * FROM builds WHERE status = 'queued' ORDER BY id LIMIT 5",
+            [],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(
+        plan.contains("builds_status") && !plan.contains("TEMP B-TREE"),
+        "no sort: {plan}"
+    );
+}
