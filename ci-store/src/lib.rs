@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! - [`SqliteStore`] (`store`): the four store traits of `ci-core` on one
-//!   file. Writes (and the queue's reads) run on one writer thread, each
-//!   as one transaction; API reads run on a few reader connections off the
-//!   async threads, so they never wait behind writes.
+//!   file. Writes (and the queue's reads) go through one writer connection,
+//!   each as one transaction; API reads use a few reader connections, so
+//!   they never wait behind writes.
+//! - `writer`: where the work runs: a few rows' worth where it is called,
+//!   anything long (a log, a count over the history) on the blocking pool.
 //! - [`Options`], [`Synchronous`] (`options`): durability settings.
 //! - `schema`: migrations, connections, and why a file cannot be opened.
 //! - `checkpoint`: WAL checkpoints on a thread of their own.
@@ -83,9 +85,10 @@ pub enum Error {
     /// A stored value makes no sense (edited by hand, or a bug).
     #[error("corrupt row: {0}")]
     Corrupt(String),
-    /// The store was closed (its writer thread has stopped).
-    #[error("the store is closed")]
-    Closed,
+    /// Work handed to the blocking pool did not come back (the runtime is
+    /// shutting down).
+    #[error("store work on the blocking pool failed: {0}")]
+    Blocked(String),
     /// A fenced write found the build in another state: the request's own
     /// error (superseded, not running, another agent's).
     #[error(transparent)]

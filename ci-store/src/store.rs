@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -20,16 +20,18 @@ use crate::rows::{
     query_builds, stream_name, ts, BUILD_COLUMNS,
 };
 use crate::schema::{connect, diagnose, migrate, own};
-use crate::writer::Writer;
+use crate::writer::{Cost, Readers, Writer};
 use crate::{Error, Options};
 
-/// Reader connections kept open between reads.
-const READERS: usize = 4;
+/// Logs up to this size are written where the call is; larger ones on the
+/// blocking pool.
+const SHORT_LOG: usize = 64 * 1024;
 
 /// The SQLite store. See the [crate docs](crate).
 #[derive(Debug)]
 pub struct SqliteStore {
-    shared: Arc<Shared>,
+    path: PathBuf,
+    readers: Arc<Readers>,
     writer: Writer,
     checkpointer: Option<JoinHandle<()>>,
     /// N.B.: an exclusive `flock` on the database file for as long as the
@@ -38,14 +40,6 @@ pub struct SqliteStore {
     /// closed after the connections: closing any descriptor of the file
     /// drops this process's POSIX locks on it, SQLite's included.
     _owner: nix::fcntl::Flock<std::fs::File>,
-}
-
-/// What reads share, off the async threads.
-#[derive(Debug)]
-struct Shared {
-    path: PathBuf,
-    options: Options,
-    readers: Mutex<Vec<Connection>>,
 }
 
 impl SqliteStore {
@@ -80,13 +74,11 @@ impl SqliteStore {
             }
             Ok(())
         }))?;
+        let reader_path = path.clone();
         Ok(SqliteStore {
-            shared: Arc::new(Shared {
-                path,
-                options,
-                readers: Mutex::new(Vec::new()),
-            }),
-            writer: Writer::spawn(writer)?,
+            path,
+            readers: Arc::new(Readers::new(move || Ok(connect(&reader_path, options)?))),
+            writer: Writer::new(writer),
             checkpointer: Some(checkpointer),
             _owner: owner,
         })
@@ -94,66 +86,64 @@ impl SqliteStore {
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.shared.path
+        &self.path
     }
 
     /// Runs `PRAGMA integrity_check` and returns its verdict (`"ok"` when
     /// the file is sound).
     pub fn integrity_check(&self) -> Result<String, Error> {
-        self.shared
-            .with_reader(|r| Ok(r.query_row("PRAGMA integrity_check", [], |row| row.get(0))?))
+        self.readers
+            .with(|r| Ok(r.query_row("PRAGMA integrity_check", [], |row| row.get(0))?))
     }
 
-    /// Runs `f` in a transaction on the writer's thread.
+    /// Runs `f` in a transaction on the writer connection.
     async fn write<T: Send + 'static>(
         &self,
+        cost: Cost,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, Error> + Send + 'static,
     ) -> ci_core::Result<T> {
-        Ok(self.writer.write(f).await?)
+        Ok(self.writer.write(cost, f).await?)
     }
 
-    /// Runs `f` with a reader connection, off the async threads.
+    /// Runs `f` with the writer connection, outside a transaction: the
+    /// queue's reads, which must see the queue's own writes.
+    async fn queue_read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
+    ) -> ci_core::Result<T> {
+        Ok(self.writer.with_connection(Cost::Short, f).await?)
+    }
+
+    /// Runs `f` with a reader connection.
     async fn read<T: Send + 'static>(
         &self,
+        cost: Cost,
         f: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
     ) -> ci_core::Result<T> {
-        let shared = self.shared.clone();
-        let out = tokio::task::spawn_blocking(move || shared.with_reader(f))
-            .await
-            .map_err(|e| ci_core::Error::Unavailable(format!("store reader: {e}")))?;
-        Ok(out?)
+        Ok(self.readers.read(cost, f).await?)
     }
 
     /// A reader connection for tests and tools, used synchronously.
     #[doc(hidden)]
     pub fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
-        self.shared.with_reader(f)
-    }
-}
-
-impl Shared {
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
-        let pooled = self.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let conn = match pooled {
-            Some(c) => c,
-            None => connect(&self.path, self.options)?,
-        };
-        let out = f(&conn);
-        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
-        if readers.len() < READERS {
-            readers.push(conn);
-        }
-        out
+        self.readers.with(f)
     }
 }
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // The writer's connection goes with its thread, and with it the WAL
-        // hook whose sender keeps the checkpoint loop alive.
-        self.writer.stop();
-        if let Some(thread) = self.checkpointer.take() {
-            let _ = thread.join();
+        // Removing the WAL hook drops the only sender, which ends the
+        // checkpoint loop. Nobody else holds the writer now (we are being
+        // dropped), so the lock is free.
+        if let Ok(mut conn) = self.writer.try_lock() {
+            let unhook = conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, i32) -> rusqlite::Result<()>>);
+            if let Err(e) = unhook {
+                tracing::warn!(error = %e, "cannot remove the WAL hook");
+                return; // The thread ends when the writer connection closes.
+            }
+            if let Some(thread) = self.checkpointer.take() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -185,7 +175,7 @@ fn leases(conn: &Connection, sql_tail: &str, p: impl rusqlite::Params) -> Result
 impl Queue for SqliteStore {
     async fn create_build(&self, new: &NewBuild, now: Timestamp) -> ci_core::Result<Build> {
         let new = new.clone();
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             let sql = format!(
                 "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7) RETURNING {BUILD_COLUMNS}"
@@ -207,15 +197,12 @@ impl Queue for SqliteStore {
     }
 
     async fn queued(&self, n: usize) -> ci_core::Result<Vec<Build>> {
-        self.writer
-            .with_connection(move |conn| {
-                let sql = format!(
-                    "SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'queued' ORDER BY id LIMIT ?1"
-                );
-                query_builds(conn, &sql, [limit(n)])
-            })
-            .await
-            .map_err(Into::into)
+        self.queue_read(move |conn| {
+            let sql =
+                format!("SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'queued' ORDER BY id LIMIT ?1");
+            query_builds(conn, &sql, [limit(n)])
+        })
+        .await
     }
 
     async fn start(&self, claims: &[Claim], now: Timestamp) -> ci_core::Result<Vec<Build>> {
@@ -223,7 +210,7 @@ impl Queue for SqliteStore {
             return Ok(Vec::new());
         }
         let claims = claims.to_vec();
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             let sql = format!(
                 "UPDATE builds SET status = 'running', attempt = attempt + 1,
                     agent_id = ?2, agent_url = ?3, started_at = ?4, lease_until = ?5
@@ -252,7 +239,7 @@ impl Queue for SqliteStore {
         agent: Option<AgentId>,
         until: Timestamp,
     ) -> ci_core::Result<Lease> {
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             let renewed = tx
                 .prepare_cached(
                     "UPDATE builds SET lease_until = MAX(COALESCE(lease_until, 0), ?4)
@@ -271,7 +258,7 @@ impl Queue for SqliteStore {
     }
 
     async fn requeue(&self, id: BuildId, attempt: Attempt) -> ci_core::Result<bool> {
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             let n = tx
                 .prepare_cached(
                     "UPDATE builds SET status = 'queued', lease_until = NULL
@@ -291,8 +278,13 @@ impl Queue for SqliteStore {
         now: Timestamp,
     ) -> ci_core::Result<bool> {
         let status = BuildStatus::from_exit_code(result.exit_code);
+        let cost = if result.stdout.len() + result.stderr.len() > SHORT_LOG {
+            Cost::Long
+        } else {
+            Cost::Short
+        };
         let result = result.clone();
-        self.write(move |tx| {
+        self.write(cost, move |tx| {
             let n = tx
                 .prepare_cached(
                     "UPDATE builds SET status = ?3, exit_code = ?4, finished_at = ?5, lease_until = NULL
@@ -318,7 +310,7 @@ impl Queue for SqliteStore {
     }
 
     async fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> ci_core::Result<bool> {
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             let n = tx
                 .prepare_cached(
                     "UPDATE builds SET status = 'canceled', finished_at = ?3, lease_until = NULL
@@ -331,41 +323,32 @@ impl Queue for SqliteStore {
     }
 
     async fn leases(&self) -> ci_core::Result<Vec<Lease>> {
-        self.writer
-            .with_connection(|conn| leases(conn, "ORDER BY id", []))
-            .await
-            .map_err(Into::into)
+        self.queue_read(|conn| leases(conn, "ORDER BY id", [])).await
     }
 
     async fn lapsed(&self, now: Timestamp, n: usize) -> ci_core::Result<Vec<Lease>> {
-        self.writer
-            .with_connection(move |conn| {
-                leases(
-                    conn,
-                    "AND COALESCE(lease_until, 0) <= ?1 ORDER BY lease_until, id LIMIT ?2",
-                    params![ts(now), limit(n)],
-                )
-            })
-            .await
-            .map_err(Into::into)
+        self.queue_read(move |conn| {
+            leases(
+                conn,
+                "AND COALESCE(lease_until, 0) <= ?1 ORDER BY lease_until, id LIMIT ?2",
+                params![ts(now), limit(n)],
+            )
+        })
+        .await
     }
 
     async fn next_deadline(&self) -> ci_core::Result<Option<Timestamp>> {
-        self.writer
-            .with_connection(|conn| {
-                let min: Option<i64> = conn
-                    .prepare_cached(
-                        "SELECT MIN(COALESCE(lease_until, 0)) FROM builds WHERE status = 'running'",
-                    )?
-                    .query_row([], |r| r.get(0))?;
-                Ok(min.map(|m| Timestamp(m.max(0) as u64)))
-            })
-            .await
-            .map_err(Into::into)
+        self.queue_read(|conn| {
+            let min: Option<i64> = conn
+                .prepare_cached("SELECT MIN(COALESCE(lease_until, 0)) FROM builds WHERE status = 'running'")?
+                .query_row([], |r| r.get(0))?;
+            Ok(min.map(|m| Timestamp(m.max(0) as u64)))
+        })
+        .await
     }
 
     async fn extend_leases(&self, until: Timestamp) -> ci_core::Result<()> {
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             tx.prepare_cached(
                 "UPDATE builds SET lease_until = MAX(COALESCE(lease_until, 0), ?1) WHERE status = 'running'",
             )?
@@ -381,8 +364,14 @@ impl Queue for SqliteStore {
 #[async_trait]
 impl Logs for SqliteStore {
     async fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> ci_core::Result<usize> {
+        let bytes: usize = pieces.iter().map(|p| p.data.len()).sum();
+        let cost = if bytes > SHORT_LOG || pieces.len() > 256 {
+            Cost::Long
+        } else {
+            Cost::Short
+        };
         let pieces = pieces.to_vec();
-        self.write(move |tx| {
+        self.write(cost, move |tx| {
             let running: bool = tx
                 .prepare_cached(
                     "SELECT EXISTS (SELECT 1 FROM builds WHERE id = ?1 AND attempt = ?2 AND status = 'running')",
@@ -440,12 +429,12 @@ impl Logs for SqliteStore {
         after: Option<u64>,
         n: usize,
     ) -> ci_core::Result<Vec<LogPiece>> {
-        self.read(move |conn| pieces(conn, id, attempt, after, Some(n)))
+        self.read(Cost::Long, move |conn| pieces(conn, id, attempt, after, Some(n)))
             .await
     }
 
     async fn log(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<BuildLog>> {
-        self.read(move |conn| {
+        self.read(Cost::Long, move |conn| {
             let Some(build) = get_build(conn, id)? else {
                 return Ok(None);
             };
@@ -471,7 +460,7 @@ impl Logs for SqliteStore {
     }
 
     async fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<LogInfo>> {
-        self.read(move |conn| {
+        self.read(Cost::Short, move |conn| {
             let Some(build) = get_build(conn, id)? else {
                 return Ok(None);
             };
@@ -517,7 +506,7 @@ impl Logs for SqliteStore {
         offset: u64,
         max: usize,
     ) -> ci_core::Result<Vec<u8>> {
-        self.read(move |conn| {
+        self.read(Cost::Long, move |conn| {
             let Some(row) = final_log_row(conn, id, attempt)? else {
                 return Ok(Vec::new());
             };
@@ -537,11 +526,11 @@ impl Logs for SqliteStore {
 #[async_trait]
 impl Builds for SqliteStore {
     async fn build(&self, id: BuildId) -> ci_core::Result<Option<Build>> {
-        self.read(move |conn| get_build(conn, id)).await
+        self.read(Cost::Short, move |conn| get_build(conn, id)).await
     }
 
     async fn list_builds(&self, page: Page) -> ci_core::Result<Vec<Build>> {
-        self.read(move |conn| {
+        self.read(Cost::Short, move |conn| {
             let sql = format!(
                 "SELECT {BUILD_COLUMNS} FROM builds WHERE id < ?3 ORDER BY id DESC LIMIT ?1 OFFSET ?2"
             );
@@ -552,7 +541,8 @@ impl Builds for SqliteStore {
     }
 
     async fn status_counts(&self) -> ci_core::Result<Vec<(BuildStatus, u64)>> {
-        self.read(|conn| {
+        // An index scan over the whole history.
+        self.read(Cost::Long, |conn| {
             let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM builds GROUP BY status")?;
             let found: Vec<(String, i64)> = stmt
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -578,7 +568,7 @@ impl Builds for SqliteStore {
 impl Agents for SqliteStore {
     async fn register_agent(&self, e: &Enrollment, now: Timestamp) -> ci_core::Result<AgentRecord> {
         let e = e.clone();
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             tx.prepare_cached("DELETE FROM agents WHERE url = ?1")?
                 .execute([&e.url])?;
             tx.prepare_cached(
@@ -598,7 +588,7 @@ impl Agents for SqliteStore {
     }
 
     async fn remove_agent(&self, id: AgentId) -> ci_core::Result<()> {
-        self.write(move |tx| {
+        self.write(Cost::Short, move |tx| {
             tx.prepare_cached("DELETE FROM agents WHERE id = ?1")?
                 .execute([id.0])?;
             Ok(())
@@ -607,7 +597,7 @@ impl Agents for SqliteStore {
     }
 
     async fn agents(&self) -> ci_core::Result<Vec<AgentRecord>> {
-        self.read(|conn| {
+        self.read(Cost::Short, |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, url, registered_at, secret, capacity, labels FROM agents ORDER BY id",
             )?;

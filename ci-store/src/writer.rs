@@ -1,49 +1,47 @@
-//! The writer: one thread owns the connection that writes, and runs each
-//! write as one immediate transaction, in the order asked. SQLite has one
-//! writer at a time anyway; a thread of its own keeps that connection warm
-//! and keeps its work off the async threads.
+//! Where SQLite's work runs. SQLite is synchronous; the store's callers are
+//! async. A statement that touches a row or a few (create a build, start a
+//! pass's attempts, renew a lease) takes microseconds: it runs where it is
+//! called, because handing it to another thread and back costs more than
+//! the statement (measured: a third of the server's throughput). Work that
+//! may be long (a 16 MiB log, a count over the whole history) runs on
+//! tokio's blocking pool, so it never holds up an async thread. Waiting
+//! for the one writer connection is async either way.
 
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
-use tokio::sync::oneshot;
 
 use crate::Error;
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// How long work may take: where it runs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Cost {
+    /// A few rows: run it here.
+    Short,
+    /// Possibly much: run it on the blocking pool.
+    Long,
+}
 
-/// See the [module docs](self).
+/// The writer connection, one at a time, waited for asynchronously.
 #[derive(Debug)]
 pub(crate) struct Writer {
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    conn: Arc<tokio::sync::Mutex<Connection>>,
 }
 
 impl Writer {
-    /// Starts the thread with its connection.
-    pub(crate) fn spawn(mut conn: Connection) -> Result<Writer, Error> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name("ci-store-writer".into())
-            .spawn(move || {
-                while let Ok(job) = queue.recv() {
-                    job(&mut conn);
-                }
-            })
-            .map_err(Error::Thread)?;
-        Ok(Writer {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        })
+    pub(crate) fn new(conn: Connection) -> Writer {
+        Writer {
+            conn: Arc::new(tokio::sync::Mutex::new(conn)),
+        }
     }
 
-    /// Runs `f` in a transaction on the writer's thread, and commits.
+    /// Runs `f` in an immediate transaction on the writer and commits.
     pub(crate) async fn write<T: Send + 'static>(
         &self,
+        cost: Cost,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        self.with_connection(move |conn| {
+        self.with_connection(cost, move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
             tx.commit()?;
@@ -52,36 +50,87 @@ impl Writer {
         .await
     }
 
-    /// Runs `f` with the writer's connection itself (for what runs outside
-    /// a transaction, or reads that must see the writer's own view).
+    /// Runs `f` with the writer's connection (for reads that must see the
+    /// writer's own commits, such as the queue's).
     pub(crate) async fn with_connection<T: Send + 'static>(
         &self,
+        cost: Cost,
         f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        let (done, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            // The caller may have gone; the write still happened.
-            let _ = done.send(f(conn));
-        });
-        self.jobs
-            .as_ref()
-            .ok_or(Error::Closed)?
-            .send(job)
-            .map_err(|_| Error::Closed)?;
-        answer.await.map_err(|_| Error::Closed)?
+        match cost {
+            Cost::Short => f(&mut *self.conn.lock().await),
+            Cost::Long => {
+                let mut conn = self.conn.clone().lock_owned().await;
+                tokio::task::spawn_blocking(move || f(&mut conn))
+                    .await
+                    .map_err(|e| Error::Blocked(e.to_string()))?
+            }
+        }
     }
 
-    /// Stops the thread once the writes asked for are done.
-    pub(crate) fn stop(&mut self) {
-        self.jobs = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// The connection, if nobody holds it (for shutting down).
+    pub(crate) fn try_lock(&self) -> Result<tokio::sync::MutexGuard<'_, Connection>, Error> {
+        self.conn
+            .try_lock()
+            .map_err(|_| Error::Blocked("the writer is in use".into()))
     }
 }
 
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop();
+/// Reader connections, opened as needed and kept for the next read.
+pub(crate) struct Readers {
+    open: Box<dyn Fn() -> Result<Connection, Error> + Send + Sync>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for Readers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.idle.lock().map_or(0, |idle| idle.len());
+        f.debug_struct("Readers")
+            .field("idle", &idle)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reader connections kept open between reads.
+const IDLE_READERS: usize = 4;
+
+impl Readers {
+    pub(crate) fn new(open: impl Fn() -> Result<Connection, Error> + Send + Sync + 'static) -> Readers {
+        Readers {
+            open: Box::new(open),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with a reader connection, here.
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+        let pooled = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => (self.open)()?,
+        };
+        let out = f(&conn);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        out
+    }
+
+    /// Runs `f` with a reader connection, where its cost says.
+    pub(crate) async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        cost: Cost,
+        f: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        match cost {
+            Cost::Short => self.with(f),
+            Cost::Long => {
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.with(f))
+                    .await
+                    .map_err(|e| Error::Blocked(e.to_string()))?
+            }
+        }
     }
 }
