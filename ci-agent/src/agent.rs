@@ -278,6 +278,7 @@ impl Agent {
                 session: true,
                 capacity: Some(inner.config.capacity),
                 labels: Some(inner.config.labels.clone()).filter(|l| !l.is_empty()),
+                pings: true,
             };
             // The previous session's secret (kept across restarts) proves
             // that this is the same agent, so the server replaces that

@@ -30,7 +30,7 @@ pub fn spec() -> Value {
                     "400": error("Invalid request (repository scheme, ref, empty command)"),
                     "401": error("Missing or wrong agent token"),
                     "403": error("No agent token is set and the request is not from the server's address"),
-                    "409": error("Busy with another build, or dispatched to another registration of this agent"),
+                    "409": error("Every slot (CAPACITY) is busy, or dispatched to another registration of this agent"),
                     "413": error("Body too large")
                 }
             } },
@@ -50,10 +50,15 @@ pub fn spec() -> Value {
                 }
             } },
             "/healthz": { "get": {
-                "summary": "Liveness and current build", "operationId": "healthz",
+                "summary": "Liveness and current builds", "operationId": "healthz",
                 "responses": { "200": { "description": "Alive", "content": { "application/json": { "schema": {
-                    "type": "object", "required": ["status", "id", "build"],
-                    "properties": { "status": { "const": "ok" }, "id": { "type": ["integer", "null"] }, "build": { "type": ["integer", "null"] } }
+                    "type": "object", "required": ["status", "id", "build", "builds"],
+                    "properties": {
+                        "status": { "const": "ok" },
+                        "id": { "type": ["integer", "null"], "description": "Its registration, once registered" },
+                        "build": { "type": ["integer", "null"], "description": "One build it runs (the lowest id), for the original single-build view" },
+                        "builds": { "type": "array", "items": { "type": "integer" }, "description": "Every build it runs (up to CAPACITY)" }
+                    }
                 } } } } }
             } },
             "/openapi.json": { "get": {

@@ -525,13 +525,31 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
                             a.url.clone(),
                             format!("{:?}", a.status).to_lowercase(),
                             a.last_seen.clone(),
-                            a.build.map(|b| b.to_string()).unwrap_or_default(),
+                            running(a),
                         ]
                     })
                     .collect();
-                print!("{}", table(&["ID", "URL", "STATUS", "LAST SEEN", "BUILD"], &rows));
+                print!(
+                    "{}",
+                    table(&["ID", "URL", "STATUS", "LAST SEEN", "BUILDS"], &rows)
+                );
             }
             Ok(0)
         }
     }
+}
+
+/// The builds an agent runs, as a list (`build` alone, from a server that
+/// predates `builds`).
+fn running(a: &AgentView) -> String {
+    let builds = if a.builds.is_empty() {
+        a.build.as_slice()
+    } else {
+        &a.builds[..]
+    };
+    builds
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

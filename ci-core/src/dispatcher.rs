@@ -692,10 +692,6 @@ mod tests {
     }
 
     fn enroll(url: &str) -> Enrollment {
-        Enrollment {
-            url: url.into(),
-            capacity: 1,
-            ..Enrollment::default()
-        }
+        Enrollment::new(url)
     }
 }

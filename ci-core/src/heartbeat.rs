@@ -30,14 +30,16 @@ impl Beat {
     }
 }
 
-/// Calls `beat` at once and then every `every` (later ones wait, none
-/// bunch up) until it comes back [`Beat::Refused`].
+/// Calls `beat` every `every` (late ones wait, none bunch up) until it
+/// comes back [`Beat::Refused`]. The first comes one interval in: what
+/// starts a loop (a dispatch, a registration) was itself a sign of life,
+/// and a beat at once would cost the server a write per build for nothing.
 pub async fn keep_alive<F, Fut>(every: Duration, mut beat: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Beat>,
 {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -65,6 +67,18 @@ mod tests {
         })
         .await;
         assert_eq!(n.load(Ordering::SeqCst), 4);
-        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_beat_waits_one_interval() {
+        let started = tokio::time::Instant::now();
+        let mut at = Vec::new();
+        keep_alive(Duration::from_secs(2), || {
+            at.push(started.elapsed());
+            async { Beat::Refused }
+        })
+        .await;
+        assert_eq!(at, [Duration::from_secs(2)]);
     }
 }

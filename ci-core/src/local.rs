@@ -51,6 +51,7 @@ impl LocalCluster {
                 secret: None,
                 capacity: runner.capacity().max(1),
                 labels: runner.labels(),
+                pings: true,
             };
             let (tx, rx) = mpsc::channel(enrollment.capacity as usize);
             link.workers().insert(enrollment.url.clone(), tx);

@@ -103,7 +103,7 @@ pub struct Offer {
 }
 
 /// What a new registration asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Enrollment {
     /// Base URL the server dispatches to.
     pub url: String,
@@ -113,6 +113,23 @@ pub struct Enrollment {
     pub capacity: u32,
     /// What it can run.
     pub labels: Labels,
+    /// It pings while idle (so its silence from now on means it is gone).
+    pub pings: bool,
+}
+
+impl Enrollment {
+    /// An agent at `url` that runs one build at a time, has no labels, no
+    /// session and does not ping while idle: what the original protocol
+    /// says of an agent.
+    pub fn new(url: impl Into<String>) -> Enrollment {
+        Enrollment {
+            url: url.into(),
+            secret: None,
+            capacity: 1,
+            labels: Labels::default(),
+            pings: false,
+        }
+    }
 }
 
 /// The registry of agents. See the [module docs](self).
@@ -215,6 +232,7 @@ fn agent_of(e: Enrollment, id: AgentId, now: Timestamp) -> Agent {
         capacity: e.capacity.max(1),
         labels: e.labels,
         secret: e.secret,
+        pings: e.pings,
         ..Agent::new(id, e.url, now)
     }
 }
@@ -474,11 +492,7 @@ mod tests {
     use crate::store::MemoryStore;
 
     fn enroll(url: &str) -> Enrollment {
-        Enrollment {
-            url: url.into(),
-            capacity: 1,
-            ..Enrollment::default()
-        }
+        Enrollment::new(url)
     }
 
     async fn offers_longest_idle_first(pool: &dyn AgentPool) {

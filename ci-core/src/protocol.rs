@@ -78,6 +78,12 @@ pub struct NotifyAgent {
     /// Extension: what the agent can run (for steps that ask for labels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Labels>,
+    /// Extension: the agent pings `/notify_agent_alive` with its
+    /// `agentId` every interval while idle, so its silence from
+    /// registration on means it is gone. An agent that does not say so is
+    /// only dropped for silence once it has pinged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pings: bool,
 }
 
 impl NotifyAgent {
@@ -406,8 +412,21 @@ pub struct AgentView {
     pub status: AgentStatus,
     /// RFC 3339 time it was last heard from.
     pub last_seen: String,
-    /// The build it runs, if any.
+    /// A build it runs, if any (the first it took).
     pub build: Option<BuildId>,
+    /// Every build it runs.
+    #[serde(default)]
+    pub builds: Vec<BuildId>,
+    /// How many builds it runs at once.
+    #[serde(default = "one")]
+    pub capacity: u32,
+    /// What it can run.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl From<&Agent> for AgentView {
@@ -422,6 +441,9 @@ impl From<&Agent> for AgentView {
             },
             last_seen: a.last_seen.to_rfc3339(),
             build: a.running.first().copied(),
+            builds: a.running.clone(),
+            capacity: a.capacity,
+            labels: a.labels.clone(),
         }
     }
 }
@@ -547,6 +569,28 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<NotifyAgent>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn registration_extensions_are_optional_and_round_trip() {
+        let original: NotifyAgent = serde_json::from_str(r#"{"host":"agent-01","port":3001}"#).unwrap();
+        assert_eq!(
+            (original.capacity, original.labels.as_ref(), original.pings),
+            (None, None, false)
+        );
+        assert_eq!(
+            serde_json::to_value(&original).unwrap(),
+            serde_json::json!({"host": "agent-01", "port": 3001}),
+            "an original registration gains no fields"
+        );
+        let full: NotifyAgent = serde_json::from_str(
+            r#"{"port":3001,"session":true,"capacity":4,"labels":["linux","docker"],"pings":true}"#,
+        )
+        .unwrap();
+        assert_eq!((full.capacity, full.pings), (Some(4), true));
+        assert_eq!(full.labels, Some(Labels::parse(["docker", "linux"]).unwrap()));
+        let again: NotifyAgent = serde_json::from_value(serde_json::to_value(&full).unwrap()).unwrap();
+        assert_eq!(again, full);
     }
 
     #[test]

@@ -312,11 +312,7 @@ impl Sim {
                     .await
             }
             Kind::Claims | Kind::Attempts | Kind::Original | Kind::Embedded => {
-                let e = Enrollment {
-                    url: url.clone(),
-                    capacity: 1,
-                    ..Enrollment::default()
-                };
+                let e = Enrollment::new(url.clone());
                 self.c.register(e, None).await
             }
         };

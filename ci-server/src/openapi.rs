@@ -4,6 +4,10 @@
 
 use serde_json::{json, Value};
 
+use ci_core::coordinator::MAX_HAND_BACKS;
+use ci_core::model::Labels;
+use ci_core::protocol::NotifyAgent;
+
 use crate::api::{MAX_BODY, MAX_RESULT_BODY};
 
 /// Every operation the server serves, as (method, OpenAPI path). The
@@ -19,6 +23,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("post", "/notify_build_log"),
     ("post", "/notify_agent_leave"),
+    ("post", "/notify_build_handback"),
     ("get", "/api/openapi.json"),
     ("get", "/healthz"),
     ("post", "/build"),
@@ -260,6 +265,23 @@ pub fn spec() -> Value {
                     }))
                 }
             },
+            "/notify_build_handback": {
+                "post": {
+                    "tags": ["agent protocol"], "summary": "Give back an attempt the agent's machinery could not run (extension)", "operationId": "notifyBuildHandback",
+                    "description": format!("For an infrastructure failure (container engine, disk), not a failed build: \
+                        the build goes back to the queue and the agent gets no work for one lease. After \
+                        {MAX_HAND_BACKS} hand-backs of one build, it fails with the last reason."),
+                    "security": [{ "agentToken": [], "agentSecret": [] }, { "agentToken": [] }, {}],
+                    "requestBody": body("NotifyBuildHandback"),
+                    "responses": with_body_errors(json!({
+                        "200": { "description": "Requeued (or failed, after too many)", "content": { "application/json": { "schema": { "type": "object" } } } },
+                        "401": error("Missing agent token, or the agent's session secret was not presented"),
+                        "404": error("No such build"),
+                        "409": error("The attempt is not running, or another agent holds it"),
+                        "503": error("Storage unavailable; retry")
+                    }))
+                }
+            },
             "/notify_agent_leave": {
                 "post": {
                     "tags": ["agent protocol"], "summary": "An agent leaves; what it holds is requeued (extension)", "operationId": "notifyAgentLeave",
@@ -434,13 +456,16 @@ pub fn spec() -> Value {
                     }
                 },
                 "Agent": {
-                    "type": "object", "required": ["id", "url", "status", "lastSeen", "build"],
+                    "type": "object", "required": ["id", "url", "status", "lastSeen", "build", "builds", "capacity", "labels"],
                     "properties": {
                         "id": { "type": "integer" },
                         "url": { "type": "string" },
                         "status": { "type": "string", "enum": ["idle", "busy"] },
                         "lastSeen": { "type": "string", "format": "date-time" },
-                        "build": nullable("integer")
+                        "build": nullable("integer"),
+                        "builds": { "type": "array", "items": { "type": "integer" } },
+                        "capacity": { "type": "integer", "minimum": 1 },
+                        "labels": { "type": "array", "items": { "type": "string" } }
                     }
                 },
                 "NotifyAgent": {
@@ -455,7 +480,14 @@ pub fn spec() -> Value {
                             { "type": "integer", "minimum": 1, "maximum": 65535 },
                             { "type": "string", "pattern": "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$" }
                         ] },
-                        "session": { "type": "boolean", "description": "Ask for a session secret" }
+                        "session": { "type": "boolean", "description": "Ask for a session secret" },
+                        "capacity": { "type": "integer", "minimum": 1, "maximum": NotifyAgent::MAX_CAPACITY, "description": "Builds it runs at once (default 1)" },
+                        "labels": {
+                            "type": "array", "maxItems": Labels::MAX, "uniqueItems": true,
+                            "description": "What it can run",
+                            "items": { "type": "string", "pattern": "^[A-Za-z0-9._:/=-]{1,64}$" }
+                        },
+                        "pings": { "type": "boolean", "description": "It pings with `agentId` every interval while idle, so silence from registration on means it is gone" }
                     }
                 },
                 "NotifyBuildLog": {
@@ -472,6 +504,15 @@ pub fn spec() -> Value {
                                 "data": { "type": "string" }
                             }
                         } }
+                    }
+                },
+                "NotifyBuildHandback": {
+                    "type": "object", "required": ["id", "attempt", "reason"],
+                    "properties": {
+                        "id": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX },
+                        "attempt": { "type": "integer", "minimum": 0, "maximum": u32::MAX },
+                        "agentId": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX },
+                        "reason": { "type": "string", "description": "What failed (the first 4,096 characters are kept)" }
                     }
                 },
                 "NotifyAgentLeave": {

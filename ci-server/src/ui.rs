@@ -189,11 +189,13 @@ async fn index_page(app: &App, page: usize) -> Response {
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 v.id,
                 esc(&v.url),
-                status(if v.build.is_some() { "busy" } else { "idle" }),
+                status(if v.builds.is_empty() { "idle" } else { "busy" }),
                 esc(&v.last_seen),
-                v.build
+                v.builds
+                    .iter()
                     .map(|b| format!(r#"<a href="/builds/{b}">#{b}</a>"#))
-                    .unwrap_or_default(),
+                    .collect::<Vec<_>>()
+                    .join(" "),
             );
         }
     }
@@ -235,7 +237,7 @@ async fn index_page(app: &App, page: usize) -> Response {
 <section aria-labelledby="agents-h">
 <h2 id="agents-h">Agents</h2>
 <div class="table-wrap"><table id="agents">
-<thead><tr><th scope="col">Agent</th><th scope="col">Address</th><th scope="col">Status</th><th scope="col">Last seen</th><th scope="col">Build</th></tr></thead>
+<thead><tr><th scope="col">Agent</th><th scope="col">Address</th><th scope="col">Status</th><th scope="col">Last seen</th><th scope="col">Builds</th></tr></thead>
 <tbody>{agents}</tbody>
 </table></div>
 </section>"#,

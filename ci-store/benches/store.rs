@@ -39,11 +39,7 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
-    let enrollment = Enrollment {
-        url: "http://a:1".into(),
-        capacity: 1,
-        ..Enrollment::default()
-    };
+    let enrollment = Enrollment::new("http://a:1");
     let agent: AgentRecord = rt
         .block_on(store.register_agent(&enrollment, Timestamp(0)))
         .unwrap();

@@ -3,7 +3,7 @@
 
 use super::{Coordinator, Dispatch, DispatchFailure, Event, LeaveReason, Registration, Report, StopOrder};
 use crate::error::{Error, Result};
-use crate::model::{AgentId, BuildStatus, Completion, Labels};
+use crate::model::{AgentId, BuildStatus, Completion};
 use crate::pool::Enrollment;
 use crate::store::Lease;
 
@@ -157,9 +157,7 @@ impl Coordinator {
 
 fn enrollment(url: &str, secret: Option<String>) -> Enrollment {
     Enrollment {
-        url: url.to_owned(),
         secret,
-        capacity: 1,
-        labels: Labels::default(),
+        ..Enrollment::new(url)
     }
 }

@@ -6,6 +6,7 @@ use super::*;
 use crate::clock::ManualClock;
 use crate::model::{Attempt, BuildStatus, Completion, NewBuild};
 use crate::model::{CommitRef, RepoUrl};
+use crate::pool::Enrollment;
 use crate::scheduler::{Assignment, MockScheduler};
 use crate::store::{Agents, Builds, FaultyStore, Logs, MemoryStore, Op};
 
@@ -448,6 +449,27 @@ async fn pinging_agents_that_fall_silent_are_dropped_but_original_ones_are_not()
     .await
     .unwrap();
     f.advance(1000);
+    assert_eq!(f.c.expire().await.unwrap(), 1);
+    let left: Vec<_> = f.c.agents().await.unwrap().iter().map(|a| a.id).collect();
+    assert_eq!(left, vec![original]);
+}
+
+#[tokio::test]
+async fn an_agent_that_says_it_pings_is_dropped_if_it_never_does() {
+    let mut f = fixture().await;
+    let frozen = Enrollment {
+        pings: true,
+        ..Enrollment::new("http://a:1")
+    };
+    f.c.register(frozen, None).await.unwrap();
+    let original = f.c.register_agent("http://b:1").await.unwrap().id;
+    assert_eq!(
+        f.c.next_deadline().await.unwrap(),
+        Some(f.clock.now().plus(policy().ttl()))
+    );
+    f.advance(299);
+    assert_eq!(f.c.expire().await.unwrap(), 0);
+    f.advance(1);
     assert_eq!(f.c.expire().await.unwrap(), 1);
     let left: Vec<_> = f.c.agents().await.unwrap().iter().map(|a| a.id).collect();
     assert_eq!(left, vec![original]);

@@ -14,10 +14,8 @@ fn new_build(command: &str) -> NewBuild {
 
 fn enroll(url: &str, secret: Option<&str>) -> crate::pool::Enrollment {
     crate::pool::Enrollment {
-        url: url.into(),
         secret: secret.map(str::to_owned),
-        capacity: 1,
-        labels: crate::model::Labels::default(),
+        ..crate::pool::Enrollment::new(url)
     }
 }
 

@@ -190,6 +190,7 @@ async fn register(
         secret: secret.clone(),
         capacity,
         labels: body.labels.unwrap_or_default(),
+        pings: body.pings,
     };
     let reg = app.dispatcher.register(enrollment, proof).await?;
     tracing::info!(agent = %reg.id, %url, session = body.session, capacity, "agent registered");
