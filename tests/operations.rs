@@ -338,3 +338,29 @@ async fn the_web_pages_render_and_link_their_assets() {
     assert_eq!(r.status().as_u16(), 303);
     assert_eq!(r.headers()["location"], "/builds/2");
 }
+
+/// Whatever the server takes, an agent takes: a command at the size limit,
+/// every character one JSON must escape (six bytes each on the wire), is
+/// run by the agent, not refused for its body.
+#[tokio::test]
+async fn a_command_at_the_limit_reaches_the_agent() {
+    let mut c = Cluster::new(200, 5);
+    let sha = c.commit_script("true");
+    c.start_server();
+    c.start_agent("a");
+    c.wait_agents(1).await;
+    let command = "\u{1}".repeat(ci_core::model::limits::MAX_COMMAND);
+    let (status, body) = c
+        .api
+        .post("/api/builds", &serde_json::json!({ "hash": sha, "command": command }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = ci_core::BuildId(body["id"].as_i64().unwrap());
+    let b = c.api.wait_finished(id, LONG).await;
+    let log = c.api.log(id).await.unwrap();
+    let stderr = log["stderr"].as_str().unwrap_or_default();
+    assert!(!stderr.contains("refused"), "{}", &stderr[..stderr.len().min(300)]);
+    // The shell ran it: no such command.
+    assert_eq!((b.status, b.attempt.0, b.exit_code), (BuildStatus::Failed, 1, Some(127)), "{b:?}");
+}
