@@ -352,7 +352,10 @@ async fn a_command_at_the_limit_reaches_the_agent() {
     let command = "\u{1}".repeat(ci_core::model::limits::MAX_COMMAND);
     let (status, body) = c
         .api
-        .post("/api/builds", &serde_json::json!({ "hash": sha, "command": command }))
+        .post(
+            "/api/builds",
+            &serde_json::json!({ "hash": sha, "command": command }),
+        )
         .await
         .unwrap();
     assert_eq!(status, 201, "{body}");
@@ -360,7 +363,15 @@ async fn a_command_at_the_limit_reaches_the_agent() {
     let b = c.api.wait_finished(id, LONG).await;
     let log = c.api.log(id).await.unwrap();
     let stderr = log["stderr"].as_str().unwrap_or_default();
-    assert!(!stderr.contains("refused"), "{}", &stderr[..stderr.len().min(300)]);
+    assert!(
+        !stderr.contains("refused"),
+        "{}",
+        &stderr[..stderr.len().min(300)]
+    );
     // The shell ran it: no such command.
-    assert_eq!((b.status, b.attempt.0, b.exit_code), (BuildStatus::Failed, 1, Some(127)), "{b:?}");
+    assert_eq!(
+        (b.status, b.attempt.0, b.exit_code),
+        (BuildStatus::Failed, 1, Some(127)),
+        "{b:?}"
+    );
 }
