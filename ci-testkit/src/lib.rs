@@ -89,15 +89,19 @@ impl GitRepo {
 
 // === processes ===
 
-/// Path of a binary of this workspace, built by `cargo test --workspace`.
+/// Path of a binary of this workspace, in the same profile as the running
+/// one: a test (`target/<profile>/deps/<test>`) or a binary such as
+/// `ci-bench` (`target/<profile>/ci-bench`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let mut dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built; run the tests with `cargo test --workspace`",
+        "{} is not built; `cargo test --workspace` or `cargo build --workspace` builds it",
         path.display()
     );
     path
@@ -200,6 +204,11 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
     }
 
     /// Exit status if it has exited.

@@ -1,0 +1,92 @@
+//! In-process agents speaking the real protocol: each takes every build
+//! and reports success at once, so the figures are the server's own cost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use ci_core::protocol::{BuildRequest, NotifyAgentReply, NotifyBuildResult};
+use tokio::time::Instant;
+use warp::Filter;
+
+use crate::Error;
+
+/// When the no-op agents received and finished each build, by id.
+#[derive(Debug, Default)]
+pub(crate) struct Marks {
+    received: Mutex<HashMap<i64, Instant>>,
+    done: Mutex<HashMap<i64, Instant>>,
+    /// Woken on every completion.
+    pub(crate) finished: tokio::sync::Notify,
+}
+
+impl Marks {
+    pub(crate) fn received(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
+        self.received.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn done(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
+        self.done.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Starts an agent that takes every build and reports success at once
+/// (or, `silent`, never). Returns its agent id.
+pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Result<i64, Error> {
+    let http = reqwest::Client::new();
+    let id = Arc::new(AtomicI64::new(0));
+    let (server_url, agent_id, client) = (server.to_owned(), id.clone(), http.clone());
+    let route = warp::path!("build")
+        .and(warp::body::json())
+        .map(move |req: BuildRequest| {
+            marks.received().insert(req.id.0, Instant::now());
+            if !silent {
+                let (marks, client, url) = (marks.clone(), client.clone(), server_url.clone());
+                let agent = agent_id.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let result = NotifyBuildResult {
+                        id: req.id,
+                        status: 0,
+                        stdout: String::new(),
+                        stderr: String::new(),
+                        attempt: req.attempt,
+                        agent_id: Some(ci_core::AgentId(agent)),
+                    };
+                    let sent = client
+                        .post(format!("{url}/notify_build_result"))
+                        .json(&result)
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status().is_success()) {
+                        marks.done().insert(req.id.0, Instant::now());
+                        marks.finished.notify_waiters();
+                    }
+                });
+            }
+            warp::reply::json(&serde_json::json!({"accepted": true}))
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    let reply: NotifyAgentReply = http
+        .post(format!("{server}/notify_agent"))
+        .json(&serde_json::json!({"host": "127.0.0.1", "port": port}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    id.store(reply.id.0, Ordering::SeqCst);
+    Ok(reply.id.0)
+}
+
+/// Waits until an agent recording into `marks` has received build `id`.
+pub(crate) async fn wait_received(marks: &Marks, id: i64) -> Result<Instant, Error> {
+    for _ in 0..10_000 {
+        if let Some(t) = marks.received().get(&id) {
+            return Ok(*t);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    Err(Error::Timeout(format!("build {id} never arrived")))
+}
