@@ -375,3 +375,46 @@ async fn a_command_at_the_limit_reaches_the_agent() {
         "{b:?}"
     );
 }
+
+/// An agent started with `CAPACITY=2` runs two builds at once: each build
+/// leaves a mark and waits for the other's, so both succeed only if they
+/// overlap.
+#[tokio::test]
+async fn an_agent_with_capacity_two_runs_two_builds_at_once() {
+    let mut c = Cluster::new(200, 5);
+    let marks = c.dir.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let sha = c.commit_script(
+        "touch \"$MARKS/$CI_BUILD_ID\"\n\
+         for i in $(seq 600); do\n\
+           [ \"$(ls \"$MARKS\" | wc -l)\" -ge 2 ] && exit 0\n\
+           sleep 0.05\n\
+         done\n\
+         exit 1\n",
+    );
+    c.start_server();
+    c.agent_env.push(("CAPACITY".into(), "2".into()));
+    c.start_agent("a");
+    let agents = c.wait_agents(1).await;
+    assert_eq!(agents[0].capacity, 2);
+    let command = format!("MARKS={} sh build.sh", marks.display());
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = c
+            .api
+            .post(
+                "/api/builds",
+                &serde_json::json!({ "hash": sha, "command": command }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{body}");
+        ids.push(ci_core::BuildId(body["id"].as_i64().unwrap()));
+    }
+    for &id in &ids {
+        let b = c.api.wait_finished(id, LONG).await;
+        assert_eq!((b.status, b.attempt.0), (BuildStatus::Success, 1), "{b:?}");
+        assert_eq!(b.agent_id, Some(agents[0].id));
+    }
+    c.assert_exactly_once(&ids);
+}

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::noop::{self, wait_received, Marks};
+use crate::noop::{self, wait_done, wait_received, Marks};
 use crate::setup::Bench;
 use crate::stats::{ms, pct, sorted};
 use crate::Error;
@@ -35,6 +35,10 @@ pub(crate) async fn run(b: &Bench) -> Result<(), Error> {
         let d = ms(rescued.duration_since(last_sign));
         detection.push(d);
         after_expiry.push(d - MISSED * INTERVAL_MS);
+        // N.B.: it leaves only once its result is in. Leaving first would
+        // requeue the build, and the next silent agent would get it in
+        // place of its own.
+        wait_done(&marks, id).await?;
         b.http
             .post(format!("{}/notify_agent_leave", b.base))
             .json(&serde_json::json!({ "agentId": healthy }))

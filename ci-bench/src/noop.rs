@@ -82,11 +82,30 @@ pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Resu
 
 /// Waits until an agent recording into `marks` has received build `id`.
 pub(crate) async fn wait_received(marks: &Marks, id: i64) -> Result<Instant, Error> {
-    for _ in 0..10_000 {
-        if let Some(t) = marks.received().get(&id) {
-            return Ok(*t);
+    wait_mark(
+        || marks.received().get(&id).copied(),
+        &format!("build {id} never arrived"),
+    )
+    .await
+}
+
+/// Waits until the server has acknowledged the result of build `id` from
+/// an agent recording into `marks`.
+pub(crate) async fn wait_done(marks: &Marks, id: i64) -> Result<Instant, Error> {
+    wait_mark(
+        || marks.done().get(&id).copied(),
+        &format!("build {id} never finished"),
+    )
+    .await
+}
+
+async fn wait_mark(mark: impl Fn() -> Option<Instant>, timeout: &str) -> Result<Instant, Error> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(t) = mark() {
+            return Ok(t);
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    Err(Error::Timeout(format!("build {id} never arrived")))
+    Err(Error::Timeout(timeout.to_owned()))
 }
