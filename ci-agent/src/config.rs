@@ -332,12 +332,10 @@ impl TryFrom<Args> for AgentConfig {
                 reason: format!("must be 1 to {}", ci_core::protocol::NotifyAgent::MAX_CAPACITY),
             });
         }
-        let labels =
-            ci_core::Labels::parse(a.labels.iter().filter(|l| !l.trim().is_empty())).map_err(|e| {
-                Error::Config {
-                    name: "LABELS",
-                    reason: e.to_string(),
-                }
+        let labels = ci_core::Labels::parse(a.labels.iter().map(|l| l.trim()).filter(|l| !l.is_empty()))
+            .map_err(|e| Error::Config {
+                name: "LABELS",
+                reason: e.to_string(),
             })?;
         if a.work_dir.as_os_str().is_empty() {
             return Err(Error::Config {

@@ -603,11 +603,15 @@ impl Labels {
     /// Longest label, in bytes.
     pub const MAX_LEN: usize = 64;
 
-    /// Validates each label: 1 to 64 of `A-Z a-z 0-9 . _ - : / =`.
+    /// Validates each label: 1 to 64 of `A-Z a-z 0-9 . _ - : / =`; at most
+    /// [`Labels::MAX`] are given. A label given twice counts once.
     pub fn parse<S: AsRef<str>>(labels: impl IntoIterator<Item = S>) -> Result<Labels> {
         let mut set = std::collections::BTreeSet::new();
-        for l in labels {
-            let l = l.as_ref().trim();
+        for (i, l) in labels.into_iter().enumerate() {
+            if i >= Self::MAX {
+                return Err(Error::invalid("labels", format!("more than {}", Self::MAX)));
+            }
+            let l = l.as_ref();
             let ok = !l.is_empty()
                 && l.len() <= Self::MAX_LEN
                 && l.chars()
@@ -619,9 +623,6 @@ impl Labels {
                 ));
             }
             set.insert(l.to_owned());
-        }
-        if set.len() > Self::MAX {
-            return Err(Error::invalid("labels", format!("more than {}", Self::MAX)));
         }
         Ok(Labels(set))
     }
@@ -694,6 +695,24 @@ pub fn truncate_log(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the OpenAPI schema says of `labels` holds: at most `MAX` items
+    /// as given, each matching the pattern exactly (no trimming); a label
+    /// given twice counts once.
+    #[test]
+    fn labels_are_checked_as_given() {
+        assert_eq!(Labels::parse(["a", "b", "a"]).unwrap().iter().count(), 2);
+        assert!(Labels::parse([" a"]).is_err());
+        assert!(Labels::parse(["a b"]).is_err());
+        assert!(Labels::parse([""]).is_err());
+        let many: Vec<String> = (0..=Labels::MAX).map(|i| format!("l{}", i % 2)).collect();
+        assert!(
+            Labels::parse(&many).is_err(),
+            "33 given, 2 distinct: still too many"
+        );
+        let most: Vec<String> = (0..Labels::MAX).map(|i| format!("l{i}")).collect();
+        assert_eq!(Labels::parse(&most).unwrap().iter().count(), Labels::MAX);
+    }
 
     #[test]
     fn commit_refs_accept_shas_and_safe_names() {

@@ -481,10 +481,10 @@ pub fn spec() -> Value {
                             { "type": "string", "pattern": "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$" }
                         ] },
                         "session": { "type": "boolean", "description": "Ask for a session secret" },
-                        "capacity": { "type": "integer", "minimum": 1, "maximum": NotifyAgent::MAX_CAPACITY, "description": "Builds it runs at once (default 1)" },
+                        "capacity": { "type": ["integer", "null"], "minimum": 1, "maximum": NotifyAgent::MAX_CAPACITY, "description": "Builds it runs at once (default 1)" },
                         "labels": {
-                            "type": "array", "maxItems": Labels::MAX, "uniqueItems": true,
-                            "description": "What it can run",
+                            "type": ["array", "null"], "maxItems": Labels::MAX,
+                            "description": "What it can run (a label given twice counts once)",
                             "items": { "type": "string", "pattern": "^[A-Za-z0-9._:/=-]{1,64}$" }
                         },
                         "pings": { "type": "boolean", "description": "It pings with `agentId` every interval while idle, so silence from registration on means it is gone" }
