@@ -1,5 +1,6 @@
 //! `ci`, the command-line client: submit, list, show, follow logs, cancel,
-//! rebuild, and list agents, against a server's JSON API.
+//! rebuild, and list agents, against a server's JSON API; and check a
+//! pipeline file (`ci lint`) with the server's parser, offline.
 //!
 //! # Layout
 //! - [`Cli`], [`Command`]: the arguments (clap).
@@ -17,6 +18,66 @@ use ci_core::BuildStatus;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
+
+/// `ci lint`: 0 for a good file (its steps listed), 1 for a bad one (the
+/// error as `FILE:LINE:COLUMN: message` on stderr).
+fn lint(file: &std::path::Path, json: bool) -> Result<u8, Error> {
+    use std::io::Read;
+    let cap = ci_core::pipeline::caps::MAX_FILE as u64;
+    let mut bytes = Vec::new();
+    let shown = file.display().to_string();
+    if shown == "-" {
+        std::io::stdin().take(cap + 1).read_to_end(&mut bytes)?;
+    } else {
+        let f = std::fs::File::open(file).map_err(|e| Error::Api(format!("{shown}: {e}")))?;
+        f.take(cap + 1).read_to_end(&mut bytes)?;
+    }
+    let parsed = match String::from_utf8(bytes) {
+        Ok(text) if text.len() as u64 > cap => Err(ci_core::pipeline::PipelineError {
+            line: 0,
+            column: 0,
+            message: format!("larger than {cap} bytes, the most a pipeline file may be"),
+        }),
+        Ok(text) => ci_core::pipeline::parse(&text),
+        Err(_) => Err(ci_core::pipeline::PipelineError {
+            line: 0,
+            column: 0,
+            message: "not UTF-8 text".into(),
+        }),
+    };
+    match parsed {
+        Ok(p) if json => {
+            print_json(&p)?;
+            Ok(0)
+        }
+        Ok(p) => {
+            let rows: Vec<Vec<String>> = p
+                .steps
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.image
+                            .as_ref()
+                            .map_or("(shell)".into(), |i| i.as_str().to_owned()),
+                        s.depends_on.join(", "),
+                        s.labels.iter().collect::<Vec<_>>().join(","),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["STEP", "IMAGE", "DEPENDS ON", "AGENTS"], &rows));
+            Ok(0)
+        }
+        Err(e) if e.line == 0 => {
+            eprintln!("{shown}: {}", e.message);
+            Ok(1)
+        }
+        Err(e) => {
+            eprintln!("{shown}:{e}");
+            Ok(1)
+        }
+    }
+}
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +188,13 @@ pub enum Command {
     },
     /// List agents.
     Agents,
+    /// Check a pipeline file with the server's own parser: exit 0 and list
+    /// its steps, or exit 1 with `FILE:LINE:COLUMN: message`.
+    Lint {
+        /// The file (`-`: standard input).
+        #[arg(default_value = ci_core::pipeline::DEFAULT_FILE)]
+        file: std::path::PathBuf,
+    },
 }
 
 /// A client of one server.
@@ -512,6 +580,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             }
             Ok(0)
         }
+        Command::Lint { file } => lint(&file, cli.json),
         Command::Agents => {
             let agents = client.agents().await?;
             if cli.json {

@@ -208,3 +208,74 @@ fn a_build_cannot_write_escapes_to_the_terminal() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["command"], evil);
 }
+
+/// `ci lint`: the server's parser, offline. A good file lists its steps
+/// and exits 0; a bad one prints `FILE:LINE:COLUMN: message` and exits 1;
+/// a missing file is an error (2).
+#[test]
+fn lint_checks_a_pipeline_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let lint = |args: &[&str], stdin: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ci"));
+        cmd.current_dir(dir.path()).arg("lint").args(args);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut input = child.stdin.take().unwrap();
+            // N.B.: `ci` stops reading at the size cap.
+            let _ = input.write_all(stdin.unwrap_or_default().as_bytes());
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    std::fs::write(
+        dir.path().join(".ci.yml"),
+        "version: 1\nmatrix: {os: [bookworm, trixie]}\nsteps:\n  - {name: build, image: \"debian:${os}\", commands: [make]}\n  - {name: test, commands: [make test], agents: {arch: amd64}}\n",
+    )
+    .unwrap();
+    let (code, out, err) = lint(&[], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("build (os=trixie)") && out.contains("debian:trixie"),
+        "{out}"
+    );
+    assert!(
+        out.contains("test (os=bookworm)") && out.contains("arch=amd64"),
+        "{out}"
+    );
+
+    std::fs::write(
+        dir.path().join("bad.yml"),
+        "version: 1\nsteps:\n  - {name: a, depends_on: [b], commands: [x]}\n  - {name: b, depends_on: [a], commands: [x]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = lint(&["bad.yml"], None);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(
+        err.trim_end(),
+        "bad.yml:3:12: the steps depend on each other in a cycle: a -> b -> a"
+    );
+
+    let (code, _, err) = lint(
+        &["-"],
+        Some("version: 1\nsteps:\n  - name: a\n    comands: [x]\n"),
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("-:4:5: unknown field `comands`"), "{err}");
+
+    let (code, _, err) = lint(&["-"], Some(&"#".repeat(600 * 1024)));
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("-: larger than 524288 bytes"), "{err}");
+
+    let (code, _, err) = lint(&["missing.yml"], None);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("ci: missing.yml:"), "{err}");
+}

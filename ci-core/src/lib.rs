@@ -12,6 +12,8 @@
 //! - [`model`]: builds, attempts, agents and the validated values
 //!   ([`CommitRef`], [`RepoUrl`], [`ImageRef`], [`Labels`]) they are made
 //!   of.
+//! - [`pipeline`]: the `.ci.yml` a repository carries, parsed under
+//!   limits, checked and expanded into steps.
 //! - [`protocol`]: the JSON wire types shared by server, agents and
 //!   clients, with their size limits.
 //! - [`store`]: persistence, async and split by concern ([`Queue`] with
@@ -78,6 +80,7 @@ pub mod heartbeat;
 pub mod lease;
 pub mod local;
 pub mod model;
+pub mod pipeline;
 pub mod pool;
 #[cfg(feature = "cli")]
 pub mod process;

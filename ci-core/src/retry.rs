@@ -42,7 +42,7 @@ where
             Err(e) if e.is_transient() => {
                 failures += 1;
                 let delay = delays.next().unwrap_or(backoff.cap());
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     warn!(what, failures, cause = %e, retry_in = ?delay, "retrying");
                 }
                 tokio::time::sleep(delay).await;
