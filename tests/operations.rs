@@ -418,3 +418,53 @@ async fn an_agent_with_capacity_two_runs_two_builds_at_once() {
     }
     c.assert_exactly_once(&ids);
 }
+
+/// Labels route builds: a build goes only to an agent with all of its
+/// labels; one that no agent can take says why and waits, without holding
+/// up the builds behind it, until a fitting agent registers.
+#[tokio::test]
+async fn labels_route_builds_and_a_build_no_agent_can_take_says_why() {
+    let mut c = Cluster::new(200, 5);
+    let sha = c.commit_script("echo built\n");
+    c.start_server();
+    c.start_agent("plain");
+    c.agent_env = vec![("LABELS".into(), "os=special,arch=amd64".into())];
+    c.start_agent("special");
+    let agents = c.wait_agents(2).await;
+    let special = agents.iter().find(|a| !a.labels.is_empty()).unwrap().id;
+    let submit = |labels: &[&str]| serde_json::json!({ "hash": sha, "command": common::BUILD_COMMAND, "labels": labels });
+    let mut routed = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = c.api.post("/api/builds", &submit(&["os=special"])).await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        routed.push(ci_core::BuildId(body["id"].as_i64().unwrap()));
+    }
+    let (status, body) = c.api.post("/api/builds", &submit(&["os=windows"])).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let windows = ci_core::BuildId(body["id"].as_i64().unwrap());
+    let behind = c.api.create(&sha).await.id;
+    for &id in &routed {
+        let b = c.api.wait_finished(id, LONG).await;
+        assert_eq!(
+            (b.status, b.agent_id),
+            (BuildStatus::Success, Some(special)),
+            "{b:?}"
+        );
+    }
+    let b = c.api.wait_finished(behind, LONG).await;
+    assert_eq!(b.status, BuildStatus::Success, "not held up by the windows build");
+    let w = c.api.build(windows).await.unwrap();
+    assert_eq!(w.status, BuildStatus::Queued);
+    assert_eq!(w.waiting.as_deref(), Some("no agent has os=windows"));
+    let (status, body) = c.api.post("/api/builds", &submit(&["has space"])).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+
+    c.agent_env = vec![("LABELS".into(), "os=windows".into())];
+    c.start_agent("windows");
+    let b = c.api.wait_finished(windows, LONG).await;
+    assert_eq!(b.status, BuildStatus::Success, "{b:?}");
+    assert_eq!(b.waiting, None);
+    let mut all = routed.clone();
+    all.extend([windows, behind]);
+    c.assert_exactly_once(&all);
+}

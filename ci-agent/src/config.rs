@@ -332,11 +332,20 @@ impl TryFrom<Args> for AgentConfig {
                 reason: format!("must be 1 to {}", ci_core::protocol::NotifyAgent::MAX_CAPACITY),
             });
         }
-        let labels = ci_core::Labels::parse(a.labels.iter().map(|l| l.trim()).filter(|l| !l.is_empty()))
-            .map_err(|e| Error::Config {
-                name: "LABELS",
-                reason: e.to_string(),
-            })?;
+        let mut given: Vec<&str> = a
+            .labels
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.is_empty())
+            .collect();
+        // N.B.: the Docker runner says so itself, unless told otherwise.
+        if a.runner == RunnerKind::Docker && !given.iter().any(|l| l.starts_with("docker=")) {
+            given.push("docker=true");
+        }
+        let labels = ci_core::Labels::parse(given).map_err(|e| Error::Config {
+            name: "LABELS",
+            reason: e.to_string(),
+        })?;
         if a.work_dir.as_os_str().is_empty() {
             return Err(Error::Config {
                 name: "WORK_DIR",
@@ -398,6 +407,29 @@ mod tests {
         assert!(parse(&["--server-host", "x y"])
             .unwrap_err()
             .contains("SERVER_HOST"));
+    }
+
+    #[test]
+    fn labels_and_capacity() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("ci-agent").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())
+                .and_then(|a| AgentConfig::try_from(a).map_err(|e| e.to_string()))
+        };
+        let labels = |c: AgentConfig| c.labels.iter().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            labels(parse(&["--labels", "os=linux, arch=amd64,"]).unwrap()),
+            ["arch=amd64", "os=linux"]
+        );
+        assert!(labels(parse(&[]).unwrap()).is_empty());
+        assert_eq!(labels(parse(&["--runner", "docker"]).unwrap()), ["docker=true"]);
+        assert_eq!(
+            labels(parse(&["--runner", "docker", "--labels", "docker=rootless"]).unwrap()),
+            ["docker=rootless"]
+        );
+        assert!(parse(&["--labels", "has space"]).unwrap_err().contains("LABELS"));
+        assert!(parse(&["--capacity", "0"]).unwrap_err().contains("CAPACITY"));
+        assert_eq!(parse(&["--capacity", "4"]).unwrap().capacity, 4);
     }
 
     #[test]

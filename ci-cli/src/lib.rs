@@ -144,6 +144,9 @@ pub enum Command {
         /// Branch, for display.
         #[arg(long)]
         branch: Option<String>,
+        /// A label the agent must have (repeat, or separate with commas).
+        #[arg(long = "label", value_delimiter = ',')]
+        labels: Vec<String>,
         /// Wait for the build to finish; exit 0 if it succeeded, 1 if not.
         #[arg(long)]
         wait: bool,
@@ -467,6 +470,16 @@ fn show(b: &BuildView) -> String {
         vec!["finished".into(), opt(&b.finished_at)],
         vec!["duration".into(), duration(b.duration_ms)],
     ];
+    let mut rows = rows;
+    if !b.labels.is_empty() {
+        rows.insert(
+            5,
+            vec!["labels".into(), b.labels.iter().collect::<Vec<_>>().join(",")],
+        );
+    }
+    if let Some(why) = &b.waiting {
+        rows.insert(2, vec!["waiting".into(), why.clone()]);
+    }
     let mut out = String::new();
     for r in rows {
         out.push_str(&format!("{:<10} {}\n", r[0], printable(&r[1])));
@@ -497,9 +510,13 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             hash,
             command,
             branch,
+            labels,
             wait,
         } => {
             let mut body = serde_json::json!({ "hash": hash });
+            if !labels.is_empty() {
+                body["labels"] = labels.into();
+            }
             if let Some(c) = command {
                 body["command"] = c.into();
             }

@@ -279,3 +279,26 @@ fn lint_checks_a_pipeline_file() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("ci: missing.yml:"), "{err}");
 }
+
+/// `ci submit --label`: a build only an agent with the label may take;
+/// `ci show` says why it waits.
+#[test]
+fn a_labelled_build_shows_why_it_waits() {
+    let c = cluster();
+    let (code, out, err) = c.ci(&["submit", "main", "--label", "os=nowhere,gpu"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("build #1 queued"), "{out}");
+    let (code, out, _) = c.ci(&["show", "1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("labels     gpu,os=nowhere"), "{out}");
+    assert!(out.contains("status     queued"), "{out}");
+    assert!(
+        out.contains("waiting    no agent has all of gpu, os=nowhere"),
+        "{out}"
+    );
+    let (code, out, _) = c.ci(&["cancel", "1"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = c.ci(&["submit", "main", "--label", "bad label"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("labels"), "{err}");
+}

@@ -78,6 +78,7 @@ fn bench(c: &mut Criterion) {
             created_at: Timestamp(0),
             started_at: None,
             finished_at: None,
+            labels: Default::default(),
         })
         .collect();
     let free: Vec<Offer> = (0..100)

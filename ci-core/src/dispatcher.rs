@@ -339,7 +339,7 @@ impl Task {
             Command::HandBack(back, reply) => answer(reply, self.c.hand_back(back).await),
             Command::Left(id, verified, reply) => answer(reply, self.c.agent_left(id, verified).await),
             Command::Cancel(id, reply) => match self.c.cancel(id).await {
-                Ok(Cancel::Done(b)) => answer(reply, Ok(b)),
+                Ok(Cancel::Done(b)) => answer(reply, Ok(*b)),
                 Ok(Cancel::Stop(order)) => {
                     // N.B.: the agent takes a while to kill the work; the
                     // answer waits for it, the task does not.

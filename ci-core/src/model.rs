@@ -405,6 +405,8 @@ pub struct NewBuild {
     pub image: Option<String>,
     /// Per-build timeout; the agent's default applies when `None`.
     pub timeout_ms: Option<u64>,
+    /// Labels the agent must have, all of them.
+    pub labels: Labels,
 }
 
 impl NewBuild {
@@ -417,6 +419,7 @@ impl NewBuild {
             command: command.into(),
             image: None,
             timeout_ms: None,
+            labels: Labels::default(),
         };
         build.validate()?;
         Ok(build)
@@ -492,6 +495,8 @@ pub struct Build {
     pub started_at: Option<Timestamp>,
     /// When the build finished.
     pub finished_at: Option<Timestamp>,
+    /// Labels the agent must have, all of them.
+    pub labels: Labels,
 }
 
 impl Build {

@@ -263,6 +263,9 @@ pub struct CreateBuild {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout_ms: Option<u64>,
+    /// Labels the agent must have, all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
 }
 
 /// A build as the API shows it.
@@ -301,6 +304,30 @@ pub struct BuildView {
     pub finished_at: Option<String>,
     /// Run time of the accepted attempt.
     pub duration_ms: Option<u64>,
+    /// Labels the agent must have.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Why a queued build is not running yet, when the server knows
+    /// (`no agent has os=windows`).
+    #[serde(default)]
+    pub waiting: Option<String>,
+}
+
+impl BuildView {
+    /// Says why `self`, if queued, cannot start on any of `agents`: none
+    /// has all of its labels.
+    pub fn explain_wait(&mut self, agents: &[crate::pool::Agent]) {
+        if self.status != BuildStatus::Queued || self.labels.is_empty() {
+            return;
+        }
+        if !agents.iter().any(|a| a.labels.satisfy(&self.labels)) {
+            let wanted: Vec<&str> = self.labels.iter().collect();
+            self.waiting = Some(match wanted.as_slice() {
+                [one] => format!("no agent has {one}"),
+                all => format!("no agent has all of {}", all.join(", ")),
+            });
+        }
+    }
 }
 
 impl From<&Build> for BuildView {
@@ -322,6 +349,8 @@ impl From<&Build> for BuildView {
             started_at: b.started_at.map(|t| t.to_rfc3339()),
             finished_at: b.finished_at.map(|t| t.to_rfc3339()),
             duration_ms: b.duration_ms(),
+            labels: b.labels.clone(),
+            waiting: None,
         }
     }
 }

@@ -37,15 +37,37 @@ pub trait Scheduler: Send + Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Fifo;
 
+/// How far past the free slots [`Fifo`] looks, so that builds no free
+/// agent can take (for their labels) do not hold up the ones behind them.
+pub const FIFO_LOOKAHEAD: usize = 64;
+
 impl Scheduler for Fifo {
+    fn window(&self, free_slots: usize) -> usize {
+        free_slots.saturating_add(FIFO_LOOKAHEAD)
+    }
+
     fn assign(&mut self, ready: &[Build], offers: &[Offer]) -> Vec<Assignment> {
-        let slots = offers
-            .iter()
-            .flat_map(|o| std::iter::repeat_n(o.agent, o.free_slots as usize));
-        ready
-            .iter()
-            .zip(slots)
-            .map(|(b, agent)| Assignment { build: b.id, agent })
-            .collect()
+        let mut free: Vec<u32> = offers.iter().map(|o| o.free_slots).collect();
+        let mut left: u32 = free.iter().sum();
+        let mut out = Vec::new();
+        for b in ready {
+            if left == 0 {
+                break;
+            }
+            // The longest-idle agent with a free slot and every label.
+            let pick = offers
+                .iter()
+                .zip(free.iter_mut())
+                .find(|(o, f)| **f > 0 && o.labels.satisfy(&b.labels));
+            if let Some((o, f)) = pick {
+                *f -= 1;
+                left -= 1;
+                out.push(Assignment {
+                    build: b.id,
+                    agent: o.agent,
+                });
+            }
+        }
+        out
     }
 }

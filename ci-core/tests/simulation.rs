@@ -31,7 +31,7 @@ use ci_core::coordinator::{Accepted, Cancel, Dispatch, DispatchFailure, Heartbea
 use ci_core::store::{Builds, FaultyStore, Op, Queue};
 use ci_core::{
     AgentId, Attempt, BuildId, BuildStatus, Clock, CommitRef, Completion, Coordinator, Enrollment, Error,
-    LeasePolicy, ManualClock, MemoryStore, NewBuild, RepoUrl, Timestamp,
+    Labels, LeasePolicy, ManualClock, MemoryStore, NewBuild, RepoUrl, Timestamp,
 };
 
 const INTERVAL_MS: u64 = 100;
@@ -81,6 +81,9 @@ struct SimAgent {
     url: String,
     id: Option<AgentId>,
     secret: String,
+    /// What it can run: every fourth agent has every label, so each build
+    /// has somewhere to go.
+    labels: Labels,
     health: Health,
     /// The attempt it works on and when its command finishes.
     job: Option<(BuildId, Attempt, u64)>,
@@ -199,7 +202,7 @@ impl Sim {
     async fn run(mut self) -> usize {
         let n_agents = self.rng.usize(1..5);
         for _ in 0..n_agents {
-            self.add_agent().await;
+            self.add_agent(false).await;
         }
         for step in 0..STEPS {
             self.step = step;
@@ -214,8 +217,15 @@ impl Sim {
                 a.health = Health::Up;
             }
         }
-        if !self.agents.iter().any(|a| a.health == Health::Up) {
-            self.add_agent().await;
+        // Someone alive can run every build (it takes the operator a new
+        // machine if every such agent died).
+        let every = Labels::parse(["os=a", "gpu"]).unwrap();
+        if !self
+            .agents
+            .iter()
+            .any(|a| a.health == Health::Up && a.labels.satisfy(&every))
+        {
+            self.add_agent(true).await;
         }
         for step in STEPS..STEPS + 5000 {
             self.step = step;
@@ -273,7 +283,7 @@ impl Sim {
         left
     }
 
-    async fn add_agent(&mut self) {
+    async fn add_agent(&mut self, every_label: bool) {
         let n = self.agents.len();
         let kind = match self.rng.u8(..11) {
             0..=3 => Kind::Secure,
@@ -282,11 +292,19 @@ impl Sim {
             8..=9 => Kind::Original,
             _ => Kind::Embedded,
         };
+        let labels = match (n % 4, self.rng.u8(..3)) {
+            _ if every_label => Labels::parse(["os=a", "gpu"]).unwrap(),
+            (0, _) => Labels::parse(["os=a", "gpu"]).unwrap(),
+            (_, 0) => Labels::parse(["os=a"]).unwrap(),
+            (_, 1) => Labels::parse(["gpu"]).unwrap(),
+            _ => Labels::default(),
+        };
         self.agents.push(SimAgent {
             kind,
             url: format!("http://agent-{n}:3001"),
             id: None,
             secret: format!("secret-{n}-0"),
+            labels,
             health: Health::Up,
             job: None,
             next_beat: 0,
@@ -305,16 +323,19 @@ impl Sim {
             self.step
         );
         let (url, secret, kind) = (a.url.clone(), a.secret.clone(), a.kind);
+        let e = Enrollment {
+            labels: a.labels.clone(),
+            ..Enrollment::new(url.clone())
+        };
         let registered = match kind {
             Kind::Secure => {
-                self.c
-                    .register_agent_with_secret(&url, secret, Some(&proof))
-                    .await
+                let e = Enrollment {
+                    secret: Some(secret),
+                    ..e
+                };
+                self.c.register(e, Some(&proof)).await
             }
-            Kind::Claims | Kind::Attempts | Kind::Original | Kind::Embedded => {
-                let e = Enrollment::new(url.clone());
-                self.c.register(e, None).await
-            }
+            Kind::Claims | Kind::Attempts | Kind::Original | Kind::Embedded => self.c.register(e, None).await,
         };
         match registered {
             Ok(r) => {
@@ -333,14 +354,19 @@ impl Sim {
         match roll {
             0..=24 => {
                 let repo = RepoUrl::parse("/srv/repo").unwrap();
-                let new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
+                let mut new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
+                new.labels = match self.rng.u8(..6) {
+                    0 => Labels::parse(["os=a"]).unwrap(),
+                    1 => Labels::parse(["gpu", "os=a"]).unwrap(),
+                    _ => Labels::default(),
+                };
                 let b = self.c.submit(&new).await.unwrap();
                 if let Some(last) = self.submitted.last() {
                     check!(self, b.id > *last, "build number {} not above {last}", b.id);
                 }
                 self.submitted.push(b.id);
             }
-            25..=27 if self.agents.len() < 8 => self.add_agent().await,
+            25..=27 if self.agents.len() < 8 => self.add_agent(false).await,
             28..=30 => {
                 // An agent dies (an embedded worker lives as long as we do).
                 let i = self.rng.usize(..self.agents.len());
@@ -512,6 +538,15 @@ impl Sim {
         let Some(i) = self.agents.iter().position(|a| a.url == d.agent_url) else {
             return;
         };
+        check!(
+            self,
+            self.agents[i].labels.satisfy(&d.build.labels),
+            "build {} needs {:?}, sent to agent {} with {:?}",
+            d.build.id,
+            d.build.labels,
+            d.agent,
+            self.agents[i].labels
+        );
         let a = &mut self.agents[i];
         let reachable = a.health == Health::Up && a.id == Some(d.agent);
         if !reachable {
@@ -716,25 +751,28 @@ impl Sim {
         }
     }
 
-    /// After a scheduling pass, a queued build and a free agent (not cooling
-    /// down after a busy answer) never coexist.
+    /// After a scheduling pass, a queued build (within the policy's
+    /// window) and a free agent that could take it (not cooling down after
+    /// a busy answer) never coexist.
     async fn check_no_idle_agent_with_work(&self) {
-        let queued = self.store.queued(1).await.unwrap();
-        let now = self.clock.now();
-        let free = self
-            .c
-            .agents()
+        let queued = self
+            .store
+            .queued(ci_core::scheduler::FIFO_LOOKAHEAD)
             .await
-            .unwrap()
-            .iter()
-            .filter(|a| a.is_ready(now))
-            .count();
-        check!(
-            self,
-            queued.is_empty() || free == 0,
-            "build {:?} waits while {free} agents are free",
-            queued.first().map(|b| b.id)
-        );
+            .unwrap();
+        let now = self.clock.now();
+        let agents = self.c.agents().await.unwrap();
+        let free: Vec<_> = agents.iter().filter(|a| a.is_ready(now)).collect();
+        for b in &queued {
+            let fits = free.iter().filter(|a| a.labels.satisfy(&b.labels)).count();
+            check!(
+                self,
+                fits == 0,
+                "build {} ({:?}) waits while {fits} free agents could take it",
+                b.id,
+                b.labels
+            );
+        }
     }
 }
 

@@ -134,7 +134,15 @@ pub fn spec() -> Value {
         "createdAt": { "type": "string", "format": "date-time" },
         "startedAt": { "type": ["string", "null"], "format": "date-time" },
         "finishedAt": { "type": ["string", "null"], "format": "date-time" },
-        "durationMs": nullable("integer")
+        "durationMs": nullable("integer"),
+        "labels": {
+            "type": "array", "items": { "type": "string" },
+            "description": "Labels the agent must have, all of them"
+        },
+        "waiting": {
+            "type": ["string", "null"],
+            "description": "Why a queued build cannot start yet, when no agent has its labels (`no agent has os=windows`)"
+        }
     });
     let build_required: Vec<&String> = build_props
         .as_object()
@@ -418,7 +426,12 @@ pub fn spec() -> Value {
                         },
                         "branch": { "type": ["string", "null"], "maxLength": ci_core::model::limits::MAX_BRANCH, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$" },
                         "image": { "type": ["string", "null"], "maxLength": ci_core::model::limits::MAX_IMAGE, "pattern": "^([A-Za-z0-9._/:@][A-Za-z0-9._/:@-]*)?$" },
-                        "timeoutMs": { "type": ["integer", "null"], "minimum": 1, "maximum": ci_core::model::limits::MAX_TIMEOUT_MS }
+                        "timeoutMs": { "type": ["integer", "null"], "minimum": 1, "maximum": ci_core::model::limits::MAX_TIMEOUT_MS },
+                        "labels": {
+                            "type": ["array", "null"], "maxItems": Labels::MAX,
+                            "description": "Labels the agent must have, all of them (a label given twice counts once)",
+                            "items": { "type": "string", "pattern": "^[A-Za-z0-9._:/=-]{1,64}$" }
+                        }
                     }
                 },
                 "CreateBuildForm": {

@@ -260,7 +260,11 @@ const STDERR_MARK: &str = "<!--ci:stderr-->";
 async fn build_page(app: &App, id: BuildId) -> Response {
     let show = app.config.api_token.is_none();
     let build = match app.store.build(id).await {
-        Ok(Some(b)) => Some(BuildView::from(&b)),
+        Ok(Some(b)) => {
+            let mut view = BuildView::from(&b);
+            view.explain_wait(&app.dispatcher.agents().await.unwrap_or_default());
+            Some(view)
+        }
         Ok(None) => {
             return with_status(
                 html(shell("Not found", "", &format!("<p>No build #{id}.</p>"), app)),
@@ -282,6 +286,8 @@ async fn build_page(app: &App, id: BuildId) -> Response {
   <dt>Commit</dt><dd><code>{hash}</code></dd>
   <dt>Command</dt><dd><code>{cmd}</code></dd>
   <dt>Branch</dt><dd>{branch}</dd>
+  <dt>Labels</dt><dd>{labels}</dd>
+  <dt>Waiting</dt><dd id="d-waiting">{waiting}</dd>
   <dt>Agent</dt><dd id="d-agent">{agent}</dd>
   <dt>Attempt</dt><dd id="d-attempt">{attempt}</dd>
   <dt>Exit code</dt><dd id="d-exit">{exit}</dd>
@@ -301,6 +307,8 @@ async fn build_page(app: &App, id: BuildId) -> Response {
         hash = field(&|b| esc(&b.hash)),
         cmd = field(&|b| esc(&b.command)),
         branch = field(&|b| esc(b.branch.as_deref().unwrap_or(""))),
+        labels = field(&|b| esc(&b.labels.iter().collect::<Vec<_>>().join(", "))),
+        waiting = field(&|b| esc(b.waiting.as_deref().unwrap_or(""))),
         agent = field(&|b| esc(b.agent.as_deref().unwrap_or(""))),
         attempt = field(&|b| b.attempt.to_string()),
         exit = field(&|b| b.exit_code.map(|c| c.to_string()).unwrap_or_default()),

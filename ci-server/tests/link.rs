@@ -44,6 +44,7 @@ fn dispatch(agent_url: String) -> Dispatch {
             created_at: Timestamp(0),
             started_at: None,
             finished_at: None,
+            labels: Default::default(),
         },
     }
 }

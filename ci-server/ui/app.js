@@ -82,6 +82,7 @@ async function refreshBuild(id) {
   const b = await api("GET", `/api/builds/${id}`);
   const set = (k, v) => { const el = document.getElementById(k); if (el) el.innerHTML = v; };
   set("status", status(b.status));
+  set("d-waiting", esc(b.waiting || ""));
   set("d-agent", esc(b.agent || ""));
   set("d-attempt", String(b.attempt));
   set("d-exit", b.exitCode == null ? "" : String(b.exitCode));

@@ -9,7 +9,7 @@ use crate::Error;
 
 pub(crate) const BUILD_COLUMNS: &str =
     "id, repo, hash, branch, command, image, timeout_ms, status, attempt, \
-     agent_id, agent_url, exit_code, created_at, started_at, finished_at";
+     agent_id, agent_url, exit_code, created_at, started_at, finished_at, labels";
 
 pub(crate) fn ts(t: Timestamp) -> i64 {
     i64::try_from(t.0).unwrap_or(i64::MAX)
@@ -39,6 +39,7 @@ pub(crate) fn build_from_row(row: &Row<'_>) -> rusqlite::Result<Build> {
         created_at: time(12)?.unwrap_or_default(),
         started_at: time(13)?,
         finished_at: time(14)?,
+        labels: labels_from(&row.get::<_, String>(15)?),
     })
 }
 

@@ -77,6 +77,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     UPDATE builds SET lease_until = 0 WHERE status = 'running';
     ALTER TABLE agents ADD COLUMN capacity INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '';",
+    // 6: labels a build's agent must have.
+    "ALTER TABLE builds ADD COLUMN labels TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Takes the exclusive `flock` on the file `conn` opened (by the name

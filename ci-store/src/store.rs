@@ -177,8 +177,8 @@ impl Queue for SqliteStore {
         let new = new.clone();
         self.write(Cost::Short, move |tx| {
             let sql = format!(
-                "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7) RETURNING {BUILD_COLUMNS}"
+                "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at, labels)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8) RETURNING {BUILD_COLUMNS}"
             );
             Ok(tx.prepare_cached(&sql)?.query_row(
                 params![
@@ -189,6 +189,7 @@ impl Queue for SqliteStore {
                     new.image,
                     new.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
                     ts(now),
+                    labels_text(&new.labels),
                 ],
                 build_from_row,
             )?)

@@ -170,10 +170,10 @@ impl Coordinator {
         // the stop order is delivered (stop_delivered).
         let holder = build.agent_id.filter(|_| build.status == BuildStatus::Running);
         let Some(holder) = holder else {
-            return Ok(Cancel::Done(canceled));
+            return Ok(Cancel::Done(Box::new(canceled)));
         };
         let Some(agent) = self.pool.get(holder).await? else {
-            return Ok(Cancel::Done(canceled));
+            return Ok(Cancel::Done(Box::new(canceled)));
         };
         Ok(Cancel::Stop(StopOrder {
             agent: holder,

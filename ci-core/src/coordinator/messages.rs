@@ -169,7 +169,7 @@ pub enum Event {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cancel {
     /// The build was queued: it is canceled, nothing else to do.
-    Done(Build),
+    Done(Box<Build>),
     /// The build was running: it is canceled, and the caller must tell the
     /// agent to stop it, then report with
     /// [`Coordinator::stop_delivered`](crate::Coordinator::stop_delivered).

@@ -4,10 +4,62 @@ use std::collections::HashMap;
 
 use super::{Coordinator, Dispatch, Event};
 use crate::error::Result;
-use crate::model::AgentId;
+use crate::model::{AgentId, Labels};
 use crate::store::Claim;
 
 impl Coordinator {
+    /// The policy's assignments of `ready` builds to the free agents' offers,
+    /// kept only where they hold the coordinator's rules.
+    async fn propose(
+        &mut self,
+        ready: &[crate::model::Build],
+        now: crate::clock::Timestamp,
+    ) -> Result<Vec<Claim>> {
+        if ready.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Only as many agents as there are builds to place (longest idle
+        // first): a pass with 100 idle agents and one build looks at one.
+        // Builds that ask for labels may need any of them.
+        let wanted = if ready.iter().all(|b| b.labels.is_empty()) {
+            ready.len()
+        } else {
+            usize::MAX
+        };
+        let offers = self.pool.offers(now, wanted).await?;
+        let assignments = self.scheduler.assign(ready, &offers);
+        // N.B.: the policy only proposes. Drop anything that would give a
+        // build to two agents, an agent more than its free slots, a build
+        // to an agent that was not offered or lacks one of its labels.
+        let mut room: HashMap<AgentId, (u32, &str, &Labels)> = offers
+            .iter()
+            .map(|o| (o.agent, (o.free_slots, o.url.as_str(), &o.labels)))
+            .collect();
+        let mut claims: Vec<Claim> = Vec::with_capacity(assignments.len());
+        for a in assignments {
+            let Some(build) = ready.iter().find(|b| b.id == a.build) else {
+                continue;
+            };
+            if claims.iter().any(|c| c.build == a.build) {
+                continue;
+            }
+            let Some((free, url, _)) = room
+                .get_mut(&a.agent)
+                .filter(|(free, _, labels)| *free > 0 && labels.satisfy(&build.labels))
+            else {
+                continue;
+            };
+            *free -= 1;
+            claims.push(Claim {
+                build: a.build,
+                agent: a.agent,
+                agent_url: (*url).to_owned(),
+                lease_until: self.policy.deadline(now),
+            });
+        }
+        Ok(claims)
+    }
+
     /// One scheduling pass: shows the policy a window of ready builds and
     /// the free agents' offers, starts an attempt for each match it keeps,
     /// and returns what to send where.
@@ -21,36 +73,15 @@ impl Coordinator {
         if slots == 0 {
             return Ok(Vec::new());
         }
-        let ready = self.store.queued(self.scheduler.window(slots)).await?;
-        if ready.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Only as many agents as there are builds to place (longest idle
-        // first): a pass with 100 idle agents and one build looks at one.
-        let offers = self.pool.offers(now, ready.len()).await?;
-        let assignments = self.scheduler.assign(&ready, &offers);
-        // N.B.: the policy only proposes. Drop anything that would give a
-        // build to two agents, an agent more than its free slots, or a
-        // build to an agent that was not offered.
-        let mut room: HashMap<AgentId, (u32, &str)> = offers
-            .iter()
-            .map(|o| (o.agent, (o.free_slots, o.url.as_str())))
-            .collect();
-        let mut claims: Vec<Claim> = Vec::with_capacity(assignments.len());
-        for a in assignments {
-            if !ready.iter().any(|b| b.id == a.build) || claims.iter().any(|c| c.build == a.build) {
-                continue;
-            }
-            let Some((free, url)) = room.get_mut(&a.agent).filter(|(free, _)| *free > 0) else {
-                continue;
-            };
-            *free -= 1;
-            claims.push(Claim {
-                build: a.build,
-                agent: a.agent,
-                agent_url: (*url).to_owned(),
-                lease_until: self.policy.deadline(now),
-            });
+        // N.B.: first just enough builds for the free slots; the policy's
+        // wider window only when some of those could not be placed (their
+        // labels), so a queue of unlabelled builds costs no extra reads.
+        let window = self.scheduler.window(slots);
+        let mut ready = self.store.queued(slots.min(window)).await?;
+        let mut claims = self.propose(&ready, now).await?;
+        if claims.len() < ready.len() && ready.len() == slots && window > slots {
+            ready = self.store.queued(window).await?;
+            claims = self.propose(&ready, now).await?;
         }
         if claims.is_empty() {
             return Ok(Vec::new());

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::model::{Attempt, BuildStatus, Completion, NewBuild};
+use crate::model::{Attempt, BuildStatus, Completion, Labels, NewBuild};
 use crate::model::{CommitRef, RepoUrl};
 use crate::pool::Enrollment;
 use crate::scheduler::{Assignment, MockScheduler};
@@ -777,4 +777,98 @@ async fn a_busy_agent_cools_down_instead_of_being_dropped() {
     f.advance(300);
     let again = f.c.plan().await.unwrap();
     assert_eq!((again[0].agent, again[0].build.attempt), (a, Attempt(2)));
+}
+
+fn labelled(cmd: &str, labels: &[&str]) -> NewBuild {
+    NewBuild {
+        labels: Labels::parse(labels).unwrap(),
+        ..new_build(cmd)
+    }
+}
+
+async fn register_labelled(f: &mut Fixture, url: &str, labels: &[&str]) -> AgentId {
+    let enrollment = Enrollment {
+        labels: Labels::parse(labels).unwrap(),
+        ..Enrollment::new(url)
+    };
+    f.c.register(enrollment, None).await.unwrap().id
+}
+
+/// A build goes only to an agent with all of its labels; one no agent can
+/// take waits without holding up the builds behind it, and starts when a
+/// fitting agent registers.
+#[tokio::test]
+async fn builds_go_only_to_agents_with_their_labels() {
+    let mut f = fixture().await;
+    let plain = f.c.register_agent("http://plain:1").await.unwrap().id;
+    let linux = register_labelled(&mut f, "http://linux:1", &["os=linux", "docker=true"]).await;
+    let windows_build = f.c.submit(&labelled("w", &["os=windows"])).await.unwrap().id;
+    let linux_build = f.c.submit(&labelled("l", &["os=linux"])).await.unwrap().id;
+    let any_build = f.c.submit(&new_build("any")).await.unwrap().id;
+    let sent: Vec<(BuildId, AgentId)> =
+        f.c.plan()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| (d.build.id, d.agent))
+            .collect();
+    assert_eq!(sent, [(linux_build, linux), (any_build, plain)]);
+    assert_eq!(f.status(windows_build).await, BuildStatus::Queued);
+    // Free agents without the label still do not take it.
+    let d = f.c.plan().await.unwrap();
+    assert!(d.is_empty(), "{d:?}");
+    let windows = register_labelled(&mut f, "http://windows:1", &["os=windows"]).await;
+    let sent: Vec<(BuildId, AgentId)> =
+        f.c.plan()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| (d.build.id, d.agent))
+            .collect();
+    assert_eq!(sent, [(windows_build, windows)]);
+}
+
+/// Whatever a policy proposes, a build never goes to an agent without
+/// its labels.
+#[tokio::test]
+async fn the_coordinator_enforces_labels_whatever_the_policy_proposes() {
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
+    let store = Arc::new(MemoryStore::new());
+    let mut greedy = MockScheduler::new();
+    greedy.expect_window().returning(|n| n + 8);
+    greedy.expect_assign().returning(|ready, offers| {
+        ready
+            .iter()
+            .flat_map(|b| {
+                offers.iter().map(move |o| Assignment {
+                    build: b.id,
+                    agent: o.agent,
+                })
+            })
+            .collect()
+    });
+    let mut c = Coordinator::builder(store.clone())
+        .clock(clock)
+        .lease(policy())
+        .scheduler(greedy)
+        .build()
+        .await
+        .unwrap();
+    let plain = c.register_agent("http://plain:1").await.unwrap().id;
+    let gpu = c.submit(&labelled("g", &["gpu"])).await.unwrap().id;
+    let d = c.plan().await.unwrap();
+    assert!(d.is_empty(), "{d:?}");
+    let any = c.submit(&new_build("any")).await.unwrap().id;
+    let sent: Vec<(BuildId, AgentId)> = c
+        .plan()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| (d.build.id, d.agent))
+        .collect();
+    assert_eq!(sent, [(any, plain)]);
+    assert_eq!(
+        store.build(gpu).await.unwrap().unwrap().status,
+        BuildStatus::Queued
+    );
 }

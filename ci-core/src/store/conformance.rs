@@ -38,6 +38,7 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(make: impl Fn
     logs_read_in_pieces(&make().await).await;
     leases_are_granted_renewed_and_fenced(&make().await).await;
     starting_is_one_step_and_skips_what_is_not_queued(&make().await).await;
+    labels_are_kept(&make().await).await;
 }
 
 /// A log read a piece at a time is the log.
@@ -262,6 +263,34 @@ pub async fn ids_increase<S: Store>(s: &S) {
     assert_eq!(a.attempt, Attempt(0));
     assert_eq!(ok(s.build(a.id).await), Some(a));
     assert_eq!(ok(s.build(BuildId(999)).await), None);
+}
+
+/// A build's labels come back from every read: the queue, the build, the
+/// listing, and after it starts.
+pub async fn labels_are_kept<S: Store>(s: &S) {
+    let labels = crate::model::Labels::parse(["os=linux", "gpu"]).unwrap_or_else(|e| panic!("{e}"));
+    let new = NewBuild {
+        labels: labels.clone(),
+        ..new_build("l")
+    };
+    let b = ok(s.create_build(&new, Timestamp(1)).await);
+    assert_eq!(b.labels, labels);
+    let plain = ok(s.create_build(&new_build("p"), Timestamp(2)).await);
+    assert!(plain.labels.is_empty());
+    let queued: Vec<_> = ok(s.queued(10).await).into_iter().map(|b| b.labels).collect();
+    assert_eq!(queued, [labels.clone(), crate::model::Labels::default()]);
+    let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
+    let started = ok(start_one(s, b.id, &agent, Timestamp(3)).await).map(|b| b.labels);
+    assert_eq!(started, Some(labels.clone()));
+    assert_eq!(ok(s.build(b.id).await).map(|b| b.labels), Some(labels.clone()));
+    let page = ok(s
+        .list_builds(Page {
+            limit: 10,
+            offset: 0,
+            before: None,
+        })
+        .await);
+    assert_eq!(page.last().map(|b| b.labels.clone()), Some(labels));
 }
 
 /// Queued builds come out oldest first and leave the queue when started.

@@ -126,6 +126,7 @@ impl Queue for MemoryStore {
             created_at: now,
             started_at: None,
             finished_at: None,
+            labels: new.labels.clone(),
         };
         s.queue.insert(build.id);
         s.builds.insert(build.id, build.clone());

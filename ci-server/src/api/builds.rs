@@ -49,6 +49,7 @@ impl CreateBuildForm {
             branch: self.branch,
             image: self.image,
             timeout_ms,
+            labels: None,
         })
     }
 }
@@ -115,13 +116,29 @@ fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
                 };
                 let builds = app.store.list_builds(page).await?;
                 Ok(json(&BuildList {
-                    builds: builds.iter().map(BuildView::from).collect(),
+                    builds: views(&app, &builds).await?,
                     limit: page.limit,
                     offset: page.offset,
                 }))
             };
             Ok::<_, Rejection>(respond(list.await))
         })
+}
+
+/// The API's view of `builds`, each queued one saying why it waits, if
+/// no agent could take it.
+async fn views(app: &App, builds: &[ci_core::Build]) -> Result<Vec<BuildView>> {
+    let mut views: Vec<BuildView> = builds.iter().map(BuildView::from).collect();
+    if views
+        .iter()
+        .any(|v| !v.labels.is_empty() && v.status == ci_core::BuildStatus::Queued)
+    {
+        let agents = app.dispatcher.agents().await?;
+        for v in &mut views {
+            v.explain_wait(&agents);
+        }
+    }
+    Ok(views)
 }
 
 fn build_id() -> impl Filter<Extract = (BuildId,), Error = Rejection> + Copy {
@@ -149,7 +166,8 @@ fn get_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> 
                     .build(id)
                     .await?
                     .ok_or(ci_core::Error::BuildNotFound(id))?;
-                Ok(json(&BuildView::from(&b)))
+                let mut view = views(&app, std::slice::from_ref(&b)).await?;
+                Ok(json(&view.pop()))
             };
             Ok::<_, Rejection>(respond(found.await))
         })
@@ -244,6 +262,7 @@ async fn rebuild(app: &App, id: BuildId) -> Result<ci_core::Build> {
         branch: b.branch,
         image: b.image,
         timeout_ms: b.timeout_ms,
+        labels: Some(b.labels),
     };
     create(app, body).await
 }
@@ -267,6 +286,7 @@ async fn create(app: &App, body: CreateBuild) -> Result<ci_core::Build> {
         command,
         image: body.image.filter(|i| !i.is_empty()),
         timeout_ms: body.timeout_ms.or(app.config.build_timeout_ms),
+        labels: body.labels.unwrap_or_default(),
     };
     Ok(app.dispatcher.submit(&new).await?)
 }
