@@ -49,6 +49,9 @@ enum Msg {
     Result { from: usize, report: Report },
     /// Server → agent: stop this attempt.
     Stop(StopOrder),
+    /// A stop order that did not get through: the server's request failed
+    /// or timed out, and it hears so (it always does: the request ends).
+    StopFailed(StopOrder),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -178,13 +181,17 @@ impl Sim {
             Msg::Heartbeat { from, .. } | Msg::Result { from, .. } => {
                 self.agents[*from].kind == Kind::Embedded
             }
-            Msg::Stop(_) => false,
+            Msg::Stop(_) | Msg::StopFailed(_) => false,
         };
         if in_process {
             self.wire.push((now, msg));
             return;
         }
         if self.faults && self.rng.u8(..100) < 5 {
+            if let Msg::Stop(order) = msg {
+                self.wire
+                    .push((now + self.rng.u64(0..1500), Msg::StopFailed(order)));
+            }
             return; // lost
         }
         let delay = if self.faults && self.rng.u8(..100) < 10 {
@@ -248,6 +255,9 @@ impl Sim {
             }
             for a in self.c.agents().await.unwrap() {
                 eprintln!("pool {:?}", a);
+                for b in &a.running {
+                    eprintln!("  holds {:?}", self.store.build(*b).await.unwrap());
+                }
             }
         }
         check!(
@@ -529,6 +539,7 @@ impl Sim {
                     };
                     self.c.stop_delivered(&order, reached).await.unwrap();
                 }
+                Msg::StopFailed(order) => self.c.stop_delivered(&order, false).await.unwrap(),
             }
         }
     }
