@@ -23,6 +23,11 @@ RUN if [ "$PREBUILT" = 1 ]; then \
  && mkdir -p /out && cp target/release/ci-server target/release/ci-agent /out/
 
 FROM ${BASE_IMAGE} AS server
+# The server resolves branches to full SHAs in a copy of the repository.
+RUN if ! command -v git >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends git ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=build /out/ci-server /usr/local/bin/ci-server
 ENV HOST=0.0.0.0 PORT=3000 DB_PATH=/data/ci.sqlite
 VOLUME /data

@@ -70,6 +70,8 @@ async fn run() -> Result<bool, Error> {
     // The server: SQLite in the temp dir, a free port, quick heartbeats.
     let mut config = ServerConfig::new(repo.clone(), tmp.path().join("ci.sqlite"));
     config.build_command = Some("sh build.sh".into());
+    // The server resolves branches and short SHAs to full SHAs.
+    config.git_cache = Some(tmp.path().join("git"));
     config.lease = ci_core::LeasePolicy::new(Duration::from_millis(250), 4)?;
     let server = Server::open(config).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -147,17 +149,18 @@ async fn run() -> Result<bool, Error> {
     };
 
     println!(
-        "\n{:<4} {:<10} {:<8} {:<24} {:>9}  command",
-        "id", "commit", "status", "agent", "duration"
+        "\n{:<4} {:<10} {:<6} {:<8} {:<24} {:>9}  command",
+        "id", "commit", "branch", "status", "agent", "duration"
     );
     let mut as_expected = true;
     for (b, p) in finished.iter().zip(&plans) {
         let ok = b.status == p.expect;
         as_expected &= ok;
         println!(
-            "{:<4} {:<10} {:<8} {:<24} {:>7}ms  {}{}",
+            "{:<4} {:<10} {:<6} {:<8} {:<24} {:>7}ms  {}{}",
             b.id,
             short(&b.hash),
+            b.branch.as_deref().unwrap_or("-"),
             b.status,
             b.agent.as_deref().unwrap_or("-"),
             b.duration_ms.unwrap_or(0),

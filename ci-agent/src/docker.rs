@@ -26,8 +26,8 @@ use ci_core::{Job, LogSink, RepoUrl, RunError, Runner, Stream};
 use futures_util::StreamExt;
 use tokio::process::Command;
 
-use crate::checkout::Checkouts;
 use crate::Error;
+use ci_git::Checkouts;
 
 /// Label carrying the build id.
 pub const LABEL_BUILD: &str = "ci.build";
@@ -316,7 +316,8 @@ impl Runner for DockerRunner {
         let ws = self
             .checkouts
             .checkout(repo, commit, &format!("{}-{attempt}", job.build))
-            .await?;
+            .await
+            .map_err(Error::from)?;
         let tar = Self::archive(ws.path()).await?;
         log.write(
             Stream::Stdout,

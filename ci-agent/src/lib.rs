@@ -29,7 +29,6 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod checkout;
 pub mod client;
 pub mod config;
 pub mod docker;
@@ -41,7 +40,7 @@ pub mod shell;
 use std::path::{Path, PathBuf};
 
 pub use agent::Agent;
-pub use checkout::Checkouts;
+pub use ci_git::{Checkouts, Workspace};
 pub use config::{AgentConfig, Args, RunnerKind};
 pub use docker::{DockerRunner, DockerSettings};
 pub use shell::ShellRunner;
@@ -88,6 +87,15 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+}
+
+impl From<ci_git::Error> for Error {
+    fn from(e: ci_git::Error) -> Error {
+        match e {
+            ci_git::Error::Io { path, source } => Error::Io { path, source },
+            ci_git::Error::Checkout(m) | ci_git::Error::NotFound(m) => Error::Checkout(m),
+        }
+    }
 }
 
 impl Error {

@@ -11,8 +11,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
-use crate::checkout::Checkouts;
 use crate::Error;
+use ci_git::Checkouts;
 
 /// Runs builds as local processes. See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -69,7 +69,11 @@ impl Runner for ShellRunner {
         // Jobs are validated, but maybe against other schemes than ours.
         RepoUrl::parse_with(repo.as_str(), &self.repo_schemes).map_err(|e| RunError::Setup(e.to_string()))?;
         let name = format!("{}-{}", job.build, job.attempt.map_or(0, |a| a.0));
-        let ws = self.checkouts.checkout(repo, commit, &name).await?;
+        let ws = self
+            .checkouts
+            .checkout(repo, commit, &name)
+            .await
+            .map_err(Error::from)?;
         log.write(
             Stream::Stdout,
             format!(

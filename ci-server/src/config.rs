@@ -42,6 +42,11 @@ pub struct Args {
     )]
     pub db_path: PathBuf,
 
+    /// Where the server keeps its copy of the repository, to resolve refs
+    /// to full SHAs (default: beside the database, `DB_PATH` + `.git`).
+    #[arg(long, env = "GIT_CACHE", value_name = "GIT_CACHE")]
+    pub git_cache: Option<PathBuf>,
+
     /// Heartbeat interval agents must keep, in milliseconds.
     #[arg(
         long,
@@ -144,6 +149,9 @@ pub struct ServerConfig {
     pub build_command: Option<String>,
     /// SQLite file.
     pub db_path: PathBuf,
+    /// The server's repository cache, for resolving refs to full SHAs;
+    /// none: refs are kept as given and agents resolve them.
+    pub git_cache: Option<PathBuf>,
     /// SQLite durability.
     pub synchronous: Synchronous,
     /// Heartbeat interval and tolerance.
@@ -188,6 +196,7 @@ impl ServerConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
             repo,
             build_command: None,
+            git_cache: None,
             db_path: db_path.into(),
             synchronous: Synchronous::Normal,
             lease: LeasePolicy::default(),
@@ -305,6 +314,11 @@ impl TryFrom<Args> for ServerConfig {
             addr: SocketAddr::new(a.host, a.port),
             repo,
             build_command,
+            git_cache: Some(a.git_cache.unwrap_or_else(|| {
+                let mut p = a.db_path.clone().into_os_string();
+                p.push(".git");
+                PathBuf::from(p)
+            })),
             db_path: a.db_path,
             synchronous: a.sqlite_synchronous,
             lease,

@@ -43,6 +43,7 @@ pub mod listen;
 mod logs;
 pub mod metrics;
 pub mod openapi;
+pub mod resolve;
 mod ui;
 
 use std::future::Future;
@@ -119,6 +120,15 @@ impl Server {
             .lease(config.lease)
             .build()
             .await?;
+        let resolver = match &config.git_cache {
+            Some(dir) => Some(Arc::new(resolve::Resolver::new(dir).map_err(|e| {
+                Error::Config {
+                    name: "GIT_CACHE",
+                    reason: e.to_string(),
+                }
+            })?)),
+            None => None,
+        };
         let link = Arc::new(HttpLink::new(
             config.dispatch_timeout,
             config.agent_token.clone(),
@@ -130,6 +140,7 @@ impl Server {
                 config: Arc::new(config),
                 metrics: Arc::default(),
                 draining: Arc::default(),
+                resolver,
             },
         })
     }

@@ -505,3 +505,88 @@ async fn a_missing_body_is_a_400() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(resp.body()).contains("body"));
 }
+
+async fn resolving(repo: &str, dir: &tempfile::TempDir) -> Server {
+    let mut config = ServerConfig::new(RepoUrl::parse(repo).unwrap(), dir.path().join("ci.sqlite"));
+    config.build_command = Some("make test".into());
+    config.git_cache = Some(dir.path().join("git"));
+    Server::open(config).await.unwrap()
+}
+
+async fn post(server: &Server, path: &str, body: Value) -> (StatusCode, Value) {
+    let resp = warp::test::request()
+        .method("POST")
+        .path(path)
+        .remote_addr("127.0.0.9:4000".parse().unwrap())
+        .json(&body)
+        .reply(&server.routes())
+        .await;
+    (
+        resp.status(),
+        serde_json::from_slice(resp.body()).unwrap_or(Value::Null),
+    )
+}
+
+/// A build is of a full SHA: a branch, a tag or a short SHA is resolved
+/// when the build is created (a branch is kept as the build's branch), so
+/// a rebuild builds the same commit after the branch moved on. A ref the
+/// repository does not have is refused with a message; a repository the
+/// server cannot reach leaves the ref to the agent, as before.
+#[tokio::test]
+async fn refs_are_resolved_to_full_shas_when_a_build_is_created() {
+    let repo = ci_testkit::GitRepo::new();
+    let first = repo.commit(&[("a", "1")], "first");
+    repo.git(&["tag", "v1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = resolving(&repo.url(), &dir).await;
+
+    let (status, main) = post(&server, "/api/builds", json!({ "hash": "main" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{main}");
+    assert_eq!(
+        (main["hash"].as_str(), main["branch"].as_str()),
+        (Some(first.as_str()), Some("main"))
+    );
+    let (_, tag) = post(&server, "/api/builds", json!({ "hash": "v1" })).await;
+    assert_eq!(
+        (tag["hash"].as_str(), tag["branch"].as_str()),
+        (Some(first.as_str()), None)
+    );
+    let (_, short) = post(&server, "/api/builds", json!({ "hash": &first[..7] })).await;
+    assert_eq!(short["hash"].as_str(), Some(first.as_str()));
+    let (_, given) = post(
+        &server,
+        "/api/builds",
+        json!({ "hash": "main", "branch": "release" }),
+    )
+    .await;
+    assert_eq!(given["branch"].as_str(), Some("release"), "a given branch wins");
+
+    let second = repo.commit(&[("a", "2")], "second");
+    let (_, moved) = post(&server, "/api/builds", json!({ "hash": "main" })).await;
+    assert_eq!(
+        moved["hash"].as_str(),
+        Some(second.as_str()),
+        "the branch moved: fetched again"
+    );
+    let id = main["id"].as_i64().unwrap();
+    let (status, again) = post(&server, &format!("/api/builds/{id}/rebuild"), json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(
+        again["hash"].as_str(),
+        Some(first.as_str()),
+        "a rebuild builds what was built"
+    );
+
+    let (status, missing) = post(&server, "/api/builds", json!({ "hash": "no-such-branch" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{missing}");
+    assert!(
+        error_of(&missing).contains("no-such-branch not found"),
+        "{missing}"
+    );
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let unreachable = resolving("/nonexistent/repo", &elsewhere).await;
+    let (status, kept) = post(&unreachable, "/api/builds", json!({ "hash": "main" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{kept}");
+    assert_eq!(kept["hash"].as_str(), Some("main"));
+}

@@ -279,10 +279,22 @@ async fn create(app: &App, body: CreateBuild) -> Result<ci_core::Build> {
         .filter(|c| !c.trim().is_empty())
         .or_else(|| app.config.build_command.clone())
         .ok_or_else(|| ApiError::bad_request("command is required: the server has no BUILD_COMMAND"))?;
+    let mut hash = CommitRef::parse(&body.hash)?;
+    let mut branch = body.branch.filter(|b| !b.is_empty());
+    if let Some(resolver) = &app.resolver {
+        match resolver.resolve(&app.config.repo, &hash).await {
+            Ok(Some(resolved)) => {
+                hash = resolved.sha;
+                branch = branch.or(resolved.branch);
+            }
+            Ok(None) => {}
+            Err(crate::resolve::Unresolved::NotFound(m)) => return Err(ApiError::bad_request(m)),
+        }
+    }
     let new = NewBuild {
         repo: app.config.repo.clone(),
-        hash: CommitRef::parse(&body.hash)?,
-        branch: body.branch.filter(|b| !b.is_empty()),
+        hash,
+        branch,
         command,
         image: body.image.filter(|i| !i.is_empty()),
         timeout_ms: body.timeout_ms.or(app.config.build_timeout_ms),

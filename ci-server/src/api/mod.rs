@@ -40,6 +40,8 @@ pub(crate) struct App {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Set when shutting down: no new builds.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Resolves refs to full SHAs; none: refs stay as given.
+    pub resolver: Option<Arc<crate::resolve::Resolver>>,
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.

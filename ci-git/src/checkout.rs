@@ -94,15 +94,86 @@ impl Checkouts {
         locks.entry(dir.to_path_buf()).or_default().clone()
     }
 
+    /// The full SHA of `commit` in `repo`, fetching what the cache lacks (a
+    /// ref name is always fetched: it may have moved). [`Error::NotFound`]
+    /// if the repository, fetched, has no such commit; [`Error::Checkout`]
+    /// if git cannot reach it.
+    pub async fn resolve(&self, repo: &RepoUrl, commit: &CommitRef) -> Result<String, Error> {
+        let cache = self.cache_dir(repo);
+        let lock = self.lock_for(&cache);
+        let _guard = lock.lock().await;
+        self.update_cache(repo, &cache, commit)
+            .await
+            .map_err(|e| scrub(repo, e))
+    }
+
+    /// True if `name` is a branch of `repo`, as of the last fetch.
+    pub async fn is_branch(&self, repo: &RepoUrl, name: &CommitRef) -> bool {
+        let cache = self.cache_dir(repo);
+        git(
+            Some(&cache),
+            &["rev-parse", "--verify", "--quiet", "--end-of-options"],
+        )
+        .arg(format!("refs/heads/{}", name.as_str()))
+        .run("find the branch")
+        .await
+        .is_ok()
+    }
+
+    /// The contents of `path` at commit `sha` of `repo` (resolved first),
+    /// if it is a file of at most `cap` bytes: `Ok(None)` if there is no
+    /// such file, an error if it is larger.
+    pub async fn read_file(
+        &self,
+        repo: &RepoUrl,
+        sha: &str,
+        path: &str,
+        cap: u64,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let valid = sha.len() >= 40
+            && sha.bytes().all(|b| b.is_ascii_hexdigit())
+            && !path.is_empty()
+            && !path.starts_with(['/', '-'])
+            && !path.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            && !path.contains(['\0', ':', '\n']);
+        if !valid {
+            return Err(Error::Checkout(format!(
+                "not a commit and a file: {sha} {path:?}"
+            )));
+        }
+        let cache = self.cache_dir(repo);
+        let object = format!("{sha}:{path}");
+        let kind = git(Some(&cache), &["cat-file", "-t", "--end-of-options"])
+            .arg(&object)
+            .output("find the file")
+            .await;
+        match kind.as_deref().map(str::trim) {
+            Ok("blob") => {}
+            // Absent, or a directory: not a file.
+            _ => return Ok(None),
+        }
+        let size = git(Some(&cache), &["cat-file", "-s", "--end-of-options"])
+            .arg(&object)
+            .output("size the file")
+            .await?;
+        let size: u64 = size.trim().parse().unwrap_or(u64::MAX);
+        if size > cap {
+            return Err(Error::Checkout(format!(
+                "{path} is {size} bytes at {sha}; at most {cap} are read"
+            )));
+        }
+        let bytes = git(Some(&cache), &["cat-file", "blob", "--end-of-options"])
+            .arg(&object)
+            .bytes("read the file")
+            .await?;
+        Ok(Some(bytes))
+    }
+
     /// Checks out `commit` of `repo` into a new workspace named `name`.
     pub async fn checkout(&self, repo: &RepoUrl, commit: &CommitRef, name: &str) -> Result<Workspace, Error> {
-        // N.B.: git's messages may quote the URL, credentials and all.
         self.checkout_unscrubbed(repo, commit, name)
             .await
-            .map_err(|e| match e {
-                Error::Checkout(msg) => Error::Checkout(repo.scrub(&msg)),
-                e => e,
-            })
+            .map_err(|e| scrub(repo, e))
     }
 
     async fn checkout_unscrubbed(
@@ -327,14 +398,23 @@ async fn resolve(cache: &Path, commit: &CommitRef) -> Result<String, Error> {
     .arg(format!("{}^{{commit}}", commit.as_str()))
     .output("resolve")
     .await
-    .map_err(|_| Error::Checkout(format!("commit {commit} not found in the repository")))?;
+    .map_err(|_| Error::NotFound(format!("commit {commit} not found in the repository")))?;
     let sha = out.trim().to_owned();
     if sha.len() >= 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(sha)
     } else {
-        Err(Error::Checkout(format!(
+        Err(Error::NotFound(format!(
             "commit {commit} not found in the repository"
         )))
+    }
+}
+
+/// N.B.: git's messages may quote the URL, credentials and all.
+fn scrub(repo: &RepoUrl, e: Error) -> Error {
+    match e {
+        Error::Checkout(msg) => Error::Checkout(repo.scrub(&msg)),
+        Error::NotFound(msg) => Error::NotFound(repo.scrub(&msg)),
+        e => e,
     }
 }
 
@@ -361,14 +441,24 @@ impl Git {
         self
     }
 
-    async fn output(mut self, what: &str) -> Result<String, Error> {
+    async fn output(self, what: &str) -> Result<String, Error> {
+        self.bytes(what)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    async fn run(self, what: &str) -> Result<(), Error> {
+        self.output(what).await.map(drop)
+    }
+
+    async fn bytes(mut self, what: &str) -> Result<Vec<u8>, Error> {
         let out = self
             .0
             .output()
             .await
             .map_err(|e| Error::Checkout(format!("cannot run git to {what}: {e}")))?;
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok(out.stdout)
         } else {
             let stderr = String::from_utf8_lossy(&out.stderr);
             Err(Error::Checkout(format!(
@@ -376,10 +466,6 @@ impl Git {
                 stderr.trim()
             )))
         }
-    }
-
-    async fn run(self, what: &str) -> Result<(), Error> {
-        self.output(what).await.map(drop)
     }
 }
 

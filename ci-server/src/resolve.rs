@@ -1,0 +1,88 @@
+//! Builds are of full commit SHAs: a branch, a tag or a short SHA is
+//! resolved through the server's own repository cache when the build is
+//! created, so the build records what it built and a rebuild builds the
+//! same commit.
+//!
+//! N.B.: a server that cannot reach the repository (it may be mounted only
+//! into the agents) still takes the build, with the ref as given, and the
+//! agent resolves it, as before; it tries again after [`RETRY_AFTER`]. A
+//! ref that the repository, fetched, does not have is refused at once.
+
+use std::time::Duration;
+
+use ci_core::{CommitRef, RepoUrl};
+use ci_git::Checkouts;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// How long the server leaves a repository it could not reach alone.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A commit as resolved: its full SHA, and the branch the ref named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The full SHA.
+    pub sha: CommitRef,
+    /// The branch, if the ref was one.
+    pub branch: Option<String>,
+}
+
+/// Why a ref could not be resolved.
+#[derive(Debug)]
+pub enum Unresolved {
+    /// The repository, fetched, has no such commit.
+    NotFound(String),
+}
+
+/// The server's repository cache.
+pub struct Resolver {
+    git: Checkouts,
+    unreachable_until: Mutex<Option<Instant>>,
+}
+
+impl Resolver {
+    /// A resolver caching repositories under `dir`.
+    pub fn new(dir: &std::path::Path) -> Result<Resolver, ci_git::Error> {
+        Ok(Resolver {
+            git: Checkouts::new(dir)?,
+            unreachable_until: Mutex::new(None),
+        })
+    }
+
+    /// `commit` of `repo` as a full SHA. `Ok(None)`: the repository cannot
+    /// be reached now, keep the ref as given.
+    pub async fn resolve(&self, repo: &RepoUrl, commit: &CommitRef) -> Result<Option<Resolved>, Unresolved> {
+        let hex = commit.as_str().bytes().all(|b| b.is_ascii_hexdigit());
+        if hex && matches!(commit.as_str().len(), 40 | 64) {
+            return Ok(Some(Resolved {
+                sha: commit.clone(),
+                branch: None,
+            }));
+        }
+        if self
+            .unreachable_until
+            .lock()
+            .await
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return Ok(None);
+        }
+        match self.git.resolve(repo, commit).await {
+            Ok(sha) => {
+                let branch = self
+                    .git
+                    .is_branch(repo, commit)
+                    .await
+                    .then(|| commit.as_str().to_owned());
+                let sha = CommitRef::parse(&sha).map_err(|e| Unresolved::NotFound(e.to_string()))?;
+                Ok(Some(Resolved { sha, branch }))
+            }
+            Err(ci_git::Error::NotFound(m)) => Err(Unresolved::NotFound(m)),
+            Err(e) => {
+                tracing::warn!(repo = %repo.redacted(), cause = %e, "cannot reach the repository: builds keep their refs as given, agents resolve them");
+                *self.unreachable_until.lock().await = Some(Instant::now() + RETRY_AFTER);
+                Ok(None)
+            }
+        }
+    }
+}
