@@ -18,6 +18,10 @@ use tokio::time::Instant;
 /// How long the server leaves a repository it could not reach alone.
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 
+/// How long creating a build may wait for git (a fetch from a server that
+/// does not answer); then the ref is kept as given.
+pub const GIT_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A commit as resolved: its full SHA, and the branch the ref named.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
@@ -38,6 +42,7 @@ pub enum Unresolved {
 pub struct Resolver {
     git: Checkouts,
     unreachable_until: Mutex<Option<Instant>>,
+    timeout: Duration,
 }
 
 impl Resolver {
@@ -46,7 +51,14 @@ impl Resolver {
         Ok(Resolver {
             git: Checkouts::new(dir)?,
             unreachable_until: Mutex::new(None),
+            timeout: GIT_TIMEOUT,
         })
+    }
+
+    /// Waits at most `timeout` for git instead of [`GIT_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Resolver {
+        self.timeout = timeout;
+        self
     }
 
     /// `commit` of `repo` as a full SHA. `Ok(None)`: the repository cannot
@@ -67,7 +79,15 @@ impl Resolver {
         {
             return Ok(None);
         }
-        match self.git.resolve(repo, commit).await {
+        // N.B.: git is killed when its future is dropped.
+        let resolved = match tokio::time::timeout(self.timeout, self.git.resolve(repo, commit)).await {
+            Ok(r) => r,
+            Err(_) => Err(ci_git::Error::Checkout(format!(
+                "git did not answer within {:?}",
+                self.timeout
+            ))),
+        };
+        match resolved {
             Ok(sha) => {
                 let branch = self
                     .git
@@ -84,5 +104,36 @@ impl Resolver {
                 Ok(None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A git server that accepts and never answers cannot hold up build
+    /// creation: after the timeout the ref is kept as given, and the
+    /// repository is left alone for a while.
+    #[tokio::test]
+    async fn a_git_server_that_never_answers_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let resolver = Resolver::new(dir.path())
+            .unwrap()
+            .with_timeout(Duration::from_millis(300));
+        let repo = RepoUrl::parse(&format!("git://127.0.0.1:{port}/repo")).unwrap();
+        let main = CommitRef::parse("main").unwrap();
+        assert!(resolver.resolve(&repo, &main).await.unwrap().is_none());
+        assert!(resolver.unreachable_until.lock().await.is_some());
+        // Left alone: answered at once, without git.
+        assert!(resolver.resolve(&repo, &main).await.unwrap().is_none());
+        held.abort();
     }
 }
