@@ -262,7 +262,9 @@ async fn build_page(app: &App, id: BuildId) -> Response {
     let build = match app.store.build(id).await {
         Ok(Some(b)) => {
             let mut view = BuildView::from(&b);
-            view.explain_wait(&app.dispatcher.agents().await.unwrap_or_default());
+            if view.status == ci_core::BuildStatus::Queued && !view.labels.is_empty() {
+                view.explain_wait(&app.dispatcher.agents().await.unwrap_or_default());
+            }
             Some(view)
         }
         Ok(None) => {
