@@ -8,7 +8,8 @@
 //! - [`Agent`]: the service: registration, presence, builds, heartbeats,
 //!   results and the on-disk spool of undelivered results.
 //! - [`client`]: calls to the server and their retry policy.
-//! - [`checkout`]: per-repository caches and fresh workspaces.
+//! - [`Checkouts`] (from `ci-git`): per-repository caches and fresh
+//!   workspaces.
 //! - [`shell`]: [`ShellRunner`], `sh -c` in a process group.
 //! - [`docker`]: [`DockerRunner`], a fresh container per build (bollard).
 //! - [`env`](mod@env): the environment builds see (an allow-list, never the agent's).
