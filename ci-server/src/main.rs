@@ -9,8 +9,22 @@ use clap::Parser;
 /// Exit code for missing or invalid settings.
 const EXIT_CONFIG: u8 = 2;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+// N.B.: few blocking threads. glibc gives each thread a malloc arena that
+// keeps what was freed in it; with tokio's default of up to 512 blocking
+// threads, SQLite work spread over dozens of them and forty readers of one
+// large log took the peak RSS up by 60-70 MiB (tests/load.rs).
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => fail(1, &format!("cannot start the runtime: {e}")),
+    }
+}
+
+async fn run() -> ExitCode {
     ci_core::process::init_tracing();
 
     let args = match Args::try_parse() {
