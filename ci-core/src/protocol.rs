@@ -512,8 +512,10 @@ where
         }
 
         fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
-            // N.B.: the range check keeps the casts exact.
-            if v.fract() == 0.0 && (-9.0e15..=9.0e15).contains(&v) {
+            // N.B.: an integral float in [-2^63, 2^63) casts to i64
+            // exactly; the target type then checks its own range.
+            const LIMIT: f64 = 9_223_372_036_854_775_808.0; // 2^63
+            if v.fract() == 0.0 && (-LIMIT..LIMIT).contains(&v) {
                 self.visit_i64(v as i64)
             } else {
                 Err(E::custom(format!("{v} is not an integer")))
@@ -638,6 +640,14 @@ mod tests {
         // Found by the fuzzer: without exact float parsing this read as ...247.25.
         let big: NotifyAgentAlive = serde_json::from_str(r#"{"id":-2251799813685247.0}"#).unwrap();
         assert_eq!(big.id, Some(BuildId(-2251799813685247)));
+        // Found by the fuzzer: -(2^53 - 1), the most negative safe integer.
+        let safe: NotifyAgentAlive = serde_json::from_str(r#"{"id":-9007199254740991.0}"#).unwrap();
+        assert_eq!(safe.id, Some(BuildId(-9_007_199_254_740_991)));
+        let huge = r#"{"id":1,"status":0,"attempt":1e19}"#;
+        assert!(
+            serde_json::from_str::<NotifyBuildResult>(huge).is_err(),
+            "beyond u32"
+        );
         let none: CreateBuild = serde_json::from_str(r#"{"hash":"abcd","timeoutMs":null}"#).unwrap();
         assert_eq!(none.timeout_ms, None);
     }
