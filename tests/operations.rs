@@ -350,16 +350,11 @@ async fn a_command_at_the_limit_reaches_the_agent() {
     c.start_agent("a");
     c.wait_agents(1).await;
     let command = "\u{1}".repeat(ci_core::model::limits::MAX_COMMAND);
-    let (status, body) = c
+    let id = c
         .api
-        .post(
-            "/api/builds",
-            &serde_json::json!({ "hash": sha, "command": command }),
-        )
+        .create_with(&serde_json::json!({ "hash": sha, "command": command }))
         .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let id = ci_core::BuildId(body["id"].as_i64().unwrap());
+        .id;
     let b = c.api.wait_finished(id, LONG).await;
     let log = c.api.log(id).await.unwrap();
     let stderr = log["stderr"].as_str().unwrap_or_default();
@@ -400,16 +395,11 @@ async fn an_agent_with_capacity_two_runs_two_builds_at_once() {
     let command = format!("MARKS={} sh build.sh", marks.display());
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let (status, body) = c
+        let b = c
             .api
-            .post(
-                "/api/builds",
-                &serde_json::json!({ "hash": sha, "command": command }),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, 201, "{body}");
-        ids.push(ci_core::BuildId(body["id"].as_i64().unwrap()));
+            .create_with(&serde_json::json!({ "hash": sha, "command": command }))
+            .await;
+        ids.push(b.id);
     }
     for &id in &ids {
         let b = c.api.wait_finished(id, LONG).await;
@@ -435,13 +425,9 @@ async fn labels_route_builds_and_a_build_no_agent_can_take_says_why() {
     let submit = |labels: &[&str]| serde_json::json!({ "hash": sha, "command": common::BUILD_COMMAND, "labels": labels });
     let mut routed = Vec::new();
     for _ in 0..3 {
-        let (status, body) = c.api.post("/api/builds", &submit(&["os=special"])).await.unwrap();
-        assert_eq!(status, 201, "{body}");
-        routed.push(ci_core::BuildId(body["id"].as_i64().unwrap()));
+        routed.push(c.api.create_with(&submit(&["os=special"])).await.id);
     }
-    let (status, body) = c.api.post("/api/builds", &submit(&["os=windows"])).await.unwrap();
-    assert_eq!(status, 201, "{body}");
-    let windows = ci_core::BuildId(body["id"].as_i64().unwrap());
+    let windows = c.api.create_with(&submit(&["os=windows"])).await.id;
     let behind = c.api.create(&sha).await.id;
     for &id in &routed {
         let b = c.api.wait_finished(id, LONG).await;

@@ -260,10 +260,12 @@ impl Api {
 
     /// Creates a build; panics unless the server answers 201.
     pub async fn create(&self, hash: &str) -> BuildView {
-        let (status, body) = self
-            .post("/api/builds", &serde_json::json!({ "hash": hash }))
-            .await
-            .unwrap();
+        self.create_with(&serde_json::json!({ "hash": hash })).await
+    }
+
+    /// Creates a build from a whole request body; it must be taken (201).
+    pub async fn create_with(&self, body: &Value) -> BuildView {
+        let (status, body) = self.post("/api/builds", body).await.unwrap();
         assert_eq!(status, 201, "{body}");
         serde_json::from_value(body).unwrap()
     }
