@@ -383,6 +383,13 @@ impl TryFrom<Args> for AgentConfig {
 mod tests {
     use super::*;
 
+    /// Settings from `args`, or the error as text.
+    fn parse(args: &[&str]) -> Result<AgentConfig, String> {
+        Args::try_parse_from(std::iter::once("ci-agent").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+            .and_then(|a| AgentConfig::try_from(a).map_err(|e| e.to_string()))
+    }
+
     #[test]
     fn server_urls() {
         assert_eq!(base_url("http://server", 3000).unwrap(), "http://server:3000");
@@ -394,11 +401,6 @@ mod tests {
 
     #[test]
     fn args_validate() {
-        let parse = |args: &[&str]| {
-            Args::try_parse_from(std::iter::once("ci-agent").chain(args.iter().copied()))
-                .map_err(|e| e.to_string())
-                .and_then(|a| AgentConfig::try_from(a).map_err(|e| e.to_string()))
-        };
         let c = parse(&["--server-host", "http://ci", "--server-port", "8080"]).unwrap();
         assert_eq!(c.server_url, "http://ci:8080");
         assert_eq!(c.build_timeout, Duration::from_secs(3600));
@@ -411,11 +413,6 @@ mod tests {
 
     #[test]
     fn labels_and_capacity() {
-        let parse = |args: &[&str]| {
-            Args::try_parse_from(std::iter::once("ci-agent").chain(args.iter().copied()))
-                .map_err(|e| e.to_string())
-                .and_then(|a| AgentConfig::try_from(a).map_err(|e| e.to_string()))
-        };
         let labels = |c: AgentConfig| c.labels.iter().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(
             labels(parse(&["--labels", "os=linux, arch=amd64,"]).unwrap()),

@@ -151,13 +151,7 @@ pub(crate) async fn wait_all_shell(b: &Bench, n: usize) -> Result<Waited, Error>
         let mut before: Option<i64> = None;
         loop {
             let q = before.map(|b| format!("&before={b}")).unwrap_or_default();
-            let page: ci_core::protocol::BuildList = b
-                .http
-                .get(format!("{}/api/builds?limit=500{q}", b.base))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let page: ci_core::protocol::BuildList = b.get(&format!("/api/builds?limit=500{q}")).await?;
             let len = page.builds.len();
             before = page.builds.last().map(|b| b.id.0);
             all.extend(page.builds);

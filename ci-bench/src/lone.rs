@@ -20,13 +20,7 @@ pub(crate) async fn run(b: &Bench, o: &Opts) -> Result<(), Error> {
         // Polled every millisecond: the figure is the server's, not a
         // notification's.
         loop {
-            let build: serde_json::Value = b
-                .http
-                .get(format!("{}/api/builds/{id}", b.base))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let build: serde_json::Value = b.get(&format!("/api/builds/{id}")).await?;
             if matches!(build["status"].as_str(), Some("success" | "failed" | "canceled")) {
                 break;
             }

@@ -45,6 +45,17 @@ pub(crate) struct Bench {
 }
 
 impl Bench {
+    /// `GET path` on the server, as JSON.
+    pub(crate) async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
     /// Starts the server with heartbeats every `heartbeat_ms`, `missed` of
     /// which lose a lease, and waits until it answers.
     pub(crate) async fn start(heartbeat_ms: u64, missed: u32) -> Result<Bench, Error> {
@@ -138,13 +149,7 @@ impl Bench {
 
     async fn wait_agents(&self, n: usize) -> Result<(), Error> {
         for _ in 0..3000 {
-            let agents: Vec<serde_json::Value> = self
-                .http
-                .get(format!("{}/api/agents", self.base))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let agents: Vec<serde_json::Value> = self.get("/api/agents").await?;
             if agents.len() >= n {
                 return Ok(());
             }
