@@ -35,7 +35,7 @@ use ci_core::protocol::{
     NotifyBuildHandback, NotifyBuildResult,
 };
 use ci_core::retry::retry;
-use ci_core::{execute, AgentId, Attempt, BuildId, Job, LogSink, Outcome, Runner};
+use ci_core::{execute, AgentId, Attempt, Job, LogSink, Outcome, Runner, StepId};
 use nix::fcntl::{Flock, FlockArg};
 use reqwest::StatusCode;
 use tokio::net::TcpListener;
@@ -101,7 +101,7 @@ struct State {
     id: Option<AgentId>,
     heartbeat: Option<Duration>,
     /// The builds being run, at most `CAPACITY`.
-    running: BTreeMap<BuildId, Running>,
+    running: BTreeMap<StepId, Running>,
     /// Shutting down: no new builds.
     draining: bool,
 }
@@ -151,7 +151,7 @@ impl Agent {
     }
 
     /// The builds running now, oldest number first.
-    pub fn running(&self) -> Vec<BuildId> {
+    pub fn running(&self) -> Vec<StepId> {
         self.inner.state().running.keys().copied().collect()
     }
 
@@ -444,12 +444,12 @@ impl Inner {
         let log = LogSink::default().with_live(live_tx);
         let forwarder = tokio::spawn(crate::live::forward(
             self.client.clone(),
-            job.build,
+            job.step,
             job.attempt,
             agent_id,
             live_rx,
         ));
-        info!(build = %job.build, attempt = ?job.attempt, commit = %job.commit, "build started");
+        info!(build = %job.step, attempt = ?job.attempt, commit = %job.commit, "build started");
         let outcome = {
             let run = execute(&*self.runner, &job, &log, self.config.build_timeout);
             let beat = self.heartbeat(&job, agent_id);
@@ -461,14 +461,14 @@ impl Inner {
         };
         // The run is over (its processes or container killed if it did not
         // finish): free the slot.
-        self.state().running.remove(&job.build);
+        self.state().running.remove(&job.step);
         let _ = done.send(true);
         drop(log);
         let outcome = match outcome {
             Ok(o) => o,
             Err(why) => {
                 forwarder.abort();
-                warn!(build = %job.build, why, "build abandoned");
+                warn!(build = %job.step, why, "build abandoned");
                 return;
             }
         };
@@ -477,13 +477,13 @@ impl Inner {
         let completion = match outcome {
             Outcome::Completed(c) => c,
             Outcome::HandBack(reason) => {
-                warn!(build = %job.build, %reason, "the machinery failed; handing the build back");
+                warn!(build = %job.step, %reason, "the machinery failed; handing the build back");
                 return self.hand_back(&job, agent_id, reason).await;
             }
         };
-        info!(build = %job.build, exit_code = completion.exit_code, "build finished");
+        info!(build = %job.step, exit_code = completion.exit_code, "build finished");
         let result = NotifyBuildResult {
-            id: job.build,
+            id: job.step,
             status: completion.exit_code,
             stdout: completion.stdout,
             stderr: completion.stderr,
@@ -508,20 +508,20 @@ impl Inner {
             return;
         };
         let back = NotifyBuildHandback {
-            id: job.build,
+            id: job.step,
             attempt,
             agent_id,
             reason,
         };
         match retry("hand back", self.config.retry, || self.client.handback(&back)).await {
-            Ok(()) => info!(build = %job.build, "build handed back"),
-            Err(e) => warn!(build = %job.build, cause = %e, "hand-back refused"),
+            Ok(()) => info!(build = %job.step, "build handed back"),
+            Err(e) => warn!(build = %job.step, cause = %e, "hand-back refused"),
         }
     }
 
     /// Stops build `id` (of `attempt`, if given) if it runs here, and waits
     /// until it has. Returns whether it was running.
-    async fn stop(&self, id: BuildId, attempt: Option<Attempt>) -> bool {
+    async fn stop(&self, id: StepId, attempt: Option<Attempt>) -> bool {
         let running = {
             let s = self.state();
             s.running
@@ -542,13 +542,13 @@ impl Inner {
     /// the grace period, then leave the server (which hands back what this
     /// agent still holds) and stop them.
     async fn drain(&self) {
-        let running: Vec<(BuildId, watch::Receiver<bool>)> = {
+        let running: Vec<(StepId, watch::Receiver<bool>)> = {
             let mut s = self.state();
             s.draining = true;
             s.running.iter().map(|(b, r)| (*b, r.done.clone())).collect()
         };
         if !running.is_empty() {
-            let builds: Vec<BuildId> = running.iter().map(|(b, _)| *b).collect();
+            let builds: Vec<StepId> = running.iter().map(|(b, _)| *b).collect();
             info!(?builds, grace = ?self.config.shutdown_grace, "shutting down: letting the builds finish");
             let all = futures_util::future::join_all(
                 running
@@ -564,7 +564,7 @@ impl Inner {
                 Err(e) => warn!(cause = %e, "could not tell the server this agent leaves"),
             }
         }
-        let still: Vec<(BuildId, Option<Attempt>)> = self
+        let still: Vec<(StepId, Option<Attempt>)> = self
             .state()
             .running
             .iter()
@@ -582,19 +582,19 @@ impl Inner {
         let every = self.state().heartbeat.unwrap_or(Duration::from_secs(1));
         keep_alive(every, || async move {
             let hb = NotifyAgentAlive {
-                id: Some(job.build),
+                id: Some(job.step),
                 attempt: job.attempt,
                 agent_id: agent,
             };
             match self.client.alive(&hb, every).await {
                 Ok(()) => Beat::Alive,
                 Err(CallError::Refused { status, message }) => {
-                    warn!(build = %job.build, %status, %message, "heartbeat refused");
+                    warn!(build = %job.step, %status, %message, "heartbeat refused");
                     Beat::Refused
                 }
                 // The server is down or busy: keep building, keep trying.
                 Err(e) => {
-                    debug!(build = %job.build, cause = %e, "heartbeat failed");
+                    debug!(build = %job.step, cause = %e, "heartbeat failed");
                     Beat::Unheard
                 }
             }
@@ -772,7 +772,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path().to_path_buf()).unwrap();
         let r = NotifyBuildResult {
-            id: BuildId(3),
+            id: StepId(3),
             status: 1,
             stdout: "o".into(),
             stderr: "e".into(),

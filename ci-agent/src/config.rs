@@ -340,7 +340,7 @@ impl TryFrom<Args> for AgentConfig {
             .collect();
         // N.B.: the Docker runner says so itself, unless told otherwise.
         if a.runner == RunnerKind::Docker && !given.iter().any(|l| l.starts_with("docker=")) {
-            given.push("docker=true");
+            given.push(ci_core::pipeline::DOCKER_LABEL);
         }
         let labels = ci_core::Labels::parse(given).map_err(|e| Error::Config {
             name: "LABELS",

@@ -315,7 +315,7 @@ impl Runner for DockerRunner {
         let attempt = job.attempt.map_or(0, |a| a.0);
         let ws = self
             .checkouts
-            .checkout(repo, commit, &format!("{}-{attempt}", job.build))
+            .checkout(repo, commit, &format!("{}-{attempt}", job.step))
             .await
             .map_err(Error::from)?;
         let tar = Self::archive(ws.path()).await?;
@@ -329,7 +329,7 @@ impl Runner for DockerRunner {
         );
 
         let mut labels = HashMap::from([
-            (LABEL_BUILD.to_owned(), job.build.to_string()),
+            (LABEL_BUILD.to_owned(), job.step.to_string()),
             (LABEL_ATTEMPT.to_owned(), attempt.to_string()),
             (LABEL_AGENT.to_owned(), self.instance.clone()),
         ]);

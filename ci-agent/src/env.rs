@@ -27,13 +27,20 @@ pub(crate) fn inherited() -> Vec<(OsString, OsString)> {
 /// The `CI_*` variables of `job`, checked out at `commit` from `repo`. The
 /// repository is shown without credentials.
 pub(crate) fn ci_variables(job: &Job, commit: &str, repo: &RepoUrl) -> Vec<(&'static str, String)> {
-    vec![
+    // N.B.: a server of the original design sends only `id`, its build.
+    let build = job.build.map_or(job.step.0, |b| b.0);
+    let mut vars = vec![
         ("CI", "true".to_owned()),
-        ("CI_BUILD_ID", job.build.to_string()),
+        ("CI_BUILD_ID", build.to_string()),
+        ("CI_STEP_ID", job.step.to_string()),
         ("CI_BUILD_ATTEMPT", job.attempt.map_or(0, |a| a.0).to_string()),
         ("CI_COMMIT", commit.to_owned()),
         ("CI_REPO", repo.to_string()),
-    ]
+    ];
+    if let Some(name) = &job.name {
+        vars.push(("CI_STEP", name.clone()));
+    }
+    vars
 }
 
 #[cfg(test)]

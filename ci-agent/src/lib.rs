@@ -94,7 +94,9 @@ impl From<ci_git::Error> for Error {
     fn from(e: ci_git::Error) -> Error {
         match e {
             ci_git::Error::Io { path, source } => Error::Io { path, source },
-            ci_git::Error::Checkout(m) | ci_git::Error::NotFound(m) => Error::Checkout(m),
+            ci_git::Error::Checkout(m) | ci_git::Error::NotFound(m) | ci_git::Error::TooLarge(m) => {
+                Error::Checkout(m)
+            }
         }
     }
 }

@@ -68,7 +68,7 @@ impl Runner for ShellRunner {
         let (repo, commit) = (&job.repo, &job.commit);
         // Jobs are validated, but maybe against other schemes than ours.
         RepoUrl::parse_with(repo.as_str(), &self.repo_schemes).map_err(|e| RunError::Setup(e.to_string()))?;
-        let name = format!("{}-{}", job.build, job.attempt.map_or(0, |a| a.0));
+        let name = format!("{}-{}", job.step, job.attempt.map_or(0, |a| a.0));
         let ws = self
             .checkouts
             .checkout(repo, commit, &name)

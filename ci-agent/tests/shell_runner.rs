@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ci_agent::{Checkouts, ShellRunner};
 use ci_core::protocol::BuildRequest;
-use ci_core::{execute, Attempt, BuildId, Completion, Job, LogSink, Outcome, RepoUrl, Runner};
+use ci_core::{execute, Attempt, Completion, Job, LogSink, Outcome, RepoUrl, Runner, StepId};
 use ci_testkit::{alive, wait_until, GitRepo};
 
 struct Fixture {
@@ -33,7 +33,7 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn request(&self, build: i64, hash: &str, command: &str) -> BuildRequest {
         BuildRequest {
-            id: BuildId(build),
+            id: StepId(build),
             command: command.into(),
             hash: hash.into(),
             repo: self.repo.url(),
@@ -41,6 +41,8 @@ impl Fixture {
             image: None,
             timeout_ms: None,
             agent_id: None,
+            build: None,
+            step: None,
         }
     }
 

@@ -19,20 +19,24 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-/// `ci lint`: 0 for a good file (its steps listed), 1 for a bad one (the
-/// error as `FILE:LINE:COLUMN: message` on stderr).
-fn lint(file: &std::path::Path, json: bool) -> Result<u8, Error> {
+mod exec;
+
+/// Reads and checks a pipeline file (`-`: standard input): the outer
+/// error if it cannot be read, the inner one if it is wrong.
+fn read_pipeline(
+    file: &std::path::Path,
+    shown: &str,
+) -> Result<Result<ci_core::pipeline::Pipeline, ci_core::pipeline::PipelineError>, Error> {
     use std::io::Read;
     let cap = ci_core::pipeline::caps::MAX_FILE as u64;
     let mut bytes = Vec::new();
-    let shown = file.display().to_string();
     if shown == "-" {
         std::io::stdin().take(cap + 1).read_to_end(&mut bytes)?;
     } else {
         let f = std::fs::File::open(file).map_err(|e| Error::Api(format!("{shown}: {e}")))?;
         f.take(cap + 1).read_to_end(&mut bytes)?;
     }
-    let parsed = match String::from_utf8(bytes) {
+    Ok(match String::from_utf8(bytes) {
         Ok(text) if text.len() as u64 > cap => Err(ci_core::pipeline::PipelineError {
             line: 0,
             column: 0,
@@ -44,8 +48,14 @@ fn lint(file: &std::path::Path, json: bool) -> Result<u8, Error> {
             column: 0,
             message: "not UTF-8 text".into(),
         }),
-    };
-    match parsed {
+    })
+}
+
+/// `ci lint`: 0 for a good file (its steps listed), 1 for a bad one (the
+/// error as `FILE:LINE:COLUMN: message` on stderr).
+fn lint(file: &std::path::Path, json: bool) -> Result<u8, Error> {
+    let shown = file.display().to_string();
+    match read_pipeline(file, &shown)? {
         Ok(p) if json => {
             print_json(&p)?;
             Ok(0)
@@ -165,10 +175,13 @@ pub enum Command {
         /// Build number.
         id: i64,
     },
-    /// Print a build's output (stdout to stdout, stderr to stderr).
+    /// Print a build's output (stdout to stdout, stderr to stderr): of one
+    /// step, or of every step in turn.
     Log {
         /// Build number.
         id: i64,
+        /// The step (default: every step, each under a heading on stderr).
+        step: Option<String>,
         /// Keep printing while the build runs.
         #[arg(long, short)]
         follow: bool,
@@ -189,8 +202,33 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Run the failed, canceled and skipped steps of a finished build
+    /// again; the steps that passed keep their results.
+    Retry {
+        /// Build number.
+        id: i64,
+        /// Wait for the build; exit 0 if it succeeded, 1 if not.
+        #[arg(long)]
+        wait: bool,
+    },
     /// List agents.
     Agents,
+    /// Run the pipeline of the working tree (uncommitted changes
+    /// included) on this machine, with the shell runner (and Docker for
+    /// steps with an image) and the server's scheduling: exit 0 if every
+    /// step passed, 1 if not.
+    Exec {
+        /// Only this step (by name, or every matrix combination of a name),
+        /// without the steps it depends on.
+        #[arg(long)]
+        step: Option<String>,
+        /// The pipeline file.
+        #[arg(long, default_value = ci_core::pipeline::DEFAULT_FILE)]
+        file: std::path::PathBuf,
+        /// Most steps at once (default: the number of CPUs).
+        #[arg(long)]
+        jobs: Option<u32>,
+    },
     /// Check a pipeline file with the server's own parser: exit 0 and list
     /// its steps, or exit 1 with `FILE:LINE:COLUMN: message`.
     Lint {
@@ -267,11 +305,11 @@ impl Client {
             .await
     }
 
-    /// `GET /api/builds/{id}/log`.
-    pub async fn log(&self, id: i64, attempt: Option<u32>) -> Result<LogView, Error> {
+    /// `GET /api/builds/{id}/log`, or of one step.
+    pub async fn log(&self, id: i64, step: Option<&str>, attempt: Option<u32>) -> Result<LogView, Error> {
         let q = attempt.map(|a| format!("?attempt={a}")).unwrap_or_default();
-        self.send(self.request(reqwest::Method::GET, &format!("/api/builds/{id}/log{q}")))
-            .await
+        let path = format!("{}{q}", log_path(id, step));
+        self.send(self.request(reqwest::Method::GET, &path)).await
     }
 
     /// `POST /api/builds/{id}/{action}`.
@@ -285,11 +323,12 @@ impl Client {
         self.send(self.request(reqwest::Method::GET, "/api/agents")).await
     }
 
-    /// Follows `GET /api/builds/{id}/log?follow=1`, writing output as it
-    /// comes; returns the final status.
-    pub async fn follow(&self, id: i64) -> Result<Option<BuildStatus>, Error> {
+    /// Follows the log of build `id` (of one step, if given), writing
+    /// output as it comes; returns the step's final status (`success`,
+    /// `failed`, `canceled` or `skipped`).
+    pub async fn follow(&self, id: i64, step: Option<&str>) -> Result<Option<String>, Error> {
         let resp = self
-            .request(reqwest::Method::GET, &format!("/api/builds/{id}/log?follow=1"))
+            .request(reqwest::Method::GET, &format!("{}?follow=1", log_path(id, step)))
             .send()
             .await
             .map_err(|e| Error::Unreachable {
@@ -334,7 +373,7 @@ impl Client {
                     }
                     "end" => {
                         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                        return Ok(v["status"].as_str().and_then(|s| s.parse().ok()));
+                        return Ok(v["status"].as_str().map(str::to_owned));
                     }
                     _ => {}
                 }
@@ -366,6 +405,17 @@ impl Client {
             last = Some(b.status);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Where the log of build `id` (or of one of its steps) is.
+fn log_path(id: i64, step: Option<&str>) -> String {
+    match step {
+        Some(name) => format!(
+            "/api/builds/{id}/steps/{}/log",
+            percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+        ),
+        None => format!("/api/builds/{id}/log"),
     }
 }
 
@@ -484,6 +534,28 @@ fn show(b: &BuildView) -> String {
     for r in rows {
         out.push_str(&format!("{:<10} {}\n", r[0], printable(&r[1])));
     }
+    if b.steps.len() > 1 {
+        let rows: Vec<Vec<String>> = b
+            .steps
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.status.to_string(),
+                    s.agent.clone().unwrap_or_default(),
+                    s.attempt.to_string(),
+                    s.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                    duration(s.duration_ms),
+                    s.depends_on.join(","),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["STEP", "STATUS", "AGENT", "ATTEMPT", "EXIT", "DURATION", "AFTER"],
+            &rows,
+        ));
+    }
     out
 }
 
@@ -555,19 +627,54 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             }
             Ok(0)
         }
-        Command::Log { id, follow, attempt } => {
+        Command::Log {
+            id,
+            step,
+            follow,
+            attempt,
+        } => {
+            // A build of several steps and no step named: each in turn.
+            let steps: Vec<Option<String>> = match step {
+                Some(s) => vec![Some(s)],
+                None => {
+                    let b = client.show(id).await?;
+                    if b.steps.len() > 1 {
+                        b.steps.into_iter().map(|s| Some(s.name)).collect()
+                    } else {
+                        vec![None]
+                    }
+                }
+            };
+            let several = steps.len() > 1;
             if follow && attempt.is_none() {
-                let status = client.follow(id).await?;
-                return Ok(match status {
-                    Some(BuildStatus::Success) | None => 0,
-                    Some(_) => 1,
-                });
+                let mut ok = true;
+                for step in &steps {
+                    if let (true, Some(name)) = (several, step) {
+                        eprintln!("--- step {} ---", printable(name));
+                    }
+                    let status = client.follow(id, step.as_deref()).await?;
+                    ok &= matches!(status.as_deref(), Some("success") | None);
+                }
+                return Ok(if ok { 0 } else { 1 });
             }
-            let log = client.log(id, attempt).await?;
+            let mut logs = Vec::new();
+            for step in &steps {
+                logs.push(client.log(id, step.as_deref(), attempt).await?);
+            }
             if cli.json {
-                print_json(&log)?;
-            } else {
+                if several {
+                    print_json(&logs)?;
+                } else {
+                    print_json(&logs[0])?;
+                }
+                return Ok(0);
+            }
+            for log in logs {
+                if several {
+                    eprintln!("--- step {} (attempt {}) ---", printable(&log.step), log.attempt);
+                }
                 print!("{}", log.stdout);
+                std::io::stdout().flush()?;
                 eprint!("{}", log.stderr);
                 if let Some(note) = &log.note {
                     eprintln!("[{note}]");
@@ -597,7 +704,21 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             }
             Ok(0)
         }
+        Command::Retry { id, wait } => {
+            let b = client.action(id, "retry").await?;
+            if wait {
+                let b = client.wait(b.id.0).await?;
+                return finish(&b, cli.json);
+            }
+            if cli.json {
+                print_json(&b)?;
+            } else {
+                println!("build #{} {} (its failed steps run again)", b.id, b.status);
+            }
+            Ok(0)
+        }
         Command::Lint { file } => lint(&file, cli.json),
+        Command::Exec { step, file, jobs } => exec::exec(&file, step.as_deref(), jobs).await,
         Command::Agents => {
             let agents = client.agents().await?;
             if cli.json {

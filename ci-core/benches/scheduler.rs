@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use ci_core::coordinator::{Accepted, Report};
 use ci_core::{
-    AgentId, Attempt, Build, BuildId, BuildStatus, CommitRef, Completion, Coordinator, Fifo, Labels,
-    MemoryStore, NewBuild, Offer, RepoUrl, Scheduler, Timestamp,
+    AgentId, Build, BuildId, CommitRef, Completion, Coordinator, Fifo, Labels, MemoryStore, NewBuild, Offer,
+    RepoUrl, Scheduler, Step, StepId, Timestamp,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
@@ -41,8 +41,8 @@ fn bench(c: &mut Criterion) {
                     let d = co.plan().await.unwrap().remove(0);
                     let r = co
                         .complete(Report {
-                            build: d.build.id,
-                            attempt: Some(d.build.attempt),
+                            step: d.step.id,
+                            attempt: Some(d.step.attempt),
                             agent: Some(d.agent),
                             verified: false,
                             completion: Completion {
@@ -61,25 +61,9 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
-    let queued: Vec<Build> = (0..100)
-        .map(|i| Build {
-            id: BuildId(i),
-            repo: "/r".into(),
-            hash: "abcd".into(),
-            branch: None,
-            command: "make".into(),
-            image: None,
-            timeout_ms: None,
-            status: BuildStatus::Queued,
-            attempt: Attempt(0),
-            agent_id: None,
-            agent_url: None,
-            exit_code: None,
-            created_at: Timestamp(0),
-            started_at: None,
-            finished_at: None,
-            labels: Default::default(),
-        })
+    let build = Build::new(BuildId(1), &new_build(), Timestamp(0));
+    let queued: Vec<Step> = (0..100)
+        .map(|i| Step::new(StepId(i), &build, &new_build().plan()[0]))
         .collect();
     let free: Vec<Offer> = (0..100)
         .map(|i| Offer {

@@ -58,7 +58,8 @@ enum Command {
     Complete(Report, Reply<Accepted>),
     HandBack(HandBack, Reply<()>),
     Cancel(BuildId, Reply<Build>),
-    Stopped(StopOrder, bool, Reply<Build>),
+    Stopped(BuildId, Vec<(StopOrder, bool)>, Reply<Build>),
+    Retry(BuildId, Reply<Build>),
     Left(AgentId, bool, Reply<()>),
     Failed(Dispatch, DispatchFailure, Option<Reply<()>>),
     Plan(Reply<Vec<Dispatch>>),
@@ -174,10 +175,16 @@ impl Dispatcher {
         self.call(|r| Command::HandBack(back, r)).await
     }
 
-    /// Cancels build `id`. A running build is stopped on its agent before
-    /// this returns.
+    /// Cancels build `id`. Its running steps are stopped on their agents
+    /// before this returns.
     pub async fn cancel(&self, id: BuildId) -> Result<Build> {
         self.call(|r| Command::Cancel(id, r)).await
+    }
+
+    /// Runs the failed, canceled and skipped steps of a finished build
+    /// again. See [`Coordinator::retry`].
+    pub async fn retry(&self, id: BuildId) -> Result<Build> {
+        self.call(|r| Command::Retry(id, r)).await
     }
 
     /// An agent leaves on purpose. See [`Coordinator::agent_left`].
@@ -339,42 +346,58 @@ impl Task {
             Command::HandBack(back, reply) => answer(reply, self.c.hand_back(back).await),
             Command::Left(id, verified, reply) => answer(reply, self.c.agent_left(id, verified).await),
             Command::Cancel(id, reply) => match self.c.cancel(id).await {
-                Ok(Cancel::Done(b)) => answer(reply, Ok(*b)),
-                Ok(Cancel::Stop(order)) => {
-                    // N.B.: the agent takes a while to kill the work; the
-                    // answer waits for it, the task does not.
+                Ok(Cancel { build, stops }) if stops.is_empty() => answer(reply, Ok(*build)),
+                Ok(Cancel { stops, .. }) => {
+                    // N.B.: the agents take a while to kill the work; the
+                    // answer waits for them, the task does not.
                     let (link, me) = (self.link.clone(), self.me.clone());
                     self.deliveries.spawn(async move {
-                        let reached = link.stop(&order).await;
-                        if let Err(e) = &reached {
-                            warn!(build = %order.build, agent = %order.agent, failure = ?e, "could not stop the build on its agent");
+                        let mut stopping = tokio::task::JoinSet::new();
+                        for order in stops {
+                            let link = link.clone();
+                            stopping.spawn(async move {
+                                let reached = link.stop(&order).await;
+                                if let Err(e) = &reached {
+                                    warn!(step = %order.step, agent = %order.agent, failure = ?e, "could not stop the step on its agent");
+                                }
+                                (order, reached.is_ok())
+                            });
+                        }
+                        let mut done = Vec::new();
+                        while let Some(stopped) = stopping.join_next().await {
+                            done.extend(stopped.ok());
                         }
                         if let Some(me) = me.upgrade() {
-                            let _ = me.send(Command::Stopped(order, reached.is_ok(), reply)).await;
+                            let _ = me.send(Command::Stopped(id, done, reply)).await;
                         }
                     });
                     false
                 }
                 Err(e) => answer(reply, Err(e)),
             },
-            Command::Stopped(order, reached, reply) => {
-                let done = match self.c.stop_delivered(&order, reached).await {
+            Command::Stopped(id, orders, reply) => {
+                let mut done = Ok(());
+                for (order, reached) in &orders {
+                    done = done.and(self.c.stop_delivered(order, *reached).await);
+                }
+                let done = match done {
                     Ok(()) => self
                         .c
                         .store()
-                        .build(order.build)
+                        .build(id)
                         .await
-                        .and_then(|b| b.ok_or(Error::BuildNotFound(order.build))),
+                        .and_then(|b| b.ok_or(Error::BuildNotFound(id))),
                     Err(e) => Err(e),
                 };
                 answer(reply, done)
             }
+            Command::Retry(id, reply) => answer(reply, self.c.retry(id).await),
             Command::Failed(d, failure, reply) => {
-                warn!(build = %d.build.id, agent = %d.agent, url = %d.agent_url, ?failure, "dispatch failed");
+                warn!(step = %d.step.id, agent = %d.agent, url = %d.agent_url, ?failure, "dispatch failed");
                 let recorded = self.c.dispatch_failed(&d, failure).await;
                 if let Err(e) = &recorded {
                     // The lease stays; when it lapses the build is requeued anyway.
-                    error!(cause = %e, build = %d.build.id, "could not record a failed dispatch");
+                    error!(cause = %e, step = %d.step.id, "could not record a failed dispatch");
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(recorded);
@@ -408,7 +431,7 @@ impl Task {
                 for d in dispatches {
                     let (link, me) = (self.link.clone(), self.me.clone());
                     self.deliveries.spawn(async move {
-                        debug!(build = %d.build.id, attempt = %d.build.attempt, agent = %d.agent, "dispatching");
+                        debug!(step = %d.step.id, attempt = %d.step.attempt, agent = %d.agent, "dispatching");
                         if let Err(failure) = link.dispatch(&d).await {
                             if let Some(me) = me.upgrade() {
                                 let _ = me.send(Command::Failed(d, failure, None)).await;
@@ -536,10 +559,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
+    async fn step_of(d: &Dispatcher, id: BuildId) -> crate::StepId {
+        d.store().build(id).await.unwrap().unwrap().steps[0].id
+    }
+
     fn sent(link: &FakeLink) -> Vec<(BuildId, AgentId, u32)> {
         let s = link.sent.lock().unwrap();
         s.iter()
-            .map(|d| (d.build.id, d.agent, d.build.attempt.0))
+            .map(|d| (d.step.build, d.agent, d.step.attempt.0))
             .collect()
     }
 
@@ -553,7 +580,7 @@ mod tests {
         settle().await;
         assert_eq!(sent(&link), vec![(x, a, 1)], "one agent, one build");
         let report = Report {
-            build: x,
+            step: step_of(&d, x).await,
             attempt: None,
             agent: Some(a),
             verified: true,
@@ -602,7 +629,7 @@ mod tests {
         for _ in 0..20 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let hb = Heartbeat {
-                build: Some(x),
+                step: Some(step_of(&d, x).await),
                 attempt: Some(crate::Attempt(1)),
                 agent: Some(a),
                 verified: false,
@@ -685,7 +712,7 @@ mod tests {
         settle().await;
         assert!(sent(&link).is_empty());
         let planned = d.plan().await.unwrap();
-        assert_eq!((planned[0].build.id, planned[0].agent), (x, a));
+        assert_eq!((planned[0].step.build, planned[0].agent), (x, a));
         assert!(sent(&link).is_empty(), "the caller delivers what it asked for");
         d.shutdown().await;
         assert!(matches!(d.submit(&build()).await, Err(Error::Unavailable(_))));

@@ -1,6 +1,6 @@
 //! The one error type of `ci-core`.
 
-use crate::model::{AgentId, Attempt, BuildId, BuildStatus};
+use crate::model::{AgentId, Attempt, BuildId, StepId, StepStatus};
 
 /// A boxed error from a lower layer (a store, a runner).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -8,7 +8,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Everything that can go wrong in the core.
 ///
 /// The variants split into three groups, and callers act on the group:
-/// - *the caller's fault* (`Invalid`, `BuildNotFound`, `AgentNotFound`,
+/// - *the caller's fault* (`Invalid`, `BuildNotFound`, `StepNotFound`, `AgentNotFound`,
 ///   `Superseded`, `Conflict`, `NotRunning`, `Unauthenticated`): retrying the same request
 ///   cannot succeed;
 /// - *transient* (`Store`, `Unavailable`): retrying later may succeed,
@@ -30,24 +30,28 @@ pub enum Error {
     #[error("build {0} not found")]
     BuildNotFound(BuildId),
 
+    /// No step has this id: the `id` agents are sent.
+    #[error("step {0} not found")]
+    StepNotFound(StepId),
+
     /// No registered agent has this id (it may have been dropped).
     #[error("agent {0} not found")]
     AgentNotFound(AgentId),
 
-    /// The build exists but is not running, so it takes no heartbeat.
-    #[error("build {id} is not running (status {status})")]
+    /// The step exists but is not running, so it takes no heartbeat.
+    #[error("step {id} is not running (status {status})")]
     NotRunning {
-        /// The build.
-        id: BuildId,
+        /// The step.
+        id: StepId,
         /// Its current status.
-        status: BuildStatus,
+        status: StepStatus,
     },
 
     /// A heartbeat or result for an attempt that a newer one replaced.
-    #[error("build {id} attempt {attempt} was superseded by attempt {current}")]
+    #[error("step {id} attempt {attempt} was superseded by attempt {current}")]
     Superseded {
-        /// The build.
-        id: BuildId,
+        /// The step.
+        id: StepId,
         /// The attempt the caller spoke for.
         attempt: Attempt,
         /// The attempt that counts now.

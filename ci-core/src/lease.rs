@@ -71,7 +71,7 @@ mod tests {
         assert_eq!(p.ttl(), Duration::from_millis(600));
         assert_eq!(p.deadline(Timestamp(1000)), Timestamp(1600));
         let l = crate::store::Lease {
-            build: crate::model::BuildId(1),
+            step: crate::model::StepId(1),
             attempt: crate::model::Attempt(1),
             agent: crate::model::AgentId(1),
             expires_at: Timestamp(1600),

@@ -103,7 +103,7 @@ pub use lease::LeasePolicy;
 pub use local::LocalCluster;
 pub use model::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, ImageRef,
-    Labels, LogInfo, LogPiece, NewBuild, Page, RepoUrl,
+    Labels, LogInfo, LogPiece, NewBuild, NewStep, Page, RepoUrl, Step, StepId, StepStatus,
 };
 pub use pool::{Agent, AgentPool, Enrollment, MemoryAgentPool, Offer, StoreAgentPool};
 pub use runner::{execute, Job, LogSink, Outcome, RunError, Runner, Stream};

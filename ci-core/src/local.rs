@@ -187,7 +187,7 @@ impl Worker {
 
 /// Runs one attempt to the end, heartbeating, and delivers its outcome.
 async fn run_job(d: Dispatch, runner: Arc<dyn Runner>, dispatcher: Dispatcher, every: Duration) {
-    let (build, attempt, agent) = (d.build.id, d.build.attempt, d.agent);
+    let (step, attempt, agent) = (d.step.id, d.step.attempt, d.agent);
     let outcome = match Job::from_request(&d.request(), DEFAULT_REPO_SCHEMES) {
         Ok(job) => {
             let log = LogSink::default();
@@ -196,7 +196,7 @@ async fn run_job(d: Dispatch, runner: Arc<dyn Runner>, dispatcher: Dispatcher, e
                 let dispatcher = dispatcher.clone();
                 async move {
                     let hb = Heartbeat {
-                        build: Some(build),
+                        step: Some(step),
                         attempt: Some(attempt),
                         agent: Some(agent),
                         verified: true,
@@ -208,7 +208,7 @@ async fn run_job(d: Dispatch, runner: Arc<dyn Runner>, dispatcher: Dispatcher, e
             tokio::select! {
                 o = run => o,
                 () = beat => {
-                    warn!(%build, %attempt, "heartbeat refused, abandoning the build");
+                    warn!(%step, %attempt, "heartbeat refused, abandoning the step");
                     return;
                 }
             }
@@ -218,7 +218,7 @@ async fn run_job(d: Dispatch, runner: Arc<dyn Runner>, dispatcher: Dispatcher, e
     let delivered = match outcome {
         Outcome::Completed(completion) => {
             let report = Report {
-                build,
+                step,
                 attempt: Some(attempt),
                 agent: Some(agent),
                 verified: true,
@@ -232,7 +232,7 @@ async fn run_job(d: Dispatch, runner: Arc<dyn Runner>, dispatcher: Dispatcher, e
         }
         Outcome::HandBack(reason) => {
             let back = HandBack {
-                build,
+                step,
                 attempt,
                 agent: Some(agent),
                 verified: true,
@@ -245,7 +245,7 @@ async fn run_job(d: Dispatch, runner: Arc<dyn Runner>, dispatcher: Dispatcher, e
         }
     };
     if let Err(e) = delivered {
-        warn!(%build, cause = %e, "result refused");
+        warn!(%step, cause = %e, "result refused");
     }
 }
 

@@ -41,6 +41,11 @@ id_type!(
     AgentId(i64)
 );
 id_type!(
+    /// A step's id: the unit that is queued, dispatched, leased and fenced,
+    /// and the `id` an agent is sent. Unique across builds, never reused.
+    StepId(i64)
+);
+id_type!(
     /// The number of a dispatch of a build. The first dispatch is attempt 1;
     /// 0 means the build was never dispatched.
     Attempt(u32)
@@ -388,6 +393,10 @@ pub mod limits {
     pub const MAX_LOG: usize = 16 * 1024 * 1024;
     /// Longest per-build timeout, in milliseconds (7 days).
     pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+    /// Most steps in one build (a pipeline's steps times its matrix).
+    pub const MAX_STEPS: usize = 1024;
+    /// Longest step name, in characters.
+    pub const MAX_STEP_NAME: usize = 16 * 1024;
 }
 
 /// What a user asks for when creating a build, after validation.
@@ -407,6 +416,13 @@ pub struct NewBuild {
     pub timeout_ms: Option<u64>,
     /// Labels the agent must have, all of them.
     pub labels: Labels,
+    /// The steps of its pipeline. Empty: one step, `build`, of the fields
+    /// above (a build of one command, as the original design had).
+    pub steps: Vec<NewStep>,
+    /// Why the build fails before any step runs (its pipeline file is
+    /// broken): it is stored as one failed step, named after the file
+    /// ([`NewBuild::command`]), whose log says this.
+    pub failure: Option<String>,
 }
 
 impl NewBuild {
@@ -420,9 +436,27 @@ impl NewBuild {
             image: None,
             timeout_ms: None,
             labels: Labels::default(),
+            steps: Vec::new(),
+            failure: None,
         };
         build.validate()?;
         Ok(build)
+    }
+
+    /// The steps to store: [`NewBuild::steps`], or the one step the build's
+    /// own command makes.
+    pub fn plan(&self) -> Vec<NewStep> {
+        if !self.steps.is_empty() {
+            return self.steps.clone();
+        }
+        vec![NewStep {
+            name: NewStep::DEFAULT_NAME.to_owned(),
+            command: self.command.clone(),
+            image: self.image.clone(),
+            timeout_ms: self.timeout_ms,
+            labels: self.labels.clone(),
+            ..NewStep::default()
+        }]
     }
 
     /// Checks the free-text fields against [`limits`].
@@ -450,16 +484,49 @@ impl NewBuild {
         if let Some(image) = &self.image {
             ImageRef::parse(image)?;
         }
-        if let Some(t) = self.timeout_ms {
-            if t == 0 || t > limits::MAX_TIMEOUT_MS {
+        check_timeout(self.timeout_ms)?;
+        if self.steps.len() > limits::MAX_STEPS {
+            return Err(Error::invalid(
+                "steps",
+                format!("more than {}", limits::MAX_STEPS),
+            ));
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            step.validate()?;
+            if self.steps[..i].iter().any(|s| s.name == step.name) {
                 return Err(Error::invalid(
-                    "timeoutMs",
-                    format!("must be 1 to {} (7 days)", limits::MAX_TIMEOUT_MS),
+                    "steps",
+                    format!("two steps are named {:?}", step.name),
                 ));
+            }
+            // N.B.: a step depends only on steps before it, so the steps
+            // are a DAG in this order.
+            for d in &step.depends_on {
+                if !self.steps[..i].iter().any(|s| &s.name == d) {
+                    return Err(Error::invalid(
+                        "steps",
+                        format!(
+                            "step {:?} depends on {d:?}, which is not an earlier step",
+                            step.name
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
     }
+}
+
+fn check_timeout(timeout_ms: Option<u64>) -> Result<()> {
+    if let Some(t) = timeout_ms {
+        if t == 0 || t > limits::MAX_TIMEOUT_MS {
+            return Err(Error::invalid(
+                "timeoutMs",
+                format!("must be 1 to {} (7 days)", limits::MAX_TIMEOUT_MS),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A build as stored.
@@ -497,15 +564,386 @@ pub struct Build {
     pub finished_at: Option<Timestamp>,
     /// Labels the agent must have, all of them.
     pub labels: Labels,
+    /// Its steps, in creation order: every step after the steps it
+    /// depends on. The fields above from `attempt` to `finished_at` sum
+    /// them up ([`Build::summarize`]).
+    pub steps: Vec<Step>,
 }
 
 impl Build {
+    /// A new queued build, without steps yet.
+    pub fn new(id: BuildId, new: &NewBuild, now: Timestamp) -> Build {
+        Build {
+            id,
+            repo: new.repo.as_str().to_owned(),
+            hash: new.hash.as_str().to_owned(),
+            branch: new.branch.clone(),
+            command: new.command.clone(),
+            image: new.image.clone(),
+            timeout_ms: new.timeout_ms,
+            status: BuildStatus::Queued,
+            attempt: Attempt(0),
+            agent_id: None,
+            agent_url: None,
+            exit_code: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            labels: new.labels.clone(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// Sets the fields that sum up the steps: the latest attempt and its
+    /// agent, the exit code that decided the build, the first start and
+    /// the last finish. A build of one step shows that step's.
+    pub fn summarize(&mut self) {
+        let steps = &self.steps;
+        self.attempt = steps.iter().map(|s| s.attempt).max().unwrap_or_default();
+        let latest = steps
+            .iter()
+            .filter(|s| s.started_at.is_some())
+            .max_by_key(|s| s.started_at);
+        self.agent_id = latest.and_then(|s| s.agent_id);
+        self.agent_url = latest.and_then(|s| s.agent_url.clone());
+        self.started_at = steps.iter().filter_map(|s| s.started_at).min();
+        self.finished_at = if self.status.is_finished() {
+            steps.iter().filter_map(|s| s.finished_at).max()
+        } else {
+            None
+        };
+        self.exit_code = match (self.status, steps.as_slice()) {
+            (_, [one]) => one.exit_code,
+            (BuildStatus::Success, _) => Some(0),
+            (BuildStatus::Failed, _) => steps
+                .iter()
+                .find(|s| s.status == StepStatus::Failed && !s.allow_failure)
+                .and_then(|s| s.exit_code),
+            _ => None,
+        };
+    }
+
+    /// The step with this name.
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
     /// Run time of the finished attempt, in milliseconds.
     pub fn duration_ms(&self) -> Option<u64> {
         match (self.started_at, self.finished_at) {
             (Some(s), Some(f)) => Some(f.0.saturating_sub(s.0)),
             _ => None,
         }
+    }
+}
+
+// === steps ===
+
+/// Where a step is in its life.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// Waiting for the steps it depends on.
+    Pending,
+    /// Ready, waiting for an agent.
+    Queued,
+    /// Dispatched; an attempt holds a lease on it.
+    Running,
+    /// Finished with exit status 0.
+    Success,
+    /// Finished with a non-zero exit status, or could not run.
+    Failed,
+    /// Stopped by a user.
+    Canceled,
+    /// Never ran: a step it depends on failed, or was canceled or skipped.
+    Skipped,
+}
+
+impl StepStatus {
+    /// Every status, in life order.
+    pub const ALL: [StepStatus; 7] = [
+        StepStatus::Pending,
+        StepStatus::Queued,
+        StepStatus::Running,
+        StepStatus::Success,
+        StepStatus::Failed,
+        StepStatus::Canceled,
+        StepStatus::Skipped,
+    ];
+
+    /// The wire and database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Queued => "queued",
+            StepStatus::Running => "running",
+            StepStatus::Success => "success",
+            StepStatus::Failed => "failed",
+            StepStatus::Canceled => "canceled",
+            StepStatus::Skipped => "skipped",
+        }
+    }
+
+    /// The status a step ends in for an exit code.
+    pub fn from_exit_code(code: i32) -> StepStatus {
+        if code == 0 {
+            StepStatus::Success
+        } else {
+            StepStatus::Failed
+        }
+    }
+
+    /// True once the step can no longer change (short of a retry of the
+    /// build).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Success | StepStatus::Failed | StepStatus::Canceled | StepStatus::Skipped
+        )
+    }
+}
+
+impl fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl FromStr for StepStatus {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        StepStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| Error::invalid("status", format!("unknown step status {s:?}")))
+    }
+}
+
+/// A step to create, as part of a [`NewBuild`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewStep {
+    /// Unique in its build.
+    pub name: String,
+    /// The shell script to run.
+    pub command: String,
+    /// Container image for runners that use one.
+    pub image: Option<String>,
+    /// Longest it may run; the agent's default applies when `None`.
+    pub timeout_ms: Option<u64>,
+    /// Labels the agent must have, all of them.
+    pub labels: Labels,
+    /// Names of earlier steps that must succeed first.
+    pub depends_on: Vec<String>,
+    /// Its failure neither fails the build nor skips its dependents.
+    pub allow_failure: bool,
+    /// How many times a failed attempt is run again by itself.
+    pub retries: u32,
+    /// Its matrix combination, for display.
+    pub matrix: std::collections::BTreeMap<String, String>,
+}
+
+impl NewStep {
+    /// The name of the one step of a build without a pipeline.
+    pub const DEFAULT_NAME: &'static str = "build";
+
+    fn validate(&self) -> Result<()> {
+        let name_ok = !self.name.is_empty()
+            && self.name.chars().count() <= limits::MAX_STEP_NAME
+            && !self.name.chars().any(char::is_control);
+        if !name_ok {
+            return Err(Error::invalid(
+                "steps",
+                format!(
+                    "step name {:?} is empty, too long or holds control characters",
+                    self.name
+                ),
+            ));
+        }
+        let probe = NewBuild {
+            repo: RepoUrl(String::new()),
+            hash: CommitRef(String::new()),
+            branch: None,
+            command: self.command.clone(),
+            image: self.image.clone(),
+            timeout_ms: self.timeout_ms,
+            labels: Labels::default(),
+            steps: Vec::new(),
+            failure: None,
+        };
+        probe.validate()
+    }
+}
+
+/// A step as stored: one job of a build, with its own attempts, lease and
+/// result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Its id, the `id` its agent is sent.
+    pub id: StepId,
+    /// The build it belongs to.
+    pub build: BuildId,
+    /// Unique in the build.
+    pub name: String,
+    /// Repository to check out (the build's).
+    pub repo: String,
+    /// Commit to check out (the build's).
+    pub hash: String,
+    /// The shell script to run.
+    pub command: String,
+    /// Image for container runners.
+    pub image: Option<String>,
+    /// Longest it may run.
+    pub timeout_ms: Option<u64>,
+    /// Labels the agent must have, all of them.
+    pub labels: Labels,
+    /// Names of the steps that must succeed first.
+    pub depends_on: Vec<String>,
+    /// Its failure neither fails the build nor skips its dependents.
+    pub allow_failure: bool,
+    /// Automatic re-runs of a failed attempt it may still have.
+    pub retries_left: u32,
+    /// Its matrix combination.
+    pub matrix: std::collections::BTreeMap<String, String>,
+    /// Where it is in its life.
+    pub status: StepStatus,
+    /// Number of the latest dispatch; 0 before the first.
+    pub attempt: Attempt,
+    /// Agent of the latest attempt.
+    pub agent_id: Option<AgentId>,
+    /// That agent's URL, kept after the agent is gone.
+    pub agent_url: Option<String>,
+    /// Exit status of the accepted result.
+    pub exit_code: Option<i32>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When the latest attempt was dispatched.
+    pub started_at: Option<Timestamp>,
+    /// When it finished.
+    pub finished_at: Option<Timestamp>,
+}
+
+impl Step {
+    /// The step that stands for a build that failed before any step ran,
+    /// and the log that says why: see [`NewBuild::failure`].
+    pub fn failed(id: StepId, build: &Build, why: &str) -> (Step, BuildLog) {
+        let new = NewStep {
+            name: build.command.clone(),
+            command: build.command.clone(),
+            ..NewStep::default()
+        };
+        let step = Step {
+            status: StepStatus::Failed,
+            exit_code: Some(Completion::NOT_RUN),
+            finished_at: Some(build.created_at),
+            ..Step::new(id, build, &new)
+        };
+        let log = BuildLog {
+            attempt: Attempt(0),
+            stdout: String::new(),
+            stderr: format!("ci: {why}\n"),
+            complete: true,
+        };
+        (step, log)
+    }
+
+    /// A new step of `build`, pending or (without dependencies) queued.
+    pub fn new(id: StepId, build: &Build, new: &NewStep) -> Step {
+        Step {
+            id,
+            build: build.id,
+            name: new.name.clone(),
+            repo: build.repo.clone(),
+            hash: build.hash.clone(),
+            command: new.command.clone(),
+            image: new.image.clone(),
+            timeout_ms: new.timeout_ms,
+            labels: new.labels.clone(),
+            depends_on: new.depends_on.clone(),
+            allow_failure: new.allow_failure,
+            retries_left: new.retries,
+            matrix: new.matrix.clone(),
+            status: if new.depends_on.is_empty() {
+                StepStatus::Queued
+            } else {
+                StepStatus::Pending
+            },
+            attempt: Attempt(0),
+            agent_id: None,
+            agent_url: None,
+            exit_code: None,
+            created_at: build.created_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    /// Run time of the finished attempt, in milliseconds.
+    pub fn duration_ms(&self) -> Option<u64> {
+        match (self.started_at, self.finished_at) {
+            (Some(s), Some(f)) => Some(f.0.saturating_sub(s.0)),
+            _ => None,
+        }
+    }
+
+    /// True if its result does not hold up the build: it succeeded, or
+    /// failed with failure allowed.
+    pub fn passed(&self) -> bool {
+        self.status == StepStatus::Success || (self.status == StepStatus::Failed && self.allow_failure)
+    }
+}
+
+/// Moves a build's steps along after one of them changed: a pending step
+/// whose dependencies all passed is queued; one with a dependency that did
+/// not pass is skipped (and so on down the graph). Returns the build's
+/// status. `now` stamps the steps it skips.
+///
+/// The one rule of pipelines, for every store to share. The steps are in
+/// creation order, where every step comes after its dependencies.
+pub fn settle(steps: &mut [Step], now: Timestamp) -> BuildStatus {
+    for i in 0..steps.len() {
+        if steps[i].status != StepStatus::Pending {
+            continue;
+        }
+        let mut ready = true;
+        let mut doomed = false;
+        for d in &steps[i].depends_on {
+            match steps[..i].iter().find(|s| &s.name == d) {
+                Some(dep) if dep.passed() => {}
+                Some(dep) if dep.status.is_finished() => doomed = true,
+                _ => ready = false,
+            }
+        }
+        if doomed {
+            steps[i].status = StepStatus::Skipped;
+            steps[i].finished_at = Some(now);
+        } else if ready {
+            steps[i].status = StepStatus::Queued;
+        }
+    }
+    build_status(steps)
+}
+
+/// The status of a build of these steps.
+pub fn build_status(steps: &[Step]) -> BuildStatus {
+    if steps.iter().any(|s| !s.status.is_finished()) {
+        // Queued until a step runs, and again while none runs and none
+        // has ended (its only step lost its agent, say).
+        let under_way = steps
+            .iter()
+            .any(|s| s.status == StepStatus::Running || s.status.is_finished());
+        return if under_way {
+            BuildStatus::Running
+        } else {
+            BuildStatus::Queued
+        };
+    }
+    if steps.iter().any(|s| s.status == StepStatus::Canceled) {
+        BuildStatus::Canceled
+    } else if steps.iter().all(Step::passed) {
+        BuildStatus::Success
+    } else {
+        BuildStatus::Failed
     }
 }
 

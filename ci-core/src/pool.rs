@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::model::{AgentId, AgentRecord, BuildId, Labels};
+use crate::model::{AgentId, AgentRecord, Labels, StepId};
 use crate::store::Store;
 
 /// An agent as its server sees it.
@@ -32,7 +32,7 @@ pub struct Agent {
     /// that has them all.
     pub labels: Labels,
     /// Builds it holds a slot for.
-    pub running: Vec<BuildId>,
+    pub running: Vec<StepId>,
     /// Last time anything was heard from it.
     pub last_seen: Timestamp,
     /// Last time it became free; the longest-idle agent gets work first.
@@ -162,11 +162,11 @@ pub trait AgentPool: Send + Sync {
     /// unknown.
     async fn seen(&self, id: AgentId, now: Timestamp, ping: bool) -> Result<Option<Agent>>;
 
-    /// Gives the agent a slot's worth of `build`. False if it is unknown.
-    async fn hold(&self, id: AgentId, build: BuildId) -> Result<bool>;
+    /// Gives the agent a slot's worth of `step`. False if it is unknown.
+    async fn hold(&self, id: AgentId, step: StepId) -> Result<bool>;
 
-    /// Frees the agent's slot of `build`.
-    async fn release(&self, id: AgentId, build: BuildId, now: Timestamp) -> Result<()>;
+    /// Frees the agent's slot of `step`.
+    async fn release(&self, id: AgentId, step: StepId, now: Timestamp) -> Result<()>;
 
     /// Gives the agent no work before `until`.
     async fn cool_down(&self, id: AgentId, until: Timestamp) -> Result<()>;
@@ -295,21 +295,21 @@ impl AgentPool for MemoryAgentPool {
         Ok(Some(before))
     }
 
-    async fn hold(&self, id: AgentId, build: BuildId) -> Result<bool> {
+    async fn hold(&self, id: AgentId, step: StepId) -> Result<bool> {
         let mut r = self.lock();
         let Some(a) = r.agents.get_mut(&id) else {
             return Ok(false);
         };
-        if !a.running.contains(&build) {
-            a.running.push(build);
+        if !a.running.contains(&step) {
+            a.running.push(step);
         }
         Ok(true)
     }
 
-    async fn release(&self, id: AgentId, build: BuildId, now: Timestamp) -> Result<()> {
+    async fn release(&self, id: AgentId, step: StepId, now: Timestamp) -> Result<()> {
         if let Some(a) = self.lock().agents.get_mut(&id) {
             let had = a.free_slots() == 0;
-            a.running.retain(|b| *b != build);
+            a.running.retain(|s| *s != step);
             if had || a.running.is_empty() {
                 a.idle_since = now;
             }
@@ -453,12 +453,12 @@ impl AgentPool for StoreAgentPool {
         self.live.seen(id, now, ping).await
     }
 
-    async fn hold(&self, id: AgentId, build: BuildId) -> Result<bool> {
-        self.live.hold(id, build).await
+    async fn hold(&self, id: AgentId, step: StepId) -> Result<bool> {
+        self.live.hold(id, step).await
     }
 
-    async fn release(&self, id: AgentId, build: BuildId, now: Timestamp) -> Result<()> {
-        self.live.release(id, build, now).await
+    async fn release(&self, id: AgentId, step: StepId, now: Timestamp) -> Result<()> {
+        self.live.release(id, step, now).await
     }
 
     async fn cool_down(&self, id: AgentId, until: Timestamp) -> Result<()> {
@@ -499,7 +499,7 @@ mod tests {
         let a = pool.register(enroll("http://a"), Timestamp(5)).await.unwrap().id;
         let b = pool.register(enroll("http://b"), Timestamp(3)).await.unwrap().id;
         let c = pool.register(enroll("http://c"), Timestamp(1)).await.unwrap().id;
-        assert!(pool.hold(c, BuildId(9)).await.unwrap());
+        assert!(pool.hold(c, StepId(9)).await.unwrap());
         let ids: Vec<_> = pool
             .offers(Timestamp(10), 10)
             .await
@@ -520,7 +520,7 @@ mod tests {
             pool.next_deadline(Duration::from_secs(1)).await.unwrap(),
             Some(Timestamp(20))
         );
-        pool.release(c, BuildId(9), Timestamp(11)).await.unwrap();
+        pool.release(c, StepId(9), Timestamp(11)).await.unwrap();
         assert_eq!(
             pool.get(c).await.unwrap().map(|a| a.idle_since),
             Some(Timestamp(11))

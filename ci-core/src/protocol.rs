@@ -17,7 +17,9 @@ use std::fmt;
 use serde::de::IntoDeserializer;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::model::{AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus, Labels};
+use crate::model::{
+    AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus, Labels, Step, StepId, StepStatus,
+};
 use crate::pool::Agent;
 
 /// Size limits of the wire, defined once for the server, the agents and
@@ -109,7 +111,7 @@ pub struct NotifyAgentReply {
 pub struct NotifyAgentAlive {
     /// The build being run. Absent on an idle ping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<BuildId>,
+    pub id: Option<StepId>,
     /// Extension: the attempt being run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<Attempt>,
@@ -121,8 +123,8 @@ pub struct NotifyAgentAlive {
 /// `POST /notify_build_result`: the outcome of a build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyBuildResult {
-    /// The build.
-    pub id: BuildId,
+    /// The step (the `id` of its `POST /build`).
+    pub id: StepId,
     /// Exit status; 0 is success, -1 means the build could not run.
     #[serde(deserialize_with = "integral")]
     pub status: i32,
@@ -144,8 +146,8 @@ pub struct NotifyBuildResult {
 /// in numbered pieces so that a retry never duplicates or drops text.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyBuildLog {
-    /// The build.
-    pub id: BuildId,
+    /// The step (the `id` of its `POST /build`).
+    pub id: StepId,
     /// The attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<Attempt>,
@@ -173,8 +175,8 @@ pub struct WirePiece {
 /// build); the build goes back to the queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyBuildHandback {
-    /// The build.
-    pub id: BuildId,
+    /// The step (the `id` of its `POST /build`).
+    pub id: StepId,
     /// The attempt given back.
     pub attempt: Attempt,
     /// The sending agent.
@@ -199,8 +201,8 @@ pub struct NotifyAgentLeave {
 /// work is dead.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelRequest {
-    /// The build.
-    pub id: BuildId,
+    /// The step (the `id` of its `POST /build`).
+    pub id: StepId,
     /// The attempt, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<Attempt>,
@@ -209,8 +211,8 @@ pub struct CancelRequest {
 /// `POST /build` on an agent: run this build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRequest {
-    /// The build.
-    pub id: BuildId,
+    /// The step (the `id` of its `POST /build`).
+    pub id: StepId,
     /// Shell command to run.
     pub command: String,
     /// Commit or ref to check out.
@@ -237,6 +239,12 @@ pub struct BuildRequest {
     /// the build under an id the server has replaced.
     #[serde(rename = "agentId", default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<AgentId>,
+    /// Extension: the build the step belongs to (`id` names the step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildId>,
+    /// Extension: the step's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
 }
 
 // === user → server ===
@@ -311,21 +319,104 @@ pub struct BuildView {
     /// (`no agent has os=windows`).
     #[serde(default)]
     pub waiting: Option<String>,
+    /// Its steps, every step after the steps it depends on.
+    #[serde(default)]
+    pub steps: Vec<StepView>,
 }
 
 impl BuildView {
-    /// Says why `self`, if queued, cannot start on any of `agents`: none
-    /// has all of its labels.
+    /// Says why its queued steps cannot start on any of `agents`: none has
+    /// all of their labels.
     pub fn explain_wait(&mut self, agents: &[crate::pool::Agent]) {
-        if self.status != BuildStatus::Queued || self.labels.is_empty() {
+        for step in &mut self.steps {
+            if step.status != StepStatus::Queued || step.labels.is_empty() {
+                continue;
+            }
+            if !agents.iter().any(|a| a.labels.satisfy(&step.labels)) {
+                let wanted: Vec<&str> = step.labels.iter().collect();
+                step.waiting = Some(match wanted.as_slice() {
+                    [one] => format!("no agent has {one}"),
+                    all => format!("no agent has all of {}", all.join(", ")),
+                });
+            }
+        }
+        if self.status.is_finished() {
             return;
         }
-        if !agents.iter().any(|a| a.labels.satisfy(&self.labels)) {
-            let wanted: Vec<&str> = self.labels.iter().collect();
-            self.waiting = Some(match wanted.as_slice() {
-                [one] => format!("no agent has {one}"),
-                all => format!("no agent has all of {}", all.join(", ")),
-            });
+        self.waiting = match self.steps.as_slice() {
+            [one] => one.waiting.clone(),
+            steps => steps
+                .iter()
+                .find_map(|s| s.waiting.as_ref().map(|w| format!("step {}: {w}", s.name))),
+        };
+    }
+}
+
+/// A step as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepView {
+    /// Its id: what its agent is sent as `id`.
+    pub id: StepId,
+    /// Unique in the build.
+    pub name: String,
+    /// Status.
+    pub status: StepStatus,
+    /// Its script.
+    pub command: String,
+    /// Image, if any.
+    pub image: Option<String>,
+    /// URL of the agent of the latest attempt.
+    pub agent: Option<String>,
+    /// Id of that agent.
+    pub agent_id: Option<AgentId>,
+    /// Latest attempt number; 0 before the first dispatch.
+    pub attempt: Attempt,
+    /// Exit status of the accepted result.
+    pub exit_code: Option<i32>,
+    /// RFC 3339 start of the latest attempt.
+    pub started_at: Option<String>,
+    /// RFC 3339 finish time.
+    pub finished_at: Option<String>,
+    /// Run time of the accepted attempt.
+    pub duration_ms: Option<u64>,
+    /// Names of the steps that must succeed first.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Its matrix combination.
+    #[serde(default)]
+    pub matrix: std::collections::BTreeMap<String, String>,
+    /// Labels the agent must have.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Its failure does not fail the build.
+    #[serde(default)]
+    pub allow_failure: bool,
+    /// Why it is queued and not running, when the server knows.
+    #[serde(default)]
+    pub waiting: Option<String>,
+}
+
+impl From<&Step> for StepView {
+    fn from(s: &Step) -> Self {
+        StepView {
+            id: s.id,
+            name: s.name.clone(),
+            status: s.status,
+            command: s.command.clone(),
+            image: s.image.clone(),
+            agent: s.agent_url.clone(),
+            agent_id: s.agent_id,
+            attempt: s.attempt,
+            exit_code: s.exit_code,
+            started_at: s.started_at.map(|t| t.to_rfc3339()),
+            finished_at: s.finished_at.map(|t| t.to_rfc3339()),
+            duration_ms: s.duration_ms(),
+            depends_on: s.depends_on.clone(),
+            matrix: s.matrix.clone(),
+            labels: s.labels.clone(),
+            allow_failure: s.allow_failure,
+            waiting: None,
         }
     }
 }
@@ -351,6 +442,7 @@ impl From<&Build> for BuildView {
             duration_ms: b.duration_ms(),
             labels: b.labels.clone(),
             waiting: None,
+            steps: b.steps.iter().map(StepView::from).collect(),
         }
     }
 }
@@ -366,11 +458,15 @@ pub struct BuildList {
     pub offset: usize,
 }
 
-/// `GET /api/builds/{id}/log` reply.
+/// `GET /api/builds/{id}/log` and `/api/builds/{id}/steps/{step}/log`
+/// reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogView {
     /// The build.
     pub id: BuildId,
+    /// The step.
+    #[serde(default)]
+    pub step: String,
     /// The attempt the output belongs to.
     pub attempt: Attempt,
     /// Standard output.
@@ -387,11 +483,12 @@ pub struct LogView {
 }
 
 impl LogView {
-    /// The view of a stored log of `build`.
-    pub fn new(build: &Build, log: BuildLog) -> LogView {
-        let note = LogView::note(build, log.attempt, log.complete);
+    /// The view of a stored log of `step`.
+    pub fn new(step: &Step, log: BuildLog) -> LogView {
+        let note = LogView::note(step, log.attempt, log.complete);
         LogView {
-            id: build.id,
+            id: step.build,
+            step: step.name.clone(),
             attempt: log.attempt,
             stdout: log.stdout,
             stderr: log.stderr,
@@ -399,14 +496,12 @@ impl LogView {
             note,
         }
     }
-}
 
-impl LogView {
-    /// Where an incomplete log of `attempt` of `build` stopped and why,
-    /// once that attempt is over.
-    pub fn note(build: &Build, attempt: Attempt, complete: bool) -> Option<String> {
-        (!complete && (attempt < build.attempt || build.status.is_finished())).then(|| {
-            if build.status == BuildStatus::Canceled && attempt == build.attempt {
+    /// Where an incomplete log of `attempt` of `step` stopped and why, once
+    /// that attempt is over.
+    pub fn note(step: &Step, attempt: Attempt, complete: bool) -> Option<String> {
+        (!complete && (attempt < step.attempt || step.status.is_finished())).then(|| {
+            if step.status == StepStatus::Canceled && attempt == step.attempt {
                 "the log stops here: the build was canceled".to_owned()
             } else {
                 format!(
@@ -441,11 +536,14 @@ pub struct AgentView {
     pub status: AgentStatus,
     /// RFC 3339 time it was last heard from.
     pub last_seen: String,
-    /// A build it runs, if any (the first it took).
+    /// The build of a step it runs, if any (the first it took).
     pub build: Option<BuildId>,
-    /// Every build it runs.
+    /// The builds of every step it runs.
     #[serde(default)]
     pub builds: Vec<BuildId>,
+    /// Every step it runs, by the `id` agents are sent.
+    #[serde(default)]
+    pub steps: Vec<StepId>,
     /// How many builds it runs at once.
     #[serde(default = "one")]
     pub capacity: u32,
@@ -458,6 +556,19 @@ fn one() -> u32 {
     1
 }
 
+impl AgentView {
+    /// The view of `agent`, whose steps belong to `builds` (in the order
+    /// of its steps).
+    pub fn with_builds(agent: &Agent, builds: Vec<BuildId>) -> AgentView {
+        AgentView {
+            build: builds.first().copied(),
+            builds,
+            ..AgentView::from(agent)
+        }
+    }
+}
+
+/// Without the builds of its steps: see [`AgentView::with_builds`].
 impl From<&Agent> for AgentView {
     fn from(a: &Agent) -> Self {
         AgentView {
@@ -469,8 +580,9 @@ impl From<&Agent> for AgentView {
                 AgentStatus::Busy
             },
             last_seen: a.last_seen.to_rfc3339(),
-            build: a.running.first().copied(),
-            builds: a.running.clone(),
+            build: None,
+            builds: Vec::new(),
+            steps: a.running.clone(),
             capacity: a.capacity,
             labels: a.labels.clone(),
         }
@@ -627,7 +739,7 @@ mod tests {
     #[test]
     fn integers_may_arrive_as_integral_floats() {
         let r: NotifyBuildResult = serde_json::from_str(r#"{"id":7.0,"status":-1.0,"attempt":2.0}"#).unwrap();
-        assert_eq!((r.id, r.status, r.attempt), (BuildId(7), -1, Some(Attempt(2))));
+        assert_eq!((r.id, r.status, r.attempt), (StepId(7), -1, Some(Attempt(2))));
         let c: CreateBuild = serde_json::from_str(r#"{"hash":"abcd","timeoutMs":1000.0}"#).unwrap();
         assert_eq!(c.timeout_ms, Some(1000));
         for bad in [
@@ -639,10 +751,10 @@ mod tests {
         }
         // Found by the fuzzer: without exact float parsing this read as ...247.25.
         let big: NotifyAgentAlive = serde_json::from_str(r#"{"id":-2251799813685247.0}"#).unwrap();
-        assert_eq!(big.id, Some(BuildId(-2251799813685247)));
+        assert_eq!(big.id, Some(StepId(-2251799813685247)));
         // Found by the fuzzer: -(2^53 - 1), the most negative safe integer.
         let safe: NotifyAgentAlive = serde_json::from_str(r#"{"id":-9007199254740991.0}"#).unwrap();
-        assert_eq!(safe.id, Some(BuildId(-9_007_199_254_740_991)));
+        assert_eq!(safe.id, Some(StepId(-9_007_199_254_740_991)));
         let huge = r#"{"id":1,"status":0,"attempt":1e19}"#;
         assert!(
             serde_json::from_str::<NotifyBuildResult>(huge).is_err(),
@@ -655,7 +767,7 @@ mod tests {
     #[test]
     fn original_fields_suffice() {
         let hb: NotifyAgentAlive = serde_json::from_str(r#"{"id":7}"#).unwrap();
-        assert_eq!(hb.id, Some(BuildId(7)));
+        assert_eq!(hb.id, Some(StepId(7)));
         let r: NotifyBuildResult =
             serde_json::from_str(r#"{"id":7,"status":1,"stdout":"o","stderr":"e"}"#).unwrap();
         assert_eq!((r.status, r.attempt, r.agent_id), (1, None, None));
@@ -670,7 +782,7 @@ mod tests {
     #[test]
     fn extensions_use_the_documented_names() {
         let hb = NotifyAgentAlive {
-            id: Some(BuildId(1)),
+            id: Some(StepId(1)),
             attempt: Some(Attempt(2)),
             agent_id: Some(AgentId(3)),
         };
@@ -679,7 +791,7 @@ mod tests {
             r#"{"id":1,"attempt":2,"agentId":3}"#
         );
         let req = BuildRequest {
-            id: BuildId(1),
+            id: StepId(1),
             command: "make".into(),
             hash: "abc1".into(),
             repo: "/r".into(),
@@ -687,6 +799,8 @@ mod tests {
             image: None,
             timeout_ms: None,
             agent_id: None,
+            build: None,
+            step: None,
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),

@@ -12,15 +12,19 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
-use crate::model::{limits, Attempt, BuildId, CommitRef, Completion, ImageRef, Labels, RepoUrl};
+use crate::model::{limits, Attempt, BuildId, CommitRef, Completion, ImageRef, Labels, RepoUrl, StepId};
 use crate::protocol::BuildRequest;
 
 /// One attempt of a build, as a runner sees it: every value already
 /// validated, so no runner parses a string again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
-    /// The build.
-    pub build: BuildId,
+    /// The step: the `id` the server sent.
+    pub step: StepId,
+    /// The build, if the server says (else the step's id stands for it).
+    pub build: Option<BuildId>,
+    /// The step's name, if the server says.
+    pub name: Option<String>,
     /// The attempt, if the server numbers them.
     pub attempt: Option<Attempt>,
     /// Repository to check out.
@@ -43,7 +47,9 @@ impl Job {
             return Err(crate::Error::invalid("command", "must not be empty"));
         }
         Ok(Job {
-            build: r.id,
+            step: r.id,
+            build: r.build,
+            name: r.step.clone(),
             attempt: r.attempt,
             repo: RepoUrl::parse_with(&r.repo, schemes)?,
             commit: CommitRef::parse(&r.hash)?,
@@ -300,7 +306,9 @@ mod tests {
 
     fn job() -> Job {
         Job {
-            build: BuildId(1),
+            step: StepId(1),
+            build: None,
+            name: None,
             attempt: Some(Attempt(1)),
             repo: RepoUrl::parse("/r").unwrap(),
             commit: CommitRef::parse("abcd").unwrap(),
@@ -374,7 +382,7 @@ mod tests {
     #[test]
     fn jobs_carry_validated_values() {
         let req = |repo: &str, hash: &str, command: &str| BuildRequest {
-            id: BuildId(1),
+            id: StepId(1),
             command: command.into(),
             hash: hash.into(),
             repo: repo.into(),
@@ -382,6 +390,8 @@ mod tests {
             image: Some("debian:bookworm".into()),
             timeout_ms: Some(1500),
             agent_id: None,
+            build: None,
+            step: None,
         };
         let j = Job::from_request(&req("/srv/r", "main", "make"), &["file"]).unwrap();
         assert_eq!(

@@ -1,4 +1,4 @@
-//! Scheduling policy: which ready build goes to which free agent.
+//! Scheduling policy: which ready step goes to which free agent.
 //!
 //! On every scheduling pass the [`Coordinator`](crate::Coordinator) gives
 //! the policy a window of ready work (oldest first) and the offers of the
@@ -6,14 +6,14 @@
 //! goes to one agent, an agent gets no more than its free slots, labels
 //! match), so a policy can only choose, never break the guarantees.
 
-use crate::model::{AgentId, Build, BuildId};
+use crate::model::{AgentId, Step, StepId};
 use crate::pool::Offer;
 
-/// One build to start on one agent.
+/// One step to start on one agent.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
-    /// The build.
-    pub build: BuildId,
+    /// The step.
+    pub step: StepId,
     /// The agent.
     pub agent: AgentId,
 }
@@ -30,7 +30,7 @@ pub trait Scheduler: Send + Sync {
 
     /// Pairs `ready` builds (oldest first) with `offers` (longest idle
     /// first, each with at least one free slot).
-    fn assign(&mut self, ready: &[Build], offers: &[Offer]) -> Vec<Assignment>;
+    fn assign(&mut self, ready: &[Step], offers: &[Offer]) -> Vec<Assignment>;
 }
 
 /// First in, first out: the oldest build goes to the longest-idle agent.
@@ -46,7 +46,7 @@ impl Scheduler for Fifo {
         free_slots.saturating_add(FIFO_LOOKAHEAD)
     }
 
-    fn assign(&mut self, ready: &[Build], offers: &[Offer]) -> Vec<Assignment> {
+    fn assign(&mut self, ready: &[Step], offers: &[Offer]) -> Vec<Assignment> {
         let mut free: Vec<u32> = offers.iter().map(|o| o.free_slots).collect();
         let mut left: u32 = free.iter().sum();
         let mut out = Vec::new();
@@ -63,7 +63,7 @@ impl Scheduler for Fifo {
                 *f -= 1;
                 left -= 1;
                 out.push(Assignment {
-                    build: b.id,
+                    step: b.id,
                     agent: o.agent,
                 });
             }

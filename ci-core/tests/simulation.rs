@@ -6,16 +6,19 @@
 //! are lost, delayed and duplicated; agents answer dispatches busy (409);
 //! embedded workers, which heartbeat under their id but never ping while
 //! idle, sit idle for long; the store fails now and then (a scheduling
-//! pass's starts, results, heartbeats); builds are submitted; the server
-//! restarts from the store; users cancel builds. After every step the
-//! invariants are checked:
+//! pass's starts, results, heartbeats); builds are submitted, of one step
+//! or of a random graph of steps (with labels, failures allowed and
+//! retries); the server restarts from the store; users cancel builds and
+//! retry finished ones. After every step the invariants are checked:
 //! no agent holds more builds than its capacity; every lease is a running
 //! attempt with a holder, and was dispatched (none is stranded by a failed
 //! pass); no result or heartbeat of a superseded attempt is accepted; no
-//! build waits while an agent is free after a scheduling pass; an embedded
-//! worker is never forgotten; numbers only go up.
-//! At the end the faults stop and every submitted build must complete
-//! exactly once.
+//! step waits while an agent is free after a scheduling pass; an embedded
+//! worker is never forgotten; numbers only go up; a step never starts
+//! before the steps it depends on passed; a build ends exactly when its
+//! last step does.
+//! At the end the faults stop and every submitted build must complete,
+//! each step's attempt taken at most once.
 //!
 //! `SIM_SEEDS=n` runs n seeds (default 2000); `SIM_SEED=s` replays one.
 //! A failure prints its seed.
@@ -31,7 +34,7 @@ use ci_core::coordinator::{Accepted, Cancel, Dispatch, DispatchFailure, Heartbea
 use ci_core::store::{Builds, FaultyStore, Op, Queue};
 use ci_core::{
     AgentId, Attempt, BuildId, BuildStatus, Clock, CommitRef, Completion, Coordinator, Enrollment, Error,
-    Labels, LeasePolicy, ManualClock, MemoryStore, NewBuild, RepoUrl, Timestamp,
+    Labels, LeasePolicy, ManualClock, MemoryStore, NewBuild, NewStep, RepoUrl, StepId, StepStatus, Timestamp,
 };
 
 const INTERVAL_MS: u64 = 100;
@@ -42,7 +45,7 @@ const STEPS: usize = 300;
 #[derive(Clone, Debug)]
 enum Msg {
     /// Server → agent.
-    Dispatch(Dispatch),
+    Dispatch(Box<Dispatch>),
     /// Agent → server.
     Heartbeat { from: usize, hb: Heartbeat },
     /// Agent → server.
@@ -89,7 +92,7 @@ struct SimAgent {
     labels: Labels,
     health: Health,
     /// The attempt it works on and when its command finishes.
-    job: Option<(BuildId, Attempt, u64)>,
+    job: Option<(StepId, Attempt, u64)>,
     next_beat: u64,
     /// A result not yet acknowledged, and when to retry it.
     outbox: Option<(Report, u64)>,
@@ -103,13 +106,13 @@ struct Sim {
     /// The store's failure rate, in percent (during the faults).
     fail_percent: Arc<AtomicU64>,
     /// Every attempt the server handed out to be sent.
-    dispatched: BTreeSet<(BuildId, Attempt)>,
+    dispatched: BTreeSet<(StepId, Attempt)>,
     c: Coordinator,
     agents: Vec<SimAgent>,
     wire: Vec<(u64, Msg)>,
     submitted: Vec<BuildId>,
-    /// Accepted results per build: (attempt, the build's attempt when accepted).
-    accepted: HashMap<BuildId, Vec<Attempt>>,
+    /// The attempts whose result was taken, per step.
+    accepted: HashMap<StepId, Vec<Attempt>>,
     faults: bool,
     step: usize,
 }
@@ -255,8 +258,8 @@ impl Sim {
             }
             for a in self.c.agents().await.unwrap() {
                 eprintln!("pool {:?}", a);
-                for b in &a.running {
-                    eprintln!("  holds {:?}", self.store.build(*b).await.unwrap());
+                for s in &a.running {
+                    eprintln!("  holds {:?}", self.store.step(*s).await.unwrap());
                 }
             }
         }
@@ -267,19 +270,32 @@ impl Sim {
             self.unfinished().await
         );
         for id in &self.submitted {
-            let n = self.accepted.get(id).map_or(0, Vec::len);
-            let canceled = self.store.build(*id).await.unwrap().unwrap().status == BuildStatus::Canceled;
-            check!(
-                self,
-                n == usize::from(!canceled),
-                "build {id} (canceled: {canceled}) accepted {n} results"
-            );
+            let build = self.store.build(*id).await.unwrap().unwrap();
+            for step in &build.steps {
+                let taken = self.accepted.get(&step.id).cloned().unwrap_or_default();
+                let ran = matches!(step.status, StepStatus::Success | StepStatus::Failed);
+                check!(
+                    self,
+                    !ran || taken.last() == Some(&step.attempt),
+                    "step {} ({:?}) of build {id} ended without its last attempt's result: {taken:?}",
+                    step.id,
+                    step.status
+                );
+                check!(
+                    self,
+                    step.status != StepStatus::Skipped || taken.is_empty(),
+                    "skipped step {} has results {taken:?}",
+                    step.id
+                );
+            }
         }
         self.submitted.len()
     }
 
     async fn all_done(&self) -> bool {
-        self.unfinished().await.is_empty()
+        // N.B.: counts, not every build read with its steps at every tick.
+        let counts = self.store.status_counts().await.unwrap();
+        counts.iter().all(|(status, n)| status.is_finished() || *n == 0)
     }
 
     async fn unfinished(&self) -> Vec<(BuildId, BuildStatus)> {
@@ -363,13 +379,7 @@ impl Sim {
         let roll = self.rng.u8(..100);
         match roll {
             0..=24 => {
-                let repo = RepoUrl::parse("/srv/repo").unwrap();
-                let mut new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
-                new.labels = match self.rng.u8(..6) {
-                    0 => Labels::parse(["os=a"]).unwrap(),
-                    1 => Labels::parse(["gpu", "os=a"]).unwrap(),
-                    _ => Labels::default(),
-                };
+                let new = self.random_build();
                 let b = self.c.submit(&new).await.unwrap();
                 if let Some(last) = self.submitted.last() {
                     check!(self, b.id > *last, "build number {} not above {last}", b.id);
@@ -406,10 +416,21 @@ impl Sim {
                 // A user cancels a build.
                 let id = self.submitted[self.rng.usize(..self.submitted.len())];
                 match self.c.cancel(id).await {
-                    Ok(Cancel::Done(_)) => {}
-                    Ok(Cancel::Stop(order)) => self.send(Msg::Stop(order)),
+                    Ok(Cancel { stops, .. }) => {
+                        for order in stops {
+                            self.send(Msg::Stop(order));
+                        }
+                    }
                     Err(Error::Conflict(_)) => {} // already finished
                     Err(e) => check!(self, false, "cancel failed: {e}"),
+                }
+            }
+            41 if !self.submitted.is_empty() => {
+                // A user retries a build's failed steps.
+                let id = self.submitted[self.rng.usize(..self.submitted.len())];
+                match self.c.retry(id).await {
+                    Ok(_) | Err(Error::Conflict(_)) => {} // not finished yet
+                    Err(e) => check!(self, false, "retry failed: {e}"),
                 }
             }
             _ => {}
@@ -471,15 +492,18 @@ impl Sim {
         let planned = self.c.plan().await;
         if let Ok(dispatches) = &planned {
             self.dispatched
-                .extend(dispatches.iter().map(|d| (d.build.id, d.build.attempt)));
+                .extend(dispatches.iter().map(|d| (d.step.id, d.step.attempt)));
+            for d in dispatches {
+                self.check_dependencies_passed(d.step.id).await;
+            }
         }
         self.check_invariants("after plan").await;
-        self.check_events();
+        self.check_events().await;
         match planned {
             Ok(dispatches) => {
                 self.check_no_idle_agent_with_work().await;
                 for d in dispatches {
-                    self.send(Msg::Dispatch(d));
+                    self.send(Msg::Dispatch(Box::new(d)));
                 }
             }
             Err(e) => check!(self, e.is_retryable(), "a pass failed: {e}"),
@@ -500,13 +524,13 @@ impl Sim {
         due.sort_by_key(|(at, _)| *at);
         for (_, msg) in due {
             match msg {
-                Msg::Dispatch(d) => self.agent_receives(d).await,
+                Msg::Dispatch(d) => self.agent_receives(*d).await,
                 Msg::Heartbeat { from, hb } => {
                     if self.agents[from].health == Health::Dead {
                         continue; // a dead process's packets still arrive; they are answered to no one
                     }
-                    let current = match hb.build {
-                        Some(b) => Some(self.store.build(b).await.unwrap().unwrap().attempt),
+                    let current = match hb.step {
+                        Some(s) => Some(self.store.step(s).await.unwrap().unwrap().attempt),
                         None => None,
                     };
                     let r = self.c.heartbeat(hb).await;
@@ -529,7 +553,7 @@ impl Sim {
                     let reached = match reached {
                         Some(a) => {
                             if a.job
-                                .is_some_and(|(b, at, _)| b == order.build && at == order.attempt)
+                                .is_some_and(|(s, at, _)| s == order.step && at == order.attempt)
                             {
                                 a.job = None;
                             }
@@ -551,10 +575,10 @@ impl Sim {
         };
         check!(
             self,
-            self.agents[i].labels.satisfy(&d.build.labels),
-            "build {} needs {:?}, sent to agent {} with {:?}",
-            d.build.id,
-            d.build.labels,
+            self.agents[i].labels.satisfy(&d.step.labels),
+            "step {} needs {:?}, sent to agent {} with {:?}",
+            d.step.id,
+            d.step.labels,
             d.agent,
             self.agents[i].labels
         );
@@ -577,13 +601,13 @@ impl Sim {
             return;
         }
         let runs_for = self.rng.u64(10..(INTERVAL_MS * 10));
-        a.job = Some((d.build.id, d.build.attempt, now + runs_for));
+        a.job = Some((d.step.id, d.step.attempt, now + runs_for));
         a.next_beat = now;
     }
 
     async fn agent_hears_heartbeat_reply(&mut self, from: usize, hb: Heartbeat, r: Result<(), Error>) {
         let a = &mut self.agents[from];
-        match (r, hb.build) {
+        match (r, hb.step) {
             (Ok(()), _) => {}
             // Not heard (the store failed): keep going, as agents do.
             (Err(e), _) if e.is_retryable() => {}
@@ -605,33 +629,33 @@ impl Sim {
     }
 
     async fn server_receives_result(&mut self, from: usize, report: Report) {
-        let before = self.store.build(report.build).await.unwrap().unwrap();
+        let before = self.store.step(report.step).await.unwrap().unwrap();
         let r = self.c.complete(report.clone()).await;
+        // An attempt-less (original) result speaks for the latest attempt.
+        let attempt = report.attempt.unwrap_or(before.attempt);
+        let taken = self
+            .accepted
+            .get(&report.step)
+            .is_some_and(|t| t.contains(&attempt));
         match &r {
             Ok(Accepted::Finished(_)) => {
-                // An attempt-less (original) result speaks for the latest attempt.
-                let attempt = report.attempt.unwrap_or(before.attempt);
                 check!(
                     self,
-                    !before.status.is_finished(),
-                    "build {} finished twice (attempt {attempt})",
-                    report.build
+                    !before.status.is_finished() && !taken,
+                    "step {} took a result of attempt {attempt} twice",
+                    report.step
                 );
                 check!(
                     self,
                     attempt == before.attempt,
-                    "build {} accepted a result of attempt {attempt} while attempt {} was current",
-                    report.build,
+                    "step {} accepted a result of attempt {attempt} while attempt {} was current",
+                    report.step,
                     before.attempt
                 );
-                self.accepted.entry(report.build).or_default().push(attempt);
+                self.accepted.entry(report.step).or_default().push(attempt);
             }
             Ok(Accepted::Duplicate(_)) => {
-                check!(
-                    self,
-                    before.status.is_finished(),
-                    "a duplicate of an unfinished build"
-                );
+                check!(self, taken, "a duplicate of a result never taken");
             }
             Err(_) => {}
         }
@@ -653,7 +677,7 @@ impl Sim {
                 continue;
             }
             let Some(id) = a.id else { continue };
-            if let Some((build, attempt, done_at)) = a.job {
+            if let Some((step, attempt, done_at)) = a.job {
                 let (attempt_field, agent_field, verified) = match a.kind {
                     Kind::Secure | Kind::Embedded => (Some(attempt), Some(id), true),
                     Kind::Claims => (Some(attempt), Some(id), false),
@@ -662,13 +686,13 @@ impl Sim {
                 };
                 if now >= done_at {
                     let report = Report {
-                        build,
+                        step,
                         attempt: attempt_field,
                         agent: agent_field,
                         verified,
                         completion: Completion {
-                            exit_code: i32::from(build.0 % 3 == 0),
-                            stdout: format!("build {build} attempt {attempt}"),
+                            exit_code: i32::from((step.0 + i64::from(attempt.0)) % 3 == 0),
+                            stdout: format!("step {step} attempt {attempt}"),
                             stderr: String::new(),
                         },
                     };
@@ -677,7 +701,7 @@ impl Sim {
                 } else if now >= a.next_beat {
                     a.next_beat = now + INTERVAL_MS;
                     let hb = Heartbeat {
-                        build: Some(build),
+                        step: Some(step),
                         attempt: attempt_field,
                         agent: agent_field,
                         verified,
@@ -687,7 +711,7 @@ impl Sim {
             } else if now >= a.next_beat && matches!(a.kind, Kind::Secure | Kind::Claims) {
                 a.next_beat = now + INTERVAL_MS;
                 let ping = Heartbeat {
-                    build: None,
+                    step: None,
                     attempt: None,
                     agent: Some(id),
                     verified: a.kind == Kind::Secure,
@@ -723,43 +747,108 @@ impl Sim {
         // Every lease is a running attempt with a holder, and was handed out
         // to be sent: a failed pass strands none.
         for l in self.store.leases().await.unwrap() {
-            let b = self.store.build(l.build).await.unwrap().unwrap();
+            let s = self.store.step(l.step).await.unwrap().unwrap();
             check!(
                 self,
-                b.status == BuildStatus::Running && b.attempt == l.attempt && b.agent_id == Some(l.agent),
-                "{when}: lease {l:?} but the build is {:?} attempt {} on {:?}",
-                b.status,
-                b.attempt,
-                b.agent_id
+                s.status == StepStatus::Running && s.attempt == l.attempt && s.agent_id == Some(l.agent),
+                "{when}: lease {l:?} but the step is {:?} attempt {} on {:?}",
+                s.status,
+                s.attempt,
+                s.agent_id
             );
             let holds = agents
                 .iter()
-                .any(|a| a.id == l.agent && a.running.contains(&l.build));
+                .any(|a| a.id == l.agent && a.running.contains(&l.step));
             check!(self, holds, "{when}: lease {l:?} has no holder");
             check!(
                 self,
-                self.dispatched.contains(&(l.build, l.attempt)),
+                self.dispatched.contains(&(l.step, l.attempt)),
                 "{when}: lease {l:?} was never dispatched: a stranded attempt"
             );
         }
     }
 
     /// An embedded worker is never dropped for silence, however long it
-    /// idles: it never pings, so its silence means nothing.
-    fn check_events(&mut self) {
+    /// idles: it never pings, so its silence means nothing. A build ends
+    /// exactly when its last step does.
+    async fn check_events(&mut self) {
         for e in self.c.take_events() {
-            if let ci_core::Event::AgentLeft { agent, reason } = e {
-                let embedded = self
-                    .agents
-                    .iter()
-                    .any(|a| a.kind == Kind::Embedded && a.id == Some(agent));
-                check!(
-                    self,
-                    !(embedded && reason == ci_core::coordinator::LeaveReason::Silent),
-                    "embedded worker {agent} was dropped for silence"
-                );
+            match e {
+                ci_core::Event::AgentLeft { agent, reason } => {
+                    let embedded = self
+                        .agents
+                        .iter()
+                        .any(|a| a.kind == Kind::Embedded && a.id == Some(agent));
+                    check!(
+                        self,
+                        !(embedded && reason == ci_core::coordinator::LeaveReason::Silent),
+                        "embedded worker {agent} was dropped for silence"
+                    );
+                }
+                ci_core::Event::StepFinished { build, .. } | ci_core::Event::Finished { build, .. } => {
+                    let b = self.store.build(build).await.unwrap().unwrap();
+                    let all_ended = b.steps.iter().all(|s| s.status.is_finished());
+                    check!(
+                        self,
+                        b.status.is_finished() == all_ended,
+                        "build {build} is {} while its steps are {:?}",
+                        b.status,
+                        b.steps.iter().map(|s| s.status).collect::<Vec<_>>()
+                    );
+                }
+                _ => {}
             }
         }
+    }
+
+    /// A dispatched step's dependencies all passed.
+    async fn check_dependencies_passed(&self, id: StepId) {
+        let step = self.store.step(id).await.unwrap().unwrap();
+        let build = self.store.build(step.build).await.unwrap().unwrap();
+        for d in &step.depends_on {
+            let dep = build.step(d).unwrap();
+            check!(
+                self,
+                dep.passed(),
+                "step {} started while its dependency {d} is {:?}",
+                step.name,
+                dep.status
+            );
+        }
+    }
+
+    /// A build of one step, or of a random graph of up to six steps, each
+    /// depending on some earlier ones, some with labels, some allowed to
+    /// fail, some with retries.
+    fn random_build(&mut self) -> NewBuild {
+        let repo = RepoUrl::parse("/srv/repo").unwrap();
+        let mut new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
+        let labels = |rng: &mut fastrand::Rng| match rng.u8(..6) {
+            0 => Labels::parse(["os=a"]).unwrap(),
+            1 => Labels::parse(["gpu", "os=a"]).unwrap(),
+            _ => Labels::default(),
+        };
+        if self.rng.bool() {
+            new.labels = labels(&mut self.rng);
+            return new;
+        }
+        let n = self.rng.usize(2..=6);
+        for i in 0..n {
+            let depends_on = (0..i)
+                .filter(|_| self.rng.u8(..3) == 0)
+                .map(|j| format!("s{j}"))
+                .collect();
+            new.steps.push(NewStep {
+                name: format!("s{i}"),
+                command: format!("make s{i}"),
+                labels: labels(&mut self.rng),
+                depends_on,
+                allow_failure: self.rng.u8(..5) == 0,
+                retries: u32::from(self.rng.u8(..4) == 0),
+                ..NewStep::default()
+            });
+        }
+        new
     }
 
     /// After a scheduling pass, a queued build (within the policy's
@@ -779,7 +868,7 @@ impl Sim {
             check!(
                 self,
                 fits == 0,
-                "build {} ({:?}) waits while {fits} free agents could take it",
+                "step {} ({:?}) waits while {fits} free agents could take it",
                 b.id,
                 b.labels
             );

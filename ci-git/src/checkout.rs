@@ -122,7 +122,7 @@ impl Checkouts {
 
     /// The contents of `path` at commit `sha` of `repo` (resolved first),
     /// if it is a file of at most `cap` bytes: `Ok(None)` if there is no
-    /// such file, an error if it is larger.
+    /// such file, [`Error::TooLarge`] if it is larger.
     pub async fn read_file(
         &self,
         repo: &RepoUrl,
@@ -158,7 +158,7 @@ impl Checkouts {
             .await?;
         let size: u64 = size.trim().parse().unwrap_or(u64::MAX);
         if size > cap {
-            return Err(Error::Checkout(format!(
+            return Err(Error::TooLarge(format!(
                 "{path} is {size} bytes at {sha}; at most {cap} are read"
             )));
         }

@@ -36,6 +36,9 @@ pub enum Error {
     /// The repository has no such commit (it was fetched).
     #[error("{0}")]
     NotFound(String),
+    /// A file is larger than the caller reads.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl Error {

@@ -29,9 +29,15 @@ pub struct Args {
     #[arg(long, env = "REPO", value_name = "REPO")]
     pub repo: String,
 
-    /// Command builds run when a request does not give one.
+    /// Command builds run when a request does not give one and the commit
+    /// has no pipeline file.
     #[arg(long, env = "BUILD_COMMAND", value_name = "BUILD_COMMAND")]
     pub build_command: Option<String>,
+
+    /// The pipeline file read from each commit built without a command
+    /// (a path in the repository).
+    #[arg(long, env = "PIPELINE_FILE", value_name = "PIPELINE_FILE", default_value = ci_core::pipeline::DEFAULT_FILE)]
+    pub pipeline_file: String,
 
     /// SQLite database file.
     #[arg(
@@ -147,6 +153,8 @@ pub struct ServerConfig {
     pub repo: RepoUrl,
     /// Default build command.
     pub build_command: Option<String>,
+    /// The pipeline file, a path in the repository.
+    pub pipeline_file: String,
     /// SQLite file.
     pub db_path: PathBuf,
     /// The server's repository cache, for resolving refs to full SHAs;
@@ -196,6 +204,7 @@ impl ServerConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
             repo,
             build_command: None,
+            pipeline_file: ci_core::pipeline::DEFAULT_FILE.to_owned(),
             git_cache: None,
             db_path: db_path.into(),
             synchronous: Synchronous::Normal,
@@ -281,6 +290,23 @@ impl TryFrom<Args> for ServerConfig {
         let lease = LeasePolicy::new(Duration::from_millis(a.heartbeat_ms), a.missed_heartbeats)
             .map_err(invalid("HEARTBEAT_MS/MISSED_HEARTBEATS"))?;
         let build_command = a.build_command.filter(|c| !c.trim().is_empty());
+        let file_ok = !a.pipeline_file.is_empty()
+            && a.pipeline_file.len() <= 1024
+            && !a.pipeline_file.starts_with(['/', '-'])
+            && !a.pipeline_file.contains(['\0', ':', '\n', '\\'])
+            && !a
+                .pipeline_file
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..");
+        if !file_ok {
+            return Err(Error::Config {
+                name: "PIPELINE_FILE",
+                reason: format!(
+                    "{:?} is not a relative path in the repository (like .ci.yml or ci/pipeline.yml)",
+                    a.pipeline_file
+                ),
+            });
+        }
         let public_origin = a.public_url.as_deref().map(origin_of).transpose()?;
         let mut allowed_hosts = Vec::new();
         if let Some(o) = &public_origin {
@@ -314,6 +340,7 @@ impl TryFrom<Args> for ServerConfig {
             addr: SocketAddr::new(a.host, a.port),
             repo,
             build_command,
+            pipeline_file: a.pipeline_file,
             git_cache: Some(a.git_cache.unwrap_or_else(|| {
                 let mut p = a.db_path.clone().into_os_string();
                 p.push(".git");

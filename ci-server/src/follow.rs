@@ -1,5 +1,6 @@
-//! `GET /api/builds/{id}/log?follow=1`: the log as Server-Sent Events while
-//! the build runs, ending when it ends.
+//! `GET /api/builds/{id}/steps/{step}/log?follow=1` (and the build's log,
+//! for a build of one step): the log as Server-Sent Events while the step
+//! runs, ending when it ends.
 //!
 //! Events: `stdout` and `stderr` (text), `attempt` (a new attempt started;
 //! its log follows), and `end` (`{"status", "exitCode"}`), after which the
@@ -11,7 +12,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use ci_core::coordinator::Event;
-use ci_core::{Attempt, BuildId, Stream};
+use ci_core::{Attempt, StepId, Stream};
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use warp::reply::Response;
@@ -22,7 +23,7 @@ use crate::api::App;
 
 struct Follow {
     app: App,
-    id: BuildId,
+    id: StepId,
     events: broadcast::Receiver<Event>,
     attempt: Attempt,
     after: Option<u64>,
@@ -50,8 +51,8 @@ fn name(s: Stream) -> &'static str {
     }
 }
 
-/// The SSE reply for build `id`.
-pub(crate) fn reply(app: App, id: BuildId) -> Response {
+/// The SSE reply for step `id`.
+pub(crate) fn reply(app: App, id: StepId) -> Response {
     let events = app.dispatcher.subscribe();
     let state = Follow {
         app,
@@ -105,11 +106,11 @@ impl Follow {
     /// Queues what is new, or waits for something to happen.
     async fn fill(&mut self) {
         let store = &self.app.store;
-        let build = match store.build(self.id).await {
-            Ok(Some(b)) => b,
+        let build = match store.step(self.id).await {
+            Ok(Some(s)) => s,
             _ => {
                 self.queue
-                    .push_back(Sse::default().event("error").data("the build is gone"));
+                    .push_back(Sse::default().event("error").data("the step is gone"));
                 self.done = true;
                 return;
             }
@@ -151,18 +152,18 @@ impl Follow {
         if !self.queue.is_empty() {
             return;
         }
-        // Nothing new: wait for this build's next event (or re-check after a
+        // Nothing new: wait for this step's next event (or re-check after a
         // while, in case events were missed).
         let id = self.id;
         let wait = async {
             loop {
                 match self.events.recv().await {
                     Ok(
-                        Event::Output(b)
-                        | Event::Started { build: b, .. }
-                        | Event::Requeued { build: b, .. }
-                        | Event::Finished { build: b, .. },
-                    ) if b == id => return,
+                        Event::Output(s)
+                        | Event::Started { step: s, .. }
+                        | Event::Requeued { step: s, .. }
+                        | Event::StepFinished { step: s, .. },
+                    ) if s == id => return,
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(_)) => return,
                     Err(broadcast::error::RecvError::Closed) => return std::future::pending().await,

@@ -35,7 +35,7 @@ impl HttpLink {
 impl AgentLink for HttpLink {
     async fn stop(&self, order: &StopOrder) -> Result<(), DispatchFailure> {
         let body = CancelRequest {
-            id: order.build,
+            id: order.step,
             attempt: Some(order.attempt),
         };
         let mut req = self

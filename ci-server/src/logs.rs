@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ci_core::protocol::LogView;
-use ci_core::{Attempt, Build, BuildId, LogInfo, Store, Stream};
+use ci_core::{Attempt, LogInfo, Step, StepId, Store, Stream};
 use futures_util::stream::{self, StreamExt};
 use warp::reply::{json, Response};
 use warp::Reply;
@@ -28,7 +28,7 @@ pub(crate) const INLINE: u64 = 256 * 1024;
 
 struct Reader {
     store: Arc<dyn Store>,
-    id: BuildId,
+    id: StepId,
     info: LogInfo,
     stream: Stream,
     /// Bytes still to skip (pieces) or the next byte to read (a final log).
@@ -47,7 +47,7 @@ pub(crate) type TextStream =
 /// One stream of a log as text, a chunk at a time, from byte `from`.
 pub(crate) fn text(
     store: Arc<dyn Store>,
-    id: BuildId,
+    id: StepId,
     info: LogInfo,
     stream: Stream,
     from: u64,
@@ -124,17 +124,17 @@ fn json_escaped(text: &str) -> String {
     quoted[1..quoted.len() - 1].to_owned()
 }
 
-/// `GET /api/builds/{id}/log`: the log of `attempt` (the latest if `None`)
-/// of `build`, as a [`LogView`].
+/// `GET /api/builds/{id}/steps/{step}/log`: the log of `attempt` (the
+/// latest if `None`) of `step`, as a [`LogView`].
 pub(crate) async fn json_reply(
     store: Arc<dyn Store>,
-    build: Build,
+    step: Step,
     attempt: Option<Attempt>,
 ) -> Result<Response, ApiError> {
-    let id = build.id;
+    let id = step.id;
     let info = store.log_info(id, attempt).await?.unwrap_or(LogInfo {
-        attempt: attempt.unwrap_or(build.attempt),
-        complete: build.status.is_finished(),
+        attempt: attempt.unwrap_or(step.attempt),
+        complete: step.status.is_finished(),
         ..LogInfo::default()
     });
     if info.stdout_len + info.stderr_len <= INLINE {
@@ -146,14 +146,15 @@ pub(crate) async fn json_reply(
                 complete: info.complete,
                 ..Default::default()
             });
-        return Ok(json(&LogView::new(&build, log)).into_response());
+        return Ok(json(&LogView::new(&step, log)).into_response());
     }
     let mut head = serde_json::json!({
-        "id": id,
+        "id": step.build,
+        "step": step.name,
         "attempt": info.attempt,
         "complete": info.complete,
     });
-    if let Some(note) = LogView::note(&build, info.attempt, info.complete) {
+    if let Some(note) = LogView::note(&step, info.attempt, info.complete) {
         head["note"] = note.into();
     }
     let head = head.to_string();

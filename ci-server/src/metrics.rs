@@ -247,12 +247,13 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ci_core::{AgentId, Attempt, BuildId};
+    use ci_core::{AgentId, Attempt, BuildId, StepId};
 
     #[test]
     fn renders_counts_histograms_and_counters() {
         let m = Metrics::default();
         m.observe(&Event::Started {
+            step: StepId(1),
             build: BuildId(1),
             attempt: Attempt(1),
             agent: AgentId(1),
@@ -268,7 +269,7 @@ mod tests {
             reason: LeaveReason::MissedHeartbeats,
         });
         m.observe(&Event::Requeued {
-            build: BuildId(1),
+            step: StepId(1),
             attempt: Attempt(1),
         });
         let text = m.render(&Snapshot {

@@ -17,8 +17,10 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/api/builds"),
     ("get", "/api/builds/{id}"),
     ("get", "/api/builds/{id}/log"),
+    ("get", "/api/builds/{id}/steps/{step}/log"),
     ("post", "/api/builds/{id}/cancel"),
     ("post", "/api/builds/{id}/rebuild"),
+    ("post", "/api/builds/{id}/retry"),
     ("get", "/api/agents"),
     ("get", "/metrics"),
     ("post", "/notify_build_log"),
@@ -142,6 +144,10 @@ pub fn spec() -> Value {
         "waiting": {
             "type": ["string", "null"],
             "description": "Why a queued build cannot start yet, when no agent has its labels (`no agent has os=windows`)"
+        },
+        "steps": {
+            "type": "array", "items": { "$ref": "#/components/schemas/Step" },
+            "description": "Its steps, each after the steps it depends on"
         }
     });
     let build_required: Vec<&String> = build_props
@@ -214,9 +220,43 @@ pub fn spec() -> Value {
                     ],
                     "responses": {
                         "200": ok("Output of the latest (or the given) attempt", "Log"),
-                        "400": error("Invalid id or attempt"),
+                        "400": error("Invalid id or attempt, or a build of several steps (ask for a step's log)"),
                         "401": error("Missing or wrong API token"),
                         "404": error("No such build or attempt"),
+                        "503": error("Storage unavailable; retry")
+                    }
+                }
+            },
+            "/api/builds/{id}/steps/{step}/log": {
+                "get": {
+                    "tags": ["builds"], "summary": "A step's output", "operationId": "getStepLog",
+                    "description": "With `follow=1`, Server-Sent Events while the step runs: `stdout`, `stderr`, `attempt`, `end`.",
+                    "security": api_security,
+                    "parameters": [
+                        id_param(),
+                        { "name": "step", "in": "path", "required": true, "description": "The step's name, percent-encoded", "schema": { "type": "string", "minLength": 1 } },
+                        { "name": "attempt", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": u32::MAX } }
+                    ],
+                    "responses": {
+                        "200": ok("Output of the latest (or the given) attempt", "Log"),
+                        "400": error("Invalid id or attempt"),
+                        "401": error("Missing or wrong API token"),
+                        "404": error("No such build, step or attempt"),
+                        "503": error("Storage unavailable; retry")
+                    }
+                }
+            },
+            "/api/builds/{id}/retry": {
+                "post": {
+                    "tags": ["builds"], "summary": "Run the steps of a finished build that did not succeed again", "operationId": "retryBuild",
+                    "security": api_security,
+                    "parameters": [id_param()],
+                    "responses": {
+                        "200": ok("The build, running again", "Build"),
+                        "400": error("Invalid id"),
+                        "401": error("Missing or wrong API token"),
+                        "404": error("No such build"),
+                        "409": error("The build has not finished, or it succeeded, or its pipeline file could not be read (rebuild it)"),
                         "503": error("Storage unavailable; retry")
                     }
                 }
@@ -377,7 +417,7 @@ pub fn spec() -> Value {
                     "responses": with_body_errors(json!({
                         "200": { "description": "Lease renewed", "content": { "application/json": { "schema": { "type": "object" } } } },
                         "401": error("Missing agent token, or the agent's session secret was not presented"),
-                        "404": error("The build is not running, or the agent is unknown (register again)"),
+                        "404": error("The step is not running, or the agent is unknown (register again)"),
                         "409": error("The attempt was superseded, or another agent holds the build"),
                         "503": error("Storage unavailable; retry")
                     }))
@@ -407,6 +447,30 @@ pub fn spec() -> Value {
             },
             "schemas": {
                 "Status": { "type": "string", "enum": ["queued", "running", "success", "failed", "canceled"] },
+                "StepStatus": { "type": "string", "enum": ["pending", "queued", "running", "success", "failed", "canceled", "skipped"] },
+                "Step": {
+                    "type": "object",
+                    "required": ["id", "name", "status", "command", "image", "agent", "agentId", "attempt", "exitCode", "startedAt", "finishedAt", "durationMs", "dependsOn", "matrix", "labels", "allowFailure", "waiting"],
+                    "properties": {
+                        "id": { "type": "integer", "description": "The id its agent is sent" },
+                        "name": { "type": "string" },
+                        "status": { "$ref": "#/components/schemas/StepStatus" },
+                        "command": { "type": "string" },
+                        "image": nullable("string"),
+                        "agent": nullable("string"),
+                        "agentId": nullable("integer"),
+                        "attempt": { "type": "integer", "minimum": 0 },
+                        "exitCode": nullable("integer"),
+                        "startedAt": { "type": ["string", "null"], "format": "date-time" },
+                        "finishedAt": { "type": ["string", "null"], "format": "date-time" },
+                        "durationMs": nullable("integer"),
+                        "dependsOn": { "type": "array", "items": { "type": "string" } },
+                        "matrix": { "type": "object", "additionalProperties": { "type": "string" } },
+                        "labels": { "type": "array", "items": { "type": "string" } },
+                        "allowFailure": { "type": "boolean" },
+                        "waiting": { "type": ["string", "null"], "description": "Why it is queued and not running, when no agent has its labels" }
+                    }
+                },
                 "Error": {
                     "type": "object", "required": ["error"],
                     "properties": { "error": { "type": "string" } }
@@ -458,9 +522,10 @@ pub fn spec() -> Value {
                     }
                 },
                 "Log": {
-                    "type": "object", "required": ["id", "attempt", "stdout", "stderr", "complete"],
+                    "type": "object", "required": ["id", "step", "attempt", "stdout", "stderr", "complete"],
                     "properties": {
                         "id": { "type": "integer" },
+                        "step": { "type": "string", "description": "The step's name" },
                         "attempt": { "type": "integer", "minimum": 0 },
                         "stdout": { "type": "string" },
                         "stderr": { "type": "string" },
@@ -469,14 +534,15 @@ pub fn spec() -> Value {
                     }
                 },
                 "Agent": {
-                    "type": "object", "required": ["id", "url", "status", "lastSeen", "build", "builds", "capacity", "labels"],
+                    "type": "object", "required": ["id", "url", "status", "lastSeen", "build", "builds", "steps", "capacity", "labels"],
                     "properties": {
                         "id": { "type": "integer" },
                         "url": { "type": "string" },
                         "status": { "type": "string", "enum": ["idle", "busy"] },
                         "lastSeen": { "type": "string", "format": "date-time" },
                         "build": nullable("integer"),
-                        "builds": { "type": "array", "items": { "type": "integer" } },
+                        "builds": { "type": "array", "items": { "type": "integer" }, "description": "The builds of the steps it runs" },
+                        "steps": { "type": "array", "items": { "type": "integer" }, "description": "The steps it runs, by the ids agents are sent" },
                         "capacity": { "type": "integer", "minimum": 1 },
                         "labels": { "type": "array", "items": { "type": "string" } }
                     }
@@ -544,7 +610,7 @@ pub fn spec() -> Value {
                     "type": "object",
                     "anyOf": [{ "required": ["id"] }, { "required": ["agentId"] }],
                     "properties": {
-                        "id": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX, "description": "The build; absent on an idle ping" },
+                        "id": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX, "description": "The step (the id of its POST /build); absent on an idle ping" },
                         "attempt": { "type": "integer", "minimum": 0, "maximum": u32::MAX },
                         "agentId": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX }
                     }

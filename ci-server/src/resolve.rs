@@ -107,6 +107,50 @@ impl Resolver {
     }
 }
 
+/// What a commit's pipeline file holds.
+#[derive(Debug)]
+pub enum PipelineFile {
+    /// The commit has no such file.
+    Absent,
+    /// The file, read.
+    Text(String),
+    /// The file cannot be used (too large, not UTF-8): the build fails
+    /// with this.
+    Unusable(String),
+    /// The repository cannot be reached now.
+    Unreachable,
+}
+
+impl Resolver {
+    /// `path` at the full SHA `sha` of `repo`, fetched if the cache lacks
+    /// the commit.
+    pub async fn pipeline_file(&self, repo: &RepoUrl, sha: &CommitRef, path: &str) -> PipelineFile {
+        let cap = ci_core::pipeline::caps::MAX_FILE as u64;
+        let read = async {
+            // N.B.: resolving a full SHA fetches only what the cache lacks.
+            self.git.resolve(repo, sha).await?;
+            self.git.read_file(repo, sha.as_str(), path, cap).await
+        };
+        let read = match tokio::time::timeout(self.timeout, read).await {
+            Ok(r) => r,
+            Err(_) => return PipelineFile::Unreachable,
+        };
+        match read {
+            Ok(None) => PipelineFile::Absent,
+            Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                Ok(text) => PipelineFile::Text(text),
+                Err(_) => PipelineFile::Unusable(format!("{path} is not UTF-8 text")),
+            },
+            Err(ci_git::Error::NotFound(m)) => PipelineFile::Unusable(m),
+            Err(ci_git::Error::TooLarge(m)) => PipelineFile::Unusable(m),
+            Err(e) => {
+                tracing::warn!(repo = %repo.redacted(), cause = %e, "cannot read the pipeline file");
+                PipelineFile::Unreachable
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use std::fmt::Write;
 use futures_util::StreamExt;
 
 use ci_core::protocol::BuildView;
-use ci_core::{BuildId, Page};
+use ci_core::{Build, BuildId, Page};
 use warp::http::StatusCode;
 use warp::reply::{html, with_header, with_status, Response};
 use warp::{Filter, Rejection, Reply};
@@ -60,16 +60,19 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rej
         .and(warp::path::end())
         .and(warp::get())
         .and(with_app(app))
-        .and_then(|id: String, app: App| async move {
-            Ok::<_, Rejection>(match id.parse::<i64>().ok().filter(|n| *n > 0) {
-                Some(n) => build_page(&app, BuildId(n)).await,
-                None => with_status(
-                    html(shell("Not found", "", "<p>No such build.</p>", &app)),
-                    StatusCode::NOT_FOUND,
-                )
-                .into_response(),
-            })
-        });
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .and_then(
+            |id: String, app: App, q: std::collections::HashMap<String, String>| async move {
+                Ok::<_, Rejection>(match id.parse::<i64>().ok().filter(|n| *n > 0) {
+                    Some(n) => build_page(&app, BuildId(n), q.get("step").map(String::as_str)).await,
+                    None => with_status(
+                        html(shell("Not found", "", "<p>No such build.</p>", &app)),
+                        StatusCode::NOT_FOUND,
+                    )
+                    .into_response(),
+                })
+            },
+        );
     assets.or(index).unify().or(build).unify()
 }
 
@@ -182,14 +185,13 @@ async fn index_page(app: &App, page: usize) -> Response {
     }
     let mut agents = String::new();
     if show {
-        for a in app.dispatcher.agents().await.unwrap_or_default() {
-            let v = ci_core::protocol::AgentView::from(&a);
+        for v in crate::api::agent_views(app).await.unwrap_or_default() {
             let _ = write!(
                 agents,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 v.id,
                 esc(&v.url),
-                status(if v.builds.is_empty() { "idle" } else { "busy" }),
+                status(if v.steps.is_empty() { "idle" } else { "busy" }),
                 esc(&v.last_seen),
                 v.builds
                     .iter()
@@ -257,16 +259,83 @@ async fn index_page(app: &App, page: usize) -> Response {
 const STDOUT_MARK: &str = "<!--ci:stdout-->";
 const STDERR_MARK: &str = "<!--ci:stderr-->";
 
-async fn build_page(app: &App, id: BuildId) -> Response {
-    let show = app.config.api_token.is_none();
-    let build = match app.store.build(id).await {
-        Ok(Some(b)) => {
-            let mut view = BuildView::from(&b);
-            if view.status == ci_core::BuildStatus::Queued && !view.labels.is_empty() {
-                view.explain_wait(&app.dispatcher.agents().await.unwrap_or_default());
-            }
-            Some(view)
+/// The step whose log a build page shows: the one asked for, else the
+/// first that failed, else the first running, else the last that ran,
+/// else the first.
+fn shown_step<'a>(build: &'a Build, asked: Option<&str>) -> Option<&'a ci_core::Step> {
+    use ci_core::StepStatus;
+    let steps = &build.steps;
+    asked
+        .and_then(|name| build.step(name))
+        .or_else(|| {
+            steps
+                .iter()
+                .find(|s| s.status == StepStatus::Failed && !s.allow_failure)
+        })
+        .or_else(|| steps.iter().find(|s| s.status == StepStatus::Running))
+        .or_else(|| {
+            steps
+                .iter()
+                .rev()
+                .find(|s| s.attempt.0 > 0 || s.status == StepStatus::Failed)
+        })
+        .or_else(|| steps.first())
+}
+
+/// The steps as columns by depth: each step one column right of the
+/// deepest step it depends on.
+fn step_columns(build: &Build, shown: Option<&str>) -> String {
+    if build.steps.len() < 2 {
+        return String::new();
+    }
+    let mut depth: Vec<usize> = Vec::with_capacity(build.steps.len());
+    for (i, step) in build.steps.iter().enumerate() {
+        let d = step
+            .depends_on
+            .iter()
+            .filter_map(|dep| build.steps[..i].iter().position(|s| &s.name == dep))
+            .map(|j| depth[j] + 1)
+            .max()
+            .unwrap_or(0);
+        depth.push(d);
+    }
+    let deepest = depth.iter().copied().max().unwrap_or(0);
+    let mut columns = String::new();
+    for d in 0..=deepest {
+        columns.push_str(r#"<ol class="column">"#);
+        for (i, step) in build.steps.iter().enumerate().filter(|(i, _)| depth[*i] == d) {
+            let current = if shown == Some(step.name.as_str()) {
+                r#" aria-current="true""#
+            } else {
+                ""
+            };
+            let after = if step.depends_on.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    r#"<span class="muted after">after {}</span>"#,
+                    esc(&step.depends_on.join(", "))
+                )
+            };
+            columns.push_str(&format!(
+                r#"<li class="step" id="step-{i}" data-name="{name}"><a href="?step={href}"{current}>{name}</a> <span class="st">{st}</span> <span class="muted dur">{dur}</span>{after}</li>"#,
+                name = esc(&step.name),
+                href = percent_encoding::utf8_percent_encode(&step.name, percent_encoding::NON_ALPHANUMERIC),
+                st = status(step.status.as_str()),
+                dur = duration(step.duration_ms()),
+            ));
         }
+        columns.push_str("</ol>");
+    }
+    format!(
+        r#"<section aria-labelledby="steps-h"><h3 id="steps-h">Steps</h3><div class="steps">{columns}</div></section>"#
+    )
+}
+
+async fn build_page(app: &App, id: BuildId, asked: Option<&str>) -> Response {
+    let show = app.config.api_token.is_none();
+    let stored = match app.store.build(id).await {
+        Ok(Some(b)) => Some(b),
         Ok(None) => {
             return with_status(
                 html(shell("Not found", "", &format!("<p>No build #{id}.</p>"), app)),
@@ -276,12 +345,37 @@ async fn build_page(app: &App, id: BuildId) -> Response {
         }
         Err(_) => None,
     };
-    let b = build.filter(|_| show);
-    let field = |f: &dyn Fn(&BuildView) -> String| b.as_ref().map(f).unwrap_or_default();
-    let info = match show {
-        true => app.store.log_info(id, None).await.ok().flatten(),
-        false => None,
+    let stored = stored.filter(|_| show);
+    let build = match &stored {
+        Some(b) => {
+            let mut view = BuildView::from(b);
+            if view.status == ci_core::BuildStatus::Queued || view.steps.iter().any(|s| !s.labels.is_empty())
+            {
+                view.explain_wait(&app.dispatcher.agents().await.unwrap_or_default());
+            }
+            Some(view)
+        }
+        None => None,
     };
+    let step = stored.as_ref().and_then(|b| shown_step(b, asked)).cloned();
+    let b = build;
+    let field = |f: &dyn Fn(&BuildView) -> String| b.as_ref().map(f).unwrap_or_default();
+    let info = match &step {
+        Some(s) => app.store.log_info(s.id, None).await.ok().flatten(),
+        None => None,
+    };
+    let steps = stored
+        .as_ref()
+        .map(|b| step_columns(b, step.as_ref().map(|s| s.name.as_str())))
+        .unwrap_or_default();
+    let log_title = match (&step, stored.as_ref().map(|b| b.steps.len())) {
+        (Some(s), Some(n)) if n > 1 => format!("Log of {}", esc(&s.name)),
+        _ => "Log".to_owned(),
+    };
+    let step_attr = step
+        .as_ref()
+        .map(|s| format!(r#" data-step="{}""#, esc(&s.name)))
+        .unwrap_or_default();
     let main = format!(
         r#"<h2>Build #{id} <span id="status" aria-live="polite">{st}</span></h2>
 <dl class="details">
@@ -301,10 +395,13 @@ async fn build_page(app: &App, id: BuildId) -> Response {
 <div class="actions">
   <button id="cancel" type="button" class="secondary">Cancel</button>
   <button id="rebuild" type="button">Rebuild</button>
+  <button id="retry" type="button" class="secondary">Retry failed steps</button>
   <p id="action-error" class="error" role="alert"></p>
 </div>
-<section aria-labelledby="out-h"><h3 id="out-h">stdout</h3><pre id="stdout" class="log" tabindex="0">{STDOUT_MARK}</pre></section>
-<section aria-labelledby="err-h"><h3 id="err-h">stderr</h3><pre id="stderr" class="log" tabindex="0">{STDERR_MARK}</pre></section>"#,
+{steps}
+<h3 id="log-h">{log_title}</h3>
+<section aria-labelledby="out-h"><h4 id="out-h">stdout</h4><pre id="stdout" class="log" tabindex="0">{STDOUT_MARK}</pre></section>
+<section aria-labelledby="err-h"><h4 id="err-h">stderr</h4><pre id="stderr" class="log" tabindex="0">{STDERR_MARK}</pre></section>"#,
         st = field(&|b| status(b.status.as_str())),
         hash = field(&|b| esc(&b.hash)),
         cmd = field(&|b| esc(&b.command)),
@@ -321,33 +418,34 @@ async fn build_page(app: &App, id: BuildId) -> Response {
     );
     let page = shell(
         &format!("Build #{id}"),
-        &format!(r#"data-page="build" data-build="{id}""#),
+        &format!(r#"data-page="build" data-build="{id}"{step_attr}"#),
         &main,
         app,
     );
-    let (Some((head, rest)), Some(info)) = (page.split_once(STDOUT_MARK), info) else {
+    let (Some((head, rest)), Some(info), Some(step)) = (page.split_once(STDOUT_MARK), info, step) else {
         return html(page.replace(STDOUT_MARK, "").replace(STDERR_MARK, "")).into_response();
     };
     let (mid, tail) = rest.split_once(STDERR_MARK).unwrap_or((rest, ""));
     if info.stdout_len + info.stderr_len <= crate::logs::INLINE {
         let log = app
             .store
-            .log(id, Some(info.attempt))
+            .log(step.id, Some(info.attempt))
             .await
             .ok()
             .flatten()
             .unwrap_or_default();
         return html(format!(
             "{head}{}{mid}{}{tail}",
-            esc(&log.stdout),
-            esc(&log.stderr)
+            ansi_html(&log.stdout),
+            ansi_html(&log.stderr)
         ))
         .into_response();
     }
-    // A large log streams into the page as it is read.
+    // A large log streams into the page as it is read (its colour codes
+    // dropped: a chunk may cut one in half).
     let part = |s: ci_core::Stream| {
-        crate::logs::text(app.store.clone(), id, info, s, 0).map(|t| {
-            t.map(|t| bytes::Bytes::from(esc(&t)))
+        crate::logs::text(app.store.clone(), step.id, info, s, 0).map(|t| {
+            t.map(|t| bytes::Bytes::from(esc(&strip_ansi(&t))))
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })
     };
@@ -365,9 +463,89 @@ async fn build_page(app: &App, id: BuildId) -> Response {
     response
 }
 
+/// Text with its ANSI colour codes (SGR: `ESC [ ... m`) turned into
+/// `<span class="ansi-...">`, everything else escaped; other escape
+/// sequences are dropped. The same rules as the page's script.
+fn ansi_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut open = false;
+    let mut rest = text;
+    while let Some(at) = rest.find('\u{1b}') {
+        out.push_str(&esc(&rest[..at]));
+        let seq = &rest[at + 1..];
+        let Some(body) = seq.strip_prefix('[') else {
+            rest = seq;
+            continue;
+        };
+        let end = body
+            .find(|c: char| ('@'..='~').contains(&c))
+            .unwrap_or(body.len());
+        let (params, fin) = (&body[..end], body[end..].chars().next());
+        rest = body.get(end + fin.map_or(0, char::len_utf8)..).unwrap_or("");
+        if fin != Some('m') {
+            continue;
+        }
+        if open {
+            out.push_str("</span>");
+            open = false;
+        }
+        let classes: Vec<String> = params
+            .split(';')
+            .filter_map(|p| match p.parse::<u8>().ok()? {
+                1 => Some("ansi-bold".to_owned()),
+                n @ (30..=37 | 90..=97) => Some(format!("ansi-fg{}", n % 10 + if n >= 90 { 8 } else { 0 })),
+                n @ (40..=47 | 100..=107) => {
+                    Some(format!("ansi-bg{}", n % 10 + if n >= 100 { 8 } else { 0 }))
+                }
+                _ => None,
+            })
+            .collect();
+        if !classes.is_empty() {
+            out.push_str(&format!(r#"<span class="{}">"#, classes.join(" ")));
+            open = true;
+        }
+    }
+    out.push_str(&esc(rest));
+    if open {
+        out.push_str("</span>");
+    }
+    out
+}
+
+/// Text without ANSI escape sequences.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('\u{1b}') {
+        out.push_str(&rest[..at]);
+        let seq = &rest[at + 1..];
+        rest = match seq.strip_prefix('[') {
+            Some(body) => {
+                let end = body
+                    .find(|c: char| ('@'..='~').contains(&c))
+                    .map_or(body.len(), |e| e + 1);
+                body.get(end..).unwrap_or("")
+            }
+            None => seq,
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ansi_colours_become_spans_and_nothing_else_gets_through() {
+        assert_eq!(
+            ansi_html("\u{1b}[32mok\u{1b}[0m <b>\u{1b}[1;31mbad"),
+            r#"<span class="ansi-fg2">ok</span> &lt;b&gt;<span class="ansi-bold ansi-fg1">bad</span>"#
+        );
+        assert_eq!(ansi_html("\u{1b}[2K\u{1b}]x\u{1b}[9"), "]x");
+        assert_eq!(strip_ansi("a\u{1b}[32mb\u{1b}[0mc\u{1b}["), "abc");
+    }
 
     #[test]
     fn escapes_everything_that_matters() {

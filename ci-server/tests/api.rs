@@ -283,7 +283,8 @@ async fn the_original_agent_protocol() {
     // Drive a build through the coordinator as the dispatcher would.
     f.call("POST", "/api/builds", Some(json!({"hash": "abcd"}))).await;
     let d = f.server.dispatcher().plan().await.unwrap().remove(0);
-    let id = d.build.id.0;
+    // The wire names the step; the API, the build.
+    let (id, build) = (d.step.id.0, d.step.build.0);
     let (status, _) = f
         .call("POST", "/notify_agent_alive", Some(json!({ "id": id })))
         .await;
@@ -297,12 +298,12 @@ async fn the_original_agent_protocol() {
     let conflicting = json!({"id": id, "status": 1, "stdout": "", "stderr": ""});
     let (status, _) = f.call("POST", "/notify_build_result", Some(conflicting)).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (_, b) = f.call("GET", &format!("/api/builds/{id}"), None).await;
+    let (_, b) = f.call("GET", &format!("/api/builds/{build}"), None).await;
     assert_eq!(
         (b["status"].as_str(), b["exitCode"].as_i64()),
         (Some("success"), Some(0))
     );
-    let (_, log) = f.call("GET", &format!("/api/builds/{id}/log"), None).await;
+    let (_, log) = f.call("GET", &format!("/api/builds/{build}/log"), None).await;
     assert_eq!(log["stdout"], "ok\n");
     let (status, _) = f
         .call("POST", "/notify_agent_alive", Some(json!({ "id": id })))
@@ -329,8 +330,8 @@ async fn superseded_attempts_get_409() {
     f.call("POST", "/notify_agent", Some(json!({"host": "b", "port": 1})))
         .await;
     let d2 = f.server.dispatcher().plan().await.unwrap().remove(0);
-    assert_eq!(d2.build.attempt.0, 2);
-    let id = d2.build.id.0;
+    assert_eq!(d2.step.attempt.0, 2);
+    let id = d2.step.id.0;
     let (status, _) = f
         .call(
             "POST",
@@ -343,7 +344,9 @@ async fn superseded_attempts_get_409() {
     let (status, body) = f.call("POST", "/notify_build_result", Some(late)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(error_of(&body).contains("superseded"));
-    let (_, b) = f.call("GET", &format!("/api/builds/{id}"), None).await;
+    let (_, b) = f
+        .call("GET", &format!("/api/builds/{}", d2.step.build), None)
+        .await;
     assert_eq!(b["status"], "running");
 }
 
@@ -457,13 +460,13 @@ async fn a_session_secret_proves_who_speaks_for_a_build() {
 
     call_as(&f, "/api/builds", &[USER], json!({"hash": "abcd"})).await;
     let d = f.server.dispatcher().plan().await.unwrap();
-    let held = d.iter().find(|d| d.agent.0 == a_id).map(|d| d.build.id.0);
+    let held = d.iter().find(|d| d.agent.0 == a_id).map(|d| d.step.id.0);
     let (holder_id, holder_secret, other_id, other_secret) = match held {
         Some(_) => (a_id, a_secret, b_id, b_secret),
         None => (b_id, b_secret, a_id, a_secret),
     };
-    let build = d[0].build.id.0;
-    let hb = |agent: i64| json!({"id": build, "attempt": 1, "agentId": agent});
+    let (step, build) = (d[0].step.id.0, d[0].step.build.0);
+    let hb = |agent: i64| json!({"id": step, "attempt": 1, "agentId": agent});
 
     // Claiming the holder's id without its secret, or with another's.
     let (status, body) = call_as(&f, "/notify_agent_alive", &[AGENT], hb(holder_id)).await;
@@ -473,7 +476,7 @@ async fn a_session_secret_proves_who_speaks_for_a_build() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (status, body) = call_as(&f, "/notify_agent_alive", &other, hb(other_id)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    let forged = json!({"id": build, "attempt": 1, "status": 0, "stdout": "forged", "stderr": ""});
+    let forged = json!({"id": step, "attempt": 1, "status": 0, "stdout": "forged", "stderr": ""});
     let (status, _) = call_as(&f, "/notify_build_result", &other, forged.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = call_as(&f, "/notify_build_result", &[AGENT], forged).await;
@@ -486,7 +489,7 @@ async fn a_session_secret_proves_who_speaks_for_a_build() {
     let mine = [AGENT, ("x-agent-secret", holder_secret.as_str())];
     let (status, body) = call_as(&f, "/notify_agent_alive", &mine, hb(holder_id)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let result = json!({"id": build, "attempt": 1, "status": 0, "stdout": "real", "stderr": ""});
+    let result = json!({"id": step, "attempt": 1, "status": 0, "stdout": "real", "stderr": ""});
     let (status, _) = call_as(&f, "/notify_build_result", &mine, result).await;
     assert_eq!(status, StatusCode::OK);
     let (_, log) = call_as(&f, &format!("/api/builds/{build}/log"), &[USER], Value::Null).await;

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use ci_core::{
-    AgentId, AgentLink, Attempt, Build, BuildId, BuildStatus, Dispatch, DispatchFailure, Timestamp,
+    AgentId, AgentLink, Attempt, Build, BuildId, CommitRef, Dispatch, DispatchFailure, NewBuild, RepoUrl,
+    Step, StepId, StepStatus, Timestamp,
 };
 use ci_server::HttpLink;
 use warp::http::StatusCode;
@@ -25,27 +26,19 @@ async fn stub(status: StatusCode) -> String {
 }
 
 fn dispatch(agent_url: String) -> Dispatch {
+    let repo = RepoUrl::parse("/srv/repo").unwrap();
+    let new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
+    let build = Build::new(BuildId(1), &new, Timestamp(0));
+    let step = Step {
+        status: StepStatus::Running,
+        attempt: Attempt(1),
+        agent_id: Some(AgentId(1)),
+        ..Step::new(StepId(1), &build, &new.plan()[0])
+    };
     Dispatch {
         agent: AgentId(1),
         agent_url,
-        build: Build {
-            id: BuildId(1),
-            repo: "/srv/repo".into(),
-            hash: "abcd".into(),
-            branch: None,
-            command: "make".into(),
-            image: None,
-            timeout_ms: None,
-            status: BuildStatus::Running,
-            attempt: Attempt(1),
-            agent_id: Some(AgentId(1)),
-            agent_url: None,
-            exit_code: None,
-            created_at: Timestamp(0),
-            started_at: None,
-            finished_at: None,
-            labels: Default::default(),
-        },
+        step,
     }
 }
 

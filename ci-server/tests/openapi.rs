@@ -186,6 +186,8 @@ async fn every_operation_is_routed_and_answers_as_documented() {
     )
     .await;
     let id = b["id"].as_i64().unwrap();
+    // N.B.: agents are sent the step's id, the API shows the build's.
+    let step = b["steps"][0]["id"].as_i64().unwrap();
     check_call(
         &server,
         &doc,
@@ -232,7 +234,7 @@ async fn every_operation_is_routed_and_answers_as_documented() {
         .method("POST")
         .path("/notify_agent_alive")
         .header("x-agent-secret", &secret)
-        .json(&json!({"id": id, "attempt": 1, "agentId": agent}))
+        .json(&json!({"id": step, "attempt": 1, "agentId": agent}))
         .reply(&server.routes())
         .await;
     assert_eq!(hb.status(), 200);
@@ -240,7 +242,7 @@ async fn every_operation_is_routed_and_answers_as_documented() {
         .method("POST")
         .path("/notify_build_result")
         .header("x-agent-secret", &secret)
-        .json(&json!({"id": id, "attempt": 1, "agentId": agent, "status": 0, "stdout": "o", "stderr": ""}))
+        .json(&json!({"id": step, "attempt": 1, "agentId": agent, "status": 0, "stdout": "o", "stderr": ""}))
         .reply(&server.routes())
         .await;
     assert_eq!(result.status(), 200);
@@ -254,6 +256,42 @@ async fn every_operation_is_routed_and_answers_as_documented() {
     )
     .await;
     assert_eq!(done["status"], "success");
+    check_call(
+        &server,
+        &doc,
+        "GET",
+        &format!("/api/builds/{id}/steps/build/log"),
+        "/api/builds/{id}/steps/{step}/log",
+        None,
+    )
+    .await;
+    check_call(
+        &server,
+        &doc,
+        "GET",
+        &format!("/api/builds/{id}/steps/nope/log"),
+        "/api/builds/{id}/steps/{step}/log",
+        None,
+    )
+    .await;
+    check_call(
+        &server,
+        &doc,
+        "POST",
+        &format!("/api/builds/{id}/retry"),
+        "/api/builds/{id}/retry",
+        None,
+    )
+    .await;
+    check_call(
+        &server,
+        &doc,
+        "POST",
+        &format!("/api/builds/{id}/retry"),
+        "/api/builds/{id}/retry",
+        None,
+    )
+    .await;
 
     // Error paths: each answer documented, each body an Error.
     check_call(&server, &doc, "GET", "/api/builds/999", "/api/builds/{id}", None).await;

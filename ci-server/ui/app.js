@@ -1,4 +1,5 @@
-// ci web UI: live lists, the build form, live logs, cancel and rebuild.
+// ci web UI: live lists, the build form, steps and their live logs (ANSI
+// colours rendered), cancel, rebuild and retry.
 // Plain JavaScript, no build step. Works with or without an API token.
 "use strict";
 
@@ -22,7 +23,7 @@ function askToken() {
 }
 
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-const icons = { success: "✔", failed: "✖", running: "⟳", queued: "…", canceled: "⊘", idle: "○", busy: "●" };
+const icons = { success: "✔", failed: "✖", running: "⟳", queued: "…", pending: "…", canceled: "⊘", skipped: "↷", idle: "○", busy: "●" };
 const status = (s) => `<span class="status status-${esc(s)}"><span aria-hidden="true">${icons[s] || ""}</span> ${esc(s)}</span>`;
 const duration = (ms) => ms == null ? "" : ms < 1000 ? `${ms} ms` : ms < 60000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.floor(ms / 60000)} min ${Math.round(ms % 60000 / 1000)} s`;
 const when = (t) => t ? new Date(t).toLocaleString() : "";
@@ -90,18 +91,62 @@ async function refreshBuild(id) {
   set("d-started", when(b.startedAt));
   set("d-finished", when(b.finishedAt));
   set("d-duration", duration(b.durationMs));
+  (b.steps || []).forEach((s, i) => {
+    const li = document.getElementById(`step-${i}`);
+    if (!li) return;
+    li.querySelector(".st").innerHTML = status(s.status);
+    li.querySelector(".dur").textContent = duration(s.durationMs);
+  });
   const finished = ["success", "failed", "canceled"].includes(b.status);
   document.getElementById("cancel").disabled = finished;
+  document.getElementById("retry").disabled = !(finished && b.status !== "success");
   return finished;
 }
 
-async function followLog(id) {
+// ANSI colour codes (SGR) as spans; other escape sequences dropped. A
+// sequence cut by a network read waits for its end in `state.carry`.
+function appendAnsi(pre, text, state) {
+  text = state.carry + text;
+  state.carry = "";
+  let at;
+  while ((at = text.indexOf("\x1b")) >= 0) {
+    appendSpan(pre, text.slice(0, at), state.classes);
+    const rest = text.slice(at + 1);
+    if (!rest.startsWith("[")) { if (rest === "") { state.carry = "\x1b"; return; } text = rest; continue; }
+    const m = /^\[([0-?]*)[ -\/]*([@-~])/.exec(rest);
+    if (!m) { state.carry = "\x1b" + rest; return; }
+    text = rest.slice(m[0].length);
+    if (m[2] !== "m") continue;
+    const classes = [];
+    for (const p of m[1].split(";")) {
+      const n = Number(p);
+      if (n === 1) classes.push("ansi-bold");
+      else if ((n >= 30 && n <= 37) || (n >= 90 && n <= 97)) classes.push(`ansi-fg${n % 10 + (n >= 90 ? 8 : 0)}`);
+      else if ((n >= 40 && n <= 47) || (n >= 100 && n <= 107)) classes.push(`ansi-bg${n % 10 + (n >= 100 ? 8 : 0)}`);
+    }
+    state.classes = classes;
+  }
+  appendSpan(pre, text, state.classes);
+}
+
+function appendSpan(pre, text, classes) {
+  if (!text) return;
+  if (!classes.length) { pre.append(text); return; }
+  const span = document.createElement("span");
+  span.className = classes.join(" ");
+  span.textContent = text;
+  pre.append(span);
+}
+
+async function followLog(id, step) {
   const out = document.getElementById("stdout"), err = document.getElementById("stderr");
   const headers = { "accept": "text/event-stream" };
   if (token()) headers["authorization"] = "Bearer " + token();
-  const r = await fetch(`/api/builds/${id}/log?follow=1`, { headers });
+  const path = step ? `/api/builds/${id}/steps/${encodeURIComponent(step)}/log?follow=1` : `/api/builds/${id}/log?follow=1`;
+  const r = await fetch(path, { headers });
   if (!r.ok || !r.body) return;
   out.textContent = ""; err.textContent = "";
+  const states = { stdout: { carry: "", classes: [] }, stderr: { carry: "", classes: [] } };
   const reader = r.body.getReader(), dec = new TextDecoder();
   let buf = "";
   for (;;) {
@@ -117,8 +162,8 @@ async function followLog(id) {
         else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
       }
       const text = data.join("\n");
-      if (event === "stdout") out.append(text);
-      else if (event === "stderr") err.append(text);
+      if (event === "stdout") appendAnsi(out, text, states.stdout);
+      else if (event === "stderr") appendAnsi(err, text, states.stderr);
       else if (event === "attempt") {
         for (const pre of [out, err]) {
           const m = document.createElement("span"); m.className = "marker";
@@ -131,18 +176,17 @@ async function followLog(id) {
 }
 
 function setupBuild() {
-  const id = document.body.dataset.build;
+  const id = document.body.dataset.build, step = document.body.dataset.step;
   const msg = document.getElementById("action-error");
-  document.getElementById("cancel").addEventListener("click", async () => {
+  const act = (button, path, then) => document.getElementById(button).addEventListener("click", async () => {
     msg.textContent = "";
-    try { await api("POST", `/api/builds/${id}/cancel`); await refreshBuild(id); } catch (e) { msg.textContent = e.message; }
+    try { then(await api("POST", path)); } catch (e) { msg.textContent = e.message; }
   });
-  document.getElementById("rebuild").addEventListener("click", async () => {
-    msg.textContent = "";
-    try { const b = await api("POST", `/api/builds/${id}/rebuild`); location.href = `/builds/${b.id}`; } catch (e) { msg.textContent = e.message; }
-  });
+  act("cancel", `/api/builds/${id}/cancel`, () => refreshBuild(id));
+  act("rebuild", `/api/builds/${id}/rebuild`, (b) => { location.href = `/builds/${b.id}`; });
+  act("retry", `/api/builds/${id}/retry`, () => { location.href = `/builds/${id}`; });
   refreshBuild(id).catch(() => {});
-  followLog(id).catch(() => {});
+  followLog(id, step).catch(() => {});
   const timer = setInterval(async () => { try { if (await refreshBuild(id)) clearInterval(timer); } catch (e) {} }, 1000);
 }
 

@@ -23,13 +23,16 @@ fn new_build() -> NewBuild {
 async fn lifecycle(store: &SqliteStore, nb: &NewBuild, agent: &AgentRecord, done: &Completion) -> bool {
     let b = store.create_build(nb, Timestamp(1)).await.unwrap();
     let claim = Claim {
-        build: b.id,
+        step: b.steps[0].id,
         agent: agent.id,
         agent_url: agent.url.clone(),
         lease_until: Timestamp(10),
     };
     store.start(&[claim], Timestamp(2)).await.unwrap();
-    store.finish(b.id, Attempt(1), done, Timestamp(3)).await.unwrap()
+    store
+        .finish(b.steps[0].id, Attempt(1), done, Timestamp(3))
+        .await
+        .unwrap()
 }
 
 fn bench(c: &mut Criterion) {

@@ -1,28 +1,39 @@
 //! Rows to values and back, and the queries several methods share.
 
 use ci_core::model::LogPiece;
-use ci_core::{AgentId, Attempt, Build, BuildId, BuildStatus, Lease, Stream, Timestamp};
+use ci_core::{
+    AgentId, Attempt, Build, BuildId, BuildStatus, Lease, Step, StepId, StepStatus, Stream, Timestamp,
+};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::str::FromStr;
 
 use crate::Error;
 
 pub(crate) const BUILD_COLUMNS: &str =
-    "id, repo, hash, branch, command, image, timeout_ms, status, attempt, \
-     agent_id, agent_url, exit_code, created_at, started_at, finished_at, labels";
+    "id, repo, hash, branch, command, image, timeout_ms, status, created_at, labels";
+
+pub(crate) const STEP_COLUMNS: &str = "s.id, s.build_id, s.name, b.repo, b.hash, s.command, s.image, \
+     s.timeout_ms, s.labels, s.depends_on, s.allow_failure, s.retries_left, s.matrix, s.status, \
+     s.attempt, s.agent_id, s.agent_url, s.exit_code, s.created_at, s.started_at, s.finished_at";
+
+pub(crate) const STEP_FROM: &str = "steps s JOIN builds b ON b.id = s.build_id";
 
 pub(crate) fn ts(t: Timestamp) -> i64 {
     i64::try_from(t.0).unwrap_or(i64::MAX)
 }
 
+fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+}
+
+fn time(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<Timestamp>> {
+    Ok(row.get::<_, Option<i64>>(i)?.map(|v| Timestamp(v.max(0) as u64)))
+}
+
+/// A build's own row; its steps and what sums them up come separately.
 pub(crate) fn build_from_row(row: &Row<'_>) -> rusqlite::Result<Build> {
     let status: String = row.get(7)?;
-    let status = BuildStatus::from_str(&status).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
-    })?;
-    let time = |i: usize| -> rusqlite::Result<Option<Timestamp>> {
-        Ok(row.get::<_, Option<i64>>(i)?.map(|v| Timestamp(v.max(0) as u64)))
-    };
+    let status = BuildStatus::from_str(&status).map_err(|e| conversion(7, e))?;
     Ok(Build {
         id: BuildId(row.get(0)?),
         repo: row.get(1)?,
@@ -32,23 +43,77 @@ pub(crate) fn build_from_row(row: &Row<'_>) -> rusqlite::Result<Build> {
         image: row.get(5)?,
         timeout_ms: row.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
         status,
-        attempt: Attempt(row.get(8)?),
-        agent_id: row.get::<_, Option<i64>>(9)?.map(AgentId),
-        agent_url: row.get(10)?,
-        exit_code: row.get(11)?,
-        created_at: time(12)?.unwrap_or_default(),
-        started_at: time(13)?,
-        finished_at: time(14)?,
-        labels: labels_from(&row.get::<_, String>(15)?),
+        attempt: Attempt(0),
+        agent_id: None,
+        agent_url: None,
+        exit_code: None,
+        created_at: time(row, 8)?.unwrap_or_default(),
+        started_at: None,
+        finished_at: None,
+        labels: labels_from(&row.get::<_, String>(9)?),
+        steps: Vec::new(),
     })
+}
+
+pub(crate) fn step_from_row(row: &Row<'_>) -> rusqlite::Result<Step> {
+    let status: String = row.get(13)?;
+    let status = StepStatus::from_str(&status).map_err(|e| conversion(13, e))?;
+    let depends_on: String = row.get(9)?;
+    let matrix: String = row.get(12)?;
+    Ok(Step {
+        id: StepId(row.get(0)?),
+        build: BuildId(row.get(1)?),
+        name: row.get(2)?,
+        repo: row.get(3)?,
+        hash: row.get(4)?,
+        command: row.get(5)?,
+        image: row.get(6)?,
+        timeout_ms: row.get::<_, Option<i64>>(7)?.map(|v| v.max(0) as u64),
+        labels: labels_from(&row.get::<_, String>(8)?),
+        depends_on: serde_json::from_str(&depends_on).map_err(|e| conversion(9, e))?,
+        allow_failure: row.get(10)?,
+        retries_left: row.get(11)?,
+        matrix: serde_json::from_str(&matrix).map_err(|e| conversion(12, e))?,
+        status,
+        attempt: Attempt(row.get(14)?),
+        agent_id: row.get::<_, Option<i64>>(15)?.map(AgentId),
+        agent_url: row.get(16)?,
+        exit_code: row.get(17)?,
+        created_at: time(row, 18)?.unwrap_or_default(),
+        started_at: time(row, 19)?,
+        finished_at: time(row, 20)?,
+    })
+}
+
+pub(crate) fn get_step(conn: &Connection, id: StepId) -> Result<Option<Step>, Error> {
+    let sql = format!("SELECT {STEP_COLUMNS} FROM {STEP_FROM} WHERE s.id = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id.0], step_from_row)
+        .optional()?)
+}
+
+pub(crate) fn steps_of(conn: &Connection, build: BuildId) -> Result<Vec<Step>, Error> {
+    let sql = format!("SELECT {STEP_COLUMNS} FROM {STEP_FROM} WHERE s.build_id = ?1 ORDER BY s.id");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map([build.0], step_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// `build` with its steps, summed up.
+pub(crate) fn with_steps(conn: &Connection, mut build: Build) -> Result<Build, Error> {
+    build.steps = steps_of(conn, build.id)?;
+    build.summarize();
+    Ok(build)
 }
 
 pub(crate) fn get_build(conn: &Connection, id: BuildId) -> Result<Option<Build>, Error> {
     let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?1");
-    Ok(conn
+    let build = conn
         .prepare_cached(&sql)?
         .query_row([id.0], build_from_row)
-        .optional()?)
+        .optional()?;
+    build.map(|b| with_steps(conn, b)).transpose()
 }
 
 pub(crate) fn query_builds(
@@ -58,7 +123,33 @@ pub(crate) fn query_builds(
 ) -> Result<Vec<Build>, Error> {
     let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map(params, build_from_row)?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    let builds: Vec<Build> = rows.collect::<rusqlite::Result<_>>()?;
+    builds.into_iter().map(|b| with_steps(conn, b)).collect()
+}
+
+/// Sets the status of `build` from its steps'.
+pub(crate) fn refresh(tx: &Connection, build: BuildId) -> Result<(), Error> {
+    let status = ci_core::model::build_status(&steps_of(tx, build)?);
+    tx.prepare_cached("UPDATE builds SET status = ?2 WHERE id = ?1")?
+        .execute(params![build.0, status.as_str()])?;
+    Ok(())
+}
+
+/// Moves the steps of `build` along after one of them changed
+/// ([`ci_core::model::settle`]) and records the build's status.
+pub(crate) fn settle(tx: &Connection, build: BuildId, now: Timestamp) -> Result<(), Error> {
+    let before = steps_of(tx, build)?;
+    let mut after = before.clone();
+    let status = ci_core::model::settle(&mut after, now);
+    for (old, new) in before.iter().zip(&after) {
+        if old.status != new.status || old.finished_at != new.finished_at {
+            tx.prepare_cached("UPDATE steps SET status = ?2, finished_at = ?3 WHERE id = ?1")?
+                .execute(params![new.id.0, new.status.as_str(), new.finished_at.map(ts)])?;
+        }
+    }
+    tx.prepare_cached("UPDATE builds SET status = ?2 WHERE id = ?1")?
+        .execute(params![build.0, status.as_str()])?;
+    Ok(())
 }
 
 pub(crate) fn stream_name(s: Stream) -> &'static str {
@@ -69,23 +160,23 @@ pub(crate) fn stream_name(s: Stream) -> &'static str {
 }
 
 /// The rowid of an attempt's accepted log, for reading it in pieces.
-pub(crate) fn final_log_row(conn: &Connection, id: BuildId, attempt: Attempt) -> Result<Option<i64>, Error> {
+pub(crate) fn final_log_row(conn: &Connection, id: StepId, attempt: Attempt) -> Result<Option<i64>, Error> {
     Ok(conn
-        .prepare_cached("SELECT rowid FROM build_logs WHERE build_id = ?1 AND attempt = ?2")?
+        .prepare_cached("SELECT rowid FROM step_logs WHERE step_id = ?1 AND attempt = ?2")?
         .query_row(params![id.0, attempt.0], |r| r.get(0))
         .optional()?)
 }
 
 pub(crate) fn pieces(
     conn: &Connection,
-    id: BuildId,
+    id: StepId,
     attempt: Attempt,
     after: Option<u64>,
     limit: Option<usize>,
 ) -> Result<Vec<LogPiece>, Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, stream, data FROM log_pieces
-         WHERE build_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+         WHERE step_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
     )?;
     let after = after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
     let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
@@ -108,10 +199,10 @@ pub(crate) fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// A running build's lease from `id, attempt, agent_id, lease_until`.
+/// A running step's lease from `id, attempt, agent_id, lease_until`.
 pub(crate) fn lease_from_row(r: &Row<'_>) -> rusqlite::Result<Lease> {
     Ok(Lease {
-        build: BuildId(r.get(0)?),
+        step: StepId(r.get(0)?),
         attempt: Attempt(r.get(1)?),
         agent: AgentId(r.get::<_, Option<i64>>(2)?.unwrap_or(0)),
         expires_at: Timestamp(r.get::<_, Option<i64>>(3)?.unwrap_or(0).max(0) as u64),

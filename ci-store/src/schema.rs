@@ -79,6 +79,74 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '';",
     // 6: labels a build's agent must have.
     "ALTER TABLE builds ADD COLUMN labels TEXT NOT NULL DEFAULT '';",
+    // 7: pipelines. A build is its steps; a step is what is queued,
+    // leased and fenced, and its id is what agents are sent. Each build so
+    // far becomes one step, `build`, with the build's own id (so agents
+    // still running one report to the same id), and logs move to steps.
+    // The builds' own attempt, agent, exit code and times are now read
+    // from their steps.
+    "CREATE TABLE steps (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        build_id      INTEGER NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
+        name          TEXT NOT NULL,
+        command       TEXT NOT NULL,
+        image         TEXT,
+        timeout_ms    INTEGER,
+        labels        TEXT NOT NULL DEFAULT '',
+        depends_on    TEXT NOT NULL DEFAULT '[]',
+        allow_failure INTEGER NOT NULL DEFAULT 0,
+        retries_left  INTEGER NOT NULL DEFAULT 0,
+        matrix        TEXT NOT NULL DEFAULT '{}',
+        status        TEXT NOT NULL CHECK (status IN
+                      ('pending', 'queued', 'running', 'success', 'failed', 'canceled', 'skipped')),
+        attempt       INTEGER NOT NULL DEFAULT 0,
+        agent_id      INTEGER,
+        agent_url     TEXT,
+        exit_code     INTEGER,
+        created_at    INTEGER NOT NULL,
+        started_at    INTEGER,
+        finished_at   INTEGER,
+        lease_until   INTEGER,
+        UNIQUE (build_id, name)
+    );
+    CREATE INDEX steps_status ON steps (status);
+    INSERT INTO steps (id, build_id, name, command, image, timeout_ms, labels, status, attempt,
+                       agent_id, agent_url, exit_code, created_at, started_at, finished_at, lease_until)
+        SELECT id, id, 'build', command, image, timeout_ms, labels, status, attempt,
+               agent_id, agent_url, exit_code, created_at, started_at, finished_at, lease_until
+        FROM builds;
+    ALTER TABLE build_logs RENAME TO old_build_logs;
+    ALTER TABLE log_pieces RENAME TO old_log_pieces;
+    ALTER TABLE live_logs RENAME TO old_live_logs;
+    CREATE TABLE step_logs (
+        step_id INTEGER NOT NULL REFERENCES steps (id) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL,
+        stdout  TEXT NOT NULL,
+        stderr  TEXT NOT NULL,
+        UNIQUE (step_id, attempt)
+    );
+    CREATE TABLE log_pieces (
+        step_id  INTEGER NOT NULL REFERENCES steps (id) ON DELETE CASCADE,
+        attempt  INTEGER NOT NULL,
+        seq      INTEGER NOT NULL,
+        stream   TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr')),
+        data     TEXT NOT NULL,
+        PRIMARY KEY (step_id, attempt, seq)
+    );
+    CREATE TABLE live_logs (
+        step_id      INTEGER NOT NULL REFERENCES steps (id) ON DELETE CASCADE,
+        attempt      INTEGER NOT NULL,
+        last_seq     INTEGER NOT NULL,
+        stdout_bytes INTEGER NOT NULL,
+        stderr_bytes INTEGER NOT NULL,
+        PRIMARY KEY (step_id, attempt)
+    );
+    INSERT INTO step_logs SELECT build_id, attempt, stdout, stderr FROM old_build_logs;
+    INSERT INTO log_pieces SELECT build_id, attempt, seq, stream, data FROM old_log_pieces;
+    INSERT INTO live_logs SELECT build_id, attempt, last_seq, stdout_bytes, stderr_bytes FROM old_live_logs;
+    DROP TABLE old_build_logs;
+    DROP TABLE old_log_pieces;
+    DROP TABLE old_live_logs;",
 ];
 
 /// Takes the exclusive `flock` on the file `conn` opened (by the name

@@ -10,14 +10,17 @@ use ci_core::model::LogPiece;
 use ci_core::store::{Agents, Builds, Claim, Lease, Logs, Queue, Taken};
 use ci_core::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, LogInfo,
-    NewBuild, Page, Stream, Timestamp,
+    NewBuild, Page, Step, StepId, StepStatus, Stream, Timestamp,
 };
+use std::str::FromStr;
+
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::checkpoint::{checkpoint_loop, CHECKPOINT_PAGES};
 use crate::rows::{
-    build_from_row, final_log_row, get_build, labels_from, labels_text, lease_from_row, limit, pieces,
-    query_builds, stream_name, ts, BUILD_COLUMNS,
+    build_from_row, final_log_row, get_build, get_step, labels_from, labels_text, lease_from_row, limit,
+    pieces, query_builds, refresh, settle, step_from_row, stream_name, ts, with_steps, BUILD_COLUMNS,
+    STEP_COLUMNS, STEP_FROM,
 };
 use crate::schema::{connect, diagnose, migrate, own};
 use crate::writer::{Cost, Readers, Writer};
@@ -148,14 +151,12 @@ impl Drop for SqliteStore {
     }
 }
 
-/// Why a renewal found nothing to renew, from what the build is now.
-fn refusal(tx: &Transaction<'_>, id: BuildId, attempt: Option<Attempt>, agent: Option<AgentId>) -> Error {
-    match get_build(tx, id) {
-        Ok(build) => match ci_core::store::refuse_renewal(build.as_ref(), id, attempt, agent) {
+/// Why a renewal found nothing to renew, from what the step is now.
+fn refusal(tx: &Transaction<'_>, id: StepId, attempt: Option<Attempt>, agent: Option<AgentId>) -> Error {
+    match get_step(tx, id) {
+        Ok(step) => match ci_core::store::refuse_renewal(step.as_ref(), id, attempt, agent) {
             Some(e) => Error::Refused(e),
-            None => Error::Corrupt(format!(
-                "build {id} is running but its lease could not be renewed"
-            )),
+            None => Error::Corrupt(format!("step {id} is running but its lease could not be renewed")),
         },
         Err(e) => e,
     }
@@ -163,7 +164,7 @@ fn refusal(tx: &Transaction<'_>, id: BuildId, attempt: Option<Attempt>, agent: O
 
 fn leases(conn: &Connection, sql_tail: &str, p: impl rusqlite::Params) -> Result<Vec<Lease>, Error> {
     let sql =
-        format!("SELECT id, attempt, agent_id, lease_until FROM builds WHERE status = 'running' {sql_tail}");
+        format!("SELECT id, attempt, agent_id, lease_until FROM steps WHERE status = 'running' {sql_tail}");
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(p, lease_from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -180,7 +181,7 @@ impl Queue for SqliteStore {
                 "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at, labels)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8) RETURNING {BUILD_COLUMNS}"
             );
-            Ok(tx.prepare_cached(&sql)?.query_row(
+            let build = tx.prepare_cached(&sql)?.query_row(
                 params![
                     new.repo.as_str(),
                     new.hash.as_str(),
@@ -192,41 +193,99 @@ impl Queue for SqliteStore {
                     labels_text(&new.labels),
                 ],
                 build_from_row,
-            )?)
+            )?;
+            if let Some(why) = &new.failure {
+                let (step, log) = Step::failed(StepId(0), &build, why);
+                let id: i64 = tx
+                    .prepare_cached(
+                        "INSERT INTO steps (build_id, name, command, status, exit_code, created_at, finished_at)
+                         VALUES (?1, ?2, ?3, 'failed', ?4, ?5, ?5) RETURNING id",
+                    )?
+                    .query_row(
+                        params![build.id.0, step.name, step.command, step.exit_code, ts(now)],
+                        |r| r.get(0),
+                    )?;
+                tx.prepare_cached(
+                    "INSERT INTO step_logs (step_id, attempt, stdout, stderr) VALUES (?1, 0, ?2, ?3)",
+                )?
+                .execute(params![id, log.stdout, log.stderr])?;
+                tx.prepare_cached("UPDATE builds SET status = 'failed' WHERE id = ?1")?
+                    .execute([build.id.0])?;
+                let build = Build {
+                    status: BuildStatus::Failed,
+                    ..build
+                };
+                return with_steps(tx, build);
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO steps (build_id, name, command, image, timeout_ms, labels, depends_on,
+                                    allow_failure, retries_left, matrix, status, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for n in new.plan() {
+                let status = if n.depends_on.is_empty() {
+                    StepStatus::Queued
+                } else {
+                    StepStatus::Pending
+                };
+                insert.execute(params![
+                    build.id.0,
+                    n.name,
+                    n.command,
+                    n.image,
+                    n.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+                    labels_text(&n.labels),
+                    serde_json::to_string(&n.depends_on).unwrap_or_default(),
+                    n.allow_failure,
+                    n.retries,
+                    serde_json::to_string(&n.matrix).unwrap_or_default(),
+                    status.as_str(),
+                    ts(now),
+                ])?;
+            }
+            with_steps(tx, build)
         })
         .await
     }
 
-    async fn queued(&self, n: usize) -> ci_core::Result<Vec<Build>> {
+    async fn queued(&self, n: usize) -> ci_core::Result<Vec<Step>> {
         self.queue_read(move |conn| {
-            let sql =
-                format!("SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'queued' ORDER BY id LIMIT ?1");
-            query_builds(conn, &sql, [limit(n)])
+            let sql = format!(
+                "SELECT {STEP_COLUMNS} FROM {STEP_FROM} WHERE s.status = 'queued' ORDER BY s.id LIMIT ?1"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map([limit(n)], step_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
 
-    async fn start(&self, claims: &[Claim], now: Timestamp) -> ci_core::Result<Vec<Build>> {
+    async fn start(&self, claims: &[Claim], now: Timestamp) -> ci_core::Result<Vec<Step>> {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
         let claims = claims.to_vec();
         self.write(Cost::Short, move |tx| {
-            let sql = format!(
-                "UPDATE builds SET status = 'running', attempt = attempt + 1,
+            let mut update = tx.prepare_cached(
+                "UPDATE steps SET status = 'running', attempt = attempt + 1,
                     agent_id = ?2, agent_url = ?3, started_at = ?4, lease_until = ?5
-                 WHERE id = ?1 AND status = 'queued' RETURNING {BUILD_COLUMNS}"
-            );
-            let mut stmt = tx.prepare_cached(&sql)?;
+                 WHERE id = ?1 AND status = 'queued' RETURNING build_id",
+            )?;
+            let mut running = tx
+                .prepare_cached("UPDATE builds SET status = 'running' WHERE id = ?1 AND status = 'queued'")?;
             let mut started = Vec::with_capacity(claims.len());
             for c in &claims {
-                let build = stmt
+                let build: Option<i64> = update
                     .query_row(
-                        params![c.build.0, c.agent.0, c.agent_url, ts(now), ts(c.lease_until)],
-                        build_from_row,
+                        params![c.step.0, c.agent.0, c.agent_url, ts(now), ts(c.lease_until)],
+                        |r| r.get(0),
                     )
                     .optional()?;
-                started.extend(build);
+                let Some(build) = build else {
+                    continue;
+                };
+                running.execute([build])?;
+                started.extend(get_step(tx, c.step)?);
             }
             Ok(started)
         })
@@ -235,7 +294,7 @@ impl Queue for SqliteStore {
 
     async fn renew(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Option<Attempt>,
         agent: Option<AgentId>,
         until: Timestamp,
@@ -243,7 +302,7 @@ impl Queue for SqliteStore {
         self.write(Cost::Short, move |tx| {
             let renewed = tx
                 .prepare_cached(
-                    "UPDATE builds SET lease_until = MAX(COALESCE(lease_until, 0), ?4)
+                    "UPDATE steps SET lease_until = MAX(COALESCE(lease_until, 0), ?4)
                      WHERE id = ?1 AND status = 'running' AND attempt = COALESCE(?2, attempt)
                        AND (?3 IS NULL OR agent_id = ?3)
                      RETURNING id, attempt, agent_id, lease_until",
@@ -258,27 +317,31 @@ impl Queue for SqliteStore {
         .await
     }
 
-    async fn requeue(&self, id: BuildId, attempt: Attempt) -> ci_core::Result<bool> {
+    async fn requeue(&self, id: StepId, attempt: Attempt) -> ci_core::Result<bool> {
         self.write(Cost::Short, move |tx| {
-            let n = tx
+            let build: Option<i64> = tx
                 .prepare_cached(
-                    "UPDATE builds SET status = 'queued', lease_until = NULL
-                     WHERE id = ?1 AND status = 'running' AND attempt = ?2",
+                    "UPDATE steps SET status = 'queued', lease_until = NULL
+                     WHERE id = ?1 AND status = 'running' AND attempt = ?2 RETURNING build_id",
                 )?
-                .execute(params![id.0, attempt.0])?;
-            Ok(n == 1)
+                .query_row(params![id.0, attempt.0], |r| r.get(0))
+                .optional()?;
+            let Some(build) = build else {
+                return Ok(false);
+            };
+            refresh(tx, BuildId(build))?;
+            Ok(true)
         })
         .await
     }
 
     async fn finish(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         result: &Completion,
         now: Timestamp,
     ) -> ci_core::Result<bool> {
-        let status = BuildStatus::from_exit_code(result.exit_code);
         let cost = if result.stdout.len() + result.stderr.len() > SHORT_LOG {
             Cost::Long
         } else {
@@ -286,39 +349,87 @@ impl Queue for SqliteStore {
         };
         let result = result.clone();
         self.write(cost, move |tx| {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE builds SET status = ?3, exit_code = ?4, finished_at = ?5, lease_until = NULL
-                     WHERE id = ?1 AND attempt = ?2 AND attempt > 0
-                       AND status IN ('queued', 'running')",
-                )?
-                .execute(params![id.0, attempt.0, status.as_str(), result.exit_code, ts(now)])?;
-            if n == 0 {
+            let Some(step) = get_step(tx, id)? else {
+                return Ok(false);
+            };
+            if step.status.is_finished() || step.attempt != attempt || attempt.0 == 0 {
                 return Ok(false);
             }
+            // N.B.: a result already taken (a failure whose step was queued
+            // for a retry) is not taken twice.
+            if final_log_row(tx, id, attempt)?.is_some() {
+                return Ok(false);
+            }
+            let retry = result.exit_code != 0 && step.retries_left > 0;
+            if retry {
+                tx.prepare_cached(
+                    "UPDATE steps SET status = 'queued', retries_left = retries_left - 1,
+                        exit_code = NULL, lease_until = NULL WHERE id = ?1",
+                )?
+                .execute([id.0])?;
+            } else {
+                let status = StepStatus::from_exit_code(result.exit_code);
+                tx.prepare_cached(
+                    "UPDATE steps SET status = ?2, exit_code = ?3, finished_at = ?4, lease_until = NULL
+                     WHERE id = ?1",
+                )?
+                .execute(params![id.0, status.as_str(), result.exit_code, ts(now)])?;
+            }
             tx.prepare_cached(
-                "INSERT INTO build_logs (build_id, attempt, stdout, stderr) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (build_id, attempt) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr",
+                "INSERT INTO step_logs (step_id, attempt, stdout, stderr) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (step_id, attempt) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr",
             )?
             .execute(params![id.0, attempt.0, result.stdout, result.stderr])?;
-            tx.prepare_cached("DELETE FROM log_pieces WHERE build_id = ?1 AND attempt = ?2")?
+            tx.prepare_cached("DELETE FROM log_pieces WHERE step_id = ?1 AND attempt = ?2")?
                 .execute(params![id.0, attempt.0])?;
-            tx.prepare_cached("DELETE FROM live_logs WHERE build_id = ?1 AND attempt = ?2")?
+            tx.prepare_cached("DELETE FROM live_logs WHERE step_id = ?1 AND attempt = ?2")?
                 .execute(params![id.0, attempt.0])?;
+            if !retry {
+                settle(tx, step.build, now)?;
+            }
             Ok(true)
         })
         .await
     }
 
-    async fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> ci_core::Result<bool> {
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> ci_core::Result<Option<Vec<Lease>>> {
         self.write(Cost::Short, move |tx| {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE builds SET status = 'canceled', finished_at = ?3, lease_until = NULL
-                     WHERE id = ?1 AND attempt = ?2 AND status IN ('queued', 'running')",
+            let finished = tx
+                .prepare_cached("SELECT status FROM builds WHERE id = ?1")?
+                .query_row([build.0], |r| r.get::<_, String>(0))
+                .optional()?
+                .is_none_or(|st| BuildStatus::from_str(&st).is_ok_and(BuildStatus::is_finished));
+            if finished {
+                return Ok(None);
+            }
+            let running = leases(tx, "AND build_id = ?1 ORDER BY id", [build.0])?;
+            tx.prepare_cached(
+                "UPDATE steps SET status = 'canceled', finished_at = ?2, lease_until = NULL
+                 WHERE build_id = ?1 AND status IN ('pending', 'queued', 'running')",
+            )?
+            .execute(params![build.0, ts(now)])?;
+            settle(tx, build, now)?;
+            Ok(Some(running))
+        })
+        .await
+    }
+
+    async fn retry(&self, build: BuildId, now: Timestamp) -> ci_core::Result<Option<Build>> {
+        self.write(Cost::Short, move |tx| {
+            let Some(b) = get_build(tx, build)? else {
+                return Ok(None);
+            };
+            if !b.status.is_finished() {
+                return Ok(None);
+            }
+            for step in b.steps.iter().filter(|s| s.status != StepStatus::Success) {
+                tx.prepare_cached(
+                    "UPDATE steps SET status = 'pending', exit_code = NULL, finished_at = NULL WHERE id = ?1",
                 )?
-                .execute(params![id.0, attempt.0, ts(now)])?;
-            Ok(n == 1)
+                .execute([step.id.0])?;
+            }
+            settle(tx, build, now)?;
+            get_build(tx, build)
         })
         .await
     }
@@ -341,7 +452,7 @@ impl Queue for SqliteStore {
     async fn next_deadline(&self) -> ci_core::Result<Option<Timestamp>> {
         self.queue_read(|conn| {
             let min: Option<i64> = conn
-                .prepare_cached("SELECT MIN(COALESCE(lease_until, 0)) FROM builds WHERE status = 'running'")?
+                .prepare_cached("SELECT MIN(COALESCE(lease_until, 0)) FROM steps WHERE status = 'running'")?
                 .query_row([], |r| r.get(0))?;
             Ok(min.map(|m| Timestamp(m.max(0) as u64)))
         })
@@ -351,7 +462,7 @@ impl Queue for SqliteStore {
     async fn extend_leases(&self, until: Timestamp) -> ci_core::Result<()> {
         self.write(Cost::Short, move |tx| {
             tx.prepare_cached(
-                "UPDATE builds SET lease_until = MAX(COALESCE(lease_until, 0), ?1) WHERE status = 'running'",
+                "UPDATE steps SET lease_until = MAX(COALESCE(lease_until, 0), ?1) WHERE status = 'running'",
             )?
             .execute([ts(until)])?;
             Ok(())
@@ -364,7 +475,7 @@ impl Queue for SqliteStore {
 
 #[async_trait]
 impl Logs for SqliteStore {
-    async fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> ci_core::Result<usize> {
+    async fn append_log(&self, id: StepId, attempt: Attempt, pieces: &[LogPiece]) -> ci_core::Result<usize> {
         let bytes: usize = pieces.iter().map(|p| p.data.len()).sum();
         let cost = if bytes > SHORT_LOG || pieces.len() > 256 {
             Cost::Long
@@ -375,7 +486,7 @@ impl Logs for SqliteStore {
         self.write(cost, move |tx| {
             let running: bool = tx
                 .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM builds WHERE id = ?1 AND attempt = ?2 AND status = 'running')",
+                    "SELECT EXISTS (SELECT 1 FROM steps WHERE id = ?1 AND attempt = ?2 AND status = 'running')",
                 )?
                 .query_row(params![id.0, attempt.0], |r| r.get(0))?;
             if !running {
@@ -384,7 +495,7 @@ impl Logs for SqliteStore {
             let before = tx
                 .prepare_cached(
                     "SELECT last_seq, stdout_bytes, stderr_bytes FROM live_logs
-                     WHERE build_id = ?1 AND attempt = ?2",
+                     WHERE step_id = ?1 AND attempt = ?2",
                 )?
                 .query_row(params![id.0, attempt.0], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
@@ -406,15 +517,15 @@ impl Logs for SqliteStore {
             let size = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
             for row in &rows {
                 tx.prepare_cached(
-                    "INSERT OR IGNORE INTO log_pieces (build_id, attempt, seq, stream, data)
+                    "INSERT OR IGNORE INTO log_pieces (step_id, attempt, seq, stream, data)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![id.0, attempt.0, seq(row.seq), stream_name(row.stream), row.data])?;
             }
             tx.prepare_cached(
-                "INSERT INTO live_logs (build_id, attempt, last_seq, stdout_bytes, stderr_bytes)
+                "INSERT INTO live_logs (step_id, attempt, last_seq, stdout_bytes, stderr_bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (build_id, attempt) DO UPDATE SET last_seq = excluded.last_seq,
+                 ON CONFLICT (step_id, attempt) DO UPDATE SET last_seq = excluded.last_seq,
                     stdout_bytes = excluded.stdout_bytes, stderr_bytes = excluded.stderr_bytes",
             )?
             .execute(params![id.0, attempt.0, seq(last), size(taken.bytes[0]), size(taken.bytes[1])])?;
@@ -425,7 +536,7 @@ impl Logs for SqliteStore {
 
     async fn log_pieces(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         after: Option<u64>,
         n: usize,
@@ -434,14 +545,13 @@ impl Logs for SqliteStore {
             .await
     }
 
-    async fn log(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<BuildLog>> {
+    async fn log(&self, id: StepId, attempt: Option<Attempt>) -> ci_core::Result<Option<BuildLog>> {
         self.read(Cost::Long, move |conn| {
-            let Some(build) = get_build(conn, id)? else {
+            let Some(attempt) = attempt.map_or_else(|| step_attempt(conn, id), |a| Ok(Some(a)))? else {
                 return Ok(None);
             };
-            let attempt = attempt.unwrap_or(build.attempt);
             let final_log = conn
-                .prepare_cached("SELECT stdout, stderr FROM build_logs WHERE build_id = ?1 AND attempt = ?2")?
+                .prepare_cached("SELECT stdout, stderr FROM step_logs WHERE step_id = ?1 AND attempt = ?2")?
                 .query_row(params![id.0, attempt.0], |r| {
                     Ok(BuildLog {
                         attempt,
@@ -460,16 +570,15 @@ impl Logs for SqliteStore {
         .await
     }
 
-    async fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> ci_core::Result<Option<LogInfo>> {
+    async fn log_info(&self, id: StepId, attempt: Option<Attempt>) -> ci_core::Result<Option<LogInfo>> {
         self.read(Cost::Short, move |conn| {
-            let Some(build) = get_build(conn, id)? else {
+            let Some(attempt) = attempt.map_or_else(|| step_attempt(conn, id), |a| Ok(Some(a)))? else {
                 return Ok(None);
             };
-            let attempt = attempt.unwrap_or(build.attempt);
             if let Some(row) = final_log_row(conn, id, attempt)? {
                 // N.B.: blob handles read a value's length, not its pages.
                 let len = |column: &str| -> Result<u64, Error> {
-                    Ok(conn.blob_open("main", "build_logs", column, row, true)?.len() as u64)
+                    Ok(conn.blob_open("main", "step_logs", column, row, true)?.len() as u64)
                 };
                 return Ok(Some(LogInfo {
                     attempt,
@@ -480,7 +589,7 @@ impl Logs for SqliteStore {
             }
             let live = conn
                 .prepare_cached(
-                    "SELECT stdout_bytes, stderr_bytes FROM live_logs WHERE build_id = ?1 AND attempt = ?2",
+                    "SELECT stdout_bytes, stderr_bytes FROM live_logs WHERE step_id = ?1 AND attempt = ?2",
                 )?
                 .query_row(params![id.0, attempt.0], |r| {
                     Ok((
@@ -501,7 +610,7 @@ impl Logs for SqliteStore {
 
     async fn read_log(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         stream: Stream,
         offset: u64,
@@ -511,7 +620,7 @@ impl Logs for SqliteStore {
             let Some(row) = final_log_row(conn, id, attempt)? else {
                 return Ok(Vec::new());
             };
-            let blob = conn.blob_open("main", "build_logs", stream_name(stream), row, true)?;
+            let blob = conn.blob_open("main", "step_logs", stream_name(stream), row, true)?;
             let start = usize::try_from(offset).unwrap_or(usize::MAX).min(blob.len());
             let mut buf = vec![0; max.min(blob.len() - start)];
             let n = blob.read_at(&mut buf, start)?;
@@ -522,12 +631,24 @@ impl Logs for SqliteStore {
     }
 }
 
+/// The latest attempt of a step, if the step exists.
+fn step_attempt(conn: &Connection, id: StepId) -> Result<Option<Attempt>, Error> {
+    Ok(conn
+        .prepare_cached("SELECT attempt FROM steps WHERE id = ?1")?
+        .query_row([id.0], |r| Ok(Attempt(r.get(0)?)))
+        .optional()?)
+}
+
 // === impl Builds ===
 
 #[async_trait]
 impl Builds for SqliteStore {
     async fn build(&self, id: BuildId) -> ci_core::Result<Option<Build>> {
         self.read(Cost::Short, move |conn| get_build(conn, id)).await
+    }
+
+    async fn step(&self, id: StepId) -> ci_core::Result<Option<Step>> {
+        self.read(Cost::Short, move |conn| get_step(conn, id)).await
     }
 
     async fn list_builds(&self, page: Page) -> ci_core::Result<Vec<Build>> {

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use ci_core::model::LogPiece;
 use ci_core::store::{Builds, Logs, Queue};
-use ci_core::{Attempt, BuildId, CommitRef, NewBuild, RepoUrl, Stream, Timestamp};
+use ci_core::{
+    Attempt, BuildId, BuildStatus, CommitRef, NewBuild, RepoUrl, StepId, StepStatus, Stream, Timestamp,
+};
 use rusqlite::Connection;
 
 use crate::schema::MIGRATIONS;
@@ -166,7 +168,7 @@ async fn live_output_of_an_older_schema_carries_over() {
         stream: Stream::Stdout,
         data: data.into(),
     };
-    let (id, a) = (BuildId(1), Attempt(1));
+    let (id, a) = (StepId(1), Attempt(1));
     assert_eq!(
         store.append_log(id, a, &[piece(1, "dup")]).await.unwrap(),
         0,
@@ -206,27 +208,100 @@ async fn hostile_strings_are_stored_verbatim() {
 }
 
 #[test]
-fn queue_queries_use_the_partial_indexes() {
+fn queue_queries_use_the_status_index() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
     let conn = Connection::open(store.path()).unwrap();
-    let plan: String = conn
-        .query_row(
-            "EXPLAIN QUERY PLAN SELECT id FROM builds WHERE status = 'queued' ORDER BY id LIMIT 5",
-            [],
-            |r| r.get(3),
-        )
-        .unwrap();
-    assert!(plan.contains("builds_status"), "{plan}");
-    let plan: String = conn
-        .query_row(
-            "EXPLAIN QUERY PLAN SELECT * FROM builds WHERE status = 'queued' ORDER BY id LIMIT 5",
-            [],
-            |r| r.get(3),
-        )
-        .unwrap();
-    assert!(
-        plan.contains("builds_status") && !plan.contains("TEMP B-TREE"),
-        "no sort: {plan}"
+    let sql = format!(
+        "EXPLAIN QUERY PLAN SELECT {} FROM {} WHERE s.status = 'queued' ORDER BY s.id LIMIT 5",
+        crate::rows::STEP_COLUMNS,
+        crate::rows::STEP_FROM
     );
+    let mut stmt = conn.prepare(&sql).unwrap();
+    let plan: Vec<String> = stmt
+        .query_map([], |r| r.get(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let plan = plan.join("; ");
+    assert!(
+        plan.contains("steps_status") && !plan.contains("TEMP B-TREE"),
+        "the queue is read by the index, unsorted: {plan}"
+    );
+}
+
+/// A database written by the schema before pipelines (version 6) opens:
+/// each build becomes one step named `build`, with the build's own id (so
+/// an agent running one still reports to the same id), its status,
+/// attempt, agent, lease and logs; new steps are numbered above.
+#[tokio::test]
+async fn builds_of_the_schema_before_pipelines_become_one_step_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for (i, sql) in MIGRATIONS[..6].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i as i64 + 1).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO agents (url, registered_at, capacity, labels) VALUES ('http://a:1', 0, 2, 'os=linux');
+             INSERT INTO builds (id, repo, hash, command, status, attempt, agent_id, agent_url, exit_code,
+                                 created_at, started_at, finished_at, lease_until, labels) VALUES
+                 (3, '/r', 'abcd', 'make ok', 'success', 1, 1, 'http://a:1', 0, 10, 11, 12, NULL, ''),
+                 (5, '/r', 'abcd', 'make run', 'running', 2, 1, 'http://a:1', NULL, 20, 21, NULL, 9999, 'os=linux'),
+                 (6, '/r', 'abcd', 'make wait', 'queued', 0, NULL, NULL, NULL, 30, NULL, NULL, NULL, '');
+             INSERT INTO build_logs VALUES (3, 1, 'out', 'err');
+             INSERT INTO log_pieces VALUES (5, 2, 0, 'stdout', 'live');
+             INSERT INTO live_logs VALUES (5, 2, 0, 4, 0);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let done = store.build(BuildId(3)).await.unwrap().unwrap();
+    assert_eq!(done.status, BuildStatus::Success);
+    assert_eq!(
+        (done.exit_code, done.started_at, done.finished_at),
+        (Some(0), Some(Timestamp(11)), Some(Timestamp(12)))
+    );
+    let step = &done.steps[0];
+    assert_eq!(
+        (step.id, step.name.as_str(), step.command.as_str()),
+        (StepId(3), "build", "make ok")
+    );
+    let log = store.log(StepId(3), None).await.unwrap().unwrap();
+    assert_eq!(
+        (log.stdout.as_str(), log.stderr.as_str(), log.complete),
+        ("out", "err", true)
+    );
+
+    let running = store.build(BuildId(5)).await.unwrap().unwrap();
+    assert_eq!(
+        (running.status, running.attempt, running.agent_url.as_deref()),
+        (BuildStatus::Running, Attempt(2), Some("http://a:1"))
+    );
+    assert_eq!(running.steps[0].labels, running.labels);
+    let leases = store.leases().await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(
+        (leases[0].step, leases[0].attempt, leases[0].expires_at),
+        (StepId(5), Attempt(2), Timestamp(9999))
+    );
+    let live = store.log(StepId(5), None).await.unwrap().unwrap();
+    assert_eq!((live.stdout.as_str(), live.complete), ("live", false));
+    // The agent's heartbeat and result, to the id it was given, still count.
+    store
+        .renew(StepId(5), Some(Attempt(2)), None, Timestamp(10_000))
+        .await
+        .unwrap();
+
+    let queued: Vec<StepId> = store.queued(10).await.unwrap().iter().map(|s| s.id).collect();
+    assert_eq!(queued, [StepId(6)]);
+    assert_eq!(
+        store.build(BuildId(6)).await.unwrap().unwrap().steps[0].status,
+        StepStatus::Queued
+    );
+    let next = store.create_build(&new_build(), Timestamp(40)).await.unwrap();
+    assert!(next.id > BuildId(6) && next.steps[0].id > StepId(6), "{next:?}");
+    assert_eq!(store.integrity_check().unwrap(), "ok");
 }

@@ -172,18 +172,27 @@ impl Cluster {
             .unwrap();
         assert_eq!(check, "ok");
         for id in ids {
-            let (status, results): (String, i64) = conn
+            // N.B.: these builds' steps have no retries: one accepted
+            // result for each step that ran, none for a skipped one.
+            let (status, results, ran): (String, i64, i64) = conn
                 .query_row(
-                    "SELECT status, (SELECT COUNT(*) FROM build_logs WHERE build_id = b.id) FROM builds b WHERE id = ?1",
+                    "SELECT status,
+                        (SELECT COUNT(*) FROM step_logs l JOIN steps s ON s.id = l.step_id WHERE s.build_id = b.id),
+                        (SELECT COUNT(*) FROM steps s WHERE s.build_id = b.id AND s.status IN ('success', 'failed'))
+                     FROM builds b WHERE id = ?1",
                     [id.0],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .unwrap();
             assert!(
                 status == "success" || status == "failed",
                 "build {id} is {status}"
             );
-            assert_eq!(results, 1, "build {id} has {results} accepted results");
+            assert!(ran > 0, "build {id} ran no step");
+            assert_eq!(
+                results, ran,
+                "build {id} has {results} accepted results for {ran} steps that ran"
+            );
         }
         let unfinished: i64 = conn
             .query_row(
@@ -328,26 +337,44 @@ impl Api {
     }
 
     /// Waits until the agent at `agent_url` says (on its /healthz) that it
-    /// runs build `id`. `running` on the server only means the dispatch was
+    /// runs a step of build `id` (by the step's id, which is what agents
+    /// are sent). `running` on the server only means the dispatch was
     /// committed; the agent may not have received it yet.
     pub async fn wait_agent_runs(&self, agent_url: &str, id: ci_core::BuildId) {
         wait_until(
             &format!("{agent_url} to run build {id}"),
             Duration::from_secs(60),
             || async {
-                let health: Value = self
-                    .http
-                    .get(format!("{agent_url}/healthz"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                (health["build"].as_i64() == Some(id.0)).then_some(())
+                let build = self.build(id).await.ok()?;
+                let step = build
+                    .steps
+                    .iter()
+                    .find(|s| {
+                        s.agent.as_deref() == Some(agent_url) && s.status == ci_core::StepStatus::Running
+                    })?
+                    .id;
+                self.runs_step(agent_url, step).await
             },
         )
         .await
+    }
+
+    /// `Some` if the agent at `agent_url` says it runs step `step` now.
+    pub async fn runs_step(&self, agent_url: &str, step: ci_core::StepId) -> Option<()> {
+        let health: Value = self
+            .http
+            .get(format!("{agent_url}/healthz"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let runs = health["builds"]
+            .as_array()?
+            .iter()
+            .any(|b| b.as_i64() == Some(step.0));
+        runs.then_some(())
     }
 
     pub async fn wait_finished(&self, id: ci_core::BuildId, timeout: Duration) -> BuildView {

@@ -3,7 +3,7 @@
 
 use super::{Coordinator, Dispatch, DispatchFailure, Event, LeaveReason, Registration, Report, StopOrder};
 use crate::error::{Error, Result};
-use crate::model::{AgentId, BuildStatus, Completion};
+use crate::model::{AgentId, Completion, StepStatus};
 use crate::pool::Enrollment;
 use crate::store::Lease;
 
@@ -94,7 +94,15 @@ impl Coordinator {
             return self.drop_agent(order.agent, LeaveReason::Unreachable).await;
         }
         let now = self.clock.now();
-        self.pool.release(order.agent, order.build, now).await
+        // N.B.: the step may already run again on this agent (its build
+        // was retried), and that attempt holds the slot now.
+        let again = self.store.step(order.step).await?.is_some_and(|s| {
+            s.status == StepStatus::Running && s.attempt > order.attempt && s.agent_id == Some(order.agent)
+        });
+        if again {
+            return Ok(());
+        }
+        self.pool.release(order.agent, order.step, now).await
     }
 
     /// An agent leaves on purpose (graceful shutdown): whatever it holds
@@ -109,19 +117,19 @@ impl Coordinator {
 
     /// Records that a dispatch could not be delivered.
     pub async fn dispatch_failed(&mut self, dispatch: &Dispatch, failure: DispatchFailure) -> Result<()> {
-        let build = dispatch.build.id;
+        let step = dispatch.step.id;
         let current = self
             .store
-            .build(build)
+            .step(step)
             .await?
-            .filter(|b| {
-                b.status == BuildStatus::Running
-                    && b.attempt == dispatch.build.attempt
-                    && b.agent_id == Some(dispatch.agent)
+            .filter(|s| {
+                s.status == StepStatus::Running
+                    && s.attempt == dispatch.step.attempt
+                    && s.agent_id == Some(dispatch.agent)
             })
-            .map(|b| Lease {
-                build,
-                attempt: b.attempt,
+            .map(|s| Lease {
+                step,
+                attempt: s.attempt,
                 agent: dispatch.agent,
                 expires_at: self.clock.now(),
             });
@@ -143,7 +151,7 @@ impl Coordinator {
                     return Ok(());
                 };
                 let report = Report {
-                    build,
+                    step,
                     attempt: Some(lease.attempt),
                     agent: Some(lease.agent),
                     verified: true,

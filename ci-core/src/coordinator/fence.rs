@@ -12,7 +12,7 @@ use super::{Event, Heartbeat};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::lease::LeasePolicy;
-use crate::model::{AgentId, BuildStatus, LogPiece};
+use crate::model::{AgentId, LogPiece, StepStatus};
 use crate::pool::AgentPool;
 use crate::store::Store;
 
@@ -107,21 +107,21 @@ impl Fence {
         Ok(())
     }
 
-    /// Takes a heartbeat (with a build) or an idle agent's ping (without).
+    /// Takes a heartbeat (with a step) or an idle agent's ping (without).
     ///
     /// Errors: [`Error::AgentNotFound`] for a ping from an agent the pool
     /// does not know (it should register again), [`Error::BuildNotFound`],
-    /// [`Error::NotRunning`] for a build that is not running,
+    /// [`Error::NotRunning`] for a step that is not running,
     /// [`Error::Superseded`] for an old attempt, [`Error::Unauthenticated`]
     /// when the holder proves itself and the request did not, and
     /// [`Error::Conflict`] when the sender is not the agent holding the
     /// lease.
     pub async fn heartbeat(&self, hb: Heartbeat) -> Result<()> {
         let now = self.clock.now();
-        let Some(build) = hb.build else {
+        let Some(step) = hb.step else {
             let agent = hb
                 .agent
-                .ok_or_else(|| Error::invalid("heartbeat", "needs a build `id` or an `agentId`"))?;
+                .ok_or_else(|| Error::invalid("heartbeat", "needs a step `id` or an `agentId`"))?;
             if self.pool.get(agent).await?.is_none() {
                 return Err(Error::AgentNotFound(agent));
             }
@@ -138,16 +138,16 @@ impl Fence {
         let renewed = match hb.agent {
             Some(agent) => {
                 self.check_sender(agent, &hb).await?;
-                match self.store.renew(build, hb.attempt, Some(agent), until).await {
+                match self.store.renew(step, hb.attempt, Some(agent), until).await {
                     // Held by another agent: if that one proves itself, this
                     // request had to prove it was that one.
                     Err(Error::Conflict(why)) => {
                         let holder = self
                             .store
-                            .build(build)
+                            .step(step)
                             .await?
-                            .filter(|b| b.status == BuildStatus::Running)
-                            .and_then(|b| b.agent_id);
+                            .filter(|s| s.status == StepStatus::Running)
+                            .and_then(|s| s.agent_id);
                         if let Some(holder) = holder {
                             self.check_sender(holder, &hb).await?;
                         }
@@ -161,14 +161,14 @@ impl Fence {
                 // proof is what it lacks, if the holder has one.
                 let holder = self
                     .store
-                    .build(build)
+                    .step(step)
                     .await?
-                    .filter(|b| b.status == BuildStatus::Running)
-                    .and_then(|b| b.agent_id);
+                    .filter(|s| s.status == StepStatus::Running)
+                    .and_then(|s| s.agent_id);
                 if let Some(holder) = holder {
                     self.check_sender(holder, &hb).await?;
                 }
-                self.store.renew(build, hb.attempt, None, until).await
+                self.store.renew(step, hb.attempt, None, until).await
             }
         }?;
         self.pool.seen(renewed.agent, now, false).await?;
@@ -179,20 +179,20 @@ impl Fence {
     /// then the pieces are stored (the store's append is fenced by attempt
     /// itself). Returns how many were new, and the event to publish if any.
     pub async fn output(&self, hb: Heartbeat, pieces: &[LogPiece]) -> Result<(usize, Option<Event>)> {
-        let build = hb
-            .build
-            .ok_or_else(|| Error::invalid("output", "needs a build `id`"))?;
+        let id = hb
+            .step
+            .ok_or_else(|| Error::invalid("output", "needs a step `id`"))?;
         self.heartbeat(hb).await?;
         let attempt = match hb.attempt {
             Some(a) => a,
             None => self
                 .store
-                .build(build)
+                .step(id)
                 .await?
-                .map(|b| b.attempt)
-                .ok_or(Error::BuildNotFound(build))?,
+                .map(|s| s.attempt)
+                .ok_or(Error::StepNotFound(id))?,
         };
-        let stored = self.store.append_log(build, attempt, pieces).await?;
-        Ok((stored, (stored > 0).then_some(Event::Output(build))))
+        let stored = self.store.append_log(id, attempt, pieces).await?;
+        Ok((stored, (stored > 0).then_some(Event::Output(id))))
     }
 }

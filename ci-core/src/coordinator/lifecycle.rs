@@ -3,7 +3,7 @@
 
 use super::{Accepted, Cancel, Coordinator, Event, HandBack, Report, StopOrder, MAX_HAND_BACKS};
 use crate::error::{Error, Result};
-use crate::model::{limits, truncate_log, Build, BuildId, BuildStatus, Completion, NewBuild};
+use crate::model::{limits, truncate_log, Build, BuildId, BuildStatus, Completion, NewBuild, StepStatus};
 use crate::store::Lease;
 
 impl Coordinator {
@@ -13,69 +13,90 @@ impl Coordinator {
         new.validate()?;
         let now = self.clock.now();
         let build = self.store.create_build(new, now).await?;
-        self.queued_since.insert(build.id, now);
+        for step in build.steps.iter().filter(|s| s.status == StepStatus::Queued) {
+            self.queued_since.insert(step.id, now);
+        }
         self.events.push(Event::Created(build.id));
         Ok(build)
     }
 
-    /// Takes a build's result. See the [module docs](super) for the rules.
+    /// Takes a step's result. See the [module docs](super) for the rules.
     pub async fn complete(&mut self, report: Report) -> Result<Accepted> {
-        let id = report.build;
-        let build = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
-        let attempt = report.attempt.unwrap_or(build.attempt);
-        if attempt.0 == 0 || attempt > build.attempt {
+        let id = report.step;
+        let step = self.store.step(id).await?.ok_or(Error::StepNotFound(id))?;
+        let before = self
+            .store
+            .build(step.build)
+            .await?
+            .ok_or(Error::BuildNotFound(step.build))?;
+        let attempt = report.attempt.unwrap_or(step.attempt);
+        if attempt.0 == 0 || attempt > step.attempt {
             return Err(Error::Conflict(format!(
-                "build {id} has no attempt {attempt} (latest is {})",
-                build.attempt
+                "step {id} has no attempt {attempt} (latest is {})",
+                step.attempt
             )));
         }
         let mut completion = report.completion;
         truncate_log(&mut completion.stdout, limits::MAX_LOG);
         truncate_log(&mut completion.stderr, limits::MAX_LOG);
 
-        if build.status.is_finished() {
-            if attempt == build.attempt && build.exit_code == Some(completion.exit_code) {
+        // N.B.: a failed attempt with retries left is recorded and its step
+        // queued again under the same number until the next start: its
+        // result was taken all the same.
+        let taken = if step.status.is_finished() {
+            true
+        } else if step.status == StepStatus::Queued && attempt == step.attempt {
+            self.store
+                .log_info(id, Some(attempt))
+                .await?
+                .is_some_and(|l| l.complete)
+        } else {
+            false
+        };
+        if taken {
+            if attempt == step.attempt {
                 let log = self.store.log(id, Some(attempt)).await?.unwrap_or_default();
-                if log.stdout == completion.stdout && log.stderr == completion.stderr {
-                    return Ok(Accepted::Duplicate(build));
+                let same_code = step.exit_code.is_none_or(|c| c == completion.exit_code);
+                if same_code && log.stdout == completion.stdout && log.stderr == completion.stderr {
+                    return Ok(Accepted::Duplicate(step));
                 }
             }
-            if attempt < build.attempt {
+            if attempt < step.attempt {
                 return Err(Error::Superseded {
                     id,
                     attempt,
-                    current: build.attempt,
+                    current: step.attempt,
                 });
             }
             return Err(Error::Conflict(format!(
-                "build {id} already finished as {} with a different result",
-                build.status
+                "step {id} attempt {attempt} already has a different result (status {})",
+                step.status
             )));
         }
-        if attempt < build.attempt {
+        if attempt < step.attempt {
             return Err(Error::Superseded {
                 id,
                 attempt,
-                current: build.attempt,
+                current: step.attempt,
             });
         }
-        let holder = build.agent_id.filter(|_| build.status == BuildStatus::Running);
+        let holder = step.agent_id.filter(|_| step.status == StepStatus::Running);
         match holder {
             Some(holder) => {
                 self.check_sender(holder, report.agent, report.verified).await?;
                 if let Some(agent) = report.agent.filter(|a| *a != holder) {
                     return Err(Error::Conflict(format!(
-                        "build {id} attempt {attempt} is held by agent {holder}, not agent {agent}"
+                        "step {id} attempt {attempt} is held by agent {holder}, not agent {agent}"
                     )));
                 }
             }
-            // N.B.: no lease: the build went back to the queue. Its last
+            // N.B.: no lease: the step went back to the queue. Its last
             // attempt's result still counts (the work is not wasted), but
             // only from that attempt's agent, proven: anyone else's would be
             // a forgery.
-            None if !(report.verified && report.agent.is_some() && report.agent == build.agent_id) => {
+            None if !(report.verified && report.agent.is_some() && report.agent == step.agent_id) => {
                 return Err(Error::Conflict(format!(
-                    "build {id} attempt {attempt} lost its lease; only its agent, proven by its \
+                    "step {id} attempt {attempt} lost its lease; only its agent, proven by its \
                      session secret, may still report it"
                 )));
             }
@@ -83,7 +104,7 @@ impl Coordinator {
         }
         let now = self.clock.now();
         if !self.store.finish(id, attempt, &completion, now).await? {
-            return Err(Error::Conflict(format!("build {id} changed while finishing")));
+            return Err(Error::Conflict(format!("step {id} changed while finishing")));
         }
         if let Some(holder) = holder {
             self.pool.release(holder, id, now).await?;
@@ -93,29 +114,63 @@ impl Coordinator {
         if let Some(agent) = report.agent {
             self.pool.seen(agent, now, false).await?;
         }
-        let finished = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
-        self.events.push(Event::Finished {
-            build: id,
-            status: finished.status,
-            duration_ms: finished.duration_ms(),
-        });
+        let build = self
+            .store
+            .build(step.build)
+            .await?
+            .ok_or(Error::BuildNotFound(step.build))?;
+        let finished = build.step(&step.name).cloned().ok_or(Error::StepNotFound(id))?;
+        self.advanced(&before, &build, now);
         Ok(Accepted::Finished(finished))
     }
 
+    /// Records what a change from `before` to `after` did to a build:
+    /// steps that finished, steps newly queued, and the build's end.
+    fn advanced(&mut self, before: &Build, after: &Build, now: crate::clock::Timestamp) {
+        for step in &after.steps {
+            let was = before.steps.iter().find(|s| s.id == step.id).map(|s| s.status);
+            if was == Some(step.status) {
+                continue;
+            }
+            match step.status {
+                StepStatus::Queued => {
+                    self.queued_since.entry(step.id).or_insert(now);
+                }
+                st if st.is_finished() => {
+                    self.queued_since.remove(&step.id);
+                    self.hand_backs.remove(&step.id);
+                    self.events.push(Event::StepFinished {
+                        step: step.id,
+                        build: after.id,
+                        status: st,
+                    });
+                }
+                _ => {}
+            }
+        }
+        if after.status.is_finished() && !before.status.is_finished() {
+            self.events.push(Event::Finished {
+                build: after.id,
+                status: after.status,
+                duration_ms: after.duration_ms(),
+            });
+        }
+    }
+
     /// An agent gives back an attempt its machinery could not run: the
-    /// build goes back to the queue (the agent cools down for a lease), or
+    /// step goes back to the queue (the agent cools down for a lease), or
     /// fails once it has been given back [`MAX_HAND_BACKS`] times.
     pub async fn hand_back(&mut self, back: HandBack) -> Result<()> {
-        let id = back.build;
-        let build = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
-        let holder = build
+        let id = back.step;
+        let step = self.store.step(id).await?.ok_or(Error::StepNotFound(id))?;
+        let holder = step
             .agent_id
-            .filter(|_| build.status == BuildStatus::Running && build.attempt == back.attempt)
-            .ok_or_else(|| Error::Conflict(format!("build {id} attempt {} is not running", back.attempt)))?;
+            .filter(|_| step.status == StepStatus::Running && step.attempt == back.attempt)
+            .ok_or_else(|| Error::Conflict(format!("step {id} attempt {} is not running", back.attempt)))?;
         self.check_sender(holder, back.agent, back.verified).await?;
         if back.agent.is_some_and(|a| a != holder) {
             return Err(Error::Conflict(format!(
-                "build {id} attempt {} is held by agent {holder}",
+                "step {id} attempt {} is held by agent {holder}",
                 back.attempt
             )));
         }
@@ -123,7 +178,7 @@ impl Coordinator {
         *count += 1;
         if *count >= MAX_HAND_BACKS {
             let report = Report {
-                build: id,
+                step: id,
                 attempt: Some(back.attempt),
                 agent: Some(holder),
                 verified: true,
@@ -136,7 +191,7 @@ impl Coordinator {
         }
         let now = self.clock.now();
         let lease = Lease {
-            build: id,
+            step: id,
             attempt: back.attempt,
             agent: holder,
             expires_at: now,
@@ -145,41 +200,67 @@ impl Coordinator {
         self.pool.cool_down(holder, self.policy.deadline(now)).await
     }
 
-    /// Cancels a queued or running build. A finished build is a conflict.
+    /// Cancels a queued or running build: every step that has not ended.
+    /// A finished build is a conflict.
     pub async fn cancel(&mut self, id: BuildId) -> Result<Cancel> {
-        let build = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
-        if build.status.is_finished() {
+        let now = self.clock.now();
+        let before = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
+        let Some(running) = self.store.cancel(id, now).await? else {
             return Err(Error::Conflict(format!(
                 "build {id} already finished as {}",
-                build.status
+                before.status
             )));
-        }
-        let now = self.clock.now();
-        if !self.store.cancel(id, build.attempt, now).await? {
-            return Err(Error::Conflict(format!("build {id} changed while canceling")));
-        }
-        self.queued_since.remove(&id);
-        self.hand_backs.remove(&id);
+        };
         let canceled = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
-        self.events.push(Event::Finished {
-            build: id,
-            status: BuildStatus::Canceled,
-            duration_ms: canceled.duration_ms(),
-        });
+        self.advanced(&before, &canceled, now);
         // N.B.: the lease goes with the cancel; the agent's slot stays until
         // the stop order is delivered (stop_delivered).
-        let holder = build.agent_id.filter(|_| build.status == BuildStatus::Running);
-        let Some(holder) = holder else {
-            return Ok(Cancel::Done(Box::new(canceled)));
+        let mut stops = Vec::with_capacity(running.len());
+        for lease in running {
+            match self.pool.get(lease.agent).await? {
+                Some(agent) => stops.push(StopOrder {
+                    agent: lease.agent,
+                    agent_url: agent.url,
+                    step: lease.step,
+                    attempt: lease.attempt,
+                }),
+                None => self.pool.release(lease.agent, lease.step, now).await?,
+            }
+        }
+        Ok(Cancel {
+            build: Box::new(canceled),
+            stops,
+        })
+    }
+
+    /// Runs the failed, canceled and skipped steps of a finished build
+    /// again ("retry failed"); the steps that passed keep their results.
+    /// A build that has not finished is a conflict.
+    pub async fn retry(&mut self, id: BuildId) -> Result<Build> {
+        let now = self.clock.now();
+        let build = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
+        if build.status == BuildStatus::Success {
+            return Err(Error::Conflict(format!(
+                "build {id} succeeded: nothing to retry (rebuild it to run it again)"
+            )));
+        }
+        if build
+            .steps
+            .iter()
+            .any(|s| s.status == StepStatus::Failed && s.attempt.0 == 0)
+        {
+            return Err(Error::Conflict(format!(
+                "build {id} failed before any step ran (its pipeline could not be read): \
+                 rebuild it to read the pipeline again"
+            )));
+        }
+        let Some(after) = self.store.retry(id, now).await? else {
+            return Err(Error::Conflict(format!(
+                "build {id} is {}: only a finished build can be retried",
+                build.status
+            )));
         };
-        let Some(agent) = self.pool.get(holder).await? else {
-            return Ok(Cancel::Done(Box::new(canceled)));
-        };
-        Ok(Cancel::Stop(StopOrder {
-            agent: holder,
-            agent_url: agent.url,
-            build: id,
-            attempt: build.attempt,
-        }))
+        self.advanced(&build, &after, now);
+        Ok(after)
     }
 }

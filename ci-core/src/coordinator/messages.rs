@@ -1,10 +1,10 @@
 //! What goes in and out of the coordinator: dispatches and their failures,
 //! heartbeats, results, stop orders, and events for observers.
 
-use crate::model::{AgentId, Attempt, Build, BuildId, BuildStatus, Completion};
+use crate::model::{AgentId, Attempt, Build, BuildId, BuildStatus, Completion, Step, StepId, StepStatus};
 use crate::protocol::BuildRequest;
 
-/// A build handed to an agent: the caller must send it, and report back
+/// A step handed to an agent: the caller must send it, and report back
 /// if it could not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dispatch {
@@ -12,22 +12,24 @@ pub struct Dispatch {
     pub agent: AgentId,
     /// That agent's base URL.
     pub agent_url: String,
-    /// The build, with its new attempt number.
-    pub build: Build,
+    /// The step, with its new attempt number.
+    pub step: Step,
 }
 
 impl Dispatch {
     /// The `POST /build` body for the agent.
     pub fn request(&self) -> BuildRequest {
         BuildRequest {
-            id: self.build.id,
-            command: self.build.command.clone(),
-            hash: self.build.hash.clone(),
-            repo: self.build.repo.clone(),
-            attempt: Some(self.build.attempt),
-            image: self.build.image.clone(),
-            timeout_ms: self.build.timeout_ms,
+            id: self.step.id,
+            command: self.step.command.clone(),
+            hash: self.step.hash.clone(),
+            repo: self.step.repo.clone(),
+            attempt: Some(self.step.attempt),
+            image: self.step.image.clone(),
+            timeout_ms: self.step.timeout_ms,
             agent_id: Some(self.agent),
+            build: Some(self.step.build),
+            step: Some(self.step.name.clone()),
         }
     }
 }
@@ -51,8 +53,8 @@ pub enum DispatchFailure {
 /// A heartbeat, or an idle agent's ping.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Heartbeat {
-    /// The build being worked on; `None` for an idle agent's ping.
-    pub build: Option<BuildId>,
+    /// The step being worked on; `None` for an idle agent's ping.
+    pub step: Option<StepId>,
     /// The attempt being worked on, if the agent says.
     pub attempt: Option<Attempt>,
     /// The sending agent, if it says (or proved it).
@@ -65,8 +67,8 @@ pub struct Heartbeat {
 /// A result reported by an agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
-    /// The build.
-    pub build: BuildId,
+    /// The step.
+    pub step: StepId,
     /// The attempt that produced it. Agents that do not say are taken to
     /// speak for the latest attempt (the original protocol has no attempts).
     pub attempt: Option<Attempt>,
@@ -83,8 +85,8 @@ pub struct Report {
 /// the queue, unless it has been handed back too often.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandBack {
-    /// The build.
-    pub build: BuildId,
+    /// The step.
+    pub step: StepId,
     /// The attempt given back.
     pub attempt: Attempt,
     /// The agent, if it says (or proved it).
@@ -98,10 +100,11 @@ pub struct HandBack {
 /// How a result was taken.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Accepted {
-    /// The result finished the build.
-    Finished(Build),
+    /// The result was recorded: the step finished (or, failed with
+    /// retries left, went back to the queue).
+    Finished(Step),
     /// The same result was already recorded; nothing changed.
-    Duplicate(Build),
+    Duplicate(Step),
 }
 
 /// Why an agent left the pool.
@@ -125,9 +128,11 @@ pub enum LeaveReason {
 pub enum Event {
     /// A build was created.
     Created(BuildId),
-    /// A build's attempt was dispatched.
+    /// A step's attempt was dispatched.
     Started {
-        /// The build.
+        /// The step.
+        step: StepId,
+        /// Its build.
         build: BuildId,
         /// Its new attempt.
         attempt: Attempt,
@@ -136,26 +141,35 @@ pub enum Event {
         /// Time from creation (or requeue) to dispatch.
         waited_ms: u64,
     },
-    /// A running build went back to the queue.
+    /// A running step went back to the queue.
     Requeued {
-        /// The build.
-        build: BuildId,
+        /// The step.
+        step: StepId,
         /// The attempt that lost its lease.
         attempt: Attempt,
     },
-    /// A build finished.
+    /// A step finished (it may run again if its build is retried).
+    StepFinished {
+        /// The step.
+        step: StepId,
+        /// Its build.
+        build: BuildId,
+        /// Its final status.
+        status: StepStatus,
+    },
+    /// A build finished: its last step did.
     Finished {
         /// The build.
         build: BuildId,
         /// Its final status.
         status: BuildStatus,
-        /// Run time of the accepted attempt.
+        /// From its first step's start to its last step's end.
         duration_ms: Option<u64>,
     },
     /// An agent joined.
     AgentJoined(AgentId),
-    /// A running attempt sent output.
-    Output(BuildId),
+    /// A running attempt of a step sent output.
+    Output(StepId),
     /// An agent left.
     AgentLeft {
         /// The agent.
@@ -165,17 +179,17 @@ pub enum Event {
     },
 }
 
-/// What cancelling a build did.
+/// What cancelling a build did: it is canceled, and the caller must tell
+/// the agents of its running steps to stop them, reporting each with
+/// [`Coordinator::stop_delivered`](crate::Coordinator::stop_delivered).
+/// Until then each such agent's slot stays taken, so no new step lands on an
+/// agent still busy killing the old one.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Cancel {
-    /// The build was queued: it is canceled, nothing else to do.
-    Done(Box<Build>),
-    /// The build was running: it is canceled, and the caller must tell the
-    /// agent to stop it, then report with
-    /// [`Coordinator::stop_delivered`](crate::Coordinator::stop_delivered).
-    /// Until then the agent's slot stays taken, so no new build lands on an
-    /// agent still busy killing the old one.
-    Stop(StopOrder),
+pub struct Cancel {
+    /// The canceled build.
+    pub build: Box<Build>,
+    /// The attempts to stop.
+    pub stops: Vec<StopOrder>,
 }
 
 /// An order to stop an attempt on an agent.
@@ -185,8 +199,8 @@ pub struct StopOrder {
     pub agent: AgentId,
     /// Its URL.
     pub agent_url: String,
-    /// The build.
-    pub build: BuildId,
+    /// The step.
+    pub step: StepId,
     /// The attempt to stop.
     pub attempt: Attempt,
 }

@@ -46,7 +46,7 @@ pub use messages::{
 use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, Result};
 use crate::lease::LeasePolicy;
-use crate::model::{AgentId, BuildId};
+use crate::model::{AgentId, StepId};
 use crate::pool::{Agent, AgentPool, StoreAgentPool};
 use crate::scheduler::{Fifo, Scheduler};
 use crate::store::{Lease, Store};
@@ -63,10 +63,10 @@ pub struct Coordinator {
     clock: Arc<dyn Clock>,
     policy: LeasePolicy,
     fence: Fence,
-    /// When each queued build (re)entered the queue, for dispatch latency.
-    queued_since: HashMap<BuildId, Timestamp>,
-    /// Hand-backs per build, against [`MAX_HAND_BACKS`].
-    hand_backs: HashMap<BuildId, u32>,
+    /// When each queued step (re)entered the queue, for dispatch latency.
+    queued_since: HashMap<StepId, Timestamp>,
+    /// Hand-backs per step, against [`MAX_HAND_BACKS`].
+    hand_backs: HashMap<StepId, u32>,
     events: Vec<Event>,
 }
 
@@ -198,10 +198,10 @@ impl Coordinator {
                 .pool
                 .get(lease.agent)
                 .await?
-                .filter(|a| a.free_slots() > 0 || a.running.contains(&lease.build));
+                .filter(|a| a.free_slots() > 0 || a.running.contains(&lease.step));
             match holder {
                 Some(_) => {
-                    self.pool.hold(lease.agent, lease.build).await?;
+                    self.pool.hold(lease.agent, lease.step).await?;
                 }
                 None => self.requeue(&lease, now).await?,
             }
@@ -224,9 +224,9 @@ impl Coordinator {
         self.pool.by_secret(secret).await
     }
 
-    /// The lease on a build, if it is running.
-    pub async fn lease(&self, build: BuildId) -> Result<Option<Lease>> {
-        Ok(self.store.leases().await?.into_iter().find(|l| l.build == build))
+    /// The lease on a step, if it is running.
+    pub async fn lease(&self, step: StepId) -> Result<Option<Lease>> {
+        Ok(self.store.leases().await?.into_iter().find(|l| l.step == step))
     }
 
     /// A heartbeat or an idle agent's ping: see [`Fence::heartbeat`].
@@ -234,16 +234,16 @@ impl Coordinator {
         self.fence.heartbeat(hb).await
     }
 
-    /// Puts a leased build back in the queue and frees its agent's slot.
+    /// Puts a leased step back in the queue and frees its agent's slot.
     async fn requeue(&mut self, lease: &Lease, now: Timestamp) -> Result<()> {
-        if self.store.requeue(lease.build, lease.attempt).await? {
-            self.queued_since.insert(lease.build, now);
+        if self.store.requeue(lease.step, lease.attempt).await? {
+            self.queued_since.insert(lease.step, now);
             self.events.push(Event::Requeued {
-                build: lease.build,
+                step: lease.step,
                 attempt: lease.attempt,
             });
         }
-        self.pool.release(lease.agent, lease.build, now).await
+        self.pool.release(lease.agent, lease.step, now).await
     }
 
     /// Expires lapsed leases and silent agents: such an agent is dropped and
@@ -256,7 +256,7 @@ impl Coordinator {
             if self.pool.get(lease.agent).await?.is_some() {
                 dead.push((lease.agent, LeaveReason::MissedHeartbeats));
             } else {
-                // Its agent is already gone: only the build is left to move.
+                // Its agent is already gone: only the step is left to move.
                 self.requeue(&lease, now).await?;
             }
         }

@@ -12,7 +12,7 @@ impl Coordinator {
     /// kept only where they hold the coordinator's rules.
     async fn propose(
         &mut self,
-        ready: &[crate::model::Build],
+        ready: &[crate::model::Step],
         now: crate::clock::Timestamp,
     ) -> Result<Vec<Claim>> {
         if ready.is_empty() {
@@ -21,7 +21,7 @@ impl Coordinator {
         // Only as many agents as there are builds to place (longest idle
         // first): a pass with 100 idle agents and one build looks at one.
         // Builds that ask for labels may need any of them.
-        let wanted = if ready.iter().all(|b| b.labels.is_empty()) {
+        let wanted = if ready.iter().all(|s| s.labels.is_empty()) {
             ready.len()
         } else {
             usize::MAX
@@ -37,21 +37,21 @@ impl Coordinator {
             .collect();
         let mut claims: Vec<Claim> = Vec::with_capacity(assignments.len());
         for a in assignments {
-            let Some(build) = ready.iter().find(|b| b.id == a.build) else {
+            let Some(step) = ready.iter().find(|s| s.id == a.step) else {
                 continue;
             };
-            if claims.iter().any(|c| c.build == a.build) {
+            if claims.iter().any(|c| c.step == a.step) {
                 continue;
             }
             let Some((free, url, _)) = room
                 .get_mut(&a.agent)
-                .filter(|(free, _, labels)| *free > 0 && labels.satisfy(&build.labels))
+                .filter(|(free, _, labels)| *free > 0 && labels.satisfy(&step.labels))
             else {
                 continue;
             };
             *free -= 1;
             claims.push(Claim {
-                build: a.build,
+                step: a.step,
                 agent: a.agent,
                 agent_url: (*url).to_owned(),
                 lease_until: self.policy.deadline(now),
@@ -88,23 +88,24 @@ impl Coordinator {
         }
         let started = self.store.start(&claims, now).await?;
         let mut dispatches = Vec::with_capacity(started.len());
-        for build in started {
-            let Some(agent) = build.agent_id else {
+        for step in started {
+            let Some(agent) = step.agent_id else {
                 continue;
             };
-            let url = build.agent_url.clone().unwrap_or_default();
-            self.pool.hold(agent, build.id).await?;
-            let since = self.queued_since.remove(&build.id).unwrap_or(build.created_at);
+            let url = step.agent_url.clone().unwrap_or_default();
+            self.pool.hold(agent, step.id).await?;
+            let since = self.queued_since.remove(&step.id).unwrap_or(step.created_at);
             self.events.push(Event::Started {
-                build: build.id,
-                attempt: build.attempt,
+                step: step.id,
+                build: step.build,
+                attempt: step.attempt,
                 agent,
                 waited_ms: u64::try_from(now.since(since).as_millis()).unwrap_or(u64::MAX),
             });
             dispatches.push(Dispatch {
                 agent,
                 agent_url: url,
-                build,
+                step,
             });
         }
         Ok(dispatches)

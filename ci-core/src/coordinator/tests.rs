@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::model::{Attempt, BuildStatus, Completion, Labels, NewBuild};
+use crate::model::{Attempt, BuildId, BuildStatus, Completion, Labels, NewBuild, StepId, StepStatus};
 use crate::model::{CommitRef, RepoUrl};
 use crate::pool::Enrollment;
 use crate::scheduler::{Assignment, MockScheduler};
@@ -41,6 +41,10 @@ fn new_build(cmd: &str) -> NewBuild {
     .unwrap()
 }
 
+async fn step_of(store: &dyn Store, id: BuildId) -> StepId {
+    store.build(id).await.unwrap().unwrap().steps[0].id
+}
+
 fn done(code: i32, out: &str) -> Completion {
     Completion {
         exit_code: code,
@@ -51,8 +55,8 @@ fn done(code: i32, out: &str) -> Completion {
 
 fn report(d: &Dispatch, code: i32) -> Report {
     Report {
-        build: d.build.id,
-        attempt: Some(d.build.attempt),
+        step: d.step.id,
+        attempt: Some(d.step.attempt),
         agent: Some(d.agent),
         verified: false,
         completion: done(code, "out"),
@@ -62,6 +66,11 @@ fn report(d: &Dispatch, code: i32) -> Report {
 impl Fixture {
     async fn status(&self, id: BuildId) -> BuildStatus {
         self.store.build(id).await.unwrap().unwrap().status
+    }
+
+    /// The one step of build `id`.
+    async fn step_of(&self, id: BuildId) -> StepId {
+        step_of(&*self.store, id).await
     }
 
     fn advance(&self, ms: u64) {
@@ -81,17 +90,17 @@ async fn n_agents_run_n_of_m_builds_then_pick_up_the_rest() {
 
     let first = f.c.plan().await.unwrap();
     assert_eq!(first.len(), 2);
-    assert_eq!(first[0].build.id, ids[0], "oldest first");
-    assert_eq!(first[1].build.id, ids[1]);
+    assert_eq!(first[0].step.build, ids[0], "oldest first");
+    assert_eq!(first[1].step.build, ids[1]);
     let agents: Vec<_> = first.iter().map(|d| d.agent).collect();
     assert!(agents.contains(&a) && agents.contains(&b));
-    assert!(first.iter().all(|d| d.build.attempt == Attempt(1)));
+    assert!(first.iter().all(|d| d.step.attempt == Attempt(1)));
     assert!(f.c.plan().await.unwrap().is_empty(), "no agent is free");
 
     f.c.complete(report(&first[0], 0)).await.unwrap();
     let next = f.c.plan().await.unwrap();
     assert_eq!(next.len(), 1);
-    assert_eq!((next[0].build.id, next[0].agent), (ids[2], first[0].agent));
+    assert_eq!((next[0].step.build, next[0].agent), (ids[2], first[0].agent));
     assert_eq!(f.status(ids[0]).await, BuildStatus::Success);
 }
 
@@ -112,12 +121,13 @@ async fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
     let mut f = fixture().await;
     let a = f.c.register_agent("http://a:1").await.unwrap().id;
     let id = f.c.submit(&new_build("sleep")).await.unwrap().id;
+    let step = f.step_of(id).await;
     let d1 = f.c.plan().await.unwrap().remove(0);
 
     for _ in 0..10 {
         f.advance(100);
         let hb = Heartbeat {
-            build: Some(id),
+            step: Some(step),
             attempt: Some(Attempt(1)),
             agent: Some(a),
             verified: false,
@@ -145,7 +155,7 @@ async fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
     );
     let events = f.c.take_events();
     assert!(events.contains(&Event::Requeued {
-        build: id,
+        step,
         attempt: Attempt(1)
     }));
     assert!(events.contains(&Event::AgentLeft {
@@ -155,11 +165,11 @@ async fn heartbeats_keep_the_lease_and_silence_requeues_with_a_new_attempt() {
 
     let b = f.c.register_agent("http://b:1").await.unwrap().id;
     let d2 = f.c.plan().await.unwrap().remove(0);
-    assert_eq!((d2.build.id, d2.build.attempt, d2.agent), (id, Attempt(2), b));
+    assert_eq!((d2.step.build, d2.step.attempt, d2.agent), (id, Attempt(2), b));
 
     // The zombie of attempt 1 is fenced out, on heartbeats and on results.
     let zombie_hb = Heartbeat {
-        build: Some(id),
+        step: Some(step),
         attempt: Some(Attempt(1)),
         agent: Some(a),
         verified: false,
@@ -198,7 +208,7 @@ async fn late_result_of_the_only_attempt_is_kept_if_not_redispatched() {
     let mut late = report(&d, 0);
     late.verified = true;
     let got = f.c.complete(late).await.unwrap();
-    assert!(matches!(got, Accepted::Finished(b) if b.status == BuildStatus::Success));
+    assert!(matches!(got, Accepted::Finished(s) if s.status == StepStatus::Success));
     f.c.register_agent("http://b:1").await.unwrap();
     assert!(
         f.c.plan().await.unwrap().is_empty(),
@@ -257,7 +267,7 @@ async fn a_live_session_cannot_be_taken_over_without_its_secret() {
         Err(Error::Conflict(_))
     ));
     assert_eq!(
-        f.c.lease(d.build.id).await.unwrap().map(|l| l.agent),
+        f.c.lease(d.step.id).await.unwrap().map(|l| l.agent),
         Some(a),
         "the build stays put"
     );
@@ -294,7 +304,15 @@ async fn results_finish_once_and_identical_repeats_are_noops() {
     let mut other = report(&d, 0);
     other.completion.stdout = "different".into();
     assert!(matches!(f.c.complete(other).await, Err(Error::Conflict(_))));
-    assert_eq!(f.store.log(id, None).await.unwrap().unwrap().stdout, "out");
+    assert_eq!(
+        f.store
+            .log(f.step_of(id).await, None)
+            .await
+            .unwrap()
+            .unwrap()
+            .stdout,
+        "out"
+    );
     let finished =
         f.c.take_events()
             .iter()
@@ -308,15 +326,16 @@ async fn original_protocol_without_attempt_or_agent_works() {
     let mut f = fixture().await;
     f.c.register_agent("http://a:1").await.unwrap();
     let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    let step = f.step_of(id).await;
     f.c.plan().await.unwrap();
     f.c.heartbeat(Heartbeat {
-        build: Some(id),
+        step: Some(step),
         ..Heartbeat::default()
     })
     .await
     .unwrap();
     let r = Report {
-        build: id,
+        step,
         attempt: None,
         agent: None,
         verified: false,
@@ -330,20 +349,21 @@ async fn original_protocol_without_attempt_or_agent_works() {
 async fn unknown_and_idle_builds_are_reported_as_such() {
     let mut f = fixture().await;
     let hb = |id| Heartbeat {
-        build: Some(BuildId(id)),
+        step: Some(id),
         ..Heartbeat::default()
     };
     assert!(matches!(
-        f.c.heartbeat(hb(42)).await,
-        Err(Error::BuildNotFound(_))
+        f.c.heartbeat(hb(StepId(42))).await,
+        Err(Error::StepNotFound(_))
     ));
     let id = f.c.submit(&new_build("x")).await.unwrap().id;
+    let step = f.step_of(id).await;
     assert!(matches!(
-        f.c.heartbeat(hb(id.0)).await,
+        f.c.heartbeat(hb(step)).await,
         Err(Error::NotRunning { .. })
     ));
     let r = Report {
-        build: id,
+        step,
         attempt: None,
         agent: None,
         verified: false,
@@ -373,8 +393,8 @@ async fn another_agent_cannot_speak_for_a_lease() {
     let d = f.c.plan().await.unwrap().remove(0);
     let other = if d.agent == a { b } else { a };
     let hb = Heartbeat {
-        build: Some(d.build.id),
-        attempt: Some(d.build.attempt),
+        step: Some(d.step.id),
+        attempt: Some(d.step.attempt),
         agent: Some(other),
         verified: false,
     };
@@ -382,7 +402,7 @@ async fn another_agent_cannot_speak_for_a_lease() {
     let mut r = report(&d, 0);
     r.agent = Some(other);
     assert!(matches!(f.c.complete(r).await, Err(Error::Conflict(_))));
-    assert_eq!(f.status(d.build.id).await, BuildStatus::Running);
+    assert_eq!(f.status(d.step.build).await, BuildStatus::Running);
 }
 
 #[tokio::test]
@@ -395,7 +415,7 @@ async fn reregistering_at_the_same_url_requeues_what_the_old_process_held() {
     assert_ne!(old, new);
     assert_eq!(f.status(id).await, BuildStatus::Queued, "not stuck running");
     let d = f.c.plan().await.unwrap().remove(0);
-    assert_eq!((d.agent, d.build.attempt), (new, Attempt(2)));
+    assert_eq!((d.agent, d.step.attempt), (new, Attempt(2)));
     assert_eq!(f.c.agents().await.unwrap().len(), 1);
 }
 
@@ -423,7 +443,7 @@ async fn unreachable_agents_are_dropped_and_rejected_builds_fail() {
     );
     assert!(f
         .store
-        .log(id, None)
+        .log(f.step_of(id).await, None)
         .await
         .unwrap()
         .unwrap()
@@ -486,7 +506,7 @@ async fn recovery_restores_leases_and_requeues_orphans() {
     let ds = f.c.plan().await.unwrap();
     assert_eq!(ds.len(), 2);
     // The agent holding y vanished from the store while the server was down.
-    let y_agent = ds.iter().find(|d| d.build.id == y).unwrap().agent;
+    let y_agent = ds.iter().find(|d| d.step.build == y).unwrap().agent;
     f.store.remove_agent(y_agent).await.unwrap();
 
     f.advance(250);
@@ -498,7 +518,7 @@ async fn recovery_restores_leases_and_requeues_orphans() {
         .unwrap();
     assert_eq!(f.status(x).await, BuildStatus::Running);
     assert_eq!(f.status(y).await, BuildStatus::Queued, "its agent is gone");
-    let lease = c2.lease(x).await.unwrap().unwrap();
+    let lease = c2.lease(f.step_of(x).await).await.unwrap().unwrap();
     assert_eq!(
         lease.expires_at,
         f.clock.now().plus(policy().ttl()),
@@ -522,12 +542,12 @@ async fn the_coordinator_enforces_capacity_whatever_the_policy_proposes() {
         let mut v: Vec<_> = queued
             .iter()
             .map(|b| Assignment {
-                build: b.id,
+                step: b.id,
                 agent: free[0].agent,
             })
             .collect();
         v.push(Assignment {
-            build: queued[0].id,
+            step: queued[0].id,
             agent: free[free.len() - 1].agent,
         });
         v
@@ -563,7 +583,7 @@ async fn a_failing_store_changes_nothing_in_memory() {
     fail.store(true, Ordering::SeqCst);
     let err = c.plan().await.unwrap_err();
     assert!(err.is_retryable());
-    assert!(c.lease(id).await.unwrap().is_none());
+    assert!(c.lease(step_of(&*store, id).await).await.unwrap().is_none());
     assert!(
         c.agents().await.unwrap()[0].is_idle(),
         "no slot is taken by a dispatch that did not happen"
@@ -610,11 +630,11 @@ async fn a_store_failing_mid_pass_strands_no_attempt() {
     assert_eq!(c.expire().await.unwrap(), 0, "no healthy agent is dropped");
     fail.store(false, Ordering::SeqCst);
     let ds = c.plan().await.unwrap();
-    let mut started: Vec<(BuildId, AgentId)> = ds.iter().map(|d| (d.build.id, d.agent)).collect();
+    let mut started: Vec<(BuildId, AgentId)> = ds.iter().map(|d| (d.step.build, d.agent)).collect();
     started.sort();
     assert_eq!(started.len(), 2);
     assert!(started.iter().all(|(_, agent)| *agent == a || *agent == b));
-    assert!(ds.iter().all(|d| d.build.attempt == Attempt(1)));
+    assert!(ds.iter().all(|d| d.step.attempt == Attempt(1)));
 }
 
 #[tokio::test]
@@ -633,8 +653,8 @@ async fn agents_with_a_session_secret_cannot_be_spoken_for() {
     // Claiming the agent's id, or saying nothing, is not enough.
     for (agent, verified) in [(Some(a), false), (None, false), (None, true)] {
         let hb = Heartbeat {
-            build: Some(d.build.id),
-            attempt: Some(d.build.attempt),
+            step: Some(d.step.id),
+            attempt: Some(d.step.attempt),
             agent,
             verified,
         };
@@ -658,11 +678,11 @@ async fn agents_with_a_session_secret_cannot_be_spoken_for() {
             ));
         }
     }
-    assert_eq!(f.status(d.build.id).await, BuildStatus::Running);
+    assert_eq!(f.status(d.step.build).await, BuildStatus::Running);
 
     let hb = Heartbeat {
-        build: Some(d.build.id),
-        attempt: Some(d.build.attempt),
+        step: Some(d.step.id),
+        attempt: Some(d.step.attempt),
         agent: Some(a),
         verified: true,
     };
@@ -670,7 +690,7 @@ async fn agents_with_a_session_secret_cannot_be_spoken_for() {
     let mut r = report(&d, 0);
     r.verified = true;
     f.c.complete(r).await.unwrap();
-    assert_eq!(f.status(d.build.id).await, BuildStatus::Success);
+    assert_eq!(f.status(d.step.build).await, BuildStatus::Success);
 
     // Secrets survive a restart.
     let c2 = Coordinator::builder(f.store.clone())
@@ -689,19 +709,15 @@ async fn cancel_queued_at_once_and_running_after_the_agent_stops() {
     let d = f.c.plan().await.unwrap().remove(0);
     let queued = f.c.submit(&new_build("q")).await.unwrap().id;
 
-    assert!(
-        matches!(f.c.cancel(queued).await.unwrap(), Cancel::Done(b) if b.status == BuildStatus::Canceled)
-    );
-    let order = match f.c.cancel(running).await.unwrap() {
-        Cancel::Stop(o) => o,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(
-        (order.agent, order.build, order.attempt),
-        (a, running, Attempt(1))
-    );
+    let c = f.c.cancel(queued).await.unwrap();
+    assert_eq!((c.build.status, c.stops.len()), (BuildStatus::Canceled, 0));
+    let mut stops = f.c.cancel(running).await.unwrap().stops;
+    let order = stops.pop().unwrap();
+    assert!(stops.is_empty());
+    let step = f.step_of(running).await;
+    assert_eq!((order.agent, order.step, order.attempt), (a, step, Attempt(1)));
     assert_eq!(f.status(running).await, BuildStatus::Canceled);
-    assert!(f.c.lease(running).await.unwrap().is_none());
+    assert!(f.c.lease(step).await.unwrap().is_none());
     let another = f.c.submit(&new_build("next")).await.unwrap().id;
     assert!(
         f.c.plan().await.unwrap().is_empty(),
@@ -710,7 +726,7 @@ async fn cancel_queued_at_once_and_running_after_the_agent_stops() {
     f.c.stop_delivered(&order, true).await.unwrap();
     let next = f.c.plan().await.unwrap();
     assert_eq!(next.len(), 1);
-    assert_eq!(next[0].build.id, another);
+    assert_eq!(next[0].step.build, another);
 
     // A late result and heartbeat of the canceled attempt change nothing.
     assert!(matches!(
@@ -718,7 +734,7 @@ async fn cancel_queued_at_once_and_running_after_the_agent_stops() {
         Err(Error::Conflict(_))
     ));
     let hb = Heartbeat {
-        build: Some(running),
+        step: Some(step),
         attempt: Some(Attempt(1)),
         agent: Some(a),
         verified: false,
@@ -736,7 +752,7 @@ async fn an_unreachable_stop_drops_the_agent_and_a_leaving_agent_hands_back_its_
     f.c.register_agent("http://a:1").await.unwrap();
     let x = f.c.submit(&new_build("x")).await.unwrap().id;
     f.c.plan().await.unwrap();
-    let Cancel::Stop(order) = f.c.cancel(x).await.unwrap() else {
+    let Some(order) = f.c.cancel(x).await.unwrap().stops.pop() else {
         panic!()
     };
     f.c.stop_delivered(&order, false).await.unwrap();
@@ -776,7 +792,7 @@ async fn a_busy_agent_cools_down_instead_of_being_dropped() {
     );
     f.advance(300);
     let again = f.c.plan().await.unwrap();
-    assert_eq!((again[0].agent, again[0].build.attempt), (a, Attempt(2)));
+    assert_eq!((again[0].agent, again[0].step.attempt), (a, Attempt(2)));
 }
 
 fn labelled(cmd: &str, labels: &[&str]) -> NewBuild {
@@ -810,7 +826,7 @@ async fn builds_go_only_to_agents_with_their_labels() {
             .await
             .unwrap()
             .iter()
-            .map(|d| (d.build.id, d.agent))
+            .map(|d| (d.step.build, d.agent))
             .collect();
     assert_eq!(sent, [(linux_build, linux), (any_build, plain)]);
     assert_eq!(f.status(windows_build).await, BuildStatus::Queued);
@@ -823,7 +839,7 @@ async fn builds_go_only_to_agents_with_their_labels() {
             .await
             .unwrap()
             .iter()
-            .map(|d| (d.build.id, d.agent))
+            .map(|d| (d.step.build, d.agent))
             .collect();
     assert_eq!(sent, [(windows_build, windows)]);
 }
@@ -841,7 +857,7 @@ async fn the_coordinator_enforces_labels_whatever_the_policy_proposes() {
             .iter()
             .flat_map(|b| {
                 offers.iter().map(move |o| Assignment {
-                    build: b.id,
+                    step: b.id,
                     agent: o.agent,
                 })
             })
@@ -864,7 +880,7 @@ async fn the_coordinator_enforces_labels_whatever_the_policy_proposes() {
         .await
         .unwrap()
         .iter()
-        .map(|d| (d.build.id, d.agent))
+        .map(|d| (d.step.build, d.agent))
         .collect();
     assert_eq!(sent, [(any, plain)]);
     assert_eq!(

@@ -365,17 +365,22 @@ impl Common {
             .iter()
             .map(|c| interpolate(c, combo))
             .collect();
-        if super::script(&commands).chars().count() > MAX_SCRIPT {
-            return err(
-                step.commands.referenced,
-                format!("commands: longer than {MAX_SCRIPT} characters in all"),
-            );
-        }
-        let env = self
+        let env: BTreeMap<String, String> = self
             .env
             .iter()
             .map(|(k, v)| (k.clone(), interpolate(v, combo)))
             .collect();
+        // N.B.: the script an agent gets exports the environment first.
+        let exports: usize = env
+            .iter()
+            .map(|(k, v)| k.len() + v.chars().count() * 4 + 12)
+            .sum();
+        if super::script(&commands).chars().count() + exports > MAX_SCRIPT {
+            return err(
+                step.commands.referenced,
+                format!("commands and env: longer than {MAX_SCRIPT} characters in all"),
+            );
+        }
         let labels = match &step.agents {
             Some(a) => labels(a, combo)?,
             None => Labels::default(),

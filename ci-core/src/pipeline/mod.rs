@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{limits, ImageRef, Labels};
+use crate::model::{limits, ImageRef, Labels, NewStep};
 
 mod expand;
 mod raw;
@@ -75,6 +75,10 @@ pub mod caps {
     /// Most services per step.
     pub const MAX_SERVICES: usize = 8;
 }
+
+/// The label of agents with the Docker runner, which a step with an image
+/// asks for.
+pub const DOCKER_LABEL: &str = "docker=true";
 
 /// The name of the file, unless the server is told otherwise.
 pub const DEFAULT_FILE: &str = ".ci.yml";
@@ -357,6 +361,64 @@ impl Pipeline {
             }
         }
         Pipeline { steps: kept }
+    }
+}
+
+impl Step {
+    /// The step as the queue stores it: its environment exported and its
+    /// commands as one script, as every agent (the original ones too)
+    /// takes them.
+    ///
+    /// N.B.: a step whose agent is lost always runs again, as builds
+    /// always have; `retry.limit` counts re-runs after a failure or a
+    /// timeout.
+    pub fn to_new_step(&self) -> NewStep {
+        let mut command = String::new();
+        if !self.services.is_empty() {
+            // N.B.: said, not hidden: the step may well fail without them.
+            let names: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+            command.push_str(&format!(
+                "echo 'ci: services are not started yet (this runner cannot run them): {}' >&2\n",
+                names.join(", ")
+            ));
+        }
+        for (k, v) in &self.env {
+            // Names are checked (A-Z a-z 0-9 _); values are quoted.
+            command.push_str(&format!("export {k}='{}'\n", v.replace('\'', r"'\''")));
+        }
+        command.push_str(&self.script());
+        let retries_failures = self
+            .retry
+            .on
+            .iter()
+            .any(|r| matches!(r, RetryOn::Failure | RetryOn::Timeout));
+        NewStep {
+            name: self.name.clone(),
+            command,
+            image: self.image.as_ref().map(|i| i.as_str().to_owned()),
+            timeout_ms: self.timeout.map(|t| {
+                u64::try_from(t.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .clamp(1, limits::MAX_TIMEOUT_MS)
+            }),
+            labels: match &self.image {
+                // Only the Docker runner runs images.
+                Some(_) => Labels::parse(self.labels.iter().chain([DOCKER_LABEL]))
+                    .unwrap_or_else(|_| self.labels.clone()),
+                None => self.labels.clone(),
+            },
+            depends_on: self.depends_on.clone(),
+            allow_failure: self.allow_failure,
+            retries: if retries_failures { self.retry.limit } else { 0 },
+            matrix: self.matrix.clone(),
+        }
+    }
+}
+
+impl Pipeline {
+    /// The steps as the queue stores them. See [`Step::to_new_step`].
+    pub fn to_new_steps(&self) -> Vec<NewStep> {
+        self.steps.iter().map(Step::to_new_step).collect()
     }
 }
 

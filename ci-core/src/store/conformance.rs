@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use super::*;
-use crate::model::{limits, CommitRef, RepoUrl};
+use crate::model::{limits, CommitRef, NewStep, RepoUrl, StepStatus};
 
 fn new_build(command: &str) -> NewBuild {
     let repo = RepoUrl::parse("/srv/repo").unwrap_or_else(|e| panic!("{e}"));
@@ -23,6 +23,13 @@ fn ok<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("store error: {e}"))
 }
 
+/// Creates a build of one step; returns both ids.
+async fn create<S: Store>(s: &S, new: &NewBuild, now: Timestamp) -> (BuildId, StepId) {
+    let b = ok(s.create_build(new, now).await);
+    assert_eq!(b.steps.len(), 1);
+    (b.id, b.steps[0].id)
+}
+
 /// Runs every check against stores made by `make` (one fresh store per
 /// check).
 pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(make: impl Fn() -> F) {
@@ -39,12 +46,220 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(make: impl Fn
     leases_are_granted_renewed_and_fenced(&make().await).await;
     starting_is_one_step_and_skips_what_is_not_queued(&make().await).await;
     labels_are_kept(&make().await).await;
+    pipelines_follow_their_graph(&make().await).await;
+    allowed_failures_and_retries(&make().await).await;
+    canceling_and_retrying_a_pipeline(&make().await).await;
+    a_broken_pipeline_fails_at_once(&make().await).await;
+}
+
+/// A build whose pipeline cannot be read is stored failed, with one step
+/// named after the file whose log says why; nothing is queued.
+pub async fn a_broken_pipeline_fails_at_once<S: Store>(s: &S) {
+    let new = NewBuild {
+        failure: Some(".ci.yml:3:5: unknown field `stpes`".into()),
+        ..new_build(".ci.yml")
+    };
+    let b = ok(s.create_build(&new, Timestamp(7)).await);
+    assert_eq!(
+        (b.status, b.exit_code),
+        (BuildStatus::Failed, Some(Completion::NOT_RUN))
+    );
+    assert_eq!(b.finished_at, Some(Timestamp(7)));
+    assert_eq!(b.steps.len(), 1);
+    assert_eq!(
+        (b.steps[0].name.as_str(), b.steps[0].status),
+        (".ci.yml", StepStatus::Failed)
+    );
+    assert_eq!(ok(s.queued(10).await), vec![]);
+    let log = ok(s.log(b.steps[0].id, None).await).unwrap_or_default();
+    assert!(
+        log.complete && log.stderr.contains("unknown field `stpes`"),
+        "{log:?}"
+    );
+    assert_eq!(ok(s.build(b.id).await), Some(b));
+}
+
+/// A diamond, `a` then `b` and `c`, then `d`, with `branch` put on step
+/// `name` if given.
+fn diamond(tweak: impl Fn(&mut NewStep)) -> NewBuild {
+    let step = |name: &str, deps: &[&str]| {
+        let mut n = NewStep {
+            name: name.into(),
+            command: format!("make {name}"),
+            depends_on: deps.iter().map(|d| (*d).to_owned()).collect(),
+            ..NewStep::default()
+        };
+        tweak(&mut n);
+        n
+    };
+    NewBuild {
+        steps: vec![
+            step("a", &[]),
+            step("b", &["a"]),
+            step("c", &["a"]),
+            step("d", &["b", "c"]),
+        ],
+        ..new_build("pipeline")
+    }
+}
+
+fn exit(code: i32) -> Completion {
+    Completion {
+        exit_code: code,
+        stdout: format!("exit {code}"),
+        stderr: String::new(),
+    }
+}
+
+async fn statuses<S: Store>(s: &S, id: BuildId) -> (BuildStatus, Vec<StepStatus>) {
+    let b = ok(s.build(id).await).unwrap_or_else(|| panic!("build {id} vanished"));
+    (b.status, b.steps.iter().map(|s| s.status).collect())
+}
+
+/// A step is queued only once every step it depends on has passed; a
+/// failed step skips what depends on it, at once, and the build ends with
+/// its last step.
+pub async fn pipelines_follow_their_graph<S: Store>(s: &S) {
+    use StepStatus::*;
+    let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
+    let b = ok(s.create_build(&diamond(|_| {}), Timestamp(0)).await);
+    let ids: Vec<StepId> = b.steps.iter().map(|s| s.id).collect();
+    let names: Vec<&str> = b.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c", "d"]);
+    assert_eq!(b.steps[3].depends_on, ["b", "c"]);
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Queued, vec![Queued, Pending, Pending, Pending])
+    );
+    let queued: Vec<StepId> = ok(s.queued(10).await).iter().map(|s| s.id).collect();
+    assert_eq!(queued, [ids[0]]);
+    let started = ok(start_one(s, ids[0], &agent, Timestamp(1)).await).unwrap_or_else(|| panic!("a"));
+    assert_eq!(
+        (started.repo.as_str(), started.command.as_str()),
+        ("/srv/repo", "make a")
+    );
+    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await));
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Running, vec![Success, Queued, Queued, Pending])
+    );
+    ok(start_one(s, ids[1], &agent, Timestamp(3)).await);
+    assert!(ok(s.finish(ids[1], Attempt(1), &exit(2), Timestamp(4)).await));
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Running, vec![Success, Failed, Queued, Skipped]),
+        "d is skipped as soon as b fails; c still runs"
+    );
+    ok(start_one(s, ids[2], &agent, Timestamp(5)).await);
+    assert!(ok(s.finish(ids[2], Attempt(1), &exit(0), Timestamp(6)).await));
+    let done = ok(s.build(b.id).await).unwrap_or_else(|| panic!("gone"));
+    assert_eq!(done.status, BuildStatus::Failed);
+    assert_eq!(
+        done.exit_code,
+        Some(2),
+        "the exit code of the step that failed it"
+    );
+    assert_eq!(
+        (done.started_at, done.finished_at),
+        (Some(Timestamp(1)), Some(Timestamp(6)))
+    );
+    assert_eq!(ok(s.queued(10).await), vec![]);
+    assert_eq!(
+        ok(s.log(ids[1], None).await).map(|l| l.stdout),
+        Some("exit 2".into())
+    );
+    let counts = ok(s.status_counts().await);
+    assert!(counts.contains(&(BuildStatus::Failed, 1)), "{counts:?}");
+}
+
+/// A step that may fail does not fail the build nor skip its dependents;
+/// a failed attempt with retries left queues its step again, with its log
+/// kept.
+pub async fn allowed_failures_and_retries<S: Store>(s: &S) {
+    use StepStatus::*;
+    let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
+    let b = ok(s
+        .create_build(
+            &diamond(|n| {
+                n.allow_failure = n.name == "b";
+                n.retries = u32::from(n.name == "c");
+            }),
+            Timestamp(0),
+        )
+        .await);
+    let ids: Vec<StepId> = b.steps.iter().map(|s| s.id).collect();
+    ok(start_one(s, ids[0], &agent, Timestamp(1)).await);
+    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await));
+    ok(start_one(s, ids[1], &agent, Timestamp(3)).await);
+    assert!(ok(s.finish(ids[1], Attempt(1), &exit(1), Timestamp(4)).await));
+    ok(start_one(s, ids[2], &agent, Timestamp(3)).await);
+    assert!(ok(s.finish(ids[2], Attempt(1), &exit(7), Timestamp(4)).await));
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Running, vec![Success, Failed, Queued, Pending]),
+        "c runs again"
+    );
+    assert!(
+        !ok(s.finish(ids[2], Attempt(1), &exit(7), Timestamp(4)).await),
+        "its result was taken"
+    );
+    let again = ok(start_one(s, ids[2], &agent, Timestamp(5)).await).map(|s| s.attempt);
+    assert_eq!(again, Some(Attempt(2)));
+    assert!(ok(s.finish(ids[2], Attempt(2), &exit(0), Timestamp(6)).await));
+    assert_eq!(
+        ok(s.log(ids[2], Some(Attempt(1))).await).map(|l| l.stdout),
+        Some("exit 7".into())
+    );
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Running, vec![Success, Failed, Success, Queued]),
+        "b may fail: d runs"
+    );
+    ok(start_one(s, ids[3], &agent, Timestamp(7)).await);
+    assert!(ok(s.finish(ids[3], Attempt(1), &exit(0), Timestamp(8)).await));
+    let done = ok(s.build(b.id).await).unwrap_or_else(|| panic!("gone"));
+    assert_eq!((done.status, done.exit_code), (BuildStatus::Success, Some(0)));
+}
+
+/// Cancel ends every step of a pipeline; retry runs the steps that did
+/// not pass again and keeps the rest.
+pub async fn canceling_and_retrying_a_pipeline<S: Store>(s: &S) {
+    use StepStatus::*;
+    let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
+    let b = ok(s.create_build(&diamond(|_| {}), Timestamp(0)).await);
+    let ids: Vec<StepId> = b.steps.iter().map(|s| s.id).collect();
+    assert_eq!(ok(s.retry(b.id, Timestamp(1)).await), None, "not finished");
+    ok(start_one(s, ids[0], &agent, Timestamp(1)).await);
+    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await));
+    ok(start_one(s, ids[1], &agent, Timestamp(3)).await);
+    let stopped = ok(s.cancel(b.id, Timestamp(4)).await).unwrap_or_default();
+    assert_eq!(stopped.iter().map(|l| l.step).collect::<Vec<_>>(), [ids[1]]);
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Canceled, vec![Success, Canceled, Canceled, Canceled])
+    );
+    assert_eq!(ok(s.leases().await), vec![]);
+
+    let retried = ok(s.retry(b.id, Timestamp(5)).await).unwrap_or_else(|| panic!("retry"));
+    assert_eq!(retried.status, BuildStatus::Running);
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Running, vec![Success, Queued, Queued, Pending])
+    );
+    let again = ok(start_one(s, ids[1], &agent, Timestamp(6)).await).map(|s| s.attempt);
+    assert_eq!(again, Some(Attempt(2)), "a new attempt");
+    assert!(ok(s.finish(ids[1], Attempt(2), &exit(0), Timestamp(7)).await));
+    ok(start_one(s, ids[2], &agent, Timestamp(6)).await);
+    assert!(ok(s.finish(ids[2], Attempt(1), &exit(0), Timestamp(7)).await));
+    ok(start_one(s, ids[3], &agent, Timestamp(8)).await);
+    assert!(ok(s.finish(ids[3], Attempt(1), &exit(0), Timestamp(9)).await));
+    assert_eq!(statuses(s, b.id).await.0, BuildStatus::Success);
 }
 
 /// A log read a piece at a time is the log.
 pub async fn logs_read_in_pieces<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
-    let id = ok(s.create_build(&new_build("x"), Timestamp(0)).await).id;
+    let (_, id) = create(s, &new_build("x"), Timestamp(0)).await;
     assert_eq!(ok(s.log_info(id, None).await), None);
     ok(start_one(s, id, &agent, Timestamp(1)).await);
     let piece = |seq, stream, data: &str| LogPiece {
@@ -98,7 +313,7 @@ pub async fn logs_read_in_pieces<S: Store>(s: &S) {
 /// rows, with retries of overlapping batches stored once.
 pub async fn live_logs_are_capped_and_joined<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
-    let id = ok(s.create_build(&new_build("x"), Timestamp(0)).await).id;
+    let (_, id) = create(s, &new_build("x"), Timestamp(0)).await;
     ok(start_one(s, id, &agent, Timestamp(1)).await);
     let pieces: Vec<LogPiece> = (0..20_000)
         .map(|seq| LogPiece {
@@ -133,11 +348,12 @@ pub async fn live_logs_are_capped_and_joined<S: Store>(s: &S) {
     assert_eq!((log.stdout.len(), log.stderr.len()), (20_000, limits::MAX_LOG));
 }
 
-/// Cancel acts on queued builds and on the running attempt only.
+/// Cancel ends every unfinished step of a build, once, and names the
+/// running attempts to stop.
 pub async fn cancel_is_fenced<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
-    let queued = ok(s.create_build(&new_build("q"), Timestamp(0)).await).id;
-    assert!(ok(s.cancel(queued, Attempt(0), Timestamp(5)).await));
+    let (queued, _) = create(s, &new_build("q"), Timestamp(0)).await;
+    assert_eq!(ok(s.cancel(queued, Timestamp(5)).await), Some(vec![]));
     assert_eq!(
         ok(s.queued(10).await),
         vec![],
@@ -145,27 +361,32 @@ pub async fn cancel_is_fenced<S: Store>(s: &S) {
     );
     let b = ok(s.build(queued).await).unwrap_or_else(|| panic!("gone"));
     assert_eq!(
-        (b.status, b.finished_at),
-        (BuildStatus::Canceled, Some(Timestamp(5)))
+        (b.status, b.finished_at, b.steps[0].status),
+        (BuildStatus::Canceled, Some(Timestamp(5)), StepStatus::Canceled)
     );
-    assert!(!ok(s.cancel(queued, Attempt(0), Timestamp(6)).await), "once");
+    assert_eq!(ok(s.cancel(queued, Timestamp(6)).await), None, "once");
+    assert_eq!(ok(s.cancel(BuildId(999), Timestamp(6)).await), None);
 
-    let running = ok(s.create_build(&new_build("r"), Timestamp(0)).await).id;
-    ok(start_one(s, running, &agent, Timestamp(1)).await);
-    assert!(
-        !ok(s.cancel(running, Attempt(0), Timestamp(2)).await),
-        "not the running attempt"
+    let (running, step) = create(s, &new_build("r"), Timestamp(0)).await;
+    ok(start_one(s, step, &agent, Timestamp(1)).await);
+    let stopped = ok(s.cancel(running, Timestamp(2)).await).unwrap_or_default();
+    assert_eq!(
+        stopped
+            .iter()
+            .map(|l| (l.step, l.attempt, l.agent))
+            .collect::<Vec<_>>(),
+        vec![(step, Attempt(1), agent.id)]
     );
-    assert!(ok(s.cancel(running, Attempt(1), Timestamp(2)).await));
     let done = Completion {
         exit_code: 0,
         stdout: String::new(),
         stderr: String::new(),
     };
     assert!(
-        !ok(s.finish(running, Attempt(1), &done, Timestamp(3)).await),
-        "a canceled build takes no result"
+        !ok(s.finish(step, Attempt(1), &done, Timestamp(3)).await),
+        "a canceled step takes no result"
     );
+    assert_eq!(ok(s.leases().await), vec![]);
     let counts = ok(s.status_counts().await);
     assert!(counts.contains(&(BuildStatus::Canceled, 2)), "{counts:?}");
     assert!(counts.contains(&(BuildStatus::Running, 0)), "{counts:?}");
@@ -175,7 +396,7 @@ pub async fn cancel_is_fenced<S: Store>(s: &S) {
 /// attempt, replaced by the final log.
 pub async fn live_logs_are_ordered_fenced_and_idempotent<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
-    let id = ok(s.create_build(&new_build("x"), Timestamp(0)).await).id;
+    let (_, id) = create(s, &new_build("x"), Timestamp(0)).await;
     let piece = |seq, stream, data: &str| LogPiece {
         seq,
         stream,
@@ -280,7 +501,7 @@ pub async fn labels_are_kept<S: Store>(s: &S) {
     let queued: Vec<_> = ok(s.queued(10).await).into_iter().map(|b| b.labels).collect();
     assert_eq!(queued, [labels.clone(), crate::model::Labels::default()]);
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
-    let started = ok(start_one(s, b.id, &agent, Timestamp(3)).await).map(|b| b.labels);
+    let started = ok(start_one(s, b.steps[0].id, &agent, Timestamp(3)).await).map(|b| b.labels);
     assert_eq!(started, Some(labels.clone()));
     assert_eq!(ok(s.build(b.id).await).map(|b| b.labels), Some(labels.clone()));
     let page = ok(s
@@ -298,12 +519,12 @@ pub async fn queue_is_fifo<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(ok(s.create_build(&new_build(&format!("c{i}")), Timestamp(i)).await).id);
+        ids.push(create(s, &new_build(&format!("c{i}")), Timestamp(i)).await.1);
     }
     let q: Vec<_> = ok(s.queued(3).await).iter().map(|b| b.id).collect();
     assert_eq!(q, ids[..3]);
     let started = ok(start_one(s, ids[0], &agent, Timestamp(10)).await).map(|b| b.status);
-    assert_eq!(started, Some(BuildStatus::Running));
+    assert_eq!(started, Some(StepStatus::Running));
     assert_eq!(
         ok(start_one(s, ids[0], &agent, Timestamp(10)).await),
         None,
@@ -317,7 +538,7 @@ pub async fn queue_is_fifo<S: Store>(s: &S) {
 /// Requeue and finish only act on the latest attempt.
 pub async fn attempts_are_fenced<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
-    let id = ok(s.create_build(&new_build("x"), Timestamp(0)).await).id;
+    let (build, id) = create(s, &new_build("x"), Timestamp(0)).await;
     let done = Completion {
         exit_code: 0,
         stdout: "out".into(),
@@ -343,7 +564,7 @@ pub async fn attempts_are_fenced<S: Store>(s: &S) {
         !ok(s.finish(id, Attempt(2), &done, Timestamp(4)).await),
         "finished once"
     );
-    let b = ok(s.build(id).await).unwrap_or_else(|| panic!("build {id} vanished"));
+    let b = ok(s.build(build).await).unwrap_or_else(|| panic!("build {build} vanished"));
     assert_eq!(b.status, BuildStatus::Success);
     assert_eq!(b.exit_code, Some(0));
     assert_eq!(b.finished_at, Some(Timestamp(3)));
@@ -358,7 +579,7 @@ pub async fn attempts_are_fenced<S: Store>(s: &S) {
 /// A late result of the only attempt is accepted while the build waits.
 pub async fn logs_are_kept_per_attempt<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
-    let id = ok(s.create_build(&new_build("x"), Timestamp(0)).await).id;
+    let (build, id) = create(s, &new_build("x"), Timestamp(0)).await;
     ok(start_one(s, id, &agent, Timestamp(1)).await);
     assert!(ok(s.requeue(id, Attempt(1)).await));
     let failed = Completion {
@@ -377,7 +598,7 @@ pub async fn logs_are_kept_per_attempt<S: Store>(s: &S) {
         (Attempt(1), "o", "e")
     );
     assert_eq!(ok(s.log(id, Some(Attempt(2))).await), None);
-    let b = ok(s.build(id).await).map(|b| (b.status, b.exit_code));
+    let b = ok(s.build(build).await).map(|b| (b.status, b.exit_code));
     assert_eq!(b, Some((BuildStatus::Failed, Some(3))));
 }
 
@@ -424,14 +645,9 @@ pub async fn listing_is_newest_first<S: Store>(s: &S) {
 }
 
 /// Starts one queued build on `agent`, leased for a second.
-async fn start_one<S: Store>(
-    s: &S,
-    id: BuildId,
-    agent: &AgentRecord,
-    now: Timestamp,
-) -> Result<Option<Build>> {
+async fn start_one<S: Store>(s: &S, id: StepId, agent: &AgentRecord, now: Timestamp) -> Result<Option<Step>> {
     let claim = Claim {
-        build: id,
+        step: id,
         agent: agent.id,
         agent_url: agent.url.clone(),
         lease_until: Timestamp(now.0 + 1000),
@@ -444,21 +660,21 @@ async fn start_one<S: Store>(
 pub async fn leases_are_granted_renewed_and_fenced<S: Store>(s: &S) {
     let a = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
     let b = ok(s.register_agent(&enroll("http://b:1", None), Timestamp(0)).await);
-    let id = ok(s.create_build(&new_build("x"), Timestamp(0)).await).id;
+    let (_, id) = create(s, &new_build("x"), Timestamp(0)).await;
     assert!(matches!(
         s.renew(id, None, None, Timestamp(5)).await,
         Err(crate::Error::NotRunning { .. })
     ));
     assert!(matches!(
-        s.renew(BuildId(999), None, None, Timestamp(5)).await,
-        Err(crate::Error::BuildNotFound(_))
+        s.renew(StepId(999), None, None, Timestamp(5)).await,
+        Err(crate::Error::StepNotFound(_))
     ));
     ok(start_one(s, id, &a, Timestamp(100)).await);
     let leases = ok(s.leases().await);
     assert_eq!(
         leases,
         vec![Lease {
-            build: id,
+            step: id,
             attempt: Attempt(1),
             agent: a.id,
             expires_at: Timestamp(1100)
@@ -517,15 +733,19 @@ pub async fn leases_are_granted_renewed_and_fenced<S: Store>(s: &S) {
     ));
 }
 
-/// One start starts every claimed build that is still queued, each once,
+/// One start starts every claimed step that is still queued, each once,
 /// and skips the rest.
 pub async fn starting_is_one_step_and_skips_what_is_not_queued<S: Store>(s: &S) {
     let a = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
     let b = ok(s.register_agent(&enroll("http://b:1", None), Timestamp(0)).await);
-    let ids: Vec<BuildId> = futures_ids(s, 3).await;
-    assert!(ok(s.cancel(ids[1], Attempt(0), Timestamp(1)).await));
-    let claim = |build, agent: &AgentRecord| Claim {
-        build,
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(create(s, &new_build(&format!("c{i}")), Timestamp(0)).await);
+    }
+    assert!(ok(s.cancel(ids[1].0, Timestamp(1)).await).is_some());
+    let ids: Vec<StepId> = ids.into_iter().map(|(_, step)| step).collect();
+    let claim = |step, agent: &AgentRecord| Claim {
+        step,
         agent: agent.id,
         agent_url: agent.url.clone(),
         lease_until: Timestamp(50),
@@ -541,21 +761,13 @@ pub async fn starting_is_one_step_and_skips_what_is_not_queued<S: Store>(s: &S) 
             Timestamp(10),
         )
         .await);
-    let got: Vec<(BuildId, Option<AgentId>, Attempt)> =
-        started.iter().map(|b| (b.id, b.agent_id, b.attempt)).collect();
+    let got: Vec<(StepId, Option<AgentId>, Attempt)> =
+        started.iter().map(|s| (s.id, s.agent_id, s.attempt)).collect();
     assert_eq!(
         got,
         vec![(ids[0], Some(a.id), Attempt(1)), (ids[2], Some(b.id), Attempt(1))],
-        "the canceled build and the second claim of the first are skipped"
+        "the canceled step and the second claim of the first are skipped"
     );
     assert_eq!(ok(s.leases().await).len(), 2);
     assert_eq!(ok(s.start(&[], Timestamp(11)).await), vec![]);
-}
-
-async fn futures_ids<S: Store>(s: &S, n: usize) -> Vec<BuildId> {
-    let mut ids = Vec::new();
-    for i in 0..n {
-        ids.push(ok(s.create_build(&new_build(&format!("c{i}")), Timestamp(0)).await).id);
-    }
-    ids
 }

@@ -10,7 +10,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo, LogPiece,
-    NewBuild, Page,
+    NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -67,16 +67,16 @@ impl Queue for FaultyStore {
     async fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build> {
         self.inner.create_build(new, now).await
     }
-    async fn queued(&self, limit: usize) -> Result<Vec<Build>> {
+    async fn queued(&self, limit: usize) -> Result<Vec<Step>> {
         self.inner.queued(limit).await
     }
-    async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Build>> {
+    async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Step>> {
         self.check(Op::Start(claims.len()))?;
         self.inner.start(claims, now).await
     }
     async fn renew(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Option<Attempt>,
         agent: Option<AgentId>,
         until: Timestamp,
@@ -84,12 +84,12 @@ impl Queue for FaultyStore {
         self.check(Op::Renew)?;
         self.inner.renew(id, attempt, agent, until).await
     }
-    async fn requeue(&self, id: BuildId, attempt: Attempt) -> Result<bool> {
+    async fn requeue(&self, id: StepId, attempt: Attempt) -> Result<bool> {
         self.inner.requeue(id, attempt).await
     }
     async fn finish(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         result: &Completion,
         now: Timestamp,
@@ -97,8 +97,11 @@ impl Queue for FaultyStore {
         self.check(Op::Finish)?;
         self.inner.finish(id, attempt, result, now).await
     }
-    async fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> Result<bool> {
-        self.inner.cancel(id, attempt, now).await
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<Vec<Lease>>> {
+        self.inner.cancel(build, now).await
+    }
+    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Build>> {
+        self.inner.retry(build, now).await
     }
     async fn leases(&self) -> Result<Vec<Lease>> {
         self.inner.leases().await
@@ -116,28 +119,28 @@ impl Queue for FaultyStore {
 
 #[async_trait]
 impl Logs for FaultyStore {
-    async fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize> {
+    async fn append_log(&self, id: StepId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize> {
         self.check(Op::Append)?;
         self.inner.append_log(id, attempt, pieces).await
     }
     async fn log_pieces(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<LogPiece>> {
         self.inner.log_pieces(id, attempt, after, limit).await
     }
-    async fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>> {
+    async fn log(&self, id: StepId, attempt: Option<Attempt>) -> Result<Option<BuildLog>> {
         self.inner.log(id, attempt).await
     }
-    async fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<LogInfo>> {
+    async fn log_info(&self, id: StepId, attempt: Option<Attempt>) -> Result<Option<LogInfo>> {
         self.inner.log_info(id, attempt).await
     }
     async fn read_log(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         stream: Stream,
         offset: u64,
@@ -151,6 +154,9 @@ impl Logs for FaultyStore {
 impl Builds for FaultyStore {
     async fn build(&self, id: BuildId) -> Result<Option<Build>> {
         self.inner.build(id).await
+    }
+    async fn step(&self, id: StepId) -> Result<Option<Step>> {
+        self.inner.step(id).await
     }
     async fn list_builds(&self, page: Page) -> Result<Vec<Build>> {
         self.inner.list_builds(page).await

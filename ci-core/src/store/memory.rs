@@ -9,8 +9,8 @@ use super::{Agents, Builds, Claim, Lease, Logs, Queue};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
-    limits, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo,
-    LogPiece, NewBuild, Page,
+    build_status, limits, settle, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus,
+    Completion, LogInfo, LogPiece, NewBuild, Page, Step, StepId, StepStatus,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -25,15 +25,20 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     last_build: i64,
+    last_step: i64,
     last_agent: i64,
+    /// Builds, without their steps (see `with_steps`).
     builds: BTreeMap<BuildId, Build>,
-    queue: BTreeSet<BuildId>,
-    /// Deadline of each running build's lease.
-    leases: HashMap<BuildId, Timestamp>,
-    logs: HashMap<(BuildId, Attempt), BuildLog>,
-    pieces: HashMap<(BuildId, Attempt), BTreeMap<u64, LogPiece>>,
+    steps: BTreeMap<StepId, Step>,
+    /// Each build's steps, in creation order.
+    build_steps: HashMap<BuildId, Vec<StepId>>,
+    queue: BTreeSet<StepId>,
+    /// Deadline of each running step's lease.
+    leases: HashMap<StepId, Timestamp>,
+    logs: HashMap<(StepId, Attempt), BuildLog>,
+    pieces: HashMap<(StepId, Attempt), BTreeMap<u64, LogPiece>>,
     /// Per attempt: the highest `seq` taken and the bytes kept per stream.
-    live: HashMap<(BuildId, Attempt), (Option<u64>, [usize; 2])>,
+    live: HashMap<(StepId, Attempt), (Option<u64>, [usize; 2])>,
     agents: BTreeMap<AgentId, AgentRecord>,
 }
 
@@ -49,56 +54,103 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn lease_of(&self, b: &Build) -> Option<Lease> {
-        let expires_at = *self.leases.get(&b.id)?;
+    fn lease_of(&self, st: &Step) -> Option<Lease> {
+        let expires_at = *self.leases.get(&st.id)?;
         Some(Lease {
-            build: b.id,
-            attempt: b.attempt,
-            agent: b.agent_id?,
+            step: st.id,
+            attempt: st.attempt,
+            agent: st.agent_id?,
             expires_at,
         })
     }
 
     fn running_leases(&self) -> impl Iterator<Item = Lease> + '_ {
-        self.builds
+        self.steps
             .values()
-            .filter(|b| b.status == BuildStatus::Running)
-            .filter_map(|b| self.lease_of(b))
+            .filter(|st| st.status == StepStatus::Running)
+            .filter_map(|st| self.lease_of(st))
+    }
+
+    fn with_steps(&self, b: &Build) -> Build {
+        let mut b = b.clone();
+        b.steps = self
+            .build_steps
+            .get(&b.id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.steps.get(id).cloned())
+            .collect();
+        b.summarize();
+        b
+    }
+
+    /// Sets the status of `build` from its steps'.
+    fn refresh(&mut self, build: BuildId) {
+        let steps: Vec<Step> = self
+            .build_steps
+            .get(&build)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.steps.get(id).cloned())
+            .collect();
+        if let Some(b) = self.builds.get_mut(&build) {
+            b.status = build_status(&steps);
+        }
+    }
+
+    /// Moves the steps of `build` along after one changed, and sets the
+    /// build's status.
+    fn settle(&mut self, build: BuildId, now: Timestamp) {
+        let ids = self.build_steps.get(&build).cloned().unwrap_or_default();
+        let mut steps: Vec<Step> = ids.iter().filter_map(|id| self.steps.get(id).cloned()).collect();
+        let status = settle(&mut steps, now);
+        for st in steps {
+            if st.status == StepStatus::Queued {
+                self.queue.insert(st.id);
+            }
+            self.steps.insert(st.id, st);
+        }
+        if let Some(b) = self.builds.get_mut(&build) {
+            b.status = status;
+        }
     }
 }
 
-/// Why a heartbeat for `build` does not renew its lease, or `None` if it
+/// Why a heartbeat for `step` does not renew its lease, or `None` if it
 /// does: the one rule of [`Queue::renew`], for every store to share.
 pub fn refuse_renewal(
-    build: Option<&Build>,
-    id: BuildId,
+    step: Option<&Step>,
+    id: StepId,
     attempt: Option<Attempt>,
     agent: Option<AgentId>,
 ) -> Option<Error> {
-    let Some(b) = build else {
-        return Some(Error::BuildNotFound(id));
+    let Some(st) = step else {
+        return Some(Error::StepNotFound(id));
     };
-    if let Some(a) = attempt.filter(|a| *a < b.attempt) {
+    if let Some(a) = attempt.filter(|a| *a < st.attempt) {
         return Some(Error::Superseded {
             id,
             attempt: a,
-            current: b.attempt,
+            current: st.attempt,
         });
     }
-    if b.status != BuildStatus::Running {
-        return Some(Error::NotRunning { id, status: b.status });
+    if st.status != StepStatus::Running {
+        return Some(Error::NotRunning {
+            id,
+            status: st.status,
+        });
     }
-    if let Some(a) = attempt.filter(|a| *a > b.attempt) {
+    if let Some(a) = attempt.filter(|a| *a > st.attempt) {
         return Some(Error::Conflict(format!(
-            "build {id} has no attempt {a} (latest is {})",
-            b.attempt
+            "step {id} has no attempt {a} (latest is {})",
+            st.attempt
         )));
     }
-    if let (Some(agent), Some(holder)) = (agent, b.agent_id) {
+    if let (Some(agent), Some(holder)) = (agent, st.agent_id) {
         if agent != holder {
             return Some(Error::Conflict(format!(
-                "build {id} attempt {} is held by agent {holder}, not agent {agent}",
-                b.attempt
+                "step {id} attempt {} is held by agent {holder}, not agent {agent}",
+                st.attempt
             )));
         }
     }
@@ -110,115 +162,138 @@ impl Queue for MemoryStore {
     async fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build> {
         let mut s = self.lock();
         s.last_build += 1;
-        let build = Build {
-            id: BuildId(s.last_build),
-            repo: new.repo.as_str().to_owned(),
-            hash: new.hash.as_str().to_owned(),
-            branch: new.branch.clone(),
-            command: new.command.clone(),
-            image: new.image.clone(),
-            timeout_ms: new.timeout_ms,
-            status: BuildStatus::Queued,
-            attempt: Attempt(0),
-            agent_id: None,
-            agent_url: None,
-            exit_code: None,
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            labels: new.labels.clone(),
-        };
-        s.queue.insert(build.id);
+        let mut build = Build::new(BuildId(s.last_build), new, now);
+        let mut ids = Vec::new();
+        if let Some(why) = &new.failure {
+            s.last_step += 1;
+            let (st, log) = Step::failed(StepId(s.last_step), &build, why);
+            build.status = BuildStatus::Failed;
+            s.logs.insert((st.id, Attempt(0)), log);
+            s.build_steps.insert(build.id, vec![st.id]);
+            s.steps.insert(st.id, st);
+            s.builds.insert(build.id, build.clone());
+            return Ok(s.with_steps(&build));
+        }
+        for n in new.plan() {
+            s.last_step += 1;
+            let st = Step::new(StepId(s.last_step), &build, &n);
+            if st.status == StepStatus::Queued {
+                s.queue.insert(st.id);
+            }
+            ids.push(st.id);
+            s.steps.insert(st.id, st);
+        }
+        s.build_steps.insert(build.id, ids);
         s.builds.insert(build.id, build.clone());
-        Ok(build)
+        Ok(s.with_steps(&build))
     }
 
-    async fn queued(&self, limit: usize) -> Result<Vec<Build>> {
+    async fn queued(&self, limit: usize) -> Result<Vec<Step>> {
         let s = self.lock();
         Ok(s.queue
             .iter()
             .take(limit)
-            .filter_map(|id| s.builds.get(id).cloned())
+            .filter_map(|id| s.steps.get(id).cloned())
             .collect())
     }
 
-    async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Build>> {
+    async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Step>> {
         let mut s = self.lock();
         let mut started = Vec::with_capacity(claims.len());
         for c in claims {
-            let Some(b) = s
-                .builds
-                .get_mut(&c.build)
-                .filter(|b| b.status == BuildStatus::Queued)
+            let Some(st) = s
+                .steps
+                .get_mut(&c.step)
+                .filter(|st| st.status == StepStatus::Queued)
             else {
                 continue;
             };
-            b.status = BuildStatus::Running;
-            b.attempt = b.attempt.next();
-            b.agent_id = Some(c.agent);
-            b.agent_url = Some(c.agent_url.clone());
-            b.started_at = Some(now);
-            let b = b.clone();
-            s.queue.remove(&c.build);
-            s.leases.insert(c.build, c.lease_until);
-            started.push(b);
+            st.status = StepStatus::Running;
+            st.attempt = st.attempt.next();
+            st.agent_id = Some(c.agent);
+            st.agent_url = Some(c.agent_url.clone());
+            st.started_at = Some(now);
+            let st = st.clone();
+            s.queue.remove(&c.step);
+            s.leases.insert(c.step, c.lease_until);
+            if let Some(b) = s.builds.get_mut(&st.build) {
+                b.status = BuildStatus::Running;
+            }
+            started.push(st);
         }
         Ok(started)
     }
 
     async fn renew(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Option<Attempt>,
         agent: Option<AgentId>,
         until: Timestamp,
     ) -> Result<Lease> {
         let mut s = self.lock();
-        if let Some(e) = refuse_renewal(s.builds.get(&id), id, attempt, agent) {
+        if let Some(e) = refuse_renewal(s.steps.get(&id), id, attempt, agent) {
             return Err(e);
         }
         let deadline = s.leases.entry(id).or_insert(until);
         *deadline = (*deadline).max(until);
-        let b = s.builds.get(&id).ok_or(Error::BuildNotFound(id))?;
-        s.lease_of(b)
-            .ok_or_else(|| Error::Conflict(format!("build {id} runs without an agent")))
+        let st = s.steps.get(&id).ok_or(Error::StepNotFound(id))?;
+        s.lease_of(st)
+            .ok_or_else(|| Error::Conflict(format!("step {id} runs without an agent")))
     }
 
-    async fn requeue(&self, id: BuildId, attempt: Attempt) -> Result<bool> {
+    async fn requeue(&self, id: StepId, attempt: Attempt) -> Result<bool> {
         let mut s = self.lock();
-        let Some(b) = s
-            .builds
+        let Some(st) = s
+            .steps
             .get_mut(&id)
-            .filter(|b| b.status == BuildStatus::Running && b.attempt == attempt)
+            .filter(|st| st.status == StepStatus::Running && st.attempt == attempt)
         else {
             return Ok(false);
         };
-        b.status = BuildStatus::Queued;
+        st.status = StepStatus::Queued;
+        let build = st.build;
         s.queue.insert(id);
         s.leases.remove(&id);
+        s.refresh(build);
         Ok(true)
     }
 
     async fn finish(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         result: &Completion,
         now: Timestamp,
     ) -> Result<bool> {
         let mut s = self.lock();
-        let Some(b) = s
-            .builds
+        // N.B.: a result already taken (a failure whose step was queued for
+        // a retry) is not taken twice.
+        let taken = s.logs.contains_key(&(id, attempt));
+        let Some(st) = s
+            .steps
             .get_mut(&id)
-            .filter(|b| !b.status.is_finished() && b.attempt == attempt && attempt.0 > 0)
+            .filter(|st| !taken && !st.status.is_finished() && st.attempt == attempt && attempt.0 > 0)
         else {
             return Ok(false);
         };
-        b.status = BuildStatus::from_exit_code(result.exit_code);
-        b.exit_code = Some(result.exit_code);
-        b.finished_at = Some(now);
-        s.queue.remove(&id);
+        let retry = result.exit_code != 0 && st.retries_left > 0;
+        if retry {
+            st.retries_left -= 1;
+            st.status = StepStatus::Queued;
+            st.exit_code = None;
+        } else {
+            st.status = StepStatus::from_exit_code(result.exit_code);
+            st.exit_code = Some(result.exit_code);
+            st.finished_at = Some(now);
+        }
+        let build = st.build;
         s.leases.remove(&id);
+        if retry {
+            s.queue.insert(id);
+        } else {
+            s.queue.remove(&id);
+        }
         s.logs.insert(
             (id, attempt),
             BuildLog {
@@ -230,23 +305,50 @@ impl Queue for MemoryStore {
         );
         s.pieces.remove(&(id, attempt));
         s.live.remove(&(id, attempt));
+        if !retry {
+            s.settle(build, now);
+        }
         Ok(true)
     }
 
-    async fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> Result<bool> {
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<Vec<Lease>>> {
         let mut s = self.lock();
-        let Some(b) = s
-            .builds
-            .get_mut(&id)
-            .filter(|b| !b.status.is_finished() && b.attempt == attempt)
-        else {
-            return Ok(false);
-        };
-        b.status = BuildStatus::Canceled;
-        b.finished_at = Some(now);
-        s.queue.remove(&id);
-        s.leases.remove(&id);
-        Ok(true)
+        if s.builds.get(&build).is_none_or(|b| b.status.is_finished()) {
+            return Ok(None);
+        }
+        let ids = s.build_steps.get(&build).cloned().unwrap_or_default();
+        let mut stopped = Vec::new();
+        for id in ids {
+            let lease = s.steps.get(&id).and_then(|st| s.lease_of(st));
+            let Some(st) = s.steps.get_mut(&id).filter(|st| !st.status.is_finished()) else {
+                continue;
+            };
+            if st.status == StepStatus::Running {
+                stopped.extend(lease);
+            }
+            st.status = StepStatus::Canceled;
+            st.finished_at = Some(now);
+            s.queue.remove(&id);
+            s.leases.remove(&id);
+        }
+        s.settle(build, now);
+        Ok(Some(stopped))
+    }
+
+    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Build>> {
+        let mut s = self.lock();
+        if !s.builds.get(&build).is_some_and(|b| b.status.is_finished()) {
+            return Ok(None);
+        }
+        for id in s.build_steps.get(&build).cloned().unwrap_or_default() {
+            if let Some(st) = s.steps.get_mut(&id).filter(|st| st.status != StepStatus::Success) {
+                st.status = StepStatus::Pending;
+                st.exit_code = None;
+                st.finished_at = None;
+            }
+        }
+        s.settle(build, now);
+        Ok(s.builds.get(&build).map(|b| s.with_steps(b)))
     }
 
     async fn leases(&self) -> Result<Vec<Lease>> {
@@ -256,7 +358,7 @@ impl Queue for MemoryStore {
     async fn lapsed(&self, now: Timestamp, limit: usize) -> Result<Vec<Lease>> {
         let s = self.lock();
         let mut lapsed: Vec<Lease> = s.running_leases().filter(|l| l.is_expired(now)).collect();
-        lapsed.sort_by_key(|l| (l.expires_at, l.build));
+        lapsed.sort_by_key(|l| (l.expires_at, l.step));
         lapsed.truncate(limit);
         Ok(lapsed)
     }
@@ -267,11 +369,11 @@ impl Queue for MemoryStore {
 
     async fn extend_leases(&self, until: Timestamp) -> Result<()> {
         let mut s = self.lock();
-        let running: Vec<BuildId> = s
-            .builds
+        let running: Vec<StepId> = s
+            .steps
             .values()
-            .filter(|b| b.status == BuildStatus::Running)
-            .map(|b| b.id)
+            .filter(|st| st.status == StepStatus::Running)
+            .map(|st| st.id)
             .collect();
         for id in running {
             let d = s.leases.entry(id).or_insert(until);
@@ -283,12 +385,12 @@ impl Queue for MemoryStore {
 
 #[async_trait]
 impl Logs for MemoryStore {
-    async fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize> {
+    async fn append_log(&self, id: StepId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize> {
         let mut s = self.lock();
         let running = s
-            .builds
+            .steps
             .get(&id)
-            .is_some_and(|b| b.status == BuildStatus::Running && b.attempt == attempt);
+            .is_some_and(|st| st.status == StepStatus::Running && st.attempt == attempt);
         if !running {
             return Ok(0);
         }
@@ -305,7 +407,7 @@ impl Logs for MemoryStore {
 
     async fn log_pieces(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         after: Option<u64>,
         limit: usize,
@@ -323,12 +425,12 @@ impl Logs for MemoryStore {
             .unwrap_or_default())
     }
 
-    async fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>> {
+    async fn log(&self, id: StepId, attempt: Option<Attempt>) -> Result<Option<BuildLog>> {
         let s = self.lock();
-        let Some(b) = s.builds.get(&id) else {
+        let Some(st) = s.steps.get(&id) else {
             return Ok(None);
         };
-        let attempt = attempt.unwrap_or(b.attempt);
+        let attempt = attempt.unwrap_or(st.attempt);
         if let Some(log) = s.logs.get(&(id, attempt)) {
             return Ok(Some(log.clone()));
         }
@@ -338,7 +440,7 @@ impl Logs for MemoryStore {
             .map(|m| assemble(attempt, m.values())))
     }
 
-    async fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<LogInfo>> {
+    async fn log_info(&self, id: StepId, attempt: Option<Attempt>) -> Result<Option<LogInfo>> {
         Ok(self.log(id, attempt).await?.map(|l| LogInfo {
             attempt: l.attempt,
             complete: l.complete,
@@ -349,7 +451,7 @@ impl Logs for MemoryStore {
 
     async fn read_log(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         stream: Stream,
         offset: u64,
@@ -372,7 +474,12 @@ impl Logs for MemoryStore {
 #[async_trait]
 impl Builds for MemoryStore {
     async fn build(&self, id: BuildId) -> Result<Option<Build>> {
-        Ok(self.lock().builds.get(&id).cloned())
+        let s = self.lock();
+        Ok(s.builds.get(&id).map(|b| s.with_steps(b)))
+    }
+
+    async fn step(&self, id: StepId) -> Result<Option<Step>> {
+        Ok(self.lock().steps.get(&id).cloned())
     }
 
     async fn list_builds(&self, page: Page) -> Result<Vec<Build>> {
@@ -384,7 +491,7 @@ impl Builds for MemoryStore {
             .rev()
             .skip(page.offset)
             .take(page.limit)
-            .cloned()
+            .map(|b| s.with_steps(b))
             .collect())
     }
 

@@ -21,7 +21,7 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::model::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo, LogPiece,
-    NewBuild, Page,
+    NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -35,11 +35,11 @@ pub mod conformance;
 pub use faulty::{FaultyStore, Op};
 pub use memory::{assemble, refuse_renewal, MemoryStore, Taken};
 
-/// A running attempt's hold on its build.
+/// A running attempt's hold on its step.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
-    /// The build.
-    pub build: BuildId,
+    /// The step.
+    pub step: StepId,
     /// The attempt that holds it.
     pub attempt: Attempt,
     /// The agent running the attempt.
@@ -55,66 +55,74 @@ impl Lease {
     }
 }
 
-/// A queued build to start on an agent, with its first lease.
+/// A queued step to start on an agent, with its first lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
-    /// The build.
-    pub build: BuildId,
+    /// The step.
+    pub step: StepId,
     /// The agent.
     pub agent: AgentId,
-    /// The agent's URL, kept on the build after the agent is gone.
+    /// The agent's URL, kept on the step after the agent is gone.
     pub agent_url: String,
     /// Until when the new attempt holds the build without a heartbeat.
     pub lease_until: Timestamp,
 }
 
-/// The queue: builds from creation to their end, attempts and leases.
+/// The queue: builds and their steps from creation to their end, attempts
+/// and leases. Steps are what is queued, started, leased and finished; a
+/// build ends when its last step does.
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// Stores a new queued build and gives it the next, never used, number.
+    /// Stores a new build and its steps ([`NewBuild::plan`]) and gives each
+    /// the next, never used, number. Steps without dependencies are queued,
+    /// the others pending.
     async fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build>;
 
-    /// Up to `limit` queued builds, oldest first.
-    async fn queued(&self, limit: usize) -> Result<Vec<Build>>;
+    /// Up to `limit` queued steps, oldest first.
+    async fn queued(&self, limit: usize) -> Result<Vec<Step>>;
 
-    /// Starts the claimed builds, all in one step: each that is still
+    /// Starts the claimed steps, all in one step: each that is still
     /// queued becomes running as its next attempt, on its agent, leased
     /// until the claim's deadline; one that is not queued any more is
-    /// skipped. Returns the builds started. A failure starts none, so no
+    /// skipped. Returns the steps started. A failure starts none, so no
     /// attempt is ever left running that nobody was told of.
-    async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Build>>;
+    async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Step>>;
 
     /// A heartbeat: extends the lease of the running attempt of `id` to
     /// `until`. `attempt` and `agent`, when given, must be the running
-    /// attempt's. Errors: [`BuildNotFound`](crate::Error::BuildNotFound),
+    /// attempt's. Errors: [`StepNotFound`](crate::Error::StepNotFound),
     /// [`NotRunning`](crate::Error::NotRunning),
     /// [`Superseded`](crate::Error::Superseded) for an older attempt,
     /// [`Conflict`](crate::Error::Conflict) for a newer one or another agent.
     async fn renew(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Option<Attempt>,
         agent: Option<AgentId>,
         until: Timestamp,
     ) -> Result<Lease>;
 
-    /// Puts a running build back in the queue, keeping its attempt number,
+    /// Puts a running step back in the queue, keeping its attempt number,
     /// if `attempt` is still its latest. Returns whether it did.
-    async fn requeue(&self, id: BuildId, attempt: Attempt) -> Result<bool>;
+    async fn requeue(&self, id: StepId, attempt: Attempt) -> Result<bool>;
 
-    /// Records the result of `attempt` and finishes the build, if the build
-    /// is unfinished and `attempt` is its latest. Returns whether it did.
-    async fn finish(
-        &self,
-        id: BuildId,
-        attempt: Attempt,
-        result: &Completion,
-        now: Timestamp,
-    ) -> Result<bool>;
+    /// Records the result of `attempt`, if the step is unfinished and
+    /// `attempt` is its latest, and returns whether it did. A failure of a
+    /// step with retries left queues it again (one retry fewer); otherwise
+    /// the step ends, its dependents move on ([`settle`](crate::model::settle)),
+    /// and the build ends with its last step.
+    async fn finish(&self, id: StepId, attempt: Attempt, result: &Completion, now: Timestamp)
+        -> Result<bool>;
 
-    /// Cancels a build that is queued, or running as `attempt`. Returns
-    /// whether it did.
-    async fn cancel(&self, id: BuildId, attempt: Attempt, now: Timestamp) -> Result<bool>;
+    /// Cancels every unfinished step of a build. Returns the leases of the
+    /// attempts that were running (their agents should be told to stop),
+    /// or `None` if the build was already finished.
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<Vec<Lease>>>;
+
+    /// Runs the failed, canceled and skipped steps of a finished build
+    /// again, with new attempts; the steps that passed keep their results.
+    /// Returns the build, or `None` if it is not finished.
+    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Build>>;
 
     /// The lease of every running attempt.
     async fn leases(&self) -> Result<Vec<Lease>>;
@@ -135,20 +143,20 @@ pub trait Queue: Send + Sync {
 /// log afterwards.
 #[async_trait]
 pub trait Logs: Send + Sync {
-    /// Appends live output of `attempt`, if it is the build's running
+    /// Appends live output of `attempt`, if it is the step's running
     /// attempt. Pieces are taken in `seq` order; a `seq` at or below the
     /// highest already taken is a repeat and ignored, and nothing is kept
     /// past [`limits::MAX_LOG`](crate::model::limits::MAX_LOG) per stream.
     /// Returns how many pieces were stored. Consecutive pieces of one stream
     /// may be stored as one (with the last one's `seq`), and the cost does
     /// not grow with what is already stored.
-    async fn append_log(&self, id: BuildId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize>;
+    async fn append_log(&self, id: StepId, attempt: Attempt, pieces: &[LogPiece]) -> Result<usize>;
 
     /// Live output of `attempt` with `seq` above `after`, in order, at most
     /// `limit` of them.
     async fn log_pieces(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         after: Option<u64>,
         limit: usize,
@@ -156,18 +164,18 @@ pub trait Logs: Send + Sync {
 
     /// The output of one attempt; the latest if `attempt` is `None`: the
     /// accepted result's log if there is one, else what was streamed.
-    async fn log(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<BuildLog>>;
+    async fn log(&self, id: StepId, attempt: Option<Attempt>) -> Result<Option<BuildLog>>;
 
     /// What [`Logs::log`] would return, without the text: for answering
     /// with a log of any size in bounded memory.
-    async fn log_info(&self, id: BuildId, attempt: Option<Attempt>) -> Result<Option<LogInfo>>;
+    async fn log_info(&self, id: StepId, attempt: Option<Attempt>) -> Result<Option<LogInfo>>;
 
     /// Up to `max` bytes of one stream of an attempt's accepted log, from
     /// byte `offset` (which may fall inside a character); empty past the
     /// end or if there is no accepted log.
     async fn read_log(
         &self,
-        id: BuildId,
+        id: StepId,
         attempt: Attempt,
         stream: Stream,
         offset: u64,
@@ -178,10 +186,13 @@ pub trait Logs: Send + Sync {
 /// The read side of the API.
 #[async_trait]
 pub trait Builds: Send + Sync {
-    /// The build with this id.
+    /// The build with this id, with its steps.
     async fn build(&self, id: BuildId) -> Result<Option<Build>>;
 
-    /// A page of builds, newest first.
+    /// The step with this id.
+    async fn step(&self, id: StepId) -> Result<Option<Step>>;
+
+    /// A page of builds, newest first, with their steps.
     async fn list_builds(&self, page: Page) -> Result<Vec<Build>>;
 
     /// How many builds are in each status.

@@ -92,7 +92,7 @@ async fn sender(app: &App, secret: Option<&str>, claimed: Option<AgentId>) -> Re
 async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Result<Response> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let hb = Heartbeat {
-        build: body.id,
+        step: body.id,
         attempt: body.attempt,
         agent: sender.agent,
         verified: sender.verified,
@@ -104,7 +104,7 @@ async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Resu
 async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Result<Response> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let report = Report {
-        build: body.id,
+        step: body.id,
         attempt: body.attempt,
         agent: sender.agent,
         verified: sender.verified,
@@ -124,7 +124,7 @@ async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Re
 async fn log(app: App, secret: Option<String>, body: NotifyBuildLog) -> Result<Response> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let hb = Heartbeat {
-        build: Some(body.id),
+        step: Some(body.id),
         attempt: body.attempt,
         agent: sender.agent,
         verified: sender.verified,
@@ -147,7 +147,7 @@ async fn handback(app: App, secret: Option<String>, body: NotifyBuildHandback) -
     let reason: String = body.reason.chars().take(4096).collect();
     tracing::warn!(build = %body.id, attempt = %body.attempt, agent = ?sender.agent, %reason, "attempt handed back");
     let back = HandBack {
-        build: body.id,
+        step: body.id,
         attempt: body.attempt,
         agent: sender.agent,
         verified: sender.verified,

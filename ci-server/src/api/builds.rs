@@ -1,8 +1,10 @@
 //! The build API: create (and the original form's `POST /build`), list,
-//! show, log, cancel, rebuild.
+//! show, logs (of a build of one step, and of each step), cancel, rebuild,
+//! retry.
 
+use ci_core::pipeline::Trigger;
 use ci_core::protocol::{BuildList, BuildView, CreateBuild};
-use ci_core::{BuildId, CommitRef, NewBuild, Page};
+use ci_core::{Build, BuildId, CommitRef, NewBuild, Page, Step};
 use serde::Deserialize;
 use warp::http::StatusCode;
 use warp::reply::{json, with_status, Response};
@@ -18,6 +20,8 @@ pub(super) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rej
         .or(get_build(app.clone()))
         .unify()
         .or(get_log(app.clone()))
+        .unify()
+        .or(get_step_log(app.clone()))
         .unify()
         .or(build_action(app))
         .unify()
@@ -65,20 +69,28 @@ fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
         .and(api_auth(&app))
         .and(with_app(app))
         .and(warp::header::optional::<String>("accept"))
+        .and(warp::header::optional::<String>("content-type"))
         .and(body)
-        .and_then(|app: App, accept: Option<String>, body: CreateBuild| async move {
-            let created = create(&app, body).await;
-            // A plain HTML form (no JavaScript) goes to the build's page.
-            let browser = accept.as_deref().is_some_and(|a| a.contains("text/html"));
-            if let (Ok(b), true) = (&created, browser) {
-                let to = format!("/builds/{}", b.id);
-                let see = warp::reply::with_header(StatusCode::SEE_OTHER, "location", to);
-                return Ok::<_, Rejection>(see.into_response());
-            }
-            Ok(respond(created.map(|b| {
-                with_status(json(&BuildView::from(&b)), StatusCode::CREATED)
-            })))
-        })
+        .and_then(
+            |app: App, accept: Option<String>, kind: Option<String>, body: CreateBuild| async move {
+                // A form is someone at the web UI; JSON is a program.
+                let form = kind
+                    .as_deref()
+                    .is_some_and(|k| k.starts_with("application/x-www-form-urlencoded"));
+                let trigger = if form { Trigger::Manual } else { Trigger::Api };
+                let created = create(&app, body, trigger).await;
+                // A plain HTML form (no JavaScript) goes to the build's page.
+                let browser = accept.as_deref().is_some_and(|a| a.contains("text/html"));
+                if let (Ok(b), true) = (&created, browser) {
+                    let to = format!("/builds/{}", b.id);
+                    let see = warp::reply::with_header(StatusCode::SEE_OTHER, "location", to);
+                    return Ok::<_, Rejection>(see.into_response());
+                }
+                Ok(respond(created.map(|b| {
+                    with_status(json(&BuildView::from(&b)), StatusCode::CREATED)
+                })))
+            },
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +191,15 @@ struct LogQuery {
     follow: Option<String>,
 }
 
+impl LogQuery {
+    fn follow(&self) -> bool {
+        self.follow
+            .as_deref()
+            .is_some_and(|f| matches!(f, "1" | "true" | "yes"))
+    }
+}
+
+/// `GET /api/builds/{id}/log`: the log of a build of one step.
 fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path("api")
         .and(warp::path("builds"))
@@ -190,32 +211,74 @@ fn get_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + 
         .and(with_app(app))
         .and(warp::query::<LogQuery>())
         .and_then(|id: BuildId, app: App, q: LogQuery| async move {
-            let follow = q
-                .follow
-                .as_deref()
-                .is_some_and(|f| matches!(f, "1" | "true" | "yes"));
             let reply = async {
-                let build = app
-                    .store
-                    .build(id)
-                    .await?
-                    .ok_or(ci_core::Error::BuildNotFound(id))?;
-                if follow {
-                    return Ok(crate::follow::reply(app, id));
-                }
-                let attempt = q.attempt.map(ci_core::Attempt);
-                if let Some(a) = attempt {
-                    if a.0 == 0 || a > build.attempt {
-                        return Err(ApiError::new(
-                            StatusCode::NOT_FOUND,
-                            format!("build {id} has no attempt {a}"),
-                        ));
+                let build = find(&app, id).await?;
+                let step = match build.steps.as_slice() {
+                    [one] => one.clone(),
+                    steps => {
+                        let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+                        return Err(ApiError::bad_request(format!(
+                            "build {id} has {} steps ({}): ask for one at /api/builds/{id}/steps/{{step}}/log",
+                            steps.len(),
+                            names.join(", ")
+                        )));
                     }
-                }
-                crate::logs::json_reply(app.store.clone(), build, attempt).await
+                };
+                step_log(app, step, q).await
             };
             Ok::<_, Rejection>(respond(reply.await))
         })
+}
+
+/// `GET /api/builds/{id}/steps/{step}/log`: one step's log, `{step}` its
+/// name (percent-encoded).
+fn get_step_log(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path("api")
+        .and(warp::path("builds"))
+        .and(build_id())
+        .and(warp::path("steps"))
+        .and(warp::path::param::<String>())
+        .and(warp::path("log"))
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(api_auth(&app))
+        .and(with_app(app))
+        .and(warp::query::<LogQuery>())
+        .and_then(|id: BuildId, name: String, app: App, q: LogQuery| async move {
+            let reply = async {
+                let build = find(&app, id).await?;
+                let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy();
+                let step = build.step(&name).cloned().ok_or_else(|| {
+                    ApiError::new(StatusCode::NOT_FOUND, format!("build {id} has no step {name:?}"))
+                })?;
+                step_log(app, step, q).await
+            };
+            Ok::<_, Rejection>(respond(reply.await))
+        })
+}
+
+async fn find(app: &App, id: BuildId) -> Result<Build> {
+    Ok(app
+        .store
+        .build(id)
+        .await?
+        .ok_or(ci_core::Error::BuildNotFound(id))?)
+}
+
+async fn step_log(app: App, step: Step, q: LogQuery) -> Result<Response> {
+    if q.follow() {
+        return Ok(crate::follow::reply(app, step.id));
+    }
+    let attempt = q.attempt.map(ci_core::Attempt);
+    if let Some(a) = attempt {
+        if a.0 == 0 || a > step.attempt {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("step {:?} of build {} has no attempt {a}", step.name, step.build),
+            ));
+        }
+    }
+    crate::logs::json_reply(app.store.clone(), step, attempt).await
 }
 
 /// `POST /api/builds/{id}/cancel` and `POST /api/builds/{id}/rebuild`.
@@ -239,66 +302,122 @@ fn build_action(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
                     .map_err(ApiError::from),
             ))
         });
-    let rebuild = action("rebuild").and(api_auth(&app)).and(with_app(app)).and_then(
-        |id: BuildId, app: App| async move {
+    let rebuild = action("rebuild")
+        .and(api_auth(&app))
+        .and(with_app(app.clone()))
+        .and_then(|id: BuildId, app: App| async move {
             let again = rebuild(&app, id).await;
             Ok::<_, Rejection>(respond(
                 again.map(|b| with_status(json(&BuildView::from(&b)), StatusCode::CREATED)),
             ))
-        },
-    );
-    cancel.or(rebuild).unify()
+        });
+    let retry =
+        action("retry")
+            .and(api_auth(&app))
+            .and(with_app(app))
+            .and_then(|id: BuildId, app: App| async move {
+                let again = app.dispatcher.retry(id).await;
+                Ok::<_, Rejection>(respond(
+                    again.map(|b| json(&BuildView::from(&b))).map_err(ApiError::from),
+                ))
+            });
+    cancel.or(rebuild).unify().or(retry).unify()
 }
 
+/// The same commit again: the same command, or the pipeline file read
+/// again.
 async fn rebuild(app: &App, id: BuildId) -> Result<ci_core::Build> {
-    let b = app
-        .store
-        .build(id)
-        .await?
-        .ok_or(ci_core::Error::BuildNotFound(id))?;
+    let b = find(app, id).await?;
+    let pipeline = b.steps.len() > 1 || b.command == app.config.pipeline_file;
     let body = CreateBuild {
         hash: b.hash,
-        command: Some(b.command),
+        command: (!pipeline).then_some(b.command),
         branch: b.branch,
         image: b.image,
         timeout_ms: b.timeout_ms,
         labels: Some(b.labels),
     };
-    create(app, body).await
+    create(app, body, Trigger::Manual).await
 }
 
-async fn create(app: &App, body: CreateBuild) -> Result<ci_core::Build> {
+/// Creates a build: of the command given; else of the commit's pipeline
+/// file; else of the server's `BUILD_COMMAND`.
+async fn create(app: &App, body: CreateBuild, trigger: Trigger) -> Result<ci_core::Build> {
     if app.draining.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",
         ));
     }
-    let command = body
-        .command
-        .filter(|c| !c.trim().is_empty())
-        .or_else(|| app.config.build_command.clone())
-        .ok_or_else(|| ApiError::bad_request("command is required: the server has no BUILD_COMMAND"))?;
     let mut hash = CommitRef::parse(&body.hash)?;
     let mut branch = body.branch.filter(|b| !b.is_empty());
+    let mut resolved = false;
     if let Some(resolver) = &app.resolver {
         match resolver.resolve(&app.config.repo, &hash).await {
-            Ok(Some(resolved)) => {
-                hash = resolved.sha;
-                branch = branch.or(resolved.branch);
+            Ok(Some(r)) => {
+                hash = r.sha;
+                branch = branch.or(r.branch);
+                resolved = true;
             }
             Ok(None) => {}
             Err(crate::resolve::Unresolved::NotFound(m)) => return Err(ApiError::bad_request(m)),
         }
     }
-    let new = NewBuild {
+    let mut new = NewBuild {
         repo: app.config.repo.clone(),
         hash,
         branch,
-        command,
+        command: String::new(),
         image: body.image.filter(|i| !i.is_empty()),
         timeout_ms: body.timeout_ms.or(app.config.build_timeout_ms),
         labels: body.labels.unwrap_or_default(),
+        steps: Vec::new(),
+        failure: None,
     };
+    if let Some(command) = body.command.filter(|c| !c.trim().is_empty()) {
+        new.command = command;
+        return Ok(app.dispatcher.submit(&new).await?);
+    }
+    let file = match (&app.resolver, resolved) {
+        (Some(resolver), true) => {
+            let path = &app.config.pipeline_file;
+            resolver.pipeline_file(&app.config.repo, &new.hash, path).await
+        }
+        _ => crate::resolve::PipelineFile::Unreachable,
+    };
+    let path = app.config.pipeline_file.clone();
+    match file {
+        crate::resolve::PipelineFile::Text(text) => {
+            new.command = path.clone();
+            match ci_core::pipeline::parse(&text) {
+                Ok(p) => {
+                    let selected = p.select(new.branch.as_deref(), trigger);
+                    if selected.steps.is_empty() {
+                        return Err(ApiError::bad_request(format!(
+                            "{path}: no step runs for this build (their `when` leaves every one out)"
+                        )));
+                    }
+                    new.steps = selected.to_new_steps();
+                    // N.B.: labels and images come from the file.
+                    new.image = None;
+                    new.labels = ci_core::Labels::default();
+                }
+                Err(e) if e.line == 0 => new.failure = Some(format!("{path}: {}", e.message)),
+                Err(e) => new.failure = Some(format!("{path}:{e}")),
+            }
+        }
+        crate::resolve::PipelineFile::Unusable(why) => {
+            new.command = path.clone();
+            new.failure = Some(format!("{path}: {why}"));
+        }
+        crate::resolve::PipelineFile::Absent | crate::resolve::PipelineFile::Unreachable => {
+            new.command = app.config.build_command.clone().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "command is required: the commit has no {path} (or the server cannot read it) \
+                     and the server has no BUILD_COMMAND"
+                ))
+            })?;
+        }
+    }
     Ok(app.dispatcher.submit(&new).await?)
 }

@@ -23,12 +23,24 @@ fn list_agents(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
         .and(api_auth(&app))
         .and(with_app(app))
         .and_then(|app: App| async move {
-            let agents = async {
-                let agents = app.dispatcher.agents().await?;
-                Ok(json(&agents.iter().map(AgentView::from).collect::<Vec<_>>()))
-            };
+            let agents = async { Ok(json(&agent_views(&app).await?)) };
             Ok::<_, Rejection>(respond(agents.await))
         })
+}
+
+/// Every agent, with the builds of the steps it runs.
+pub(crate) async fn agent_views(app: &App) -> Result<Vec<AgentView>> {
+    let mut views = Vec::new();
+    for a in app.dispatcher.agents().await? {
+        let mut builds = Vec::with_capacity(a.running.len());
+        for step in &a.running {
+            if let Some(s) = app.store.step(*step).await? {
+                builds.push(s.build);
+            }
+        }
+        views.push(AgentView::with_builds(&a, builds));
+    }
+    Ok(views)
 }
 
 fn metrics(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {

@@ -27,6 +27,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::config::ServerConfig;
 
 pub use ci_core::protocol::limits::{MAX_BODY, MAX_RESULT_BODY};
+pub(crate) use misc::agent_views;
 
 /// Largest `offset` of a listing (SQLite takes a signed 64-bit offset).
 pub const MAX_OFFSET: usize = i64::MAX as usize;
@@ -76,7 +77,9 @@ impl From<ci_core::Error> for ApiError {
         use ci_core::Error as E;
         let status = match &e {
             E::Invalid { .. } => StatusCode::BAD_REQUEST,
-            E::BuildNotFound(_) | E::AgentNotFound(_) | E::NotRunning { .. } => StatusCode::NOT_FOUND,
+            E::BuildNotFound(_) | E::StepNotFound(_) | E::AgentNotFound(_) | E::NotRunning { .. } => {
+                StatusCode::NOT_FOUND
+            }
             E::Superseded { .. } | E::Conflict(_) => StatusCode::CONFLICT,
             E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             E::Store(_) | E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
