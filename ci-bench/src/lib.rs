@@ -6,6 +6,8 @@
 //! cargo run --release -p ci-bench -- --agents 2 --builds 200 --shell        # real ci-agent processes, shell runner
 //! cargo run --release -p ci-bench -- --lone 50 --shell                        # one build at a time
 //! cargo run --release -p ci-bench -- --failover                               # dead-agent detection and requeue
+//! cargo run --release -p ci-bench -- --pipeline linear                        # 5-step pipelines: next-step dispatch
+//! cargo run --release -p ci-bench -- --pipeline fan                           # 100 parallel steps + 1: overhead
 //! cargo run --release -p ci-bench -- --agents 16 --builds 1000 --submitters 1  # one build at a time
 //! cargo run --release -p ci-bench -- --agents 16 --builds 5000 --rate 1000     # open-loop arrivals
 //! ```
@@ -27,7 +29,7 @@
 //! - `noop`: in-process agents that take a build and report at once.
 //! - `load`: submitting builds (closed loop or Poisson arrivals) and
 //!   waiting for them.
-//! - `throughput`, `lone`, `failover`: the three scenarios.
+//! - `throughput`, `lone`, `failover`, `pipeline`: the scenarios.
 //! - `stats`: percentiles and what `/proc` says of the server.
 //!
 //! Until 2026-11-29 this was `examples/bench.rs`; the measurements are the
@@ -40,6 +42,7 @@ mod load;
 mod lone;
 mod noop;
 mod opts;
+mod pipeline;
 mod setup;
 mod stats;
 mod throughput;
@@ -76,6 +79,9 @@ pub async fn run(opts: Opts) -> Result<(), Error> {
     let mut bench = setup::Bench::start(heartbeat_ms, missed).await?;
     if opts.failover {
         return failover::run(&bench).await;
+    }
+    if let Some(shape) = opts.pipeline {
+        return pipeline::run(&bench, &opts, shape).await;
     }
     if opts.lone > 0 {
         let _agents = bench.agents(&opts, &Arc::default()).await?;

@@ -11,11 +11,15 @@ use warp::Filter;
 
 use crate::Error;
 
-/// When the no-op agents received and finished each build, by id.
+/// When the no-op agents received and finished each build (by the
+/// build's id) and each step (by the step's id, which is what agents are
+/// sent).
 #[derive(Debug, Default)]
 pub(crate) struct Marks {
     received: Mutex<HashMap<i64, Instant>>,
     done: Mutex<HashMap<i64, Instant>>,
+    steps_received: Mutex<HashMap<i64, Instant>>,
+    steps_done: Mutex<HashMap<i64, Instant>>,
     /// Woken on every completion.
     pub(crate) finished: tokio::sync::Notify,
 }
@@ -28,6 +32,14 @@ impl Marks {
     pub(crate) fn done(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
         self.done.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    pub(crate) fn steps_received(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
+        self.steps_received.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn steps_done(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
+        self.steps_done.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Starts an agent that takes every build and reports success at once
@@ -39,7 +51,11 @@ pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Resu
     let route = warp::path!("build")
         .and(warp::body::json())
         .map(move |req: BuildRequest| {
-            marks.received().insert(req.id.0, Instant::now());
+            let now = Instant::now();
+            // N.B.: a server of the original design sends the build as `id`.
+            let build = req.build.map_or(req.id.0, |b| b.0);
+            marks.received().insert(build, now);
+            marks.steps_received().insert(req.id.0, now);
             if !silent {
                 let (marks, client, url) = (marks.clone(), client.clone(), server_url.clone());
                 let agent = agent_id.load(Ordering::SeqCst);
@@ -58,7 +74,9 @@ pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Resu
                         .send()
                         .await;
                     if sent.is_ok_and(|r| r.status().is_success()) {
-                        marks.done().insert(req.id.0, Instant::now());
+                        let now = Instant::now();
+                        marks.done().insert(build, now);
+                        marks.steps_done().insert(req.id.0, now);
                         marks.finished.notify_waiters();
                     }
                 });

@@ -26,6 +26,13 @@ pub struct Opts {
     /// Instead: dead-agent detection and requeue (heartbeat 100 ms, 3 missed).
     #[arg(long)]
     pub failover: bool,
+    /// Instead: pipelines of no-op steps read from a `.ci.yml`, five in a
+    /// row (`linear`) or 100 at once and a final one (`fan`).
+    #[arg(long, value_enum)]
+    pub pipeline: Option<crate::pipeline::Shape>,
+    /// With `--pipeline`: how many (default 500 linear, 30 fan).
+    #[arg(long, value_parser = at_least_one)]
+    pub pipelines: Option<usize>,
     /// Waiting submitters in the latency phase (default: half the agents).
     #[arg(long, value_parser = at_least_one)]
     pub submitters: Option<usize>,

@@ -27,6 +27,26 @@ pub(crate) fn build_binaries() -> Result<(), Error> {
     Ok(())
 }
 
+/// The server's address and a client of it, for another task.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
+}
+
+impl Handle {
+    /// `GET path` on the server, as JSON.
+    pub(crate) async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+}
+
 /// A server on a fresh SQLite file, building one commit of a fresh
 /// repository.
 pub(crate) struct Bench {
@@ -41,19 +61,13 @@ pub(crate) struct Bench {
     db: PathBuf,
     // Last: the processes above are stopped before their files go.
     tmp: tempfile::TempDir,
-    _repo: GitRepo,
+    repo: Arc<GitRepo>,
 }
 
 impl Bench {
     /// `GET path` on the server, as JSON.
     pub(crate) async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
-        Ok(self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await?
-            .json()
-            .await?)
+        self.clone_handle().get(path).await
     }
 
     /// Starts the server with heartbeats every `heartbeat_ms`, `missed` of
@@ -92,10 +106,24 @@ impl Bench {
             server,
             db,
             tmp,
-            _repo: repo,
+            repo: Arc::new(repo),
         };
         bench.wait_server().await?;
         Ok(bench)
+    }
+
+    /// Commits `files` to the repository the server builds; returns the
+    /// commit's SHA.
+    pub(crate) fn commit(&self, files: &[(&str, &str)], message: &str) -> Result<String, Error> {
+        Ok(self.repo.commit(files, message))
+    }
+
+    /// A handle for another task: the same server and client.
+    pub(crate) fn clone_handle(&self) -> Handle {
+        Handle {
+            base: self.base.clone(),
+            http: self.http.clone(),
+        }
     }
 
     /// The server's process id.

@@ -893,14 +893,72 @@ impl Step {
     }
 }
 
+/// What scheduling needs of a step: [`settle`] works on these, so a store
+/// reads no commands or logs to move a pipeline along.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepState {
+    /// The step.
+    pub id: StepId,
+    /// Its name.
+    pub name: String,
+    /// Its status.
+    pub status: StepStatus,
+    /// Its failure does not hold up the build.
+    pub allow_failure: bool,
+    /// Names of the steps it depends on.
+    pub depends_on: Vec<String>,
+}
+
+impl StepState {
+    /// True if its result does not hold up the build: it succeeded, or
+    /// failed with failure allowed.
+    pub fn passed(&self) -> bool {
+        self.status == StepStatus::Success || (self.status == StepStatus::Failed && self.allow_failure)
+    }
+}
+
+impl From<&Step> for StepState {
+    fn from(s: &Step) -> StepState {
+        StepState {
+            id: s.id,
+            name: s.name.clone(),
+            status: s.status,
+            allow_failure: s.allow_failure,
+            depends_on: s.depends_on.clone(),
+        }
+    }
+}
+
+/// What a change did to a build: the steps whose status moved (to their
+/// new status), and the build's status before and after.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// The build.
+    pub build: BuildId,
+    /// Steps whose status changed, and to what.
+    pub steps: Vec<(StepId, StepStatus)>,
+    /// The build's status before.
+    pub before: Option<BuildStatus>,
+    /// The build's status after.
+    pub after: Option<BuildStatus>,
+}
+
+impl Moved {
+    /// True if the change ended the build.
+    pub fn ended(&self) -> bool {
+        self.after.is_some_and(BuildStatus::is_finished) && !self.before.is_some_and(BuildStatus::is_finished)
+    }
+}
+
 /// Moves a build's steps along after one of them changed: a pending step
 /// whose dependencies all passed is queued; one with a dependency that did
 /// not pass is skipped (and so on down the graph). Returns the build's
-/// status. `now` stamps the steps it skips.
+/// status and the steps it moved.
 ///
 /// The one rule of pipelines, for every store to share. The steps are in
 /// creation order, where every step comes after its dependencies.
-pub fn settle(steps: &mut [Step], now: Timestamp) -> BuildStatus {
+pub fn settle(steps: &mut [StepState]) -> (BuildStatus, Vec<(StepId, StepStatus)>) {
+    let mut moved = Vec::new();
     for i in 0..steps.len() {
         if steps[i].status != StepStatus::Pending {
             continue;
@@ -914,18 +972,21 @@ pub fn settle(steps: &mut [Step], now: Timestamp) -> BuildStatus {
                 _ => ready = false,
             }
         }
-        if doomed {
-            steps[i].status = StepStatus::Skipped;
-            steps[i].finished_at = Some(now);
+        let next = if doomed {
+            StepStatus::Skipped
         } else if ready {
-            steps[i].status = StepStatus::Queued;
-        }
+            StepStatus::Queued
+        } else {
+            continue;
+        };
+        steps[i].status = next;
+        moved.push((steps[i].id, next));
     }
-    build_status(steps)
+    (build_status(steps), moved)
 }
 
 /// The status of a build of these steps.
-pub fn build_status(steps: &[Step]) -> BuildStatus {
+pub fn build_status(steps: &[StepState]) -> BuildStatus {
     if steps.iter().any(|s| !s.status.is_finished()) {
         // Queued until a step runs, and again while none runs and none
         // has ended (its only step lost its agent, say).
@@ -940,7 +1001,7 @@ pub fn build_status(steps: &[Step]) -> BuildStatus {
     }
     if steps.iter().any(|s| s.status == StepStatus::Canceled) {
         BuildStatus::Canceled
-    } else if steps.iter().all(Step::passed) {
+    } else if steps.iter().all(StepState::passed) {
         BuildStatus::Success
     } else {
         BuildStatus::Failed

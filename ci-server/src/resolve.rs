@@ -43,6 +43,36 @@ pub struct Resolver {
     git: Checkouts,
     unreachable_until: Mutex<Option<Instant>>,
     timeout: Duration,
+    /// Pipeline files read lately, by commit and path: a commit's file
+    /// never changes, and builds of one commit come in runs (rebuilds,
+    /// retries, a matrix of triggers).
+    files: std::sync::Mutex<FileCache>,
+}
+
+/// The last [`FileCache::CAP`] pipeline files read.
+#[derive(Default)]
+struct FileCache {
+    order: std::collections::VecDeque<(String, String)>,
+    files: std::collections::HashMap<(String, String), PipelineFile>,
+}
+
+impl FileCache {
+    const CAP: usize = 256;
+
+    fn get(&self, key: &(String, String)) -> Option<PipelineFile> {
+        self.files.get(key).cloned()
+    }
+
+    fn put(&mut self, key: (String, String), file: PipelineFile) {
+        if self.files.insert(key.clone(), file).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > Self::CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.files.remove(&old);
+            }
+        }
+    }
 }
 
 impl Resolver {
@@ -52,6 +82,7 @@ impl Resolver {
             git: Checkouts::new(dir)?,
             unreachable_until: Mutex::new(None),
             timeout: GIT_TIMEOUT,
+            files: std::sync::Mutex::default(),
         })
     }
 
@@ -108,12 +139,12 @@ impl Resolver {
 }
 
 /// What a commit's pipeline file holds.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum PipelineFile {
     /// The commit has no such file.
     Absent,
     /// The file, read.
-    Text(String),
+    Text(std::sync::Arc<str>),
     /// The file cannot be used (too large, not UTF-8): the build fails
     /// with this.
     Unusable(String),
@@ -125,6 +156,26 @@ impl Resolver {
     /// `path` at the full SHA `sha` of `repo`, fetched if the cache lacks
     /// the commit.
     pub async fn pipeline_file(&self, repo: &RepoUrl, sha: &CommitRef, path: &str) -> PipelineFile {
+        let key = (sha.as_str().to_owned(), path.to_owned());
+        let cached = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key);
+        if let Some(file) = cached {
+            return file;
+        }
+        let file = self.read_pipeline_file(repo, sha, path).await;
+        if !matches!(file, PipelineFile::Unreachable) {
+            self.files
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .put(key, file.clone());
+        }
+        file
+    }
+
+    async fn read_pipeline_file(&self, repo: &RepoUrl, sha: &CommitRef, path: &str) -> PipelineFile {
         let cap = ci_core::pipeline::caps::MAX_FILE as u64;
         let read = async {
             // N.B.: resolving a full SHA fetches only what the cache lacks.
@@ -138,7 +189,7 @@ impl Resolver {
         match read {
             Ok(None) => PipelineFile::Absent,
             Ok(Some(bytes)) => match String::from_utf8(bytes) {
-                Ok(text) => PipelineFile::Text(text),
+                Ok(text) => PipelineFile::Text(text.into()),
                 Err(_) => PipelineFile::Unusable(format!("{path} is not UTF-8 text")),
             },
             Err(ci_git::Error::NotFound(m)) => PipelineFile::Unusable(m),

@@ -33,6 +33,7 @@ async fn lifecycle(store: &SqliteStore, nb: &NewBuild, agent: &AgentRecord, done
         .finish(b.steps[0].id, Attempt(1), done, Timestamp(3))
         .await
         .unwrap()
+        .is_some()
 }
 
 fn bench(c: &mut Criterion) {

@@ -1,6 +1,6 @@
 //! Rows to values and back, and the queries several methods share.
 
-use ci_core::model::LogPiece;
+use ci_core::model::{LogPiece, Moved, StepState};
 use ci_core::{
     AgentId, Attempt, Build, BuildId, BuildStatus, Lease, Step, StepId, StepStatus, Stream, Timestamp,
 };
@@ -127,29 +127,72 @@ pub(crate) fn query_builds(
     builds.into_iter().map(|b| with_steps(conn, b)).collect()
 }
 
+/// What scheduling needs of the steps of `build`, in creation order.
+pub(crate) fn states(conn: &Connection, build: BuildId) -> Result<Vec<StepState>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, name, status, allow_failure, depends_on FROM steps WHERE build_id = ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([build.0], |r| {
+        let status: String = r.get(2)?;
+        let depends_on: String = r.get(4)?;
+        Ok(StepState {
+            id: StepId(r.get(0)?),
+            name: r.get(1)?,
+            status: StepStatus::from_str(&status).map_err(|e| conversion(2, e))?,
+            allow_failure: r.get(3)?,
+            depends_on: serde_json::from_str(&depends_on).map_err(|e| conversion(4, e))?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The stored status of `build`.
+pub(crate) fn build_status_of(conn: &Connection, build: BuildId) -> Result<Option<BuildStatus>, Error> {
+    let status: Option<String> = conn
+        .prepare_cached("SELECT status FROM builds WHERE id = ?1")?
+        .query_row([build.0], |r| r.get(0))
+        .optional()?;
+    Ok(status.and_then(|s| BuildStatus::from_str(&s).ok()))
+}
+
 /// Sets the status of `build` from its steps'.
 pub(crate) fn refresh(tx: &Connection, build: BuildId) -> Result<(), Error> {
-    let status = ci_core::model::build_status(&steps_of(tx, build)?);
+    let status = ci_core::model::build_status(&states(tx, build)?);
     tx.prepare_cached("UPDATE builds SET status = ?2 WHERE id = ?1")?
         .execute(params![build.0, status.as_str()])?;
     Ok(())
 }
 
-/// Moves the steps of `build` along after one of them changed
-/// ([`ci_core::model::settle`]) and records the build's status.
-pub(crate) fn settle(tx: &Connection, build: BuildId, now: Timestamp) -> Result<(), Error> {
-    let before = steps_of(tx, build)?;
-    let mut after = before.clone();
-    let status = ci_core::model::settle(&mut after, now);
-    for (old, new) in before.iter().zip(&after) {
-        if old.status != new.status || old.finished_at != new.finished_at {
-            tx.prepare_cached("UPDATE steps SET status = ?2, finished_at = ?3 WHERE id = ?1")?
-                .execute(params![new.id.0, new.status.as_str(), new.finished_at.map(ts)])?;
-        }
+/// Moves the steps of `build` along after `changed` changed
+/// ([`ci_core::model::settle`]) and records the build's status (it was
+/// `before`).
+pub(crate) fn settle(
+    tx: &Connection,
+    build: BuildId,
+    before: Option<BuildStatus>,
+    mut changed: Vec<(StepId, StepStatus)>,
+    now: Timestamp,
+) -> Result<Moved, Error> {
+    let mut steps = states(tx, build)?;
+    let (status, moved) = ci_core::model::settle(&mut steps);
+    for (id, next) in &moved {
+        let finished = next.is_finished().then(|| ts(now));
+        tx.prepare_cached(
+            "UPDATE steps SET status = ?2, finished_at = COALESCE(?3, finished_at) WHERE id = ?1",
+        )?
+        .execute(params![id.0, next.as_str(), finished])?;
     }
-    tx.prepare_cached("UPDATE builds SET status = ?2 WHERE id = ?1")?
-        .execute(params![build.0, status.as_str()])?;
-    Ok(())
+    changed.extend(moved);
+    if before != Some(status) {
+        tx.prepare_cached("UPDATE builds SET status = ?2 WHERE id = ?1")?
+            .execute(params![build.0, status.as_str()])?;
+    }
+    Ok(Moved {
+        build,
+        steps: changed,
+        before,
+        after: Some(status),
+    })
 }
 
 pub(crate) fn stream_name(s: Stream) -> &'static str {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use ci_core::model::LogPiece;
+use ci_core::model::{LogPiece, Moved};
 use ci_core::store::{Agents, Builds, Claim, Lease, Logs, Queue, Taken};
 use ci_core::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, LogInfo,
@@ -18,9 +18,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::checkpoint::{checkpoint_loop, CHECKPOINT_PAGES};
 use crate::rows::{
-    build_from_row, final_log_row, get_build, get_step, labels_from, labels_text, lease_from_row, limit,
-    pieces, query_builds, refresh, settle, step_from_row, stream_name, ts, with_steps, BUILD_COLUMNS,
-    STEP_COLUMNS, STEP_FROM,
+    build_from_row, build_status_of, final_log_row, get_build, get_step, labels_from, labels_text,
+    lease_from_row, limit, pieces, query_builds, refresh, settle, step_from_row, stream_name, ts, with_steps,
+    BUILD_COLUMNS, STEP_COLUMNS, STEP_FROM,
 };
 use crate::schema::{connect, diagnose, migrate, own};
 use crate::writer::{Cost, Readers, Writer};
@@ -341,7 +341,7 @@ impl Queue for SqliteStore {
         attempt: Attempt,
         result: &Completion,
         now: Timestamp,
-    ) -> ci_core::Result<bool> {
+    ) -> ci_core::Result<Option<Moved>> {
         let cost = if result.stdout.len() + result.stderr.len() > SHORT_LOG {
             Cost::Long
         } else {
@@ -349,18 +349,35 @@ impl Queue for SqliteStore {
         };
         let result = result.clone();
         self.write(cost, move |tx| {
-            let Some(step) = get_step(tx, id)? else {
-                return Ok(false);
+            let step = tx
+                .prepare_cached("SELECT build_id, status, attempt, retries_left FROM steps WHERE id = ?1")?
+                .query_row([id.0], |r| {
+                    Ok((
+                        BuildId(r.get(0)?),
+                        r.get::<_, String>(1)?,
+                        Attempt(r.get(2)?),
+                        r.get::<_, u32>(3)?,
+                    ))
+                })
+                .optional()?;
+            let Some((build, status, current, retries_left)) = step else {
+                return Ok(None);
             };
-            if step.status.is_finished() || step.attempt != attempt || attempt.0 == 0 {
-                return Ok(false);
+            let finished = StepStatus::from_str(&status).map_or(true, StepStatus::is_finished);
+            if finished || current != attempt || attempt.0 == 0 {
+                return Ok(None);
             }
             // N.B.: a result already taken (a failure whose step was queued
             // for a retry) is not taken twice.
             if final_log_row(tx, id, attempt)?.is_some() {
-                return Ok(false);
+                return Ok(None);
             }
-            let retry = result.exit_code != 0 && step.retries_left > 0;
+            let retry = result.exit_code != 0 && retries_left > 0;
+            let status = if retry {
+                StepStatus::Queued
+            } else {
+                StepStatus::from_exit_code(result.exit_code)
+            };
             if retry {
                 tx.prepare_cached(
                     "UPDATE steps SET status = 'queued', retries_left = retries_left - 1,
@@ -368,7 +385,6 @@ impl Queue for SqliteStore {
                 )?
                 .execute([id.0])?;
             } else {
-                let status = StepStatus::from_exit_code(result.exit_code);
                 tx.prepare_cached(
                     "UPDATE steps SET status = ?2, exit_code = ?3, finished_at = ?4, lease_until = NULL
                      WHERE id = ?1",
@@ -384,52 +400,48 @@ impl Queue for SqliteStore {
                 .execute(params![id.0, attempt.0])?;
             tx.prepare_cached("DELETE FROM live_logs WHERE step_id = ?1 AND attempt = ?2")?
                 .execute(params![id.0, attempt.0])?;
-            if !retry {
-                settle(tx, step.build, now)?;
-            }
-            Ok(true)
+            let before = build_status_of(tx, build)?;
+            Ok(Some(settle(tx, build, before, vec![(id, status)], now)?))
         })
         .await
     }
 
-    async fn cancel(&self, build: BuildId, now: Timestamp) -> ci_core::Result<Option<Vec<Lease>>> {
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> ci_core::Result<Option<(Vec<Lease>, Moved)>> {
         self.write(Cost::Short, move |tx| {
-            let finished = tx
-                .prepare_cached("SELECT status FROM builds WHERE id = ?1")?
-                .query_row([build.0], |r| r.get::<_, String>(0))
-                .optional()?
-                .is_none_or(|st| BuildStatus::from_str(&st).is_ok_and(BuildStatus::is_finished));
-            if finished {
+            let before = build_status_of(tx, build)?;
+            if before.is_none_or(BuildStatus::is_finished) {
                 return Ok(None);
             }
             let running = leases(tx, "AND build_id = ?1 ORDER BY id", [build.0])?;
-            tx.prepare_cached(
-                "UPDATE steps SET status = 'canceled', finished_at = ?2, lease_until = NULL
-                 WHERE build_id = ?1 AND status IN ('pending', 'queued', 'running')",
-            )?
-            .execute(params![build.0, ts(now)])?;
-            settle(tx, build, now)?;
-            Ok(Some(running))
+            let canceled: Vec<(StepId, StepStatus)> = tx
+                .prepare_cached(
+                    "UPDATE steps SET status = 'canceled', finished_at = ?2, lease_until = NULL
+                     WHERE build_id = ?1 AND status IN ('pending', 'queued', 'running') RETURNING id",
+                )?
+                .query_map(params![build.0, ts(now)], |r| {
+                    Ok((StepId(r.get(0)?), StepStatus::Canceled))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let moved = settle(tx, build, before, canceled, now)?;
+            Ok(Some((running, moved)))
         })
         .await
     }
 
-    async fn retry(&self, build: BuildId, now: Timestamp) -> ci_core::Result<Option<Build>> {
+    async fn retry(&self, build: BuildId, now: Timestamp) -> ci_core::Result<Option<Moved>> {
         self.write(Cost::Short, move |tx| {
-            let Some(b) = get_build(tx, build)? else {
-                return Ok(None);
-            };
-            if !b.status.is_finished() {
+            let before = build_status_of(tx, build)?;
+            if !before.is_some_and(BuildStatus::is_finished) {
                 return Ok(None);
             }
-            for step in b.steps.iter().filter(|s| s.status != StepStatus::Success) {
-                tx.prepare_cached(
-                    "UPDATE steps SET status = 'pending', exit_code = NULL, finished_at = NULL WHERE id = ?1",
+            let pending: Vec<(StepId, StepStatus)> = tx
+                .prepare_cached(
+                    "UPDATE steps SET status = 'pending', exit_code = NULL, finished_at = NULL
+                     WHERE build_id = ?1 AND status <> 'success' RETURNING id",
                 )?
-                .execute([step.id.0])?;
-            }
-            settle(tx, build, now)?;
-            get_build(tx, build)
+                .query_map([build.0], |r| Ok((StepId(r.get(0)?), StepStatus::Pending)))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(settle(tx, build, before, pending, now)?))
         })
         .await
     }

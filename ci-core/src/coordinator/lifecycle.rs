@@ -3,7 +3,9 @@
 
 use super::{Accepted, Cancel, Coordinator, Event, HandBack, Report, StopOrder, MAX_HAND_BACKS};
 use crate::error::{Error, Result};
-use crate::model::{limits, truncate_log, Build, BuildId, BuildStatus, Completion, NewBuild, StepStatus};
+use crate::model::{
+    limits, truncate_log, Build, BuildId, BuildStatus, Completion, Moved, NewBuild, StepStatus,
+};
 use crate::store::Lease;
 
 impl Coordinator {
@@ -17,6 +19,14 @@ impl Coordinator {
             self.queued_since.insert(step.id, now);
         }
         self.events.push(Event::Created(build.id));
+        if build.status.is_finished() {
+            // Its pipeline could not be read: it ended as it began.
+            self.events.push(Event::Finished {
+                build: build.id,
+                status: build.status,
+                duration_ms: build.duration_ms(),
+            });
+        }
         Ok(build)
     }
 
@@ -24,11 +34,6 @@ impl Coordinator {
     pub async fn complete(&mut self, report: Report) -> Result<Accepted> {
         let id = report.step;
         let step = self.store.step(id).await?.ok_or(Error::StepNotFound(id))?;
-        let before = self
-            .store
-            .build(step.build)
-            .await?
-            .ok_or(Error::BuildNotFound(step.build))?;
         let attempt = report.attempt.unwrap_or(step.attempt);
         if attempt.0 == 0 || attempt > step.attempt {
             return Err(Error::Conflict(format!(
@@ -103,9 +108,9 @@ impl Coordinator {
             None => {}
         }
         let now = self.clock.now();
-        if !self.store.finish(id, attempt, &completion, now).await? {
+        let Some(moved) = self.store.finish(id, attempt, &completion, now).await? else {
             return Err(Error::Conflict(format!("step {id} changed while finishing")));
-        }
+        };
         if let Some(holder) = holder {
             self.pool.release(holder, id, now).await?;
         }
@@ -114,47 +119,44 @@ impl Coordinator {
         if let Some(agent) = report.agent {
             self.pool.seen(agent, now, false).await?;
         }
-        let build = self
-            .store
-            .build(step.build)
-            .await?
-            .ok_or(Error::BuildNotFound(step.build))?;
-        let finished = build.step(&step.name).cloned().ok_or(Error::StepNotFound(id))?;
-        self.advanced(&before, &build, now);
+        self.advanced(&moved, now).await?;
+        let finished = self.store.step(id).await?.ok_or(Error::StepNotFound(id))?;
         Ok(Accepted::Finished(finished))
     }
 
-    /// Records what a change from `before` to `after` did to a build:
-    /// steps that finished, steps newly queued, and the build's end.
-    fn advanced(&mut self, before: &Build, after: &Build, now: crate::clock::Timestamp) {
-        for step in &after.steps {
-            let was = before.steps.iter().find(|s| s.id == step.id).map(|s| s.status);
-            if was == Some(step.status) {
-                continue;
-            }
-            match step.status {
+    /// Records what a change did to a build: steps that finished (events),
+    /// steps newly queued (for dispatch latency), and the build's end.
+    async fn advanced(&mut self, moved: &Moved, now: crate::clock::Timestamp) -> Result<()> {
+        for (step, status) in &moved.steps {
+            match status {
                 StepStatus::Queued => {
-                    self.queued_since.entry(step.id).or_insert(now);
+                    self.queued_since.entry(*step).or_insert(now);
                 }
                 st if st.is_finished() => {
-                    self.queued_since.remove(&step.id);
-                    self.hand_backs.remove(&step.id);
+                    self.queued_since.remove(step);
+                    self.hand_backs.remove(step);
                     self.events.push(Event::StepFinished {
-                        step: step.id,
-                        build: after.id,
-                        status: st,
+                        step: *step,
+                        build: moved.build,
+                        status: *st,
                     });
                 }
                 _ => {}
             }
         }
-        if after.status.is_finished() && !before.status.is_finished() {
+        if moved.ended() {
+            let build = self
+                .store
+                .build(moved.build)
+                .await?
+                .ok_or(Error::BuildNotFound(moved.build))?;
             self.events.push(Event::Finished {
-                build: after.id,
-                status: after.status,
-                duration_ms: after.duration_ms(),
+                build: build.id,
+                status: build.status,
+                duration_ms: build.duration_ms(),
             });
         }
+        Ok(())
     }
 
     /// An agent gives back an attempt its machinery could not run: the
@@ -204,15 +206,17 @@ impl Coordinator {
     /// A finished build is a conflict.
     pub async fn cancel(&mut self, id: BuildId) -> Result<Cancel> {
         let now = self.clock.now();
-        let before = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
-        let Some(running) = self.store.cancel(id, now).await? else {
-            return Err(Error::Conflict(format!(
-                "build {id} already finished as {}",
-                before.status
-            )));
+        let Some((running, moved)) = self.store.cancel(id, now).await? else {
+            return match self.store.build(id).await? {
+                Some(b) => Err(Error::Conflict(format!(
+                    "build {id} already finished as {}",
+                    b.status
+                ))),
+                None => Err(Error::BuildNotFound(id)),
+            };
         };
+        self.advanced(&moved, now).await?;
         let canceled = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
-        self.advanced(&before, &canceled, now);
         // N.B.: the lease goes with the cancel; the agent's slot stays until
         // the stop order is delivered (stop_delivered).
         let mut stops = Vec::with_capacity(running.len());
@@ -254,13 +258,13 @@ impl Coordinator {
                  rebuild it to read the pipeline again"
             )));
         }
-        let Some(after) = self.store.retry(id, now).await? else {
+        let Some(moved) = self.store.retry(id, now).await? else {
             return Err(Error::Conflict(format!(
                 "build {id} is {}: only a finished build can be retried",
                 build.status
             )));
         };
-        self.advanced(&build, &after, now);
-        Ok(after)
+        self.advanced(&moved, now).await?;
+        self.store.build(id).await?.ok_or(Error::BuildNotFound(id))
     }
 }

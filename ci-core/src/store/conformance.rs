@@ -138,20 +138,22 @@ pub async fn pipelines_follow_their_graph<S: Store>(s: &S) {
         (started.repo.as_str(), started.command.as_str()),
         ("/srv/repo", "make a")
     );
-    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await));
+    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await).is_some());
     assert_eq!(
         statuses(s, b.id).await,
         (BuildStatus::Running, vec![Success, Queued, Queued, Pending])
     );
     ok(start_one(s, ids[1], &agent, Timestamp(3)).await);
-    assert!(ok(s.finish(ids[1], Attempt(1), &exit(2), Timestamp(4)).await));
+    let moved = ok(s.finish(ids[1], Attempt(1), &exit(2), Timestamp(4)).await).unwrap_or_default();
+    assert_eq!(moved.steps, [(ids[1], Failed), (ids[3], Skipped)], "what moved");
+    assert!(!moved.ended());
     assert_eq!(
         statuses(s, b.id).await,
         (BuildStatus::Running, vec![Success, Failed, Queued, Skipped]),
         "d is skipped as soon as b fails; c still runs"
     );
     ok(start_one(s, ids[2], &agent, Timestamp(5)).await);
-    assert!(ok(s.finish(ids[2], Attempt(1), &exit(0), Timestamp(6)).await));
+    assert!(ok(s.finish(ids[2], Attempt(1), &exit(0), Timestamp(6)).await).is_some());
     let done = ok(s.build(b.id).await).unwrap_or_else(|| panic!("gone"));
     assert_eq!(done.status, BuildStatus::Failed);
     assert_eq!(
@@ -189,23 +191,23 @@ pub async fn allowed_failures_and_retries<S: Store>(s: &S) {
         .await);
     let ids: Vec<StepId> = b.steps.iter().map(|s| s.id).collect();
     ok(start_one(s, ids[0], &agent, Timestamp(1)).await);
-    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await));
+    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await).is_some());
     ok(start_one(s, ids[1], &agent, Timestamp(3)).await);
-    assert!(ok(s.finish(ids[1], Attempt(1), &exit(1), Timestamp(4)).await));
+    assert!(ok(s.finish(ids[1], Attempt(1), &exit(1), Timestamp(4)).await).is_some());
     ok(start_one(s, ids[2], &agent, Timestamp(3)).await);
-    assert!(ok(s.finish(ids[2], Attempt(1), &exit(7), Timestamp(4)).await));
+    assert!(ok(s.finish(ids[2], Attempt(1), &exit(7), Timestamp(4)).await).is_some());
     assert_eq!(
         statuses(s, b.id).await,
         (BuildStatus::Running, vec![Success, Failed, Queued, Pending]),
         "c runs again"
     );
     assert!(
-        !ok(s.finish(ids[2], Attempt(1), &exit(7), Timestamp(4)).await),
+        ok(s.finish(ids[2], Attempt(1), &exit(7), Timestamp(4)).await).is_none(),
         "its result was taken"
     );
     let again = ok(start_one(s, ids[2], &agent, Timestamp(5)).await).map(|s| s.attempt);
     assert_eq!(again, Some(Attempt(2)));
-    assert!(ok(s.finish(ids[2], Attempt(2), &exit(0), Timestamp(6)).await));
+    assert!(ok(s.finish(ids[2], Attempt(2), &exit(0), Timestamp(6)).await).is_some());
     assert_eq!(
         ok(s.log(ids[2], Some(Attempt(1))).await).map(|l| l.stdout),
         Some("exit 7".into())
@@ -216,7 +218,7 @@ pub async fn allowed_failures_and_retries<S: Store>(s: &S) {
         "b may fail: d runs"
     );
     ok(start_one(s, ids[3], &agent, Timestamp(7)).await);
-    assert!(ok(s.finish(ids[3], Attempt(1), &exit(0), Timestamp(8)).await));
+    assert!(ok(s.finish(ids[3], Attempt(1), &exit(0), Timestamp(8)).await).is_some());
     let done = ok(s.build(b.id).await).unwrap_or_else(|| panic!("gone"));
     assert_eq!((done.status, done.exit_code), (BuildStatus::Success, Some(0)));
 }
@@ -230,9 +232,15 @@ pub async fn canceling_and_retrying_a_pipeline<S: Store>(s: &S) {
     let ids: Vec<StepId> = b.steps.iter().map(|s| s.id).collect();
     assert_eq!(ok(s.retry(b.id, Timestamp(1)).await), None, "not finished");
     ok(start_one(s, ids[0], &agent, Timestamp(1)).await);
-    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await));
+    assert!(ok(s.finish(ids[0], Attempt(1), &exit(0), Timestamp(2)).await).is_some());
     ok(start_one(s, ids[1], &agent, Timestamp(3)).await);
-    let stopped = ok(s.cancel(b.id, Timestamp(4)).await).unwrap_or_default();
+    let (stopped, moved) = ok(s.cancel(b.id, Timestamp(4)).await).unwrap_or_default();
+    assert_eq!(
+        moved.steps,
+        [(ids[1], Canceled), (ids[2], Canceled), (ids[3], Canceled)],
+        "what moved"
+    );
+    assert!(moved.ended());
     assert_eq!(stopped.iter().map(|l| l.step).collect::<Vec<_>>(), [ids[1]]);
     assert_eq!(
         statuses(s, b.id).await,
@@ -241,18 +249,18 @@ pub async fn canceling_and_retrying_a_pipeline<S: Store>(s: &S) {
     assert_eq!(ok(s.leases().await), vec![]);
 
     let retried = ok(s.retry(b.id, Timestamp(5)).await).unwrap_or_else(|| panic!("retry"));
-    assert_eq!(retried.status, BuildStatus::Running);
+    assert_eq!(retried.after, Some(BuildStatus::Running));
     assert_eq!(
         statuses(s, b.id).await,
         (BuildStatus::Running, vec![Success, Queued, Queued, Pending])
     );
     let again = ok(start_one(s, ids[1], &agent, Timestamp(6)).await).map(|s| s.attempt);
     assert_eq!(again, Some(Attempt(2)), "a new attempt");
-    assert!(ok(s.finish(ids[1], Attempt(2), &exit(0), Timestamp(7)).await));
+    assert!(ok(s.finish(ids[1], Attempt(2), &exit(0), Timestamp(7)).await).is_some());
     ok(start_one(s, ids[2], &agent, Timestamp(6)).await);
-    assert!(ok(s.finish(ids[2], Attempt(1), &exit(0), Timestamp(7)).await));
+    assert!(ok(s.finish(ids[2], Attempt(1), &exit(0), Timestamp(7)).await).is_some());
     ok(start_one(s, ids[3], &agent, Timestamp(8)).await);
-    assert!(ok(s.finish(ids[3], Attempt(1), &exit(0), Timestamp(9)).await));
+    assert!(ok(s.finish(ids[3], Attempt(1), &exit(0), Timestamp(9)).await).is_some());
     assert_eq!(statuses(s, b.id).await.0, BuildStatus::Success);
 }
 
@@ -286,7 +294,7 @@ pub async fn logs_read_in_pieces<S: Store>(s: &S) {
         stdout: "héllo wörld".into(),
         stderr: "e".into(),
     };
-    assert!(ok(s.finish(id, Attempt(1), &done, Timestamp(2)).await));
+    assert!(ok(s.finish(id, Attempt(1), &done, Timestamp(2)).await).is_some());
     let info = ok(s.log_info(id, None).await).unwrap_or_default();
     assert_eq!(
         (info.attempt, info.complete, info.stdout_len, info.stderr_len),
@@ -353,7 +361,10 @@ pub async fn live_logs_are_capped_and_joined<S: Store>(s: &S) {
 pub async fn cancel_is_fenced<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
     let (queued, _) = create(s, &new_build("q"), Timestamp(0)).await;
-    assert_eq!(ok(s.cancel(queued, Timestamp(5)).await), Some(vec![]));
+    assert_eq!(
+        ok(s.cancel(queued, Timestamp(5)).await).map(|(stops, _)| stops),
+        Some(vec![])
+    );
     assert_eq!(
         ok(s.queued(10).await),
         vec![],
@@ -369,7 +380,7 @@ pub async fn cancel_is_fenced<S: Store>(s: &S) {
 
     let (running, step) = create(s, &new_build("r"), Timestamp(0)).await;
     ok(start_one(s, step, &agent, Timestamp(1)).await);
-    let stopped = ok(s.cancel(running, Timestamp(2)).await).unwrap_or_default();
+    let (stopped, _) = ok(s.cancel(running, Timestamp(2)).await).unwrap_or_default();
     assert_eq!(
         stopped
             .iter()
@@ -383,7 +394,7 @@ pub async fn cancel_is_fenced<S: Store>(s: &S) {
         stderr: String::new(),
     };
     assert!(
-        !ok(s.finish(step, Attempt(1), &done, Timestamp(3)).await),
+        ok(s.finish(step, Attempt(1), &done, Timestamp(3)).await).is_none(),
         "a canceled step takes no result"
     );
     assert_eq!(ok(s.leases().await), vec![]);
@@ -461,7 +472,7 @@ pub async fn live_logs_are_ordered_fenced_and_idempotent<S: Store>(s: &S) {
         stdout: "second, final".into(),
         stderr: String::new(),
     };
-    assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(3)).await));
+    assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(3)).await).is_some());
     let fin = ok(s.log(id, None).await).unwrap_or_default();
     assert_eq!((fin.stdout.as_str(), fin.complete), ("second, final", true));
     assert_eq!(
@@ -545,7 +556,7 @@ pub async fn attempts_are_fenced<S: Store>(s: &S) {
         stderr: String::new(),
     };
     assert!(
-        !ok(s.finish(id, Attempt(0), &done, Timestamp(1)).await),
+        ok(s.finish(id, Attempt(0), &done, Timestamp(1)).await).is_none(),
         "never dispatched"
     );
     let b1 = ok(start_one(s, id, &agent, Timestamp(1)).await).map(|b| b.attempt);
@@ -556,12 +567,12 @@ pub async fn attempts_are_fenced<S: Store>(s: &S) {
     let b2 = ok(start_one(s, id, &agent, Timestamp(2)).await).map(|b| b.attempt);
     assert_eq!(b2, Some(Attempt(2)));
     assert!(
-        !ok(s.finish(id, Attempt(1), &done, Timestamp(3)).await),
+        ok(s.finish(id, Attempt(1), &done, Timestamp(3)).await).is_none(),
         "superseded"
     );
-    assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(3)).await));
+    assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(3)).await).is_some());
     assert!(
-        !ok(s.finish(id, Attempt(2), &done, Timestamp(4)).await),
+        ok(s.finish(id, Attempt(2), &done, Timestamp(4)).await).is_none(),
         "finished once"
     );
     let b = ok(s.build(build).await).unwrap_or_else(|| panic!("build {build} vanished"));
@@ -588,7 +599,7 @@ pub async fn logs_are_kept_per_attempt<S: Store>(s: &S) {
         stderr: "e".into(),
     };
     assert!(
-        ok(s.finish(id, Attempt(1), &failed, Timestamp(2)).await),
+        ok(s.finish(id, Attempt(1), &failed, Timestamp(2)).await).is_some(),
         "queued, not re-dispatched"
     );
     assert_eq!(ok(s.queued(10).await), vec![], "finished builds leave the queue");
@@ -724,7 +735,7 @@ pub async fn leases_are_granted_renewed_and_fenced<S: Store>(s: &S) {
         stdout: String::new(),
         stderr: String::new(),
     };
-    assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(6000)).await));
+    assert!(ok(s.finish(id, Attempt(2), &done, Timestamp(6000)).await).is_some());
     assert_eq!(ok(s.leases().await), vec![]);
     assert_eq!(ok(s.next_deadline().await), None);
     assert!(matches!(

@@ -10,7 +10,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo, LogPiece,
-    NewBuild, Page, Step, StepId,
+    Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -93,14 +93,14 @@ impl Queue for FaultyStore {
         attempt: Attempt,
         result: &Completion,
         now: Timestamp,
-    ) -> Result<bool> {
+    ) -> Result<Option<Moved>> {
         self.check(Op::Finish)?;
         self.inner.finish(id, attempt, result, now).await
     }
-    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<Vec<Lease>>> {
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<(Vec<Lease>, Moved)>> {
         self.inner.cancel(build, now).await
     }
-    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Build>> {
+    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Moved>> {
         self.inner.retry(build, now).await
     }
     async fn leases(&self) -> Result<Vec<Lease>> {

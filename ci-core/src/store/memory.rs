@@ -10,7 +10,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
     build_status, limits, settle, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus,
-    Completion, LogInfo, LogPiece, NewBuild, Page, Step, StepId, StepStatus,
+    Completion, LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId, StepState, StepStatus,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -84,34 +84,55 @@ impl Inner {
         b
     }
 
-    /// Sets the status of `build` from its steps'.
-    fn refresh(&mut self, build: BuildId) {
-        let steps: Vec<Step> = self
-            .build_steps
+    fn states(&self, build: BuildId) -> Vec<StepState> {
+        self.build_steps
             .get(&build)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.steps.get(id).cloned())
-            .collect();
+            .filter_map(|id| self.steps.get(id))
+            .map(StepState::from)
+            .collect()
+    }
+
+    /// Sets the status of `build` from its steps'.
+    fn refresh(&mut self, build: BuildId) {
+        let status = build_status(&self.states(build));
         if let Some(b) = self.builds.get_mut(&build) {
-            b.status = build_status(&steps);
+            b.status = status;
         }
     }
 
-    /// Moves the steps of `build` along after one changed, and sets the
-    /// build's status.
-    fn settle(&mut self, build: BuildId, now: Timestamp) {
-        let ids = self.build_steps.get(&build).cloned().unwrap_or_default();
-        let mut steps: Vec<Step> = ids.iter().filter_map(|id| self.steps.get(id).cloned()).collect();
-        let status = settle(&mut steps, now);
-        for st in steps {
-            if st.status == StepStatus::Queued {
-                self.queue.insert(st.id);
+    /// Moves the steps of `build` along after `changed` changed, and sets
+    /// the build's status (it was `before`).
+    fn settle(
+        &mut self,
+        build: BuildId,
+        before: Option<BuildStatus>,
+        mut changed: Vec<(StepId, StepStatus)>,
+        now: Timestamp,
+    ) -> Moved {
+        let mut states = self.states(build);
+        let (status, moved) = settle(&mut states);
+        for (id, next) in &moved {
+            if let Some(st) = self.steps.get_mut(id) {
+                st.status = *next;
+                if next.is_finished() {
+                    st.finished_at = Some(now);
+                }
             }
-            self.steps.insert(st.id, st);
+            if *next == StepStatus::Queued {
+                self.queue.insert(*id);
+            }
         }
+        changed.extend(moved);
         if let Some(b) = self.builds.get_mut(&build) {
             b.status = status;
+        }
+        Moved {
+            build,
+            steps: changed,
+            before,
+            after: Some(status),
         }
     }
 }
@@ -265,7 +286,7 @@ impl Queue for MemoryStore {
         attempt: Attempt,
         result: &Completion,
         now: Timestamp,
-    ) -> Result<bool> {
+    ) -> Result<Option<Moved>> {
         let mut s = self.lock();
         // N.B.: a result already taken (a failure whose step was queued for
         // a retry) is not taken twice.
@@ -275,7 +296,7 @@ impl Queue for MemoryStore {
             .get_mut(&id)
             .filter(|st| !taken && !st.status.is_finished() && st.attempt == attempt && attempt.0 > 0)
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let retry = result.exit_code != 0 && st.retries_left > 0;
         if retry {
@@ -287,7 +308,7 @@ impl Queue for MemoryStore {
             st.exit_code = Some(result.exit_code);
             st.finished_at = Some(now);
         }
-        let build = st.build;
+        let (build, status) = (st.build, st.status);
         s.leases.remove(&id);
         if retry {
             s.queue.insert(id);
@@ -305,19 +326,19 @@ impl Queue for MemoryStore {
         );
         s.pieces.remove(&(id, attempt));
         s.live.remove(&(id, attempt));
-        if !retry {
-            s.settle(build, now);
-        }
-        Ok(true)
+        let before = s.builds.get(&build).map(|b| b.status);
+        Ok(Some(s.settle(build, before, vec![(id, status)], now)))
     }
 
-    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<Vec<Lease>>> {
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<(Vec<Lease>, Moved)>> {
         let mut s = self.lock();
-        if s.builds.get(&build).is_none_or(|b| b.status.is_finished()) {
+        let before = s.builds.get(&build).map(|b| b.status);
+        if before.is_none_or(BuildStatus::is_finished) {
             return Ok(None);
         }
         let ids = s.build_steps.get(&build).cloned().unwrap_or_default();
         let mut stopped = Vec::new();
+        let mut changed = Vec::new();
         for id in ids {
             let lease = s.steps.get(&id).and_then(|st| s.lease_of(st));
             let Some(st) = s.steps.get_mut(&id).filter(|st| !st.status.is_finished()) else {
@@ -328,27 +349,30 @@ impl Queue for MemoryStore {
             }
             st.status = StepStatus::Canceled;
             st.finished_at = Some(now);
+            changed.push((id, StepStatus::Canceled));
             s.queue.remove(&id);
             s.leases.remove(&id);
         }
-        s.settle(build, now);
-        Ok(Some(stopped))
+        let moved = s.settle(build, before, changed, now);
+        Ok(Some((stopped, moved)))
     }
 
-    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Build>> {
+    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Moved>> {
         let mut s = self.lock();
-        if !s.builds.get(&build).is_some_and(|b| b.status.is_finished()) {
+        let before = s.builds.get(&build).map(|b| b.status);
+        if !before.is_some_and(BuildStatus::is_finished) {
             return Ok(None);
         }
+        let mut changed = Vec::new();
         for id in s.build_steps.get(&build).cloned().unwrap_or_default() {
             if let Some(st) = s.steps.get_mut(&id).filter(|st| st.status != StepStatus::Success) {
                 st.status = StepStatus::Pending;
                 st.exit_code = None;
                 st.finished_at = None;
+                changed.push((id, StepStatus::Pending));
             }
         }
-        s.settle(build, now);
-        Ok(s.builds.get(&build).map(|b| s.with_steps(b)))
+        Ok(Some(s.settle(build, before, changed, now)))
     }
 
     async fn leases(&self) -> Result<Vec<Lease>> {

@@ -21,7 +21,7 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::model::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo, LogPiece,
-    NewBuild, Page, Step, StepId,
+    Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -106,23 +106,29 @@ pub trait Queue: Send + Sync {
     /// if `attempt` is still its latest. Returns whether it did.
     async fn requeue(&self, id: StepId, attempt: Attempt) -> Result<bool>;
 
-    /// Records the result of `attempt`, if the step is unfinished and
-    /// `attempt` is its latest, and returns whether it did. A failure of a
+    /// Records the result of `attempt`, if the step is unfinished, its
+    /// result not yet taken, and `attempt` its latest; returns what moved
+    /// (`None`: nothing was recorded). A failure of a
     /// step with retries left queues it again (one retry fewer); otherwise
     /// the step ends, its dependents move on ([`settle`](crate::model::settle)),
     /// and the build ends with its last step.
-    async fn finish(&self, id: StepId, attempt: Attempt, result: &Completion, now: Timestamp)
-        -> Result<bool>;
+    async fn finish(
+        &self,
+        id: StepId,
+        attempt: Attempt,
+        result: &Completion,
+        now: Timestamp,
+    ) -> Result<Option<Moved>>;
 
     /// Cancels every unfinished step of a build. Returns the leases of the
-    /// attempts that were running (their agents should be told to stop),
-    /// or `None` if the build was already finished.
-    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<Vec<Lease>>>;
+    /// attempts that were running (their agents should be told to stop)
+    /// and what moved, or `None` if the build was already finished.
+    async fn cancel(&self, build: BuildId, now: Timestamp) -> Result<Option<(Vec<Lease>, Moved)>>;
 
     /// Runs the failed, canceled and skipped steps of a finished build
     /// again, with new attempts; the steps that passed keep their results.
-    /// Returns the build, or `None` if it is not finished.
-    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Build>>;
+    /// Returns what moved, or `None` if the build is not finished.
+    async fn retry(&self, build: BuildId, now: Timestamp) -> Result<Option<Moved>>;
 
     /// The lease of every running attempt.
     async fn leases(&self) -> Result<Vec<Lease>>;
