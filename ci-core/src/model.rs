@@ -941,6 +941,9 @@ pub struct Moved {
     pub before: Option<BuildStatus>,
     /// The build's status after.
     pub after: Option<BuildStatus>,
+    /// When the change ended the build: from its first step's start to
+    /// its last step's end.
+    pub duration_ms: Option<u64>,
 }
 
 impl Moved {

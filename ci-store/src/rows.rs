@@ -12,11 +12,19 @@ use crate::Error;
 pub(crate) const BUILD_COLUMNS: &str =
     "id, repo, hash, branch, command, image, timeout_ms, status, created_at, labels";
 
-pub(crate) const STEP_COLUMNS: &str = "s.id, s.build_id, s.name, b.repo, b.hash, s.command, s.image, \
-     s.timeout_ms, s.labels, s.depends_on, s.allow_failure, s.retries_left, s.matrix, s.status, \
-     s.attempt, s.agent_id, s.agent_url, s.exit_code, s.created_at, s.started_at, s.finished_at";
+/// A step's own columns, as a literal for `concat!`.
+macro_rules! step_columns {
+    () => {
+        "id, build_id, name, command, image, timeout_ms, labels, depends_on, allow_failure, \
+         retries_left, matrix, status, attempt, agent_id, agent_url, exit_code, created_at, \
+         started_at, finished_at"
+    };
+}
+pub(crate) use step_columns;
 
-pub(crate) const STEP_FROM: &str = "steps s JOIN builds b ON b.id = s.build_id";
+/// A step's own columns. Its repository and commit are its build's,
+/// read apart ([`with_origin`]).
+pub(crate) const STEP_COLUMNS: &str = step_columns!();
 
 pub(crate) fn ts(t: Timestamp) -> i64 {
     i64::try_from(t.0).unwrap_or(i64::MAX)
@@ -55,56 +63,96 @@ pub(crate) fn build_from_row(row: &Row<'_>) -> rusqlite::Result<Build> {
     })
 }
 
+/// A step from [`STEP_COLUMNS`], without its repository and commit.
 pub(crate) fn step_from_row(row: &Row<'_>) -> rusqlite::Result<Step> {
-    let status: String = row.get(13)?;
-    let status = StepStatus::from_str(&status).map_err(|e| conversion(13, e))?;
-    let depends_on: String = row.get(9)?;
-    let matrix: String = row.get(12)?;
+    let status: String = row.get(11)?;
+    let status = StepStatus::from_str(&status).map_err(|e| conversion(11, e))?;
+    let depends_on: String = row.get(7)?;
+    let matrix: String = row.get(10)?;
     Ok(Step {
         id: StepId(row.get(0)?),
         build: BuildId(row.get(1)?),
         name: row.get(2)?,
-        repo: row.get(3)?,
-        hash: row.get(4)?,
-        command: row.get(5)?,
-        image: row.get(6)?,
-        timeout_ms: row.get::<_, Option<i64>>(7)?.map(|v| v.max(0) as u64),
-        labels: labels_from(&row.get::<_, String>(8)?),
-        depends_on: serde_json::from_str(&depends_on).map_err(|e| conversion(9, e))?,
-        allow_failure: row.get(10)?,
-        retries_left: row.get(11)?,
-        matrix: serde_json::from_str(&matrix).map_err(|e| conversion(12, e))?,
+        repo: String::new(),
+        hash: String::new(),
+        command: row.get(3)?,
+        image: row.get(4)?,
+        timeout_ms: row.get::<_, Option<i64>>(5)?.map(|v| v.max(0) as u64),
+        labels: labels_from(&row.get::<_, String>(6)?),
+        depends_on: serde_json::from_str(&depends_on).map_err(|e| conversion(7, e))?,
+        allow_failure: row.get(8)?,
+        retries_left: row.get(9)?,
+        matrix: serde_json::from_str(&matrix).map_err(|e| conversion(10, e))?,
         status,
-        attempt: Attempt(row.get(14)?),
-        agent_id: row.get::<_, Option<i64>>(15)?.map(AgentId),
-        agent_url: row.get(16)?,
-        exit_code: row.get(17)?,
-        created_at: time(row, 18)?.unwrap_or_default(),
-        started_at: time(row, 19)?,
-        finished_at: time(row, 20)?,
+        attempt: Attempt(row.get(12)?),
+        agent_id: row.get::<_, Option<i64>>(13)?.map(AgentId),
+        agent_url: row.get(14)?,
+        exit_code: row.get(15)?,
+        created_at: time(row, 16)?.unwrap_or_default(),
+        started_at: time(row, 17)?,
+        finished_at: time(row, 18)?,
     })
 }
 
-pub(crate) fn get_step(conn: &Connection, id: StepId) -> Result<Option<Step>, Error> {
-    let sql = format!("SELECT {STEP_COLUMNS} FROM {STEP_FROM} WHERE s.id = ?1");
-    Ok(conn
-        .prepare_cached(&sql)?
-        .query_row([id.0], step_from_row)
-        .optional()?)
+/// `steps` with their builds' repository and commit.
+pub(crate) fn with_origin(conn: &Connection, mut steps: Vec<Step>) -> Result<Vec<Step>, Error> {
+    let mut origin: std::collections::HashMap<BuildId, (String, String)> = std::collections::HashMap::new();
+    for step in &mut steps {
+        let (repo, hash) = match origin.entry(step.build) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let found = conn
+                    .prepare_cached("SELECT repo, hash FROM builds WHERE id = ?1")?
+                    .query_row([step.build.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?
+                    .unwrap_or_default();
+                e.insert(found)
+            }
+        };
+        step.repo.clone_from(repo);
+        step.hash.clone_from(hash);
+    }
+    Ok(steps)
 }
 
-pub(crate) fn steps_of(conn: &Connection, build: BuildId) -> Result<Vec<Step>, Error> {
-    let sql = format!("SELECT {STEP_COLUMNS} FROM {STEP_FROM} WHERE s.build_id = ?1 ORDER BY s.id");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map([build.0], step_from_row)?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+/// Steps from `sql`, which selects [`STEP_COLUMNS`], with their origin.
+pub(crate) fn query_steps(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Step>, Error> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, step_from_row)?;
+    let steps: Vec<Step> = rows.collect::<rusqlite::Result<_>>()?;
+    with_origin(conn, steps)
+}
+
+pub(crate) fn get_step(conn: &Connection, id: StepId) -> Result<Option<Step>, Error> {
+    let sql = format!("SELECT {STEP_COLUMNS} FROM steps WHERE id = ?1");
+    Ok(query_steps(conn, &sql, [id.0])?.pop())
 }
 
 /// `build` with its steps, summed up.
-pub(crate) fn with_steps(conn: &Connection, mut build: Build) -> Result<Build, Error> {
-    build.steps = steps_of(conn, build.id)?;
+pub(crate) fn with_steps(conn: &Connection, build: Build) -> Result<Build, Error> {
+    // N.B.: sorted here: with `ORDER BY id` SQLite (STAT4) plans the query
+    // again for new values of `build_id`.
+    let sql = format!("SELECT {STEP_COLUMNS} FROM steps WHERE build_id = ?1");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let steps = stmt.query_map([build.id.0], step_from_row)?;
+    let mut steps: Vec<Step> = steps.collect::<rusqlite::Result<_>>()?;
+    steps.sort_by_key(|s| s.id);
+    Ok(attach(build, steps))
+}
+
+/// `build` with `steps` (of it), summed up.
+fn attach(mut build: Build, mut steps: Vec<Step>) -> Build {
+    for step in &mut steps {
+        step.repo.clone_from(&build.repo);
+        step.hash.clone_from(&build.hash);
+    }
+    build.steps = steps;
     build.summarize();
-    Ok(build)
+    build
 }
 
 pub(crate) fn get_build(conn: &Connection, id: BuildId) -> Result<Option<Build>, Error> {
@@ -116,21 +164,47 @@ pub(crate) fn get_build(conn: &Connection, id: BuildId) -> Result<Option<Build>,
     build.map(|b| with_steps(conn, b)).transpose()
 }
 
+/// Builds from `sql`, which selects [`BUILD_COLUMNS`]: `take` of them
+/// after the first `skip`, with their steps.
 pub(crate) fn query_builds(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
+    skip: usize,
+    take: usize,
 ) -> Result<Vec<Build>, Error> {
     let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map(params, build_from_row)?;
+    let rows = stmt.query_map(params, build_from_row)?.skip(skip).take(take);
     let builds: Vec<Build> = rows.collect::<rusqlite::Result<_>>()?;
-    builds.into_iter().map(|b| with_steps(conn, b)).collect()
+    // N.B.: the steps of a page of builds in one read: a page is a run of
+    // consecutive build numbers.
+    let (Some(lo), Some(hi)) = (
+        builds.iter().map(|b| b.id).min(),
+        builds.iter().map(|b| b.id).max(),
+    ) else {
+        return Ok(builds);
+    };
+    let sql = format!("SELECT {STEP_COLUMNS} FROM steps WHERE build_id BETWEEN ?1 AND ?2 ORDER BY id");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut by_build: std::collections::HashMap<BuildId, Vec<Step>> = std::collections::HashMap::new();
+    for step in stmt.query_map([lo.0, hi.0], step_from_row)? {
+        let step = step?;
+        by_build.entry(step.build).or_default().push(step);
+    }
+    Ok(builds
+        .into_iter()
+        .map(|b| {
+            let steps = by_build.remove(&b.id).unwrap_or_default();
+            attach(b, steps)
+        })
+        .collect())
 }
 
 /// What scheduling needs of the steps of `build`, in creation order.
 pub(crate) fn states(conn: &Connection, build: BuildId) -> Result<Vec<StepState>, Error> {
+    // N.B.: sorted below, not by SQLite (see `with_steps`).
     let mut stmt = conn.prepare_cached(
-        "SELECT id, name, status, allow_failure, depends_on FROM steps WHERE build_id = ?1 ORDER BY id",
+        "SELECT id, name, status, allow_failure, depends_on FROM steps WHERE build_id = ?1",
     )?;
     let rows = stmt.query_map([build.0], |r| {
         let status: String = r.get(2)?;
@@ -143,7 +217,9 @@ pub(crate) fn states(conn: &Connection, build: BuildId) -> Result<Vec<StepState>
             depends_on: serde_json::from_str(&depends_on).map_err(|e| conversion(4, e))?,
         })
     })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    let mut states: Vec<StepState> = rows.collect::<rusqlite::Result<_>>()?;
+    states.sort_by_key(|s| s.id);
+    Ok(states)
 }
 
 /// The stored status of `build`.
@@ -187,12 +263,22 @@ pub(crate) fn settle(
         tx.prepare_cached("UPDATE builds SET status = ?2 WHERE id = ?1")?
             .execute(params![build.0, status.as_str()])?;
     }
-    Ok(Moved {
+    let mut moved = Moved {
         build,
         steps: changed,
         before,
         after: Some(status),
-    })
+        duration_ms: None,
+    };
+    if moved.ended() {
+        let (first, last): (Option<i64>, Option<i64>) = tx
+            .prepare_cached("SELECT MIN(started_at), MAX(finished_at) FROM steps WHERE build_id = ?1")?
+            .query_row([build.0], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if let (Some(first), Some(last)) = (first, last) {
+            moved.duration_ms = u64::try_from(last.saturating_sub(first)).ok();
+        }
+    }
+    Ok(moved)
 }
 
 pub(crate) fn stream_name(s: Stream) -> &'static str {
@@ -219,11 +305,10 @@ pub(crate) fn pieces(
 ) -> Result<Vec<LogPiece>, Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, stream, data FROM log_pieces
-         WHERE step_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+         WHERE step_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq",
     )?;
     let after = after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
-    let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-    let rows = stmt.query_map(params![id.0, attempt.0, after, limit], |r| {
+    let rows = stmt.query_map(params![id.0, attempt.0, after], |r| {
         let stream: String = r.get(1)?;
         Ok(LogPiece {
             seq: r.get::<_, i64>(0)?.max(0) as u64,
@@ -235,11 +320,9 @@ pub(crate) fn pieces(
             data: r.get(2)?,
         })
     })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
-pub(crate) fn limit(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+    Ok(rows
+        .take(limit.unwrap_or(usize::MAX))
+        .collect::<rusqlite::Result<_>>()?)
 }
 
 /// A running step's lease from `id, attempt, agent_id, lease_until`.

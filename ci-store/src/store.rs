@@ -19,8 +19,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use crate::checkpoint::{checkpoint_loop, CHECKPOINT_PAGES};
 use crate::rows::{
     build_from_row, build_status_of, final_log_row, get_build, get_step, labels_from, labels_text,
-    lease_from_row, limit, pieces, query_builds, refresh, settle, step_from_row, stream_name, ts, with_steps,
-    BUILD_COLUMNS, STEP_COLUMNS, STEP_FROM,
+    lease_from_row, pieces, query_builds, refresh, settle, step_columns, step_from_row, stream_name, ts,
+    with_origin, with_steps, BUILD_COLUMNS,
 };
 use crate::schema::{connect, diagnose, migrate, own};
 use crate::writer::{Cost, Readers, Writer};
@@ -162,11 +162,28 @@ fn refusal(tx: &Transaction<'_>, id: StepId, attempt: Option<Attempt>, agent: Op
     }
 }
 
-fn leases(conn: &Connection, sql_tail: &str, p: impl rusqlite::Params) -> Result<Vec<Lease>, Error> {
+/// The queue, oldest first, read by the status index without a sort.
+///
+/// N.B.: its callers stop reading where they need to. A bound `LIMIT`
+/// makes SQLite (built with STAT4) plan the query again for every new
+/// value, and the queue is read with a new one on most passes: parsing SQL
+/// was the largest part of the server's CPU per build.
+pub(crate) const QUEUED: &str = concat!(
+    "SELECT ",
+    step_columns!(),
+    " FROM steps WHERE status = 'queued' ORDER BY id"
+);
+
+fn leases(
+    conn: &Connection,
+    sql_tail: &str,
+    p: impl rusqlite::Params,
+    most: usize,
+) -> Result<Vec<Lease>, Error> {
     let sql =
         format!("SELECT id, attempt, agent_id, lease_until FROM steps WHERE status = 'running' {sql_tail}");
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(p, lease_from_row)?;
+    let rows = stmt.query_map(p, lease_from_row)?.take(most);
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -220,15 +237,14 @@ impl Queue for SqliteStore {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO steps (build_id, name, command, image, timeout_ms, labels, depends_on,
                                     allow_failure, retries_left, matrix, status, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING id",
             )?;
+            // N.B.: the steps are made here, not read back.
+            let mut steps = Vec::new();
             for n in new.plan() {
-                let status = if n.depends_on.is_empty() {
-                    StepStatus::Queued
-                } else {
-                    StepStatus::Pending
-                };
-                insert.execute(params![
+                let step = Step::new(StepId(0), &build, &n);
+                let status = step.status;
+                let id: i64 = insert.query_row(params![
                     build.id.0,
                     n.name,
                     n.command,
@@ -241,21 +257,23 @@ impl Queue for SqliteStore {
                     serde_json::to_string(&n.matrix).unwrap_or_default(),
                     status.as_str(),
                     ts(now),
-                ])?;
+                ], |r| r.get(0))?;
+                steps.push(Step { id: StepId(id), ..step });
             }
-            with_steps(tx, build)
+            let mut build = Build { steps, ..build };
+            build.summarize();
+            Ok(build)
         })
         .await
     }
 
     async fn queued(&self, n: usize) -> ci_core::Result<Vec<Step>> {
         self.queue_read(move |conn| {
-            let sql = format!(
-                "SELECT {STEP_COLUMNS} FROM {STEP_FROM} WHERE s.status = 'queued' ORDER BY s.id LIMIT ?1"
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map([limit(n)], step_from_row)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            // N.B.: no bound LIMIT (see QUEUED).
+            let mut stmt = conn.prepare_cached(QUEUED)?;
+            let steps = stmt.query_map([], step_from_row)?.take(n);
+            let steps: Vec<Step> = steps.collect::<rusqlite::Result<_>>()?;
+            with_origin(conn, steps)
         })
         .await
     }
@@ -266,28 +284,29 @@ impl Queue for SqliteStore {
         }
         let claims = claims.to_vec();
         self.write(Cost::Short, move |tx| {
-            let mut update = tx.prepare_cached(
+            let mut update = tx.prepare_cached(concat!(
                 "UPDATE steps SET status = 'running', attempt = attempt + 1,
                     agent_id = ?2, agent_url = ?3, started_at = ?4, lease_until = ?5
-                 WHERE id = ?1 AND status = 'queued' RETURNING build_id",
-            )?;
+                 WHERE id = ?1 AND status = 'queued' RETURNING ",
+                step_columns!()
+            ))?;
             let mut running = tx
                 .prepare_cached("UPDATE builds SET status = 'running' WHERE id = ?1 AND status = 'queued'")?;
             let mut started = Vec::with_capacity(claims.len());
             for c in &claims {
-                let build: Option<i64> = update
+                let step = update
                     .query_row(
                         params![c.step.0, c.agent.0, c.agent_url, ts(now), ts(c.lease_until)],
-                        |r| r.get(0),
+                        step_from_row,
                     )
                     .optional()?;
-                let Some(build) = build else {
+                let Some(step) = step else {
                     continue;
                 };
-                running.execute([build])?;
-                started.extend(get_step(tx, c.step)?);
+                running.execute([step.build.0])?;
+                started.push(step);
             }
-            Ok(started)
+            with_origin(tx, started)
         })
         .await
     }
@@ -350,26 +369,32 @@ impl Queue for SqliteStore {
         let result = result.clone();
         self.write(cost, move |tx| {
             let step = tx
-                .prepare_cached("SELECT build_id, status, attempt, retries_left FROM steps WHERE id = ?1")?
+                .prepare_cached(
+                    "SELECT build_id, status, attempt, retries_left,
+                            (SELECT status FROM builds WHERE id = build_id)
+                     FROM steps WHERE id = ?1",
+                )?
                 .query_row([id.0], |r| {
                     Ok((
                         BuildId(r.get(0)?),
                         r.get::<_, String>(1)?,
                         Attempt(r.get(2)?),
                         r.get::<_, u32>(3)?,
+                        r.get::<_, Option<String>>(4)?,
                     ))
                 })
                 .optional()?;
-            let Some((build, status, current, retries_left)) = step else {
+            let Some((build, status, current, retries_left, before)) = step else {
                 return Ok(None);
             };
-            let finished = StepStatus::from_str(&status).map_or(true, StepStatus::is_finished);
-            if finished || current != attempt || attempt.0 == 0 {
+            let before = before.and_then(|b| BuildStatus::from_str(&b).ok());
+            let status = StepStatus::from_str(&status).unwrap_or(StepStatus::Canceled);
+            if status.is_finished() || current != attempt || attempt.0 == 0 {
                 return Ok(None);
             }
             // N.B.: a result already taken (a failure whose step was queued
             // for a retry) is not taken twice.
-            if final_log_row(tx, id, attempt)?.is_some() {
+            if status == StepStatus::Queued && final_log_row(tx, id, attempt)?.is_some() {
                 return Ok(None);
             }
             let retry = result.exit_code != 0 && retries_left > 0;
@@ -400,7 +425,6 @@ impl Queue for SqliteStore {
                 .execute(params![id.0, attempt.0])?;
             tx.prepare_cached("DELETE FROM live_logs WHERE step_id = ?1 AND attempt = ?2")?
                 .execute(params![id.0, attempt.0])?;
-            let before = build_status_of(tx, build)?;
             Ok(Some(settle(tx, build, before, vec![(id, status)], now)?))
         })
         .await
@@ -412,7 +436,7 @@ impl Queue for SqliteStore {
             if before.is_none_or(BuildStatus::is_finished) {
                 return Ok(None);
             }
-            let running = leases(tx, "AND build_id = ?1 ORDER BY id", [build.0])?;
+            let running = leases(tx, "AND build_id = ?1 ORDER BY id", [build.0], usize::MAX)?;
             let canceled: Vec<(StepId, StepStatus)> = tx
                 .prepare_cached(
                     "UPDATE steps SET status = 'canceled', finished_at = ?2, lease_until = NULL
@@ -447,15 +471,17 @@ impl Queue for SqliteStore {
     }
 
     async fn leases(&self) -> ci_core::Result<Vec<Lease>> {
-        self.queue_read(|conn| leases(conn, "ORDER BY id", [])).await
+        self.queue_read(|conn| leases(conn, "ORDER BY id", [], usize::MAX))
+            .await
     }
 
     async fn lapsed(&self, now: Timestamp, n: usize) -> ci_core::Result<Vec<Lease>> {
         self.queue_read(move |conn| {
             leases(
                 conn,
-                "AND COALESCE(lease_until, 0) <= ?1 ORDER BY lease_until, id LIMIT ?2",
-                params![ts(now), limit(n)],
+                "AND COALESCE(lease_until, 0) <= ?1 ORDER BY lease_until, id",
+                params![ts(now)],
+                n,
             )
         })
         .await
@@ -665,11 +691,9 @@ impl Builds for SqliteStore {
 
     async fn list_builds(&self, page: Page) -> ci_core::Result<Vec<Build>> {
         self.read(Cost::Short, move |conn| {
-            let sql = format!(
-                "SELECT {BUILD_COLUMNS} FROM builds WHERE id < ?3 ORDER BY id DESC LIMIT ?1 OFFSET ?2"
-            );
+            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id < ?1 ORDER BY id DESC");
             let before = page.before.map_or(i64::MAX, |b| b.0);
-            query_builds(conn, &sql, params![limit(page.limit), limit(page.offset), before])
+            query_builds(conn, &sql, [before], page.offset, page.limit)
         })
         .await
     }

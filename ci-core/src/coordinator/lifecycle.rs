@@ -4,7 +4,7 @@
 use super::{Accepted, Cancel, Coordinator, Event, HandBack, Report, StopOrder, MAX_HAND_BACKS};
 use crate::error::{Error, Result};
 use crate::model::{
-    limits, truncate_log, Build, BuildId, BuildStatus, Completion, Moved, NewBuild, StepStatus,
+    limits, truncate_log, Build, BuildId, BuildStatus, Completion, Moved, NewBuild, Step, StepStatus,
 };
 use crate::store::Lease;
 
@@ -119,14 +119,27 @@ impl Coordinator {
         if let Some(agent) = report.agent {
             self.pool.seen(agent, now, false).await?;
         }
-        self.advanced(&moved, now).await?;
-        let finished = self.store.step(id).await?.ok_or(Error::StepNotFound(id))?;
+        self.advanced(&moved);
+        // N.B.: the step as the store has it now, without reading it.
+        let status = moved
+            .steps
+            .iter()
+            .find(|(s, _)| *s == id)
+            .map_or(step.status, |(_, st)| *st);
+        let ended = status.is_finished();
+        let finished = Step {
+            status,
+            exit_code: ended.then_some(completion.exit_code),
+            finished_at: if ended { Some(now) } else { step.finished_at },
+            ..step
+        };
         Ok(Accepted::Finished(finished))
     }
 
     /// Records what a change did to a build: steps that finished (events),
     /// steps newly queued (for dispatch latency), and the build's end.
-    async fn advanced(&mut self, moved: &Moved, now: crate::clock::Timestamp) -> Result<()> {
+    fn advanced(&mut self, moved: &Moved) {
+        let now = self.clock.now();
         for (step, status) in &moved.steps {
             match status {
                 StepStatus::Queued => {
@@ -144,19 +157,13 @@ impl Coordinator {
                 _ => {}
             }
         }
-        if moved.ended() {
-            let build = self
-                .store
-                .build(moved.build)
-                .await?
-                .ok_or(Error::BuildNotFound(moved.build))?;
+        if let (true, Some(status)) = (moved.ended(), moved.after) {
             self.events.push(Event::Finished {
-                build: build.id,
-                status: build.status,
-                duration_ms: build.duration_ms(),
+                build: moved.build,
+                status,
+                duration_ms: moved.duration_ms,
             });
         }
-        Ok(())
     }
 
     /// An agent gives back an attempt its machinery could not run: the
@@ -215,7 +222,7 @@ impl Coordinator {
                 None => Err(Error::BuildNotFound(id)),
             };
         };
-        self.advanced(&moved, now).await?;
+        self.advanced(&moved);
         let canceled = self.store.build(id).await?.ok_or(Error::BuildNotFound(id))?;
         // N.B.: the lease goes with the cancel; the agent's slot stays until
         // the stop order is delivered (stop_delivered).
@@ -264,7 +271,7 @@ impl Coordinator {
                 build.status
             )));
         };
-        self.advanced(&moved, now).await?;
+        self.advanced(&moved);
         self.store.build(id).await?.ok_or(Error::BuildNotFound(id))
     }
 }

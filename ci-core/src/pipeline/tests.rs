@@ -336,3 +336,56 @@ fn one_command_is_a_one_step_pipeline() {
     assert_eq!(names(&p), ["build"]);
     assert_eq!(p.steps[0].commands, ["sh build.sh"]);
 }
+
+/// What the queue stores for a step: its environment exported (quoted),
+/// its commands as one script, the Docker label for an image, retries only
+/// for failures and timeouts, and services said to be missing.
+#[test]
+fn steps_become_what_the_queue_stores() {
+    let p = parse(FULL).unwrap();
+    let test = p.steps.iter().find(|s| s.name == "test (rust=1.85)").unwrap();
+    let n = test.to_new_step();
+    assert!(
+        n.command
+            .starts_with("export CARGO_TERM_COLOR='always'\nexport RUST_LOG='debug'\nset -e\n"),
+        "{}",
+        n.command
+    );
+    assert_eq!(n.retries, 2);
+    assert_eq!(n.timeout_ms, Some(30 * 60 * 1000));
+    assert_eq!(n.labels.iter().collect::<Vec<_>>(), ["os=linux"]);
+    assert_eq!(n.depends_on, ["build (rust=1.85)"]);
+    assert_eq!(n.matrix.get("rust").map(String::as_str), Some("1.85"));
+
+    let lint = p.steps.iter().find(|s| s.base == "lint").unwrap().to_new_step();
+    assert_eq!(
+        lint.labels.iter().collect::<Vec<_>>(),
+        [DOCKER_LABEL],
+        "an image needs the Docker runner"
+    );
+    assert!(
+        lint.command.starts_with("echo 'ci: services are not started yet"),
+        "{}",
+        lint.command
+    );
+    assert_eq!(lint.retries, 0);
+
+    let quoted =
+        parse("version: 1\nenv: { A: \"it's $HOME\" }\nsteps:\n  - name: a\n    commands: [\"echo $A\"]\n")
+            .unwrap()
+            .to_new_steps();
+    assert!(
+        quoted[0].command.starts_with("export A='it'\\''s $HOME'\n"),
+        "{}",
+        quoted[0].command
+    );
+    let only_lost = parse(
+        "version: 1\nsteps:\n  - name: a\n    retry: { limit: 3, on: [agent_lost] }\n    commands: [x]\n",
+    )
+    .unwrap()
+    .to_new_steps();
+    assert_eq!(
+        only_lost[0].retries, 0,
+        "a lost agent's step always runs again anyway"
+    );
+}

@@ -128,12 +128,20 @@ impl Inner {
         if let Some(b) = self.builds.get_mut(&build) {
             b.status = status;
         }
-        Moved {
+        let mut moved = Moved {
             build,
             steps: changed,
             before,
             after: Some(status),
+            duration_ms: None,
+        };
+        if moved.ended() {
+            moved.duration_ms = self
+                .builds
+                .get(&build)
+                .and_then(|b| self.with_steps(b).duration_ms());
         }
+        moved
     }
 }
 
