@@ -19,6 +19,7 @@ pub(crate) struct Marks {
     received: Mutex<HashMap<i64, Instant>>,
     done: Mutex<HashMap<i64, Instant>>,
     steps_received: Mutex<HashMap<i64, Instant>>,
+    steps_reported: Mutex<HashMap<i64, Instant>>,
     steps_done: Mutex<HashMap<i64, Instant>>,
     /// Woken on every completion.
     pub(crate) finished: tokio::sync::Notify,
@@ -35,6 +36,11 @@ impl Marks {
 
     pub(crate) fn steps_received(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
         self.steps_received.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// When each step's result was sent.
+    pub(crate) fn steps_reported(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
+        self.steps_reported.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn steps_done(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
@@ -68,6 +74,7 @@ pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Resu
                         attempt: req.attempt,
                         agent_id: Some(ci_core::AgentId(agent)),
                     };
+                    marks.steps_reported().insert(req.id.0, Instant::now());
                     let sent = client
                         .post(format!("{url}/notify_build_result"))
                         .json(&result)

@@ -2,9 +2,9 @@
 //! is dispatched, and how much a wide pipeline spends on scheduling.
 //!
 //! - `--pipeline linear`: five steps, each after the one before.
-//!   *Next-step dispatch* runs from the agent's result for step k being
-//!   acknowledged to the agent holding step k+1: the server's whole cost of
-//!   moving a pipeline along. *First step* runs from the submit request
+//!   *Next-step dispatch* runs from the agent sending its result for step
+//!   k to the agent holding step k+1: the server's whole cost of moving a
+//!   pipeline along (taking the result, settling the graph, dispatching). *First step* runs from the submit request
 //!   being sent to the agent holding step 1 (it includes reading the
 //!   pipeline file, once per commit).
 //! - `--pipeline fan`: 100 parallel steps, then one after all of them.
@@ -148,6 +148,7 @@ pub(crate) async fn run(b: &Bench, o: &Opts, shape: Shape) -> Result<(), Error> 
     let done = done.lock().await;
     let recv = marks.steps_received().clone();
     let fin = marks.steps_done().clone();
+    let reported = marks.steps_reported().clone();
     let mut first = Vec::new();
     let mut next = Vec::new();
     let mut whole = Vec::new();
@@ -161,7 +162,7 @@ pub(crate) async fn run(b: &Bench, o: &Opts, shape: Shape) -> Result<(), Error> 
                 first.push(ms(r.duration_since(*sent)));
             }
             for pair in steps.windows(2) {
-                if let (Some(d), Some(r)) = (fin.get(&pair[0]), recv.get(&pair[1])) {
+                if let (Some(d), Some(r)) = (reported.get(&pair[0]), recv.get(&pair[1])) {
                     next.push(ms(r.duration_since(*d)));
                 }
             }
