@@ -200,3 +200,93 @@ fn a_missing_image_or_daemon_stops_the_agent_with_a_clear_line() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot reach the Docker daemon"), "{err}");
 }
+
+/// A pipeline step with an image goes only to an agent with the Docker
+/// runner (`docker=true`) and runs in that image; a step with services
+/// says in its log that they are not started yet.
+#[tokio::test]
+async fn a_pipeline_step_with_an_image_runs_in_it_on_a_docker_agent() {
+    let debian = "ci-local/debian:bookworm";
+    if !docker_or_skip(&[IMAGE, debian]) {
+        return;
+    }
+    let mut c = Cluster::new(500, 5);
+    let sha = c.repo.commit(
+        &[(
+            ".ci.yml",
+            &format!(
+                r#"version: 1
+steps:
+  - name: in-debian
+    image: "{debian}"
+    commands: ["cat /etc/debian_version"]
+  - name: with-a-service
+    depends_on: []
+    image: "{IMAGE}"
+    services:
+      cache: {{ image: "{IMAGE}" }}
+    commands: ["echo still ran"]
+"#
+            ),
+        )],
+        "image steps",
+    );
+    c.start_server();
+    c.start_agent("shell");
+    c.wait_agents(1).await;
+    let id = c.api.create(&sha).await.id;
+    let waiting = c
+        .api
+        .wait_build(id, LONG, "to say why it waits", |b| b.waiting.is_some())
+        .await;
+    assert_eq!(
+        waiting.waiting.as_deref(),
+        Some("step in-debian: no agent has docker=true")
+    );
+
+    c.agent_env = vec![
+        ("RUNNER".into(), "docker".into()),
+        ("IMAGE".into(), IMAGE.into()),
+        ("PULL".into(), "never".into()),
+    ];
+    c.start_agent("docker");
+    let b = c.api.wait_finished(id, LONG).await;
+    assert_eq!(b.status, BuildStatus::Success, "{b:?}");
+    let agents = c.api.agents().await.unwrap();
+    let docker = agents
+        .iter()
+        .find(|a| a.labels.iter().any(|l| l == "docker=true"))
+        .unwrap();
+    assert!(b
+        .steps
+        .iter()
+        .all(|s| s.agent.as_deref() == Some(docker.url.as_str())));
+    let log = |step: &str| {
+        let url = c.api.url(&format!("/api/builds/{id}/steps/{step}/log"));
+        let http = c.api.http.clone();
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let debian_log = log("in-debian").await;
+    assert!(
+        debian_log["stdout"].as_str().unwrap().contains("12."),
+        "{debian_log}"
+    );
+    let service_log = log("with-a-service").await;
+    assert!(service_log["stdout"].as_str().unwrap().contains("still ran"));
+    assert!(
+        service_log["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("services are not started yet"),
+        "{service_log}"
+    );
+    c.assert_exactly_once(&[id]);
+}

@@ -137,14 +137,16 @@ fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
         })
 }
 
-/// The API's view of `builds`, each queued one saying why it waits, if
-/// no agent could take it.
+/// The API's view of `builds`, each queued step (and its build) saying
+/// why it waits, if no agent could take it.
 async fn views(app: &App, builds: &[ci_core::Build]) -> Result<Vec<BuildView>> {
     let mut views: Vec<BuildView> = builds.iter().map(BuildView::from).collect();
-    if views
-        .iter()
-        .any(|v| !v.labels.is_empty() && v.status == ci_core::BuildStatus::Queued)
-    {
+    let labelled_waits = |v: &BuildView| {
+        v.steps
+            .iter()
+            .any(|s| !s.labels.is_empty() && s.status == ci_core::StepStatus::Queued)
+    };
+    if views.iter().any(labelled_waits) {
         let agents = app.dispatcher.agents().await?;
         for v in &mut views {
             v.explain_wait(&agents);
