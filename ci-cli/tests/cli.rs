@@ -302,3 +302,68 @@ fn a_labelled_build_shows_why_it_waits() {
     assert_eq!(code, 2);
     assert!(err.contains("labels"), "{err}");
 }
+
+/// `ci exec` runs the working tree's pipeline, uncommitted and untracked
+/// files included, on this machine, in dependency order, and leaves the
+/// repository as it was; exit 0 when every step passed, 1 when not.
+#[test]
+fn exec_runs_the_working_tree_and_touches_nothing() {
+    let repo = GitRepo::new();
+    repo.commit(&[("a.txt", "committed\n")], "first");
+    let pipeline = "version: 1\nenv: { WHO: \"it's me\" }\nsteps:\n  - name: first\n    commands: [\"cat a.txt\", \"cat new.txt\", \"echo $WHO\"]\n  - name: second\n    commands: [\"echo second\"]\n  - name: broken\n    depends_on: []\n    commands: [\"exit 4\"]\n    allow_failure: true\n";
+    std::fs::write(repo.path().join(".ci.yml"), pipeline).unwrap();
+    std::fs::write(repo.path().join("a.txt"), "changed, not committed\n").unwrap();
+    std::fs::write(repo.path().join("new.txt"), "untracked\n").unwrap();
+    let status_before = repo.git(&["status", "--porcelain"]);
+    let refs_before = repo.git(&["for-each-ref"]);
+    let exec = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ci"))
+            .current_dir(repo.path())
+            .arg("exec")
+            .args(args)
+            .env_remove("CI_SERVER")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = exec(&[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for seen in ["changed, not committed\n", "untracked\n", "it's me\n"] {
+        assert!(out.contains(seen), "{seen:?} in {out}");
+    }
+    assert!(out.contains("second"), "{out}");
+    let first = err.find("--- step first: success").unwrap_or(usize::MAX);
+    let second = err.find("--- step second: success").unwrap_or(0);
+    assert!(first < second, "second runs after first: {err}");
+    assert!(err.contains("--- step broken: failed"), "{err}");
+    assert_eq!(
+        repo.git(&["status", "--porcelain"]),
+        status_before,
+        "the working tree is as it was"
+    );
+    assert_eq!(repo.git(&["for-each-ref"]), refs_before, "no ref was made");
+
+    let (code, out, _) = exec(&["--step", "second"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("second") && !out.contains("untracked"),
+        "only that step: {out}"
+    );
+    std::fs::write(
+        repo.path().join(".ci.yml"),
+        "version: 1\nsteps:\n  - name: a\n    commands: [\"exit 3\"]\n",
+    )
+    .unwrap();
+    assert_eq!(exec(&[]).0, 1, "a failed step fails it");
+    let (code, _, err) = exec(&["--step", "nope"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no step \"nope\""), "{err}");
+    std::fs::write(repo.path().join(".ci.yml"), "version: 1\nstep: []\n").unwrap();
+    let (code, _, err) = exec(&[]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with(".ci.yml:2:1:"), "{err}");
+}
