@@ -8,6 +8,7 @@
 //! cargo run --release -p ci-bench -- --failover                               # dead-agent detection and requeue
 //! cargo run --release -p ci-bench -- --pipeline linear                        # 5-step pipelines: next-step dispatch
 //! cargo run --release -p ci-bench -- --pipeline fan                           # 100 parallel steps + 1: overhead
+//! cargo run --release -p ci-bench -- --queue 100000 --agents 1000             # a scheduling pass, deep labelled queue
 //! cargo run --release -p ci-bench -- --agents 16 --builds 1000 --submitters 1  # one build at a time
 //! cargo run --release -p ci-bench -- --agents 16 --builds 5000 --rate 1000     # open-loop arrivals
 //! ```
@@ -43,6 +44,7 @@ mod lone;
 mod noop;
 mod opts;
 mod pipeline;
+mod queue;
 mod setup;
 mod stats;
 mod throughput;
@@ -70,6 +72,9 @@ pub enum Error {
 
 /// Runs the scenario `opts` asks for and prints its figures.
 pub async fn run(opts: Opts) -> Result<(), Error> {
+    if let Some(n) = opts.queue {
+        return queue::run(&opts, n).await;
+    }
     setup::build_binaries()?;
     let (heartbeat_ms, missed) = if opts.failover {
         (failover::HEARTBEAT_MS, failover::MISSED_HEARTBEATS)

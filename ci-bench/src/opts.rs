@@ -30,6 +30,14 @@ pub struct Opts {
     /// row (`linear`) or 100 at once and a final one (`fan`).
     #[arg(long, value_enum)]
     pub pipeline: Option<crate::pipeline::Shape>,
+    /// Instead: this many queued steps and `--agents` agents with different
+    /// labels, the coordinator on SQLite in this process: how long a
+    /// scheduling pass takes.
+    #[arg(long)]
+    pub queue: Option<usize>,
+    /// With `--queue`: how many passes to time.
+    #[arg(long, default_value_t = 2000)]
+    pub passes: usize,
     /// With `--pipeline`: how many (default 500 linear, 30 fan).
     #[arg(long, value_parser = at_least_one)]
     pub pipelines: Option<usize>,

@@ -1100,7 +1100,7 @@ pub struct AgentRecord {
 /// What an agent can run, or what a step needs: names such as `linux`,
 /// `docker` or `arch=arm64`. A step goes only to an agent that has all of
 /// its labels.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct Labels(std::collections::BTreeSet<String>);
 

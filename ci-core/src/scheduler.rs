@@ -37,15 +37,7 @@ pub trait Scheduler: Send + Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Fifo;
 
-/// How far past the free slots [`Fifo`] looks, so that builds no free
-/// agent can take (for their labels) do not hold up the ones behind them.
-pub const FIFO_LOOKAHEAD: usize = 64;
-
 impl Scheduler for Fifo {
-    fn window(&self, free_slots: usize) -> usize {
-        free_slots.saturating_add(FIFO_LOOKAHEAD)
-    }
-
     fn assign(&mut self, ready: &[Step], offers: &[Offer]) -> Vec<Assignment> {
         let mut free: Vec<u32> = offers.iter().map(|o| o.free_slots).collect();
         let mut left: u32 = free.iter().sum();

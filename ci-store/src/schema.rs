@@ -147,6 +147,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     DROP TABLE old_build_logs;
     DROP TABLE old_log_pieces;
     DROP TABLE old_live_logs;",
+    // 8: the queue by label set: only queued steps are in it, so it is
+    // written only as steps enter and leave the queue.
+    "CREATE INDEX steps_queued_labels ON steps (labels, id) WHERE status = 'queued';",
 ];
 
 /// Takes the exclusive `flock` on the file `conn` opened (by the name

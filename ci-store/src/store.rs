@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use ci_core::model::{LogPiece, Moved};
 use ci_core::store::{Agents, Builds, Claim, Lease, Logs, Queue, Taken};
 use ci_core::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, LogInfo,
-    NewBuild, Page, Step, StepId, StepStatus, Stream, Timestamp,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, Labels,
+    LogInfo, NewBuild, Page, Step, StepId, StepStatus, Stream, Timestamp,
 };
 use std::str::FromStr;
 
@@ -174,6 +174,15 @@ pub(crate) const QUEUED: &str = concat!(
     " FROM steps WHERE status = 'queued' ORDER BY id"
 );
 
+/// The queued steps asking for one label set, oldest first, read by the
+/// partial index `steps_queued_labels` (named: the planner would rather
+/// walk the whole queue by `steps_status`).
+pub(crate) const QUEUED_WITH: &str = concat!(
+    "SELECT ",
+    step_columns!(),
+    " FROM steps INDEXED BY steps_queued_labels WHERE status = 'queued' AND labels = ?1 ORDER BY id"
+);
+
 fn leases(
     conn: &Connection,
     sql_tail: &str,
@@ -272,6 +281,38 @@ impl Queue for SqliteStore {
             // N.B.: no bound LIMIT (see QUEUED).
             let mut stmt = conn.prepare_cached(QUEUED)?;
             let steps = stmt.query_map([], step_from_row)?.take(n);
+            let steps: Vec<Step> = steps.collect::<rusqlite::Result<_>>()?;
+            with_origin(conn, steps)
+        })
+        .await
+    }
+
+    async fn queued_label_sets(&self) -> ci_core::Result<Vec<Labels>> {
+        self.queue_read(|conn| {
+            // N.B.: one index seek per set (a loose index scan), not a walk
+            // over every queued step as DISTINCT does.
+            let mut stmt = conn.prepare_cached(
+                "WITH RECURSIVE sets(l) AS (
+                    SELECT MIN(labels) FROM steps INDEXED BY steps_queued_labels WHERE status = 'queued'
+                    UNION ALL
+                    SELECT (SELECT MIN(labels) FROM steps INDEXED BY steps_queued_labels
+                            WHERE status = 'queued' AND labels > sets.l)
+                    FROM sets WHERE l IS NOT NULL
+                 ) SELECT l FROM sets WHERE l IS NOT NULL",
+            )?;
+            let sets = stmt.query_map([], |r| Ok(labels_from(&r.get::<_, String>(0)?)))?;
+            Ok(sets.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn queued_with(&self, labels: &Labels, n: usize) -> ci_core::Result<Vec<Step>> {
+        let labels = labels_text(labels);
+        self.queue_read(move |conn| {
+            // N.B.: no bound LIMIT (see QUEUED); the partial index gives
+            // the order.
+            let mut stmt = conn.prepare_cached(QUEUED_WITH)?;
+            let steps = stmt.query_map([labels], step_from_row)?.take(n);
             let steps: Vec<Step> = steps.collect::<rusqlite::Result<_>>()?;
             with_origin(conn, steps)
         })

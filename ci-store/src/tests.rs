@@ -324,3 +324,46 @@ async fn the_queue_read_is_planned_once() {
         .unwrap();
     assert_eq!(replans, 0);
 }
+
+/// The queue by label set reads the partial index, in order, and is
+/// planned once whatever label set is asked for.
+#[tokio::test]
+async fn the_queue_by_label_set_is_indexed_and_planned_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("ci.sqlite")).unwrap();
+    let sets = [vec![], vec!["os=a"], vec!["os=b", "gpu"]];
+    for i in 0..30 {
+        let mut b = new_build();
+        b.labels = ci_core::Labels::parse(&sets[i % 3]).unwrap();
+        store.create_build(&b, Timestamp(i as u64)).await.unwrap();
+    }
+    let mut found = ci_core::store::Queue::queued_label_sets(&store).await.unwrap();
+    found.sort();
+    assert_eq!(found.len(), 3);
+    let gpu = ci_core::Labels::parse(["gpu", "os=b"]).unwrap();
+    let steps = store.queued_with(&gpu, 4).await.unwrap();
+    let ids: Vec<i64> = steps.iter().map(|s| s.id.0).collect();
+    assert_eq!(ids, [3, 6, 9, 12]);
+    assert!(steps.iter().all(|s| s.labels == gpu && s.repo == "/srv/repo"));
+    let (plan, replans) = store
+        .with_reader(|conn| {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {}", crate::store::QUEUED_WITH))?
+                .query_map(["x"], |r| r.get(3))?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = conn.prepare(crate::store::QUEUED_WITH)?;
+            for set in ["", "os=a", "gpu,os=b", "x", "", "os=a"] {
+                let _ = stmt.query_map([set], crate::rows::step_from_row)?.take(2).count();
+            }
+            Ok((
+                plan.join("; "),
+                stmt.get_status(rusqlite::StatementStatus::RePrepare),
+            ))
+        })
+        .unwrap();
+    assert!(
+        plan.contains("steps_queued_labels") && !plan.contains("TEMP B-TREE"),
+        "{plan}"
+    );
+    assert_eq!(replans, 0);
+}

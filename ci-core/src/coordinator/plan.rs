@@ -60,6 +60,30 @@ impl Coordinator {
         Ok(claims)
     }
 
+    /// The oldest queued steps of every label set some free agent can
+    /// take, as many of each as such agents have free slots (at most
+    /// `slots`), oldest first.
+    async fn ready_by_labels(
+        &mut self,
+        slots: usize,
+        now: crate::clock::Timestamp,
+    ) -> Result<Vec<crate::model::Step>> {
+        let offers = self.pool.offers(now, usize::MAX).await?;
+        let mut ready = Vec::new();
+        for set in self.store.queued_label_sets().await? {
+            let room: usize = offers
+                .iter()
+                .filter(|o| o.labels.satisfy(&set))
+                .map(|o| o.free_slots as usize)
+                .sum();
+            if room > 0 {
+                ready.extend(self.store.queued_with(&set, room.min(slots)).await?);
+            }
+        }
+        ready.sort_by_key(|s| s.id);
+        Ok(ready)
+    }
+
     /// One scheduling pass: shows the policy a window of ready builds and
     /// the free agents' offers, starts an attempt for each match it keeps,
     /// and returns what to send where.
@@ -73,14 +97,16 @@ impl Coordinator {
         if slots == 0 {
             return Ok(Vec::new());
         }
-        // N.B.: first just enough builds for the free slots; the policy's
-        // wider window only when some of those could not be placed (their
-        // labels), so a queue of unlabelled builds costs no extra reads.
+        // N.B.: first just enough steps for the free slots, oldest first;
+        // only when some of those could not be placed (their labels), the
+        // queue by label set: the oldest steps of each label set a free
+        // agent has, however deep. A queue of unlabelled steps costs no
+        // extra reads.
         let window = self.scheduler.window(slots);
         let mut ready = self.store.queued(slots.min(window)).await?;
         let mut claims = self.propose(&ready, now).await?;
-        if claims.len() < ready.len() && ready.len() == slots && window > slots {
-            ready = self.store.queued(window).await?;
+        if claims.len() < ready.len() && ready.len() == slots.min(window) {
+            ready = self.ready_by_labels(slots, now).await?;
             claims = self.propose(&ready, now).await?;
         }
         if claims.is_empty() {

@@ -888,3 +888,20 @@ async fn the_coordinator_enforces_labels_whatever_the_policy_proposes() {
         BuildStatus::Queued
     );
 }
+
+/// A step a free agent can take is found however many steps no free agent
+/// can take are queued before it: the queue is read by label set.
+#[tokio::test]
+async fn a_step_deep_in_the_queue_is_found_by_its_labels() {
+    let mut f = fixture().await;
+    let gpu = register_labelled(&mut f, "http://gpu:1", &["gpu"]).await;
+    for i in 0..500 {
+        f.c.submit(&labelled(&format!("w{i}"), &["os=windows"]))
+            .await
+            .unwrap();
+    }
+    let deep = f.c.submit(&labelled("train", &["gpu"])).await.unwrap().id;
+    let d = f.c.plan().await.unwrap();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!((d[0].step.build, d[0].agent), (deep, gpu));
+}

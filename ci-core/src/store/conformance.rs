@@ -50,6 +50,45 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(make: impl Fn
     allowed_failures_and_retries(&make().await).await;
     canceling_and_retrying_a_pipeline(&make().await).await;
     a_broken_pipeline_fails_at_once(&make().await).await;
+    the_queue_by_label_set(&make().await).await;
+}
+
+/// The queue by label set: the distinct sets queued steps ask for, and
+/// the oldest steps of one set, however deep in the queue.
+pub async fn the_queue_by_label_set<S: Store>(s: &S) {
+    let set = |l: &[&str]| crate::model::Labels::parse(l).unwrap_or_else(|e| panic!("{e}"));
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let new = NewBuild {
+            labels: if i % 50 == 49 {
+                set(&["gpu"])
+            } else {
+                set(&["os=a"])
+            },
+            ..new_build("x")
+        };
+        ids.push(create(s, &new, Timestamp(i)).await.1);
+    }
+    let mut sets = ok(s.queued_label_sets().await);
+    sets.sort();
+    assert_eq!(sets, [set(&["gpu"]), set(&["os=a"])]);
+    let gpu: Vec<StepId> = ok(s.queued_with(&set(&["gpu"]), 3).await)
+        .iter()
+        .map(|st| st.id)
+        .collect();
+    assert_eq!(
+        gpu,
+        [ids[49], ids[99], ids[149]],
+        "oldest first, from deep in the queue"
+    );
+    assert!(ok(s.queued_with(&set(&["nope"]), 3).await).is_empty());
+    let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
+    ok(start_one(s, ids[49], &agent, Timestamp(300)).await);
+    let gpu: Vec<StepId> = ok(s.queued_with(&set(&["gpu"]), 10).await)
+        .iter()
+        .map(|st| st.id)
+        .collect();
+    assert_eq!(gpu, [ids[99], ids[149], ids[199]], "a started step leaves it");
 }
 
 /// A build whose pipeline cannot be read is stored failed, with one step

@@ -9,8 +9,8 @@ use super::{Agents, Builds, Claim, Lease, Logs, Queue, Store};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo, LogPiece,
-    Moved, NewBuild, Page, Step, StepId,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Labels, LogInfo,
+    LogPiece, Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -69,6 +69,12 @@ impl Queue for FaultyStore {
     }
     async fn queued(&self, limit: usize) -> Result<Vec<Step>> {
         self.inner.queued(limit).await
+    }
+    async fn queued_label_sets(&self) -> Result<Vec<Labels>> {
+        self.inner.queued_label_sets().await
+    }
+    async fn queued_with(&self, labels: &Labels, limit: usize) -> Result<Vec<Step>> {
+        self.inner.queued_with(labels, limit).await
     }
     async fn start(&self, claims: &[Claim], now: Timestamp) -> Result<Vec<Step>> {
         self.check(Op::Start(claims.len()))?;

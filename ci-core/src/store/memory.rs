@@ -10,7 +10,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
     build_status, limits, settle, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus,
-    Completion, LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId, StepState, StepStatus,
+    Completion, Labels, LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId, StepState, StepStatus,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -223,6 +223,28 @@ impl Queue for MemoryStore {
             .iter()
             .take(limit)
             .filter_map(|id| s.steps.get(id).cloned())
+            .collect())
+    }
+
+    async fn queued_label_sets(&self) -> Result<Vec<Labels>> {
+        let s = self.lock();
+        let sets: BTreeSet<&Labels> = s
+            .queue
+            .iter()
+            .filter_map(|id| s.steps.get(id))
+            .map(|st| &st.labels)
+            .collect();
+        Ok(sets.into_iter().cloned().collect())
+    }
+
+    async fn queued_with(&self, labels: &Labels, limit: usize) -> Result<Vec<Step>> {
+        let s = self.lock();
+        Ok(s.queue
+            .iter()
+            .filter_map(|id| s.steps.get(id))
+            .filter(|st| &st.labels == labels)
+            .take(limit)
+            .cloned()
             .collect())
     }
 

@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, LogInfo, LogPiece,
-    Moved, NewBuild, Page, Step, StepId,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Labels, LogInfo,
+    LogPiece, Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::runner::Stream;
@@ -80,6 +80,14 @@ pub trait Queue: Send + Sync {
 
     /// Up to `limit` queued steps, oldest first.
     async fn queued(&self, limit: usize) -> Result<Vec<Step>>;
+
+    /// The distinct label sets the queued steps ask for.
+    async fn queued_label_sets(&self) -> Result<Vec<Labels>>;
+
+    /// Up to `limit` queued steps asking for exactly `labels`, oldest
+    /// first: the queue by label set, so that a step a free agent can take
+    /// is found however many steps no free agent can take are before it.
+    async fn queued_with(&self, labels: &Labels, limit: usize) -> Result<Vec<Step>>;
 
     /// Starts the claimed steps, all in one step: each that is still
     /// queued becomes running as its next attempt, on its agent, leased
