@@ -566,17 +566,29 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Error> {
     Ok(())
 }
 
+/// A build just started: waited for (`--wait`: exit 0 if it succeeded, 1
+/// if not), or shown as JSON or as `said`.
+async fn started(client: &Client, b: BuildView, wait: bool, json: bool, said: &str) -> Result<u8, Error> {
+    if !wait {
+        if json {
+            print_json(&b)?;
+        } else {
+            println!("{said}");
+        }
+        return Ok(0);
+    }
+    let b = client.wait(b.id.0).await?;
+    if json {
+        print_json(&b)?;
+    } else {
+        print!("{}", show(&b));
+    }
+    Ok(if b.status == BuildStatus::Success { 0 } else { 1 })
+}
+
 /// Carries out `cli`. Returns the process exit code.
 pub async fn run(cli: Cli) -> Result<u8, Error> {
     let client = Client::new(&cli.server, cli.token.clone().filter(|t| !t.is_empty()));
-    let finish = |b: &BuildView, json: bool| -> Result<u8, Error> {
-        if json {
-            print_json(b)?;
-        } else {
-            print!("{}", show(b));
-        }
-        Ok(if b.status == BuildStatus::Success { 0 } else { 1 })
-    };
     match cli.command {
         Command::Submit {
             hash,
@@ -596,16 +608,8 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
                 body["branch"] = b.into();
             }
             let b = client.submit(&body).await?;
-            if wait {
-                let b = client.wait(b.id.0).await?;
-                return finish(&b, cli.json);
-            }
-            if cli.json {
-                print_json(&b)?;
-            } else {
-                println!("build #{} queued ({})", b.id, b.hash);
-            }
-            Ok(0)
+            let said = format!("build #{} queued ({})", b.id, b.hash);
+            started(&client, b, wait, cli.json, &said).await
         }
         Command::List { limit, page } => {
             let list = client
@@ -693,29 +697,13 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         }
         Command::Rebuild { id, wait } => {
             let b = client.action(id, "rebuild").await?;
-            if wait {
-                let b = client.wait(b.id.0).await?;
-                return finish(&b, cli.json);
-            }
-            if cli.json {
-                print_json(&b)?;
-            } else {
-                println!("build #{} queued (rebuild of #{id})", b.id);
-            }
-            Ok(0)
+            let said = format!("build #{} queued (rebuild of #{id})", b.id);
+            started(&client, b, wait, cli.json, &said).await
         }
         Command::Retry { id, wait } => {
             let b = client.action(id, "retry").await?;
-            if wait {
-                let b = client.wait(b.id.0).await?;
-                return finish(&b, cli.json);
-            }
-            if cli.json {
-                print_json(&b)?;
-            } else {
-                println!("build #{} {} (its failed steps run again)", b.id, b.status);
-            }
-            Ok(0)
+            let said = format!("build #{} {} (its failed steps run again)", b.id, b.status);
+            started(&client, b, wait, cli.json, &said).await
         }
         Command::Lint { file } => lint(&file, cli.json),
         Command::Exec { step, file, jobs } => exec::exec(&file, step.as_deref(), jobs).await,
