@@ -86,6 +86,12 @@ steps:
 
     let created = c.api.create(&sha).await;
     assert_eq!(created.command, ".ci.yml");
+    let timeouts: Vec<Option<u64>> = created.steps.iter().map(|s| s.timeout_ms).collect();
+    assert_eq!(
+        timeouts,
+        [Some(3_600_000); 4],
+        "BUILD_TIMEOUT for steps without their own"
+    );
     let names: Vec<&str> = created.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c", "d"]);
     assert_eq!(step(&created, "d").depends_on, ["b", "c"]);

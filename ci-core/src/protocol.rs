@@ -366,6 +366,9 @@ pub struct StepView {
     pub command: String,
     /// Image, if any.
     pub image: Option<String>,
+    /// Longest it may run, in milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
     /// URL of the agent of the latest attempt.
     pub agent: Option<String>,
     /// Id of that agent.
@@ -405,6 +408,7 @@ impl From<&Step> for StepView {
             status: s.status,
             command: s.command.clone(),
             image: s.image.clone(),
+            timeout_ms: s.timeout_ms,
             agent: s.agent_url.clone(),
             agent_id: s.agent_id,
             attempt: s.attempt,

@@ -450,13 +450,14 @@ pub fn spec() -> Value {
                 "StepStatus": { "type": "string", "enum": ["pending", "queued", "running", "success", "failed", "canceled", "skipped"] },
                 "Step": {
                     "type": "object",
-                    "required": ["id", "name", "status", "command", "image", "agent", "agentId", "attempt", "exitCode", "startedAt", "finishedAt", "durationMs", "dependsOn", "matrix", "labels", "allowFailure", "waiting"],
+                    "required": ["id", "name", "status", "command", "image", "timeoutMs", "agent", "agentId", "attempt", "exitCode", "startedAt", "finishedAt", "durationMs", "dependsOn", "matrix", "labels", "allowFailure", "waiting"],
                     "properties": {
                         "id": { "type": "integer", "description": "The id its agent is sent" },
                         "name": { "type": "string" },
                         "status": { "$ref": "#/components/schemas/StepStatus" },
                         "command": { "type": "string" },
                         "image": nullable("string"),
+                        "timeoutMs": nullable("integer"),
                         "agent": nullable("string"),
                         "agentId": nullable("integer"),
                         "attempt": { "type": "integer", "minimum": 0 },

@@ -309,6 +309,11 @@ fn step_columns(build: &Build, shown: Option<&str>) -> String {
             } else {
                 ""
             };
+            let may_fail = if step.allow_failure {
+                r#" <span class="muted">(may fail)</span>"#
+            } else {
+                ""
+            };
             let after = if step.depends_on.is_empty() {
                 String::new()
             } else {
@@ -318,7 +323,7 @@ fn step_columns(build: &Build, shown: Option<&str>) -> String {
                 )
             };
             columns.push_str(&format!(
-                r#"<li class="step" id="step-{i}" data-name="{name}"><a href="?step={href}"{current}>{name}</a> <span class="st">{st}</span> <span class="muted dur">{dur}</span>{after}</li>"#,
+                r#"<li class="step" id="step-{i}" data-name="{name}"><a href="?step={href}"{current}>{name}</a> <span class="st">{st}</span>{may_fail} <span class="muted dur">{dur}</span>{after}</li>"#,
                 name = esc(&step.name),
                 href = percent_encoding::utf8_percent_encode(&step.name, percent_encoding::NON_ALPHANUMERIC),
                 st = status(step.status.as_str()),

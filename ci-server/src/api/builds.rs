@@ -400,6 +400,11 @@ async fn create(app: &App, body: CreateBuild, trigger: Trigger) -> Result<ci_cor
                         )));
                     }
                     new.steps = selected.to_new_steps();
+                    // N.B.: a step without its own timeout gets the
+                    // server's, as a build of one command does.
+                    for step in new.steps.iter_mut().filter(|s| s.timeout_ms.is_none()) {
+                        step.timeout_ms = app.config.build_timeout_ms;
+                    }
                     // N.B.: labels and images come from the file.
                     new.image = None;
                     new.labels = ci_core::Labels::default();
