@@ -261,25 +261,12 @@ steps:
         .steps
         .iter()
         .all(|s| s.agent.as_deref() == Some(docker.url.as_str())));
-    let log = |step: &str| {
-        let url = c.api.url(&format!("/api/builds/{id}/steps/{step}/log"));
-        let http = c.api.http.clone();
-        async move {
-            http.get(url)
-                .send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()
-        }
-    };
-    let debian_log = log("in-debian").await;
+    let debian_log = c.api.step_log(id, "in-debian").await.unwrap();
     assert!(
         debian_log["stdout"].as_str().unwrap().contains("12."),
         "{debian_log}"
     );
-    let service_log = log("with-a-service").await;
+    let service_log = c.api.step_log(id, "with-a-service").await.unwrap();
     assert!(service_log["stdout"].as_str().unwrap().contains("still ran"));
     assert!(
         service_log["stderr"]

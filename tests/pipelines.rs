@@ -115,16 +115,7 @@ steps:
     assert_eq!(b.finished_at, d.finished_at, "the build ends with its last step");
 
     // Each step's log, and the CI_* variables a step sees.
-    let log: serde_json::Value = c
-        .api
-        .http
-        .get(c.api.url(&format!("/api/builds/{}/steps/b/log", b.id)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = c.api.step_log(b.id, "b").await.unwrap();
     assert!(
         log["stdout"]
             .as_str()

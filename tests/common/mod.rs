@@ -297,6 +297,16 @@ impl Api {
             .await
     }
 
+    /// The log of one step of build `id`, by its name.
+    pub async fn step_log(&self, id: ci_core::BuildId, step: &str) -> reqwest::Result<Value> {
+        self.http
+            .get(self.url(&format!("/api/builds/{id}/steps/{step}/log")))
+            .send()
+            .await?
+            .json()
+            .await
+    }
+
     /// Every build, oldest first.
     pub async fn all_builds(&self) -> reqwest::Result<Vec<BuildView>> {
         let mut all = Vec::new();
