@@ -13,6 +13,10 @@ use common::{docker_or_skip, wait_until, Cluster};
 const LONG: Duration = Duration::from_secs(90);
 const IMAGE: &str = "ci-local/busybox:latest";
 
+fn step_named<'a>(b: &'a ci_core::protocol::BuildView, name: &str) -> &'a ci_core::protocol::StepView {
+    b.steps.iter().find(|s| s.name == name).unwrap()
+}
+
 fn docker_cluster(heartbeat_ms: u64, missed: u32) -> Cluster {
     let mut c = Cluster::new(heartbeat_ms, missed);
     c.agent_env.push(("RUNNER".into(), "docker".into()));
@@ -170,6 +174,71 @@ async fn an_agent_killed_mid_build_cleans_up_when_it_restarts() {
     c.assert_exactly_once(&[id]);
 }
 
+/// An agent SIGKILLed while a step with a service runs leaves the step's
+/// container, the service's and their network behind; restarted, it
+/// removes them all, and the step runs again with a fresh service.
+#[tokio::test]
+async fn a_killed_agent_removes_a_step_s_services_and_network_when_it_restarts() {
+    if !docker_or_skip(&[IMAGE]) {
+        return;
+    }
+    let mut c = docker_cluster(300, 3);
+    let sha = c.repo.commit(
+        &[(
+            ".ci.yml",
+            &format!(
+                r#"version: 1
+steps:
+  - name: talk
+    image: "{IMAGE}"
+    services:
+      echo: {{ image: "{IMAGE}", command: ["sh", "-c", "exec nc -ll -p 9000 -e echo pong"] }}
+    commands:
+      - "if [ \"$CI_BUILD_ATTEMPT\" = 1 ]; then sleep 300; fi"
+      - "for i in $(seq 100); do nc echo 9000 </dev/null && exit 0; sleep 0.1; done; exit 1"
+"#
+            ),
+        )],
+        "a step with a service",
+    );
+    c.start_server();
+    c.start_agent("d");
+    c.wait_agents(1).await;
+    let id = c.api.create(&sha).await.id;
+    let step = c
+        .api
+        .wait_build(id, LONG, "to start", |b| b.steps[0].attempt.0 == 1)
+        .await
+        .steps[0]
+        .id;
+    let step = ci_core::BuildId(step.0);
+    let left = wait_until("the step and its service to run", LONG, || async {
+        let ids = c.build_containers("d", step);
+        let running = ids
+            .iter()
+            .all(|id| common::docker(&["inspect", "-f", "{{.State.Running}}", id]).trim() == "true");
+        (ids.len() == 2 && running).then_some(ids)
+    })
+    .await;
+    let networks = c.agent_networks("d");
+    assert_eq!(networks.len(), 1, "one network for the step");
+    c.agents[0].kill();
+    c.start_agent("d");
+    wait_until("the orphans to be removed", LONG, || async {
+        let all = common::docker(&["ps", "-a", "-q", "--no-trunc"]);
+        let nets = common::docker(&["network", "ls", "-q", "--no-trunc"]);
+        let gone = left.iter().all(|id| !all.contains(id.as_str()))
+            && networks.iter().all(|n| !nets.contains(n.as_str()));
+        gone.then_some(())
+    })
+    .await;
+    let b = c.api.wait_finished(id, LONG).await;
+    let log = c.api.step_log(id, "talk").await.unwrap();
+    assert_eq!((b.status, b.attempt.0), (BuildStatus::Success, 2), "{log}");
+    assert!(log["stdout"].as_str().unwrap().contains("pong\n"), "{log}");
+    c.assert_exactly_once(&[id]);
+}
+
 #[test]
 fn a_missing_image_or_daemon_stops_the_agent_with_a_clear_line() {
     if !docker_or_skip(&[]) {
@@ -202,8 +271,10 @@ fn a_missing_image_or_daemon_stops_the_agent_with_a_clear_line() {
 }
 
 /// A pipeline step with an image goes only to an agent with the Docker
-/// runner (`docker=true`) and runs in that image; a step with services
-/// says in its log that they are not started yet.
+/// runner (`docker=true`) and runs in that image; a step with a service
+/// reaches it by its name on a network of the step's own, with the
+/// service's command and environment, and the service and the network are
+/// removed with the step's container.
 #[tokio::test]
 async fn a_pipeline_step_with_an_image_runs_in_it_on_a_docker_agent() {
     let debian = "ci-local/debian:bookworm";
@@ -224,8 +295,12 @@ steps:
     depends_on: []
     image: "{IMAGE}"
     services:
-      cache: {{ image: "{IMAGE}" }}
-    commands: ["echo still ran"]
+      web:
+        image: "{IMAGE}"
+        env: {{ GREETING: hello-from-web }}
+        command: ["sh", "-c", "mkdir /www && echo $GREETING > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    commands:
+      - "for i in $(seq 100); do wget -q -O - http://web:8080/ && exit 0; sleep 0.1; done; exit 1"
 "#
             ),
         )],
@@ -267,13 +342,35 @@ steps:
         "{debian_log}"
     );
     let service_log = c.api.step_log(id, "with-a-service").await.unwrap();
-    assert!(service_log["stdout"].as_str().unwrap().contains("still ran"));
+    let out = service_log["stdout"].as_str().unwrap();
     assert!(
-        service_log["stderr"]
-            .as_str()
-            .unwrap()
-            .contains("services are not started yet"),
+        out.contains(&format!("ci: service web ({IMAGE}) started\n")),
         "{service_log}"
     );
+    assert!(out.contains("hello-from-web\n"), "{service_log}");
+    assert_eq!(step_named(&b, "with-a-service").services[0].name, "web");
+    let page = c
+        .api
+        .http
+        .get(c.api.url(&format!("/builds/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"<span class="muted after">with web</span>"#),
+        "{page}"
+    );
+    let gone = || async {
+        let containers = b
+            .steps
+            .iter()
+            .flat_map(|s| c.build_containers("docker", ci_core::BuildId(s.id.0)))
+            .count();
+        (containers == 0 && c.agent_networks("docker").is_empty()).then_some(())
+    };
+    wait_until("the step's containers and network to be removed", LONG, gone).await;
     c.assert_exactly_once(&[id]);
 }

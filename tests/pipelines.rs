@@ -297,6 +297,123 @@ steps:
     c.assert_exactly_once(&[id]);
 }
 
+/// A step whose retry counts lost agents runs again once its agent is
+/// SIGKILLed, and fails when the next one is killed too, with no re-run
+/// left: its log says why, and its dependents are skipped.
+#[tokio::test]
+async fn a_step_retried_on_lost_agents_fails_when_its_re_runs_are_spent() {
+    let mut c = Cluster::new(200, 3);
+    let sha = c.repo.commit(
+        &[(
+            ".ci.yml",
+            r#"version: 1
+steps:
+  - name: fragile
+    retry: { limit: 1, on: [agent_lost] }
+    commands: ["sleep 60"]
+  - name: after
+    commands: ["echo after"]
+"#,
+        )],
+        "a step that loses its agents",
+    );
+    c.start_server();
+    for name in ["a", "b", "c"] {
+        c.start_agent(name);
+    }
+    c.wait_agents(3).await;
+    let id = c.api.create(&sha).await.id;
+    for attempt in 1..=2 {
+        let running = c
+            .api
+            .wait_build(id, LONG, "fragile to run", |b| {
+                let s = step(b, "fragile");
+                s.status == StepStatus::Running && s.attempt.0 == attempt
+            })
+            .await;
+        let victim = step(&running, "fragile").agent.clone().unwrap();
+        c.api.wait_agent_runs(&victim, id).await;
+        c.agent_by_port(&victim).signal(Signal::SIGKILL);
+    }
+    let b = c.api.wait_finished(id, LONG).await;
+    assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+    let fragile = step(&b, "fragile");
+    assert_eq!(
+        (fragile.status, fragile.attempt.0, fragile.exit_code),
+        (StepStatus::Failed, 2, Some(-1))
+    );
+    assert_eq!(step(&b, "after").status, StepStatus::Skipped);
+    let log = c.api.step_log(id, "fragile").await.unwrap();
+    assert!(
+        log["stderr"].as_str().unwrap().contains("agent was lost"),
+        "{log}"
+    );
+    c.assert_exactly_once(&[id]);
+}
+
+/// `when: {event}` sees `manual` for `ci submit` and the web form, `api`
+/// for a program (or one that says `"event": "api"`); a program may not
+/// claim a forge's events.
+#[tokio::test]
+async fn steps_are_selected_by_what_started_the_build() {
+    let mut c = Cluster::new(500, 5);
+    let sha = c.repo.commit(
+        &[(
+            ".ci.yml",
+            r#"version: 1
+steps:
+  - name: always
+    commands: ["true"]
+  - name: by-hand
+    when: { event: [manual] }
+    commands: ["true"]
+"#,
+        )],
+        "a step for people",
+    );
+    c.start_server();
+    c.wait_server().await;
+    let names = |b: &BuildView| b.steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+
+    let program = c.api.create(&sha).await;
+    assert_eq!(names(&program), ["always"]);
+    let (status, body) = c
+        .api
+        .post("/api/builds", &json!({"hash": sha, "event": "api"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["steps"].as_array().unwrap().len(), 1);
+
+    let (code, out, err) = ci(&c, &["submit", &sha, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let by_hand: BuildView = serde_json::from_str(&out).unwrap();
+    assert_eq!(names(&by_hand), ["always", "by-hand"]);
+    let form = c
+        .api
+        .http
+        .post(c.api.url("/build"))
+        .header("origin", c.api.url("").trim_end_matches('/'))
+        .form(&[("hash", sha.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 201);
+    let form: BuildView = form.json().await.unwrap();
+    assert_eq!(names(&form), ["always", "by-hand"]);
+
+    for claimed in ["push", "tag", "pull_request", "nightly"] {
+        let (status, body) = c
+            .api
+            .post("/api/builds", &json!({"hash": sha, "event": claimed}))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{claimed}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("event") || error.contains(claimed), "{body}");
+    }
+}
+
 /// A broken pipeline file gives a build that fails at once, with the
 /// parser's message, in the API and the CLI; a command given with the
 /// request still builds the commit as one step.

@@ -6,22 +6,33 @@
 //! repository cache and uploads the workspace to the container as a tar
 //! archive before starting it. The image needs nothing but `/bin/sh`.
 //!
-//! Containers are never privileged, get only the volumes configured, carry
-//! labels naming the build and this agent, and are always removed: at the
-//! end of a build, when a build is abandoned or times out (dropping the run
-//! removes the container, killing it), and when the agent starts (containers
-//! a previous run of this agent left behind, after a SIGKILL say).
+//! A step with services gets a network of its own: each service runs in a
+//! container on it, reachable by its name, and the step's container joins
+//! it. A service whose image has a health check is waited for (up to
+//! [`SERVICE_READY`]) before the step starts; others are started and left
+//! to the step to wait for, as Woodpecker and GitLab do for ports.
+//!
+//! Containers are never privileged, get only the volumes configured
+//! (services get none), carry labels naming the build and this agent, and
+//! are always removed with their network: at the end of a build, when a
+//! build is abandoned or times out (dropping the run removes them, killing
+//! them), and when the agent starts (what a previous run of this agent left
+//! behind, after a SIGKILL say).
 
 use std::collections::HashMap;
 use std::process::Stdio;
 
 use async_trait::async_trait;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HealthStatusEnum, HostConfig, NetworkCreateRequest,
+    NetworkingConfig,
+};
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    CreateImageOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
+use ci_core::model::Service;
 use ci_core::{Job, LogSink, RepoUrl, RunError, Runner, Stream};
 use futures_util::StreamExt;
 use tokio::process::Command;
@@ -37,6 +48,12 @@ pub const LABEL_ATTEMPT: &str = "ci.attempt";
 pub const LABEL_AGENT: &str = "ci.agent";
 /// Label carrying the container the agent itself runs in, if it does.
 pub const LABEL_AGENT_CONTAINER: &str = "ci.agent.container";
+/// Label carrying a service container's name.
+pub const LABEL_SERVICE: &str = "ci.service";
+
+/// Longest wait for services with a health check to be healthy; the step
+/// starts then anyway, with a line in its log.
+pub const SERVICE_READY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// When to pull an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -157,14 +174,46 @@ impl DockerRunner {
     /// Removes every container of this agent: at start, those a previous
     /// run left behind; at shutdown, those still running. Returns how many.
     pub async fn remove_orphans(&self) -> Result<usize, Error> {
-        let found = self.labelled(format!("{LABEL_AGENT}={}", self.instance)).await?;
+        let label = format!("{LABEL_AGENT}={}", self.instance);
+        let found = self.labelled(label.clone()).await?;
         let mut removed = 0;
         for id in found.into_iter().filter_map(|c| c.id) {
             if remove(&self.docker, &id).await {
                 removed += 1;
             }
         }
+        for network in self.networks(label).await? {
+            remove_network(&self.docker, &network).await;
+        }
         Ok(removed)
+    }
+
+    /// The ids of the networks with this label (`key` or `key=value`).
+    async fn networks(&self, label: String) -> Result<Vec<String>, Error> {
+        Ok(self
+            .labelled_networks(label)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// The networks with this label: their ids and labels.
+    async fn labelled_networks(
+        &self,
+        label: String,
+    ) -> Result<Vec<(String, HashMap<String, String>)>, Error> {
+        let filters = HashMap::from([("label".to_owned(), vec![label])]);
+        let opts = ListNetworksOptionsBuilder::new().filters(&filters).build();
+        let found = self
+            .docker
+            .list_networks(Some(opts))
+            .await
+            .map_err(|e| docker_err("cannot list networks", e))?;
+        Ok(found
+            .into_iter()
+            .filter_map(|n| Some((n.id?, n.labels.unwrap_or_default())))
+            .collect())
     }
 
     /// Every container (running or not) with this label (`key` or `key=value`).
@@ -180,31 +229,50 @@ impl DockerRunner {
             .map_err(|e| docker_err("cannot list containers", e))
     }
 
-    /// Removes build containers whose agent ran in a container that is no
-    /// longer running (killed, crashed, removed). Returns how many.
+    /// Removes build containers, and their networks, whose agent ran in a
+    /// container that is no longer running (killed, crashed, removed).
+    /// Returns how many containers.
     pub async fn reap_abandoned(&self) -> Result<usize, Error> {
         let found = self.labelled(LABEL_AGENT_CONTAINER.to_owned()).await?;
         let mut removed = 0;
+        let mut alive: HashMap<String, bool> = HashMap::new();
         for c in found {
             let (Some(id), Some(owner)) =
                 (c.id, c.labels.and_then(|l| l.get(LABEL_AGENT_CONTAINER).cloned()))
             else {
                 continue;
             };
-            let owner_running = match self.docker.inspect_container(&owner, None).await {
-                Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
-                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => false,
-                // Unsure (engine busy?): leave it for the next round.
-                Err(_) => true,
-            };
-            if !owner_running {
+            if !self.owner_running(&owner, &mut alive).await {
                 tracing::warn!(container = %id, agent = %owner, "removing the build container of a dead agent");
                 if remove(&self.docker, &id).await {
                     removed += 1;
                 }
             }
         }
+        for (id, labels) in self.labelled_networks(LABEL_AGENT_CONTAINER.to_owned()).await? {
+            let Some(owner) = labels.get(LABEL_AGENT_CONTAINER) else {
+                continue;
+            };
+            if !self.owner_running(owner, &mut alive).await {
+                remove_network(&self.docker, &id).await;
+            }
+        }
         Ok(removed)
+    }
+
+    /// Whether the agent container `owner` runs (asked once per pass).
+    async fn owner_running(&self, owner: &str, known: &mut HashMap<String, bool>) -> bool {
+        if let Some(running) = known.get(owner) {
+            return *running;
+        }
+        let running = match self.docker.inspect_container(owner, None).await {
+            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => false,
+            // Unsure (engine busy?): leave it for the next round.
+            Err(_) => true,
+        };
+        known.insert(owner.to_owned(), running);
+        running
     }
 
     async fn ensure_image(&self, image: &str) -> Result<(), Error> {
@@ -236,6 +304,162 @@ impl DockerRunner {
         Ok(())
     }
 
+    /// The limits every container of a build gets: never privileged,
+    /// memory, CPUs and processes as configured.
+    fn limits(&self) -> HostConfig {
+        let s = &self.settings;
+        HostConfig {
+            privileged: Some(false),
+            memory: s.memory,
+            nano_cpus: s.cpus.map(|c| (c * 1e9) as i64),
+            pids_limit: s.pids,
+            ..HostConfig::default()
+        }
+    }
+
+    /// Makes the step's network and starts its services on it (recorded
+    /// in `held` as they are made, so that an error or a drop removes
+    /// them), then waits for those with a health check.
+    async fn start_services(
+        &self,
+        job: &Job,
+        labels: &HashMap<String, String>,
+        log: &LogSink,
+        held: &mut Held,
+    ) -> Result<(), RunError> {
+        let suffix = ci_core::auth::random_secret().map_err(|e| RunError::Infra(e.to_string()))?;
+        let name = format!(
+            "ci-{}-{}-{}-{}",
+            self.instance,
+            job.step,
+            job.attempt.map_or(0, |a| a.0),
+            &suffix[..8]
+        );
+        let request = NetworkCreateRequest {
+            name,
+            driver: Some("bridge".into()),
+            // N.B.: an agent whose builds get no network gives its services
+            // one that reaches nothing else.
+            internal: Some(self.settings.network.as_deref() == Some("none")),
+            labels: Some(labels.clone()),
+            ..NetworkCreateRequest::default()
+        };
+        let network = self
+            .docker
+            .create_network(request)
+            .await
+            .map_err(|e| docker_err("cannot create the step's network", e))?
+            .id;
+        held.network = Some(network.clone());
+        let mut started = Vec::new();
+        for service in &job.services {
+            started.push(self.start_service(service, &network, labels, held).await?);
+            log.write(
+                Stream::Stdout,
+                format!("ci: service {} ({}) started\n", service.name, service.image).as_bytes(),
+            );
+        }
+        let ready = tokio::time::Instant::now() + SERVICE_READY;
+        for (service, id) in job.services.iter().zip(&started) {
+            self.wait_ready(service, id, ready, log).await;
+        }
+        Ok(())
+    }
+
+    /// Creates and starts one service on `network`, reachable by its name
+    /// (kept in `held` from its creation on). Returns its container's id.
+    async fn start_service(
+        &self,
+        service: &Service,
+        network: &str,
+        labels: &HashMap<String, String>,
+        held: &mut Held,
+    ) -> Result<String, RunError> {
+        let image = service.image.as_str();
+        self.ensure_image(image)
+            .await
+            .map_err(|e| RunError::Setup(format!("service {}: {e}", service.name)))?;
+        let mut labels = labels.clone();
+        labels.insert(LABEL_SERVICE.to_owned(), service.name.clone());
+        let endpoint = EndpointSettings {
+            aliases: Some(vec![service.name.clone()]),
+            ..EndpointSettings::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: (!service.command.is_empty()).then(|| service.command.clone()),
+            env: Some(service.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: Some(network.to_owned()),
+                ..self.limits()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(network.to_owned(), endpoint)])),
+            }),
+            ..ContainerCreateBody::default()
+        };
+        let created =
+            self.docker.create_container(None, body).await.map_err(|e| {
+                docker_err(&format!("cannot create service {} from {image}", service.name), e)
+            })?;
+        held.containers.push(created.id.clone());
+        // N.B.: an image that cannot start with this command is the
+        // build's problem, wherever it runs.
+        self.docker
+            .start_container(&created.id, None)
+            .await
+            .map_err(|e| {
+                RunError::Setup(format!(
+                    "service {} ({image}) could not start: {}",
+                    service.name,
+                    ci_core::error::chain(&e)
+                ))
+            })?;
+        Ok(created.id)
+    }
+
+    /// Waits until a service with a health check is healthy, or `until`;
+    /// says in the log if it exited or never became healthy.
+    async fn wait_ready(&self, service: &Service, id: &str, until: tokio::time::Instant, log: &LogSink) {
+        let say = |line: String| log.write(Stream::Stderr, line.as_bytes());
+        loop {
+            let state = match self.docker.inspect_container(id, None).await {
+                Ok(info) => info.state.unwrap_or_default(),
+                Err(e) => {
+                    return say(format!(
+                        "ci: service {}: {}\n",
+                        service.name,
+                        ci_core::error::chain(&e)
+                    ));
+                }
+            };
+            if state.running != Some(true) {
+                return say(format!(
+                    "ci: service {} exited with code {}\n",
+                    service.name,
+                    state.exit_code.unwrap_or(-1)
+                ));
+            }
+            match state.health.and_then(|h| h.status) {
+                Some(HealthStatusEnum::STARTING) => {}
+                Some(HealthStatusEnum::UNHEALTHY) => {
+                    return say(format!("ci: service {} is unhealthy\n", service.name));
+                }
+                // Healthy, or no health check to wait for.
+                _ => return,
+            }
+            if tokio::time::Instant::now() >= until {
+                return say(format!(
+                    "ci: service {} was not healthy within {} s; the step starts anyway\n",
+                    service.name,
+                    SERVICE_READY.as_secs()
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     /// The workspace as a tar archive whose entries start with `workspace/`.
     async fn archive(dir: &std::path::Path) -> Result<Vec<u8>, Error> {
         let out = Command::new("tar")
@@ -260,11 +484,51 @@ impl DockerRunner {
     }
 }
 
-/// Removes a container when dropped (also when the build is abandoned or
-/// times out: removing with force kills it).
-struct ContainerGuard {
+/// What one attempt holds on the engine: its containers (the step's and
+/// its services') and its network. Dropping it (also when the build is
+/// abandoned or times out) removes them in the background, containers
+/// first: removing with force kills them.
+struct Held {
     docker: Docker,
-    id: Option<String>,
+    containers: Vec<String>,
+    network: Option<String>,
+}
+
+impl Held {
+    fn new(docker: &Docker) -> Held {
+        Held {
+            docker: docker.clone(),
+            containers: Vec::new(),
+            network: None,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let containers = std::mem::take(&mut self.containers);
+        let network = self.network.take();
+        if containers.is_empty() && network.is_none() {
+            return;
+        }
+        let docker = self.docker.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                futures_util::future::join_all(containers.iter().map(|id| remove(&docker, id))).await;
+                if let Some(network) = network {
+                    remove_network(&docker, &network).await;
+                }
+            });
+        }
+    }
+}
+
+/// Removes a network; one already gone counts as removed.
+async fn remove_network(docker: &Docker, id: &str) {
+    match docker.remove_network(id).await {
+        Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+        Err(e) => tracing::warn!(network = %id, cause = %e, "could not remove network"),
+    }
 }
 
 /// Force-removes a container. False only if it may still exist: one
@@ -282,17 +546,6 @@ async fn remove(docker: &Docker, id: &str) -> bool {
         Err(e) => {
             tracing::warn!(container = %id, cause = %e, "could not remove container");
             false
-        }
-    }
-}
-
-impl Drop for ContainerGuard {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            let docker = self.docker.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { remove(&docker, &id).await });
-            }
         }
     }
 }
@@ -340,15 +593,15 @@ impl Runner for DockerRunner {
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        let mut held = Held::new(&self.docker);
+        if !job.services.is_empty() {
+            self.start_services(job, &labels, log, &mut held).await?;
+        }
         let s = &self.settings;
         let host = HostConfig {
-            privileged: Some(false),
-            memory: s.memory,
-            nano_cpus: s.cpus.map(|c| (c * 1e9) as i64),
-            pids_limit: s.pids,
             binds: (!s.volumes.is_empty()).then(|| s.volumes.clone()),
-            network_mode: s.network.clone(),
-            ..HostConfig::default()
+            network_mode: held.network.clone().or_else(|| s.network.clone()),
+            ..self.limits()
         };
         let body = ContainerCreateBody {
             image: Some(image.clone()),
@@ -367,10 +620,7 @@ impl Runner for DockerRunner {
             .create_container(None, body)
             .await
             .map_err(|e| docker_err(&format!("cannot create a container from {image}"), e))?;
-        let guard = ContainerGuard {
-            docker: self.docker.clone(),
-            id: Some(created.id.clone()),
-        };
+        held.containers.push(created.id.clone());
         let id = created.id;
         let upload = UploadToContainerOptionsBuilder::new().path("/").build();
         self.docker
@@ -419,9 +669,10 @@ impl Runner for DockerRunner {
         let (code, ()) = tokio::join!(wait, logs);
         let code = code?;
         // N.B.: the result does not wait for the removal (slow on some
-        // storage drivers); the guard removes the container in the
-        // background, and shutdown and start-up remove any leftovers.
-        drop(guard);
+        // storage drivers); the guard removes the containers and the
+        // network in the background, and shutdown and start-up remove any
+        // leftovers.
+        drop(held);
         drop(ws);
         Ok(i32::try_from(code).unwrap_or(-1))
     }

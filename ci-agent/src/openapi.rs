@@ -80,7 +80,22 @@ pub fn spec() -> Value {
                         "attempt": { "type": "integer", "minimum": 0, "maximum": u32::MAX },
                         "image": { "type": "string" },
                         "timeoutMs": { "type": "integer", "minimum": 1 },
-                        "agentId": { "type": "integer", "description": "The registration this was dispatched to; the agent waits until it knows it" }
+                        "agentId": { "type": "integer", "description": "The registration this was dispatched to; the agent waits until it knows it" },
+                        "build": { "type": "integer", "description": "The build the step belongs to (`id` names the step)" },
+                        "step": { "type": "string", "description": "The step's name" },
+                        "services": {
+                            "type": "array", "maxItems": ci_core::model::limits::MAX_SERVICES,
+                            "description": "Containers to run beside the step on a network of its own, reachable by name (Docker runner)",
+                            "items": {
+                                "type": "object", "required": ["name", "image"],
+                                "properties": {
+                                    "name": { "type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9-]{0,62}$" },
+                                    "image": { "type": "string" },
+                                    "env": { "type": "object", "additionalProperties": { "type": "string" } },
+                                    "command": { "type": "array", "items": { "type": "string" } }
+                                }
+                            }
+                        }
                     }
                 }
             }

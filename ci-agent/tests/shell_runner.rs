@@ -43,6 +43,7 @@ impl Fixture {
             agent_id: None,
             build: None,
             step: None,
+            services: Vec::new(),
         }
     }
 

@@ -597,7 +597,8 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             labels,
             wait,
         } => {
-            let mut body = serde_json::json!({ "hash": hash });
+            // N.B.: someone typed this: the pipeline's `when` sees `manual`.
+            let mut body = serde_json::json!({ "hash": hash, "event": "manual" });
             if !labels.is_empty() {
                 body["labels"] = labels.into();
             }

@@ -61,7 +61,7 @@ enum Command {
     Stopped(BuildId, Vec<(StopOrder, bool)>, Reply<Build>),
     Retry(BuildId, Reply<Build>),
     Left(AgentId, bool, Reply<()>),
-    Failed(Dispatch, DispatchFailure, Option<Reply<()>>),
+    Failed(Box<Dispatch>, DispatchFailure, Option<Reply<()>>),
     Plan(Reply<Vec<Dispatch>>),
     Start,
     Shutdown(oneshot::Sender<()>),
@@ -201,7 +201,8 @@ impl Dispatcher {
     /// Records that a dispatch the caller took with [`Dispatcher::plan`]
     /// could not be delivered. See [`Coordinator::dispatch_failed`].
     pub async fn dispatch_failed(&self, dispatch: Dispatch, failure: DispatchFailure) -> Result<()> {
-        self.call(|r| Command::Failed(dispatch, failure, Some(r))).await
+        self.call(|r| Command::Failed(Box::new(dispatch), failure, Some(r)))
+            .await
     }
 
     /// A heartbeat or ping. See [`Fence::heartbeat`].
@@ -434,7 +435,7 @@ impl Task {
                         debug!(step = %d.step.id, attempt = %d.step.attempt, agent = %d.agent, "dispatching");
                         if let Err(failure) = link.dispatch(&d).await {
                             if let Some(me) = me.upgrade() {
-                                let _ = me.send(Command::Failed(d, failure, None)).await;
+                                let _ = me.send(Command::Failed(Box::new(d), failure, None)).await;
                             }
                         }
                     });

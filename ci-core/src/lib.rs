@@ -108,4 +108,4 @@ pub use model::{
 pub use pool::{Agent, AgentPool, Enrollment, MemoryAgentPool, Offer, StoreAgentPool};
 pub use runner::{execute, Job, LogSink, Outcome, RunError, Runner, Stream};
 pub use scheduler::{Assignment, Fifo, Scheduler};
-pub use store::{Agents, Builds, Lease, Logs, MemoryStore, Queue, Store};
+pub use store::{Agents, Builds, Lease, Logs, MemoryStore, Queue, Requeue, Store};

@@ -397,6 +397,13 @@ pub mod limits {
     pub const MAX_STEPS: usize = 1024;
     /// Longest step name, in characters.
     pub const MAX_STEP_NAME: usize = 16 * 1024;
+    /// Most services beside one step.
+    pub const MAX_SERVICES: usize = 8;
+    /// Longest service name (a host name), in characters.
+    pub const MAX_SERVICE_NAME: usize = 63;
+    /// Most characters in all of one step's services' environments and
+    /// commands.
+    pub const MAX_SERVICE_TEXT: usize = 16 * 1024;
 }
 
 /// What a user asks for when creating a build, after validation.
@@ -720,6 +727,151 @@ impl FromStr for StepStatus {
     }
 }
 
+/// A container beside a step, on a network of the step's own, reachable
+/// from the step by its name (Docker runner only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// Its host name on the step's network.
+    pub name: String,
+    /// What it runs.
+    pub image: ImageRef,
+    /// Its environment.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Its command and arguments, instead of the image's (none: the
+    /// image's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+impl Service {
+    /// True for a name a service may have: a host name label, 1 to 63 of
+    /// `a-z A-Z 0-9 -`, starting with a letter or a digit.
+    pub fn is_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= limits::MAX_SERVICE_NAME
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    }
+
+    /// True for a variable name: `A-Z a-z 0-9 _`, not starting with a digit.
+    pub fn is_env_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 256
+            && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
+    /// Checks a step's services against [`limits`]: how many, their names
+    /// (unique host names), and the size of their environments and
+    /// commands. Images are checked as they are read ([`ImageRef`]).
+    pub fn validate_all(services: &[Service]) -> Result<()> {
+        if services.len() > limits::MAX_SERVICES {
+            return Err(Error::invalid(
+                "services",
+                format!("at most {}", limits::MAX_SERVICES),
+            ));
+        }
+        let mut text = 0;
+        for (i, s) in services.iter().enumerate() {
+            if !Service::is_name(&s.name) {
+                return Err(Error::invalid(
+                    "services",
+                    format!("{:?} is not a host name (1 to 63 of A-Z a-z 0-9 -)", s.name),
+                ));
+            }
+            if services[..i].iter().any(|o| o.name.eq_ignore_ascii_case(&s.name)) {
+                return Err(Error::invalid(
+                    "services",
+                    format!("two services are named {:?}", s.name),
+                ));
+            }
+            if let Some(k) = s.env.keys().find(|k| !Service::is_env_name(k)) {
+                return Err(Error::invalid(
+                    "services",
+                    format!("{}: {k:?} is not a variable name", s.name),
+                ));
+            }
+            let strings = s.env.iter().flat_map(|(k, v)| [k, v]).chain(&s.command);
+            for v in strings {
+                if v.contains('\0') {
+                    return Err(Error::invalid(
+                        "services",
+                        format!("{}: environment and command must not contain NUL", s.name),
+                    ));
+                }
+                text += v.chars().count();
+            }
+        }
+        if text > limits::MAX_SERVICE_TEXT {
+            return Err(Error::invalid(
+                "services",
+                format!(
+                    "environments and commands longer than {} characters in all",
+                    limits::MAX_SERVICE_TEXT
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What makes a step's attempt run again by itself, spending one of its
+/// retries ([`NewStep::retries`]).
+///
+/// N.B.: a step whose agent is lost always runs again, as builds always
+/// have; with `agent_lost` set each such re-run spends a retry, and once
+/// none is left the loss fails the step.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RetryOn {
+    /// Any non-zero exit.
+    pub failure: bool,
+    /// The step ran out of time ([`TIMED_OUT`](crate::runner::TIMED_OUT)).
+    pub timeout: bool,
+    /// Its agent died, fell silent or could not be reached.
+    pub agent_lost: bool,
+}
+
+impl Default for RetryOn {
+    /// Failures and timeouts; lost agents without limit.
+    fn default() -> Self {
+        RetryOn {
+            failure: true,
+            timeout: true,
+            agent_lost: false,
+        }
+    }
+}
+
+impl RetryOn {
+    /// Every cause.
+    pub const ALL: RetryOn = RetryOn {
+        failure: true,
+        timeout: true,
+        agent_lost: true,
+    };
+
+    /// As stored: one bit per cause (failure 1, timeout 2, agent lost 4).
+    pub fn bits(self) -> u8 {
+        u8::from(self.failure) | u8::from(self.timeout) << 1 | u8::from(self.agent_lost) << 2
+    }
+
+    /// From [`RetryOn::bits`]; unknown bits are ignored.
+    pub fn from_bits(bits: u8) -> RetryOn {
+        RetryOn {
+            failure: bits & 1 != 0,
+            timeout: bits & 2 != 0,
+            agent_lost: bits & 4 != 0,
+        }
+    }
+
+    /// True if an attempt that exited with `code` runs again (given a
+    /// retry is left).
+    pub fn retries_exit(self, code: i32) -> bool {
+        code != 0 && (self.failure || (self.timeout && code == crate::runner::TIMED_OUT))
+    }
+}
+
 /// A step to create, as part of a [`NewBuild`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NewStep {
@@ -737,10 +889,14 @@ pub struct NewStep {
     pub depends_on: Vec<String>,
     /// Its failure neither fails the build nor skips its dependents.
     pub allow_failure: bool,
-    /// How many times a failed attempt is run again by itself.
+    /// How many times an attempt is run again by itself.
     pub retries: u32,
+    /// What spends those retries.
+    pub retry_on: RetryOn,
     /// Its matrix combination, for display.
     pub matrix: std::collections::BTreeMap<String, String>,
+    /// Containers beside it (Docker runner only).
+    pub services: Vec<Service>,
 }
 
 impl NewStep {
@@ -771,7 +927,14 @@ impl NewStep {
             steps: Vec::new(),
             failure: None,
         };
-        probe.validate()
+        probe.validate()?;
+        if !self.services.is_empty() && self.image.is_none() {
+            return Err(Error::invalid(
+                "services",
+                format!("step {:?}: only a step with an image has services", self.name),
+            ));
+        }
+        Service::validate_all(&self.services)
     }
 }
 
@@ -801,10 +964,14 @@ pub struct Step {
     pub depends_on: Vec<String>,
     /// Its failure neither fails the build nor skips its dependents.
     pub allow_failure: bool,
-    /// Automatic re-runs of a failed attempt it may still have.
+    /// Automatic re-runs it may still have.
     pub retries_left: u32,
+    /// What spends them.
+    pub retry_on: RetryOn,
     /// Its matrix combination.
     pub matrix: std::collections::BTreeMap<String, String>,
+    /// Containers beside it (Docker runner only).
+    pub services: Vec<Service>,
     /// Where it is in its life.
     pub status: StepStatus,
     /// Number of the latest dispatch; 0 before the first.
@@ -862,7 +1029,9 @@ impl Step {
             depends_on: new.depends_on.clone(),
             allow_failure: new.allow_failure,
             retries_left: new.retries,
+            retry_on: new.retry_on,
             matrix: new.matrix.clone(),
+            services: new.services.clone(),
             status: if new.depends_on.is_empty() {
                 StepStatus::Queued
             } else {

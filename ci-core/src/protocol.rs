@@ -18,14 +18,17 @@ use serde::de::IntoDeserializer;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::{
-    AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus, Labels, Step, StepId, StepStatus,
+    AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus, Labels, Service, Step, StepId, StepStatus,
 };
 use crate::pool::Agent;
 
 /// Size limits of the wire, defined once for the server, the agents and
 /// the clients, so that nothing one side accepts is refused by the other.
 pub mod limits {
-    use crate::model::limits::{MAX_BRANCH, MAX_COMMAND, MAX_IMAGE, MAX_LOG};
+    use crate::model::limits::{
+        MAX_BRANCH, MAX_COMMAND, MAX_IMAGE, MAX_LOG, MAX_SERVICES, MAX_SERVICE_NAME, MAX_SERVICE_TEXT,
+        MAX_STEP_NAME,
+    };
     use crate::model::{CommitRef, RepoUrl};
 
     /// Bytes JSON may spend on one character: `\u001b` for a control
@@ -40,7 +43,13 @@ pub mod limits {
     /// Largest `POST /build` an agent takes: every field at its limit, each
     /// character escaped as JSON would at worst.
     pub const MAX_DISPATCH_BODY: u64 = JSON_CHAR
-        * (MAX_COMMAND as u64 + RepoUrl::MAX_LEN as u64 + CommitRef::MAX_LEN as u64 + MAX_IMAGE as u64)
+        * (MAX_COMMAND as u64
+            + RepoUrl::MAX_LEN as u64
+            + CommitRef::MAX_LEN as u64
+            + MAX_IMAGE as u64
+            + MAX_STEP_NAME as u64
+            + MAX_SERVICES as u64 * (MAX_SERVICE_NAME as u64 + MAX_IMAGE as u64 + 64)
+            + MAX_SERVICE_TEXT as u64 * 2)
         + 4096;
 
     /// Largest `POST /cancel` an agent takes.
@@ -49,7 +58,10 @@ pub mod limits {
     /// Largest build result: two capped logs plus slack.
     pub const MAX_RESULT_BODY: u64 = 2 * MAX_LOG as u64 + 64 * 1024;
 
-    const _: () = assert!(MAX_DISPATCH_BODY <= MAX_BODY, "a dispatch fits an ordinary body");
+    const _: () = assert!(
+        MAX_DISPATCH_BODY <= 2 * MAX_BODY,
+        "a dispatch stays near an ordinary body"
+    );
     const _: () = assert!(JSON_CHAR * (MAX_COMMAND as u64 + MAX_BRANCH as u64) < MAX_BODY);
 }
 
@@ -245,6 +257,10 @@ pub struct BuildRequest {
     /// Extension: the step's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
+    /// Extension: containers to run beside it, on a network of its own
+    /// (Docker runner).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
 }
 
 // === user → server ===
@@ -274,6 +290,10 @@ pub struct CreateBuild {
     /// Labels the agent must have, all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Labels>,
+    /// What started it, for the pipeline's `when: {event}`: `manual` (a
+    /// person, as `ci submit` says) or `api` (a program; the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<crate::pipeline::Trigger>,
 }
 
 /// A build as the API shows it.
@@ -398,6 +418,9 @@ pub struct StepView {
     /// Why it is queued and not running, when the server knows.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// Containers beside it.
+    #[serde(default)]
+    pub services: Vec<Service>,
 }
 
 impl From<&Step> for StepView {
@@ -421,6 +444,7 @@ impl From<&Step> for StepView {
             labels: s.labels.clone(),
             allow_failure: s.allow_failure,
             waiting: None,
+            services: s.services.clone(),
         }
     }
 }
@@ -805,11 +829,25 @@ mod tests {
             agent_id: None,
             build: None,
             step: None,
+            services: Vec::new(),
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"id":1,"command":"make","hash":"abc1","repo":"/r"}"#,
             "a server talking to an original agent sends only original fields"
+        );
+        let with_service = BuildRequest {
+            services: vec![Service {
+                name: "db".into(),
+                image: crate::model::ImageRef::parse("postgres:15").unwrap(),
+                env: [("POSTGRES_PASSWORD".to_owned(), "x".to_owned())].into(),
+                command: Vec::new(),
+            }],
+            ..req
+        };
+        assert_eq!(
+            serde_json::to_string(&with_service).unwrap(),
+            r#"{"id":1,"command":"make","hash":"abc1","repo":"/r","services":[{"name":"db","image":"postgres:15","env":{"POSTGRES_PASSWORD":"x"}}]}"#
         );
     }
 }

@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
-use crate::model::{limits, Attempt, BuildId, CommitRef, Completion, ImageRef, Labels, RepoUrl, StepId};
+use crate::model::{
+    limits, Attempt, BuildId, CommitRef, Completion, ImageRef, Labels, RepoUrl, Service, StepId,
+};
 use crate::protocol::BuildRequest;
 
 /// One attempt of a build, as a runner sees it: every value already
@@ -37,6 +39,9 @@ pub struct Job {
     pub image: Option<ImageRef>,
     /// Time limit; the runner's default applies when `None`.
     pub timeout: Option<Duration>,
+    /// Containers to run beside it, reachable by name (runners that run
+    /// containers).
+    pub services: Vec<Service>,
 }
 
 impl Job {
@@ -56,6 +61,10 @@ impl Job {
             command: r.command.clone(),
             image: r.image.as_deref().map(ImageRef::parse).transpose()?,
             timeout: r.timeout_ms.map(Duration::from_millis),
+            services: {
+                Service::validate_all(&r.services)?;
+                r.services.clone()
+            },
         })
     }
 }
@@ -315,6 +324,7 @@ mod tests {
             command: "true".into(),
             image: None,
             timeout: None,
+            services: Vec::new(),
         }
     }
 
@@ -392,6 +402,7 @@ mod tests {
             agent_id: None,
             build: None,
             step: None,
+            services: Vec::new(),
         };
         let j = Job::from_request(&req("/srv/r", "main", "make"), &["file"]).unwrap();
         assert_eq!(
@@ -402,6 +413,31 @@ mod tests {
         assert!(Job::from_request(&req("https://x/y", "main", "make"), &["file"]).is_err());
         assert!(Job::from_request(&req("/srv/r", "--upload-pack=x", "make"), &["file"]).is_err());
         assert!(Job::from_request(&req("/srv/r", "main", "  "), &["file"]).is_err());
+
+        let service = |name: &str, env: &str| Service {
+            name: name.into(),
+            image: ImageRef::parse("redis:7").unwrap(),
+            env: [(env.to_owned(), "1".to_owned())].into(),
+            command: vec!["redis-server".into()],
+        };
+        let with = |services: Vec<Service>| BuildRequest {
+            services,
+            ..req("/srv/r", "main", "make")
+        };
+        let j = Job::from_request(&with(vec![service("cache", "A")]), &["file"]).unwrap();
+        assert_eq!(j.services[0].name, "cache");
+        for bad in [
+            vec![service("-x", "A")],
+            vec![service("a.b", "A")],
+            vec![service("cache", "A B")],
+            vec![service("cache", "A"), service("CACHE", "B")],
+            (0..9).map(|i| service(&format!("s{i}"), "A")).collect(),
+        ] {
+            assert!(
+                Job::from_request(&with(bad.clone()), &["file"]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[tokio::test]

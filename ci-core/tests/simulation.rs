@@ -274,6 +274,21 @@ impl Sim {
             for step in &build.steps {
                 let taken = self.accepted.get(&step.id).cloned().unwrap_or_default();
                 let ran = matches!(step.status, StepStatus::Success | StepStatus::Failed);
+                // N.B.: a step that counts lost agents fails without a
+                // result when its agent is lost with no re-run left.
+                let log = ci_core::Logs::log(&*self.store, step.id, None)
+                    .await
+                    .unwrap()
+                    .unwrap_or_default();
+                let lost = step.status == StepStatus::Failed
+                    && taken.last() != Some(&step.attempt)
+                    && step.retry_on.agent_lost
+                    && step.retries_left == 0
+                    && step.exit_code == Some(ci_core::Completion::NOT_RUN)
+                    && log.complete
+                    && log.attempt == step.attempt
+                    && log.stderr.ends_with(ci_core::Requeue::LOST_LINE);
+                let ran = ran && !lost;
                 check!(
                     self,
                     !ran || taken.last() == Some(&step.attempt),
@@ -819,7 +834,7 @@ impl Sim {
 
     /// A build of one step, or of a random graph of up to six steps, each
     /// depending on some earlier ones, some with labels, some allowed to
-    /// fail, some with retries.
+    /// fail, some with retries (spent by random causes).
     fn random_build(&mut self) -> NewBuild {
         let repo = RepoUrl::parse("/srv/repo").unwrap();
         let mut new = NewBuild::new(repo, CommitRef::parse("abcd").unwrap(), "make").unwrap();
@@ -845,6 +860,8 @@ impl Sim {
                 depends_on,
                 allow_failure: self.rng.u8(..5) == 0,
                 retries: u32::from(self.rng.u8(..4) == 0),
+                // Some count lost agents, and fail once their retry is spent.
+                retry_on: ci_core::model::RetryOn::from_bits(self.rng.u8(..8)),
                 ..NewStep::default()
             });
         }

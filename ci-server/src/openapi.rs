@@ -450,7 +450,7 @@ pub fn spec() -> Value {
                 "StepStatus": { "type": "string", "enum": ["pending", "queued", "running", "success", "failed", "canceled", "skipped"] },
                 "Step": {
                     "type": "object",
-                    "required": ["id", "name", "status", "command", "image", "timeoutMs", "agent", "agentId", "attempt", "exitCode", "startedAt", "finishedAt", "durationMs", "dependsOn", "matrix", "labels", "allowFailure", "waiting"],
+                    "required": ["id", "name", "status", "command", "image", "timeoutMs", "agent", "agentId", "attempt", "exitCode", "startedAt", "finishedAt", "durationMs", "dependsOn", "matrix", "labels", "allowFailure", "waiting", "services"],
                     "properties": {
                         "id": { "type": "integer", "description": "The id its agent is sent" },
                         "name": { "type": "string" },
@@ -469,7 +469,18 @@ pub fn spec() -> Value {
                         "matrix": { "type": "object", "additionalProperties": { "type": "string" } },
                         "labels": { "type": "array", "items": { "type": "string" } },
                         "allowFailure": { "type": "boolean" },
-                        "waiting": { "type": ["string", "null"], "description": "Why it is queued and not running, when no agent has its labels" }
+                        "waiting": { "type": ["string", "null"], "description": "Why it is queued and not running, when no agent has its labels" },
+                        "services": { "type": "array", "items": { "$ref": "#/components/schemas/Service" } }
+                    }
+                },
+                "Service": {
+                    "type": "object", "required": ["name", "image"],
+                    "description": "A container beside a step, on a network of the step's own, reachable by its name (Docker runner)",
+                    "properties": {
+                        "name": { "type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9-]{0,62}$" },
+                        "image": { "type": "string" },
+                        "env": { "type": "object", "additionalProperties": { "type": "string" } },
+                        "command": { "type": "array", "items": { "type": "string" }, "description": "Instead of the image's command" }
                     }
                 },
                 "Error": {
@@ -496,6 +507,10 @@ pub fn spec() -> Value {
                             "type": ["array", "null"], "maxItems": Labels::MAX,
                             "description": "Labels the agent must have, all of them (a label given twice counts once)",
                             "items": { "type": "string", "pattern": "^[A-Za-z0-9._:/=-]{1,64}$" }
+                        },
+                        "event": {
+                            "type": ["string", "null"], "enum": ["manual", "api", null],
+                            "description": "What started it, for the pipeline's `when: {event}`: `manual` (a person; `ci submit` says so) or `api` (the default)"
                         }
                     }
                 },

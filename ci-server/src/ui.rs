@@ -322,8 +322,17 @@ fn step_columns(build: &Build, shown: Option<&str>) -> String {
                     esc(&step.depends_on.join(", "))
                 )
             };
+            let services = if step.services.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<&str> = step.services.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    r#"<span class="muted after">with {}</span>"#,
+                    esc(&names.join(", "))
+                )
+            };
             columns.push_str(&format!(
-                r#"<li class="step" id="step-{i}" data-name="{name}"><a href="?step={href}"{current}>{name}</a> <span class="st">{st}</span>{may_fail} <span class="muted dur">{dur}</span>{after}</li>"#,
+                r#"<li class="step" id="step-{i}" data-name="{name}"><a href="?step={href}"{current}>{name}</a> <span class="st">{st}</span>{may_fail} <span class="muted dur">{dur}</span>{after}{services}</li>"#,
                 name = esc(&step.name),
                 href = percent_encoding::utf8_percent_encode(&step.name, percent_encoding::NON_ALPHANUMERIC),
                 st = status(step.status.as_str()),

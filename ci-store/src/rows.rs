@@ -1,6 +1,6 @@
 //! Rows to values and back, and the queries several methods share.
 
-use ci_core::model::{LogPiece, Moved, StepState};
+use ci_core::model::{LogPiece, Moved, RetryOn, StepState};
 use ci_core::{
     AgentId, Attempt, Build, BuildId, BuildStatus, Lease, Step, StepId, StepStatus, Stream, Timestamp,
 };
@@ -17,7 +17,7 @@ macro_rules! step_columns {
     () => {
         "id, build_id, name, command, image, timeout_ms, labels, depends_on, allow_failure, \
          retries_left, matrix, status, attempt, agent_id, agent_url, exit_code, created_at, \
-         started_at, finished_at"
+         started_at, finished_at, retry_on, services"
     };
 }
 pub(crate) use step_columns;
@@ -69,6 +69,10 @@ pub(crate) fn step_from_row(row: &Row<'_>) -> rusqlite::Result<Step> {
     let status = StepStatus::from_str(&status).map_err(|e| conversion(11, e))?;
     let depends_on: String = row.get(7)?;
     let matrix: String = row.get(10)?;
+    let services = match row.get::<_, Option<String>>(20)? {
+        Some(json) => serde_json::from_str(&json).map_err(|e| conversion(20, e))?,
+        None => Vec::new(),
+    };
     Ok(Step {
         id: StepId(row.get(0)?),
         build: BuildId(row.get(1)?),
@@ -82,7 +86,9 @@ pub(crate) fn step_from_row(row: &Row<'_>) -> rusqlite::Result<Step> {
         depends_on: serde_json::from_str(&depends_on).map_err(|e| conversion(7, e))?,
         allow_failure: row.get(8)?,
         retries_left: row.get(9)?,
+        retry_on: RetryOn::from_bits(row.get(19)?),
         matrix: serde_json::from_str(&matrix).map_err(|e| conversion(10, e))?,
+        services,
         status,
         attempt: Attempt(row.get(12)?),
         agent_id: row.get::<_, Option<i64>>(13)?.map(AgentId),
@@ -286,6 +292,15 @@ pub(crate) fn stream_name(s: Stream) -> &'static str {
         Stream::Stdout => "stdout",
         Stream::Stderr => "stderr",
     }
+}
+
+/// Drops an attempt's live log, once its final log is stored.
+pub(crate) fn delete_live(tx: &Connection, id: StepId, attempt: Attempt) -> Result<(), Error> {
+    tx.prepare_cached("DELETE FROM log_pieces WHERE step_id = ?1 AND attempt = ?2")?
+        .execute(params![id.0, attempt.0])?;
+    tx.prepare_cached("DELETE FROM live_logs WHERE step_id = ?1 AND attempt = ?2")?
+        .execute(params![id.0, attempt.0])?;
+    Ok(())
 }
 
 /// The rowid of an attempt's accepted log, for reading it in pieces.

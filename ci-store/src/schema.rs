@@ -150,6 +150,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 8: the queue by label set: only queued steps are in it, so it is
     // written only as steps enter and leave the queue.
     "CREATE INDEX steps_queued_labels ON steps (labels, id) WHERE status = 'queued';",
+    // 9: what spends a step's retries (bits: failure 1, timeout 2, agent
+    // lost 4; steps so far retried any failure), and the containers beside
+    // it (JSON; NULL for none).
+    "ALTER TABLE steps ADD COLUMN retry_on INTEGER NOT NULL DEFAULT 3;
+    ALTER TABLE steps ADD COLUMN services TEXT;",
 ];
 
 /// Takes the exclusive `flock` on the file `conn` opened (by the name

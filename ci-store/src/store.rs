@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use ci_core::model::{LogPiece, Moved};
-use ci_core::store::{Agents, Builds, Claim, Lease, Logs, Queue, Taken};
+use ci_core::model::{LogPiece, Moved, RetryOn};
+use ci_core::store::{Agents, Builds, Claim, Lease, Logs, Queue, Requeue, Taken};
 use ci_core::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, Labels,
     LogInfo, NewBuild, Page, Step, StepId, StepStatus, Stream, Timestamp,
@@ -18,9 +18,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::checkpoint::{checkpoint_loop, CHECKPOINT_PAGES};
 use crate::rows::{
-    build_from_row, build_status_of, final_log_row, get_build, get_step, labels_from, labels_text,
-    lease_from_row, pieces, query_builds, refresh, settle, step_columns, step_from_row, stream_name, ts,
-    with_origin, with_steps, BUILD_COLUMNS,
+    build_from_row, build_status_of, delete_live, final_log_row, get_build, get_step, labels_from,
+    labels_text, lease_from_row, pieces, query_builds, refresh, settle, step_columns, step_from_row,
+    stream_name, ts, with_origin, with_steps, BUILD_COLUMNS,
 };
 use crate::schema::{connect, diagnose, migrate, own};
 use crate::writer::{Cost, Readers, Writer};
@@ -245,8 +245,9 @@ impl Queue for SqliteStore {
             }
             let mut insert = tx.prepare_cached(
                 "INSERT INTO steps (build_id, name, command, image, timeout_ms, labels, depends_on,
-                                    allow_failure, retries_left, matrix, status, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING id",
+                                    allow_failure, retries_left, matrix, status, created_at,
+                                    retry_on, services)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) RETURNING id",
             )?;
             // N.B.: the steps are made here, not read back.
             let mut steps = Vec::new();
@@ -266,6 +267,8 @@ impl Queue for SqliteStore {
                     serde_json::to_string(&n.matrix).unwrap_or_default(),
                     status.as_str(),
                     ts(now),
+                    n.retry_on.bits(),
+                    (!n.services.is_empty()).then(|| serde_json::to_string(&n.services).unwrap_or_default()),
                 ], |r| r.get(0))?;
                 steps.push(Step { id: StepId(id), ..step });
             }
@@ -377,20 +380,64 @@ impl Queue for SqliteStore {
         .await
     }
 
-    async fn requeue(&self, id: StepId, attempt: Attempt) -> ci_core::Result<bool> {
+    async fn requeue(
+        &self,
+        id: StepId,
+        attempt: Attempt,
+        why: Requeue,
+        now: Timestamp,
+    ) -> ci_core::Result<Option<Moved>> {
         self.write(Cost::Short, move |tx| {
-            let build: Option<i64> = tx
+            let step = tx
                 .prepare_cached(
-                    "UPDATE steps SET status = 'queued', lease_until = NULL
-                     WHERE id = ?1 AND status = 'running' AND attempt = ?2 RETURNING build_id",
+                    "SELECT build_id, retries_left, retry_on, (SELECT status FROM builds WHERE id = build_id)
+                     FROM steps WHERE id = ?1 AND status = 'running' AND attempt = ?2",
                 )?
-                .query_row(params![id.0, attempt.0], |r| r.get(0))
+                .query_row(params![id.0, attempt.0], |r| {
+                    Ok((
+                        BuildId(r.get(0)?),
+                        r.get::<_, u32>(1)?,
+                        RetryOn::from_bits(r.get(2)?),
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                })
                 .optional()?;
-            let Some(build) = build else {
-                return Ok(false);
+            let Some((build, retries_left, retry_on, before)) = step else {
+                return Ok(None);
             };
-            refresh(tx, BuildId(build))?;
-            Ok(true)
+            let before = before.and_then(|b| BuildStatus::from_str(&b).ok());
+            let counted = why == Requeue::Lost && retry_on.agent_lost;
+            if counted && retries_left == 0 {
+                // N.B.: what the attempt streamed becomes its log, with why
+                // it ended, as a result would.
+                let mut log = ci_core::store::assemble(attempt, &pieces(tx, id, attempt, None, None)?);
+                log.stderr.push_str(Requeue::LOST_LINE);
+                tx.prepare_cached(
+                    "UPDATE steps SET status = 'failed', exit_code = ?2, finished_at = ?3, lease_until = NULL
+                     WHERE id = ?1",
+                )?
+                .execute(params![id.0, Completion::NOT_RUN, ts(now)])?;
+                tx.prepare_cached(
+                    "INSERT INTO step_logs (step_id, attempt, stdout, stderr) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (step_id, attempt) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr",
+                )?
+                .execute(params![id.0, attempt.0, log.stdout, log.stderr])?;
+                delete_live(tx, id, attempt)?;
+                return Ok(Some(settle(tx, build, before, vec![(id, StepStatus::Failed)], now)?));
+            }
+            tx.prepare_cached(
+                "UPDATE steps SET status = 'queued', lease_until = NULL, retries_left = retries_left - ?2
+                 WHERE id = ?1",
+            )?
+            .execute(params![id.0, u32::from(counted)])?;
+            refresh(tx, build)?;
+            Ok(Some(Moved {
+                build,
+                steps: vec![(id, StepStatus::Queued)],
+                before,
+                after: build_status_of(tx, build)?,
+                duration_ms: None,
+            }))
         })
         .await
     }
@@ -412,7 +459,7 @@ impl Queue for SqliteStore {
             let step = tx
                 .prepare_cached(
                     "SELECT build_id, status, attempt, retries_left,
-                            (SELECT status FROM builds WHERE id = build_id)
+                            (SELECT status FROM builds WHERE id = build_id), retry_on
                      FROM steps WHERE id = ?1",
                 )?
                 .query_row([id.0], |r| {
@@ -422,10 +469,11 @@ impl Queue for SqliteStore {
                         Attempt(r.get(2)?),
                         r.get::<_, u32>(3)?,
                         r.get::<_, Option<String>>(4)?,
+                        RetryOn::from_bits(r.get(5)?),
                     ))
                 })
                 .optional()?;
-            let Some((build, status, current, retries_left, before)) = step else {
+            let Some((build, status, current, retries_left, before, retry_on)) = step else {
                 return Ok(None);
             };
             let before = before.and_then(|b| BuildStatus::from_str(&b).ok());
@@ -438,7 +486,7 @@ impl Queue for SqliteStore {
             if status == StepStatus::Queued && final_log_row(tx, id, attempt)?.is_some() {
                 return Ok(None);
             }
-            let retry = result.exit_code != 0 && retries_left > 0;
+            let retry = retry_on.retries_exit(result.exit_code) && retries_left > 0;
             let status = if retry {
                 StepStatus::Queued
             } else {
@@ -462,10 +510,7 @@ impl Queue for SqliteStore {
                  ON CONFLICT (step_id, attempt) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr",
             )?
             .execute(params![id.0, attempt.0, result.stdout, result.stderr])?;
-            tx.prepare_cached("DELETE FROM log_pieces WHERE step_id = ?1 AND attempt = ?2")?
-                .execute(params![id.0, attempt.0])?;
-            tx.prepare_cached("DELETE FROM live_logs WHERE step_id = ?1 AND attempt = ?2")?
-                .execute(params![id.0, attempt.0])?;
+            delete_live(tx, id, attempt)?;
             Ok(Some(settle(tx, build, before, vec![(id, status)], now)?))
         })
         .await

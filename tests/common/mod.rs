@@ -572,4 +572,20 @@ impl Cluster {
         .map(str::to_owned)
         .collect()
     }
+
+    /// Ids of the networks the agent working in `dir/name` created.
+    pub fn agent_networks(&self, name: &str) -> Vec<String> {
+        let instance =
+            std::fs::read_to_string(self.dir.path().join(name).join("instance")).unwrap_or_default();
+        docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=ci.agent={}", instance.trim()),
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    }
 }

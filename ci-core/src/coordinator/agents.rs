@@ -5,7 +5,7 @@ use super::{Coordinator, Dispatch, DispatchFailure, Event, LeaveReason, Registra
 use crate::error::{Error, Result};
 use crate::model::{AgentId, Completion, StepStatus};
 use crate::pool::Enrollment;
-use crate::store::Lease;
+use crate::store::{Lease, Requeue};
 
 impl Coordinator {
     /// Registers an agent.
@@ -78,8 +78,14 @@ impl Coordinator {
         // N.B.: store first, pool second. If the store fails half way, the
         // pool still holds the agent and the next pass retries; requeue is
         // fenced, so repeating it is harmless.
+        // N.B.: an agent that leaves on purpose gives its steps back; one
+        // that died, fell silent or cannot be reached lost them.
+        let why = match reason {
+            LeaveReason::Left => Requeue::Returned,
+            _ => Requeue::Lost,
+        };
         for lease in &held {
-            self.requeue(lease, now).await?;
+            self.requeue(lease, why, now).await?;
         }
         self.pool.remove(id).await?;
         self.events.push(Event::AgentLeft { agent: id, reason });
@@ -140,7 +146,7 @@ impl Coordinator {
             DispatchFailure::Busy(_) => {
                 let now = self.clock.now();
                 if let Some(lease) = current {
-                    self.requeue(&lease, now).await?;
+                    self.requeue(&lease, Requeue::Returned, now).await?;
                 }
                 self.pool
                     .cool_down(dispatch.agent, self.policy.deadline(now))

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::{
     limits, truncate_log, Build, BuildId, BuildStatus, Completion, Moved, NewBuild, Step, StepStatus,
 };
-use crate::store::Lease;
+use crate::store::{Lease, Requeue};
 
 impl Coordinator {
     /// Queues a new build. A scheduling pass ([`Coordinator::plan`]) may
@@ -138,7 +138,7 @@ impl Coordinator {
 
     /// Records what a change did to a build: steps that finished (events),
     /// steps newly queued (for dispatch latency), and the build's end.
-    fn advanced(&mut self, moved: &Moved) {
+    pub(super) fn advanced(&mut self, moved: &Moved) {
         let now = self.clock.now();
         for (step, status) in &moved.steps {
             match status {
@@ -205,7 +205,7 @@ impl Coordinator {
             agent: holder,
             expires_at: now,
         };
-        self.requeue(&lease, now).await?;
+        self.requeue(&lease, Requeue::Returned, now).await?;
         self.pool.cool_down(holder, self.policy.deadline(now)).await
     }
 

@@ -30,6 +30,7 @@ impl Dispatch {
             agent_id: Some(self.agent),
             build: Some(self.step.build),
             step: Some(self.step.name.clone()),
+            services: self.step.services.clone(),
         }
     }
 }

@@ -46,10 +46,10 @@ pub use messages::{
 use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, Result};
 use crate::lease::LeasePolicy;
-use crate::model::{AgentId, StepId};
+use crate::model::{AgentId, StepId, StepStatus};
 use crate::pool::{Agent, AgentPool, StoreAgentPool};
 use crate::scheduler::{Fifo, Scheduler};
-use crate::store::{Lease, Store};
+use crate::store::{Lease, Requeue, Store};
 
 /// How many times an attempt may be handed back for a failure of the
 /// machinery before the build fails instead.
@@ -203,7 +203,7 @@ impl Coordinator {
                 Some(_) => {
                     self.pool.hold(lease.agent, lease.step).await?;
                 }
-                None => self.requeue(&lease, now).await?,
+                None => self.requeue(&lease, Requeue::Lost, now).await?,
             }
         }
         Ok(())
@@ -234,14 +234,19 @@ impl Coordinator {
         self.fence.heartbeat(hb).await
     }
 
-    /// Puts a leased step back in the queue and frees its agent's slot.
-    async fn requeue(&mut self, lease: &Lease, now: Timestamp) -> Result<()> {
-        if self.store.requeue(lease.step, lease.attempt).await? {
-            self.queued_since.insert(lease.step, now);
-            self.events.push(Event::Requeued {
-                step: lease.step,
-                attempt: lease.attempt,
-            });
+    /// Puts a leased step back in the queue (or, its agent lost and its
+    /// retries spent, fails it: [`Queue::requeue`](crate::store::Queue::requeue))
+    /// and frees its agent's slot.
+    async fn requeue(&mut self, lease: &Lease, why: Requeue, now: Timestamp) -> Result<()> {
+        if let Some(moved) = self.store.requeue(lease.step, lease.attempt, why, now).await? {
+            if moved.steps.contains(&(lease.step, StepStatus::Queued)) {
+                self.queued_since.insert(lease.step, now);
+                self.events.push(Event::Requeued {
+                    step: lease.step,
+                    attempt: lease.attempt,
+                });
+            }
+            self.advanced(&moved);
         }
         self.pool.release(lease.agent, lease.step, now).await
     }
@@ -257,7 +262,7 @@ impl Coordinator {
                 dead.push((lease.agent, LeaveReason::MissedHeartbeats));
             } else {
                 // Its agent is already gone: only the step is left to move.
-                self.requeue(&lease, now).await?;
+                self.requeue(&lease, Requeue::Lost, now).await?;
             }
         }
         for agent in self.pool.silent(now, self.policy.ttl()).await? {

@@ -391,21 +391,35 @@ impl Common {
                 return err(s.referenced, format!("services: at most {}", caps::MAX_SERVICES));
             }
             for (service, spec) in &s.value {
-                let host_ok = !service.is_empty()
-                    && service.len() <= caps::MAX_NAME
-                    && service.starts_with(|c: char| c.is_ascii_alphanumeric())
-                    && service.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-                if !host_ok {
+                if !Service::is_name(service) {
                     return err(
                         s.referenced,
-                        format!("services: {service:?} is not a host name (A-Z a-z 0-9 -)"),
+                        format!("services: {service:?} is not a host name (1 to 63 of A-Z a-z 0-9 -)"),
                     );
                 }
+                let env = match &spec.env {
+                    Some(e) => check_env(e)?
+                        .into_iter()
+                        .map(|(k, v)| (k, interpolate(&v, combo)))
+                        .collect(),
+                    None => BTreeMap::new(),
+                };
+                let command = match &spec.command {
+                    Some(c) if c.value.iter().any(|a| a.contains('\0')) => {
+                        return err(c.referenced, format!("services: {service}: command holds NUL"))
+                    }
+                    Some(c) => c.value.iter().map(|a| interpolate(a, combo)).collect(),
+                    None => Vec::new(),
+                };
                 services.push(Service {
                     name: service.clone(),
                     image: image(&spec.image, combo)?,
-                    env: spec.env.clone(),
+                    env,
+                    command,
                 });
+            }
+            if let Err(e) = Service::validate_all(&services) {
+                return err(s.referenced, e.to_string());
             }
         }
         Ok(Step {

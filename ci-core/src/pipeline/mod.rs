@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::Service;
 use crate::model::{limits, ImageRef, Labels, NewStep};
 
 mod expand;
@@ -73,7 +74,7 @@ pub mod caps {
     /// Most automatic re-runs a step may ask for.
     pub const MAX_RETRIES: u32 = 10;
     /// Most services per step.
-    pub const MAX_SERVICES: usize = 8;
+    pub const MAX_SERVICES: usize = super::limits::MAX_SERVICES;
 }
 
 /// The label of agents with the Docker runner, which a step with an image
@@ -168,6 +169,24 @@ pub struct Retry {
     pub on: Vec<RetryOn>,
 }
 
+impl Retry {
+    /// The causes as the queue stores them. None listed: every cause, as
+    /// GitLab's `retry: 2` retries whatever the failure; but no `retry` at
+    /// all (a limit of 0, no causes) leaves lost agents unbounded, as builds
+    /// always were.
+    pub fn causes(&self) -> crate::model::RetryOn {
+        match (self.limit, self.on.as_slice()) {
+            (0, []) => crate::model::RetryOn::default(),
+            (_, []) => crate::model::RetryOn::ALL,
+            (_, on) => crate::model::RetryOn {
+                failure: on.contains(&RetryOn::Failure),
+                timeout: on.contains(&RetryOn::Timeout),
+                agent_lost: on.contains(&RetryOn::AgentLost),
+            },
+        }
+    }
+}
+
 /// Which builds a step is part of. Empty lists match everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct When {
@@ -229,17 +248,6 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
         next = cur;
     }
     next[0]
-}
-
-/// A container beside a step, reachable by its name.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Service {
-    /// Its host name on the step's network.
-    pub name: String,
-    /// What it runs.
-    pub image: ImageRef,
-    /// Its environment.
-    pub env: BTreeMap<String, String>,
 }
 
 /// One step of a pipeline, for one matrix combination: the unit that is
@@ -370,28 +378,15 @@ impl Step {
     /// takes them.
     ///
     /// N.B.: a step whose agent is lost always runs again, as builds
-    /// always have; `retry.limit` counts re-runs after a failure or a
-    /// timeout.
+    /// always have; `retry.limit` bounds those re-runs only when `on`
+    /// lists `agent_lost` (or lists nothing).
     pub fn to_new_step(&self) -> NewStep {
         let mut command = String::new();
-        if !self.services.is_empty() {
-            // N.B.: said, not hidden: the step may well fail without them.
-            let names: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-            command.push_str(&format!(
-                "echo 'ci: services are not started yet (this runner cannot run them): {}' >&2\n",
-                names.join(", ")
-            ));
-        }
         for (k, v) in &self.env {
             // Names are checked (A-Z a-z 0-9 _); values are quoted.
             command.push_str(&format!("export {k}='{}'\n", v.replace('\'', r"'\''")));
         }
         command.push_str(&self.script());
-        let retries_failures = self
-            .retry
-            .on
-            .iter()
-            .any(|r| matches!(r, RetryOn::Failure | RetryOn::Timeout));
         NewStep {
             name: self.name.clone(),
             command,
@@ -409,8 +404,10 @@ impl Step {
             },
             depends_on: self.depends_on.clone(),
             allow_failure: self.allow_failure,
-            retries: if retries_failures { self.retry.limit } else { 0 },
+            retries: self.retry.limit,
+            retry_on: self.retry.causes(),
             matrix: self.matrix.clone(),
+            services: self.services.clone(),
         }
     }
 }

@@ -64,5 +64,7 @@ pub(super) struct When {
 pub(super) struct Service {
     pub image: Spanned<String>,
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    pub command: Option<Spanned<Vec<String>>>,
 }

@@ -70,6 +70,14 @@ fn the_full_example_expands_per_matrix_combination() {
     assert!(lint.depends_on.is_empty());
     assert_eq!(lint.services[0].name, "cache");
     assert_eq!(lint.services[0].image.as_str(), "redis:7");
+    let served = parse(
+        "version: 1\nmatrix: {v: [\"7\"]}\nsteps:\n  - name: a\n    image: x\n    commands: [x]\n    services:\n      cache: {image: \"redis:${v}\", env: {V: \"${v}\"}, command: [redis-server, --port, \"6380\"]}\n",
+    )
+    .unwrap();
+    let cache = &served.steps[0].services[0];
+    assert_eq!(cache.image.as_str(), "redis:7");
+    assert_eq!(cache.env.get("V").map(String::as_str), Some("7"));
+    assert_eq!(cache.command, ["redis-server", "--port", "6380"]);
     assert_eq!(lint.matrix["rust"], "stable");
 }
 
@@ -137,6 +145,16 @@ fn errors_name_the_line_and_column_and_what_was_expected() {
             "version: 1\nsteps:\n  - name: a\n    commands: [x]\n    services:\n      db: {image: postgres}\n",
             (6, 7),
             "only a step with an image has services",
+        ),
+        (
+            "version: 1\nsteps:\n  - name: a\n    image: x\n    commands: [x]\n    services:\n      db: {image: postgres, env: {\"A B\": x}}\n",
+            (7, 34),
+            "env: \"A B\" is not a variable name",
+        ),
+        (
+            "version: 1\nsteps:\n  - name: a\n    image: x\n    commands: [x]\n    services:\n      db.x: {image: postgres}\n",
+            (7, 7),
+            "services: \"db.x\" is not a host name",
         ),
         (
             "version: 1\nsteps:\n  - {name: a, commands: [x], image: \"-rm\"}\n",
@@ -338,8 +356,8 @@ fn one_command_is_a_one_step_pipeline() {
 }
 
 /// What the queue stores for a step: its environment exported (quoted),
-/// its commands as one script, the Docker label for an image, retries only
-/// for failures and timeouts, and services said to be missing.
+/// its commands as one script, the Docker label for an image, its retries
+/// and their causes, and its services.
 #[test]
 fn steps_become_what_the_queue_stores() {
     let p = parse(FULL).unwrap();
@@ -352,6 +370,14 @@ fn steps_become_what_the_queue_stores() {
         n.command
     );
     assert_eq!(n.retries, 2);
+    assert_eq!(
+        n.retry_on,
+        crate::model::RetryOn {
+            failure: true,
+            timeout: false,
+            agent_lost: true
+        }
+    );
     assert_eq!(n.timeout_ms, Some(30 * 60 * 1000));
     assert_eq!(n.labels.iter().collect::<Vec<_>>(), ["os=linux"]);
     assert_eq!(n.depends_on, ["build (rust=1.85)"]);
@@ -364,11 +390,29 @@ fn steps_become_what_the_queue_stores() {
         "an image needs the Docker runner"
     );
     assert!(
-        lint.command.starts_with("echo 'ci: services are not started yet"),
+        lint.command.starts_with("export CARGO_TERM_COLOR"),
         "{}",
         lint.command
     );
-    assert_eq!(lint.retries, 0);
+    assert_eq!(lint.services.len(), 1);
+    assert_eq!(
+        (lint.services[0].name.as_str(), lint.services[0].image.as_str()),
+        ("cache", "redis:7")
+    );
+    assert_eq!(
+        (lint.retries, lint.retry_on),
+        (0, crate::model::RetryOn::default()),
+        "no retry: lost agents unbounded, nothing else"
+    );
+
+    let every = parse("version: 1\nsteps:\n  - name: a\n    commands: [x]\n    retry: {limit: 3}\n")
+        .unwrap()
+        .to_new_steps();
+    assert_eq!(
+        (every[0].retries, every[0].retry_on),
+        (3, crate::model::RetryOn::ALL),
+        "no causes listed: every cause"
+    );
 
     let quoted =
         parse("version: 1\nenv: { A: \"it's $HOME\" }\nsteps:\n  - name: a\n    commands: [\"echo $A\"]\n")
@@ -385,7 +429,15 @@ fn steps_become_what_the_queue_stores() {
     .unwrap()
     .to_new_steps();
     assert_eq!(
-        only_lost[0].retries, 0,
-        "a lost agent's step always runs again anyway"
+        (only_lost[0].retries, only_lost[0].retry_on),
+        (
+            3,
+            crate::model::RetryOn {
+                failure: false,
+                timeout: false,
+                agent_lost: true
+            }
+        ),
+        "lost agents spend the retries; failures do not run again"
     );
 }

@@ -23,6 +23,11 @@ fn ok<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("store error: {e}"))
 }
 
+/// Puts a step whose agent was lost back in the queue; whether it did.
+async fn requeued<S: Store>(s: &S, id: StepId, attempt: Attempt) -> bool {
+    ok(s.requeue(id, attempt, Requeue::Lost, Timestamp(0)).await).is_some()
+}
+
 /// Creates a build of one step; returns both ids.
 async fn create<S: Store>(s: &S, new: &NewBuild, now: Timestamp) -> (BuildId, StepId) {
     let b = ok(s.create_build(new, now).await);
@@ -51,6 +56,157 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(make: impl Fn
     canceling_and_retrying_a_pipeline(&make().await).await;
     a_broken_pipeline_fails_at_once(&make().await).await;
     the_queue_by_label_set(&make().await).await;
+    retries_spent_by_their_causes(&make().await).await;
+    services_are_kept(&make().await).await;
+}
+
+/// Retries are spent only by the causes a step lists: a step that counts
+/// lost agents spends one per loss and fails, with its streamed log and a
+/// line saying why, when none is left (the build moving on as with any
+/// failure); a step that does not count them runs again however often its
+/// agent is lost, and one asked for a rerun by its agent never spends one;
+/// a step retried on timeouts only ends on another failure.
+pub async fn retries_spent_by_their_causes<S: Store>(s: &S) {
+    use crate::model::RetryOn;
+    use StepStatus::*;
+    let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
+    let only = |failure, timeout, agent_lost| RetryOn {
+        failure,
+        timeout,
+        agent_lost,
+    };
+    let b = ok(s
+        .create_build(
+            &diamond(|n| {
+                (n.retries, n.retry_on) = match n.name.as_str() {
+                    "a" => (1, only(false, false, true)),
+                    "b" => (0, only(true, true, false)),
+                    "c" => (1, only(false, true, false)),
+                    _ => (0, RetryOn::default()),
+                };
+            }),
+            Timestamp(0),
+        )
+        .await);
+    let ids: Vec<StepId> = b.steps.iter().map(|s| s.id).collect();
+    let lost = |id, attempt| s.requeue(id, Attempt(attempt), Requeue::Lost, Timestamp(9));
+    let returned = |id, attempt| s.requeue(id, Attempt(attempt), Requeue::Returned, Timestamp(9));
+
+    // a: handed back (free), lost once (its one retry), lost again: fails.
+    ok(start_one(s, ids[0], &agent, Timestamp(1)).await);
+    let moved = ok(returned(ids[0], 1).await).unwrap_or_else(|| panic!("not requeued"));
+    assert_eq!(moved.steps, [(ids[0], Queued)]);
+    ok(start_one(s, ids[0], &agent, Timestamp(2)).await);
+    assert!(ok(lost(ids[0], 2).await).is_some());
+    assert_eq!(
+        ok(s.step(ids[0]).await).map(|s| (s.status, s.retries_left)),
+        Some((Queued, 0))
+    );
+    ok(start_one(s, ids[0], &agent, Timestamp(3)).await);
+    let half = LogPiece {
+        seq: 0,
+        stream: Stream::Stdout,
+        data: "half".into(),
+    };
+    ok(s.append_log(ids[0], Attempt(3), &[half]).await);
+    let moved = ok(lost(ids[0], 3).await).unwrap_or_else(|| panic!("not moved"));
+    assert!(moved.steps.contains(&(ids[0], Failed)), "{moved:?}");
+    assert!(moved.ended(), "{moved:?}");
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Failed, vec![Failed, Skipped, Skipped, Skipped])
+    );
+    let a = ok(s.step(ids[0]).await).unwrap_or_else(|| panic!("gone"));
+    assert_eq!(
+        (a.exit_code, a.finished_at),
+        (Some(Completion::NOT_RUN), Some(Timestamp(9)))
+    );
+    let log = ok(s.log(ids[0], None).await).unwrap_or_default();
+    assert!(log.complete, "{log:?}");
+    assert_eq!(
+        (log.stdout.as_str(), log.stderr.as_str()),
+        ("half", Requeue::LOST_LINE)
+    );
+    assert!(ok(s.leases().await).is_empty());
+    assert!(
+        ok(s.finish(ids[0], Attempt(3), &exit(0), Timestamp(10)).await).is_none(),
+        "the lost attempt's late result does not win"
+    );
+    assert!(ok(lost(ids[0], 3).await).is_none(), "fenced");
+
+    // Without agent_lost, losses never spend a retry nor fail the step;
+    // timeouts-only retries end on any other failure.
+    let b = ok(s
+        .create_build(
+            &diamond(|n| {
+                (n.retries, n.retry_on) = match n.name.as_str() {
+                    "a" => (1, only(true, true, false)),
+                    "c" => (1, only(false, true, false)),
+                    _ => (0, RetryOn::default()),
+                };
+            }),
+            Timestamp(20),
+        )
+        .await);
+    let ids: Vec<StepId> = b.steps.iter().map(|s| s.id).collect();
+    for attempt in 1..=4 {
+        ok(start_one(s, ids[0], &agent, Timestamp(21)).await);
+        assert!(ok(lost(ids[0], attempt).await).is_some());
+    }
+    assert_eq!(
+        ok(s.step(ids[0]).await).map(|s| (s.status, s.retries_left)),
+        Some((Queued, 1))
+    );
+    ok(start_one(s, ids[0], &agent, Timestamp(22)).await);
+    assert!(ok(s.finish(ids[0], Attempt(5), &exit(0), Timestamp(23)).await).is_some());
+    ok(start_one(s, ids[2], &agent, Timestamp(24)).await);
+    assert!(ok(s
+        .finish(ids[2], Attempt(1), &exit(crate::runner::TIMED_OUT), Timestamp(25))
+        .await)
+    .is_some());
+    assert_eq!(
+        ok(s.step(ids[2]).await).map(|s| s.status),
+        Some(Queued),
+        "timed out: runs again"
+    );
+    assert!(ok(start_one(s, ids[1], &agent, Timestamp(26)).await).is_some());
+    assert!(ok(s.finish(ids[1], Attempt(1), &exit(0), Timestamp(27)).await).is_some());
+    let c = ok(start_one(s, ids[2], &agent, Timestamp(28)).await);
+    assert_eq!(c.map(|c| c.attempt), Some(Attempt(2)));
+    ok(s.finish(ids[2], Attempt(2), &exit(1), Timestamp(29)).await);
+    assert_eq!(
+        statuses(s, b.id).await,
+        (BuildStatus::Failed, vec![Success, Success, Failed, Skipped]),
+        "c retries only timeouts; it had one left, but failed otherwise"
+    );
+}
+
+/// A step's services are stored and read back as given.
+pub async fn services_are_kept<S: Store>(s: &S) {
+    let service = crate::model::Service {
+        name: "db".into(),
+        image: crate::model::ImageRef::parse("postgres:15").unwrap_or_else(|e| panic!("{e}")),
+        env: [("POSTGRES_PASSWORD".to_owned(), "it's".to_owned())].into(),
+        command: vec!["postgres".into(), "-c".into(), "fsync=off".into()],
+    };
+    let b = ok(s
+        .create_build(
+            &diamond(|n| {
+                if n.name == "b" {
+                    n.image = Some("debian:bookworm".into());
+                    n.services = vec![service.clone()];
+                }
+            }),
+            Timestamp(0),
+        )
+        .await);
+    let read = ok(s.build(b.id).await).unwrap_or_else(|| panic!("gone"));
+    assert_eq!(read.steps[1].services, std::slice::from_ref(&service));
+    assert!(read.steps[0].services.is_empty());
+    assert_eq!(
+        ok(s.step(b.steps[1].id).await).map(|s| s.services),
+        Some(vec![service])
+    );
 }
 
 /// The queue by label set: the distinct sets queued steps ask for, and
@@ -487,7 +643,7 @@ pub async fn live_logs_are_ordered_fenced_and_idempotent<S: Store>(s: &S) {
     );
 
     // The attempt is lost; its partial log stays; attempt 2 logs apart.
-    assert!(ok(s.requeue(id, Attempt(1)).await));
+    assert!(requeued(s, id, Attempt(1)).await);
     ok(start_one(s, id, &agent, Timestamp(2)).await);
     assert_eq!(
         ok(s.append_log(id, Attempt(1), &[piece(3, Stream::Stdout, "late")])
@@ -600,9 +756,9 @@ pub async fn attempts_are_fenced<S: Store>(s: &S) {
     );
     let b1 = ok(start_one(s, id, &agent, Timestamp(1)).await).map(|b| b.attempt);
     assert_eq!(b1, Some(Attempt(1)));
-    assert!(!ok(s.requeue(id, Attempt(2)).await));
-    assert!(ok(s.requeue(id, Attempt(1)).await));
-    assert!(!ok(s.requeue(id, Attempt(1)).await), "already queued");
+    assert!(!requeued(s, id, Attempt(2)).await);
+    assert!(requeued(s, id, Attempt(1)).await);
+    assert!(!requeued(s, id, Attempt(1)).await, "already queued");
     let b2 = ok(start_one(s, id, &agent, Timestamp(2)).await).map(|b| b.attempt);
     assert_eq!(b2, Some(Attempt(2)));
     assert!(
@@ -621,7 +777,7 @@ pub async fn attempts_are_fenced<S: Store>(s: &S) {
     assert_eq!(b.started_at, Some(Timestamp(2)));
     assert_eq!(b.agent_url.as_deref(), Some("http://a:1"));
     assert!(
-        !ok(s.requeue(id, Attempt(2)).await),
+        !requeued(s, id, Attempt(2)).await,
         "finished builds stay finished"
     );
 }
@@ -631,7 +787,7 @@ pub async fn logs_are_kept_per_attempt<S: Store>(s: &S) {
     let agent = ok(s.register_agent(&enroll("http://a:1", None), Timestamp(0)).await);
     let (build, id) = create(s, &new_build("x"), Timestamp(0)).await;
     ok(start_one(s, id, &agent, Timestamp(1)).await);
-    assert!(ok(s.requeue(id, Attempt(1)).await));
+    assert!(requeued(s, id, Attempt(1)).await);
     let failed = Completion {
         exit_code: 3,
         stdout: "o".into(),
@@ -753,7 +909,7 @@ pub async fn leases_are_granted_renewed_and_fenced<S: Store>(s: &S) {
         Err(crate::Error::Conflict(_))
     ));
     // Requeued and started again: attempt 1 is superseded.
-    assert!(ok(s.requeue(id, Attempt(1)).await));
+    assert!(requeued(s, id, Attempt(1)).await);
     assert_eq!(ok(s.leases().await), vec![], "a queued build holds no lease");
     assert!(matches!(
         s.renew(id, Some(Attempt(1)), Some(a.id), Timestamp(3000)).await,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Agents, Builds, Claim, Lease, Logs, Queue, Store};
+use super::{Agents, Builds, Claim, Lease, Logs, Queue, Requeue, Store};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -90,8 +90,14 @@ impl Queue for FaultyStore {
         self.check(Op::Renew)?;
         self.inner.renew(id, attempt, agent, until).await
     }
-    async fn requeue(&self, id: StepId, attempt: Attempt) -> Result<bool> {
-        self.inner.requeue(id, attempt).await
+    async fn requeue(
+        &self,
+        id: StepId,
+        attempt: Attempt,
+        why: Requeue,
+        now: Timestamp,
+    ) -> Result<Option<Moved>> {
+        self.inner.requeue(id, attempt, why, now).await
     }
     async fn finish(
         &self,

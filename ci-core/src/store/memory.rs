@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 
-use super::{Agents, Builds, Claim, Lease, Logs, Queue};
+use super::{Agents, Builds, Claim, Lease, Logs, Queue, Requeue};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -293,21 +293,59 @@ impl Queue for MemoryStore {
             .ok_or_else(|| Error::Conflict(format!("step {id} runs without an agent")))
     }
 
-    async fn requeue(&self, id: StepId, attempt: Attempt) -> Result<bool> {
+    async fn requeue(
+        &self,
+        id: StepId,
+        attempt: Attempt,
+        why: Requeue,
+        now: Timestamp,
+    ) -> Result<Option<Moved>> {
         let mut s = self.lock();
         let Some(st) = s
             .steps
             .get_mut(&id)
             .filter(|st| st.status == StepStatus::Running && st.attempt == attempt)
         else {
-            return Ok(false);
+            return Ok(None);
         };
-        st.status = StepStatus::Queued;
-        let build = st.build;
-        s.queue.insert(id);
+        let counted = why == Requeue::Lost && st.retry_on.agent_lost;
+        let (build, spent) = (st.build, st.retries_left == 0);
         s.leases.remove(&id);
+        if counted && spent {
+            let st = s.steps.get_mut(&id).ok_or(Error::StepNotFound(id))?;
+            st.status = StepStatus::Failed;
+            st.exit_code = Some(Completion::NOT_RUN);
+            st.finished_at = Some(now);
+            let mut log = s
+                .pieces
+                .remove(&(id, attempt))
+                .map(|p| assemble(attempt, p.values()))
+                .unwrap_or_default();
+            log.attempt = attempt;
+            log.complete = true;
+            log.stderr.push_str(Requeue::LOST_LINE);
+            s.logs.insert((id, attempt), log);
+            s.live.remove(&(id, attempt));
+            s.queue.remove(&id);
+            let before = s.builds.get(&build).map(|b| b.status);
+            return Ok(Some(s.settle(build, before, vec![(id, StepStatus::Failed)], now)));
+        }
+        let st = s.steps.get_mut(&id).ok_or(Error::StepNotFound(id))?;
+        if counted {
+            st.retries_left -= 1;
+        }
+        st.status = StepStatus::Queued;
+        s.queue.insert(id);
+        let before = s.builds.get(&build).map(|b| b.status);
         s.refresh(build);
-        Ok(true)
+        let after = s.builds.get(&build).map(|b| b.status);
+        Ok(Some(Moved {
+            build,
+            steps: vec![(id, StepStatus::Queued)],
+            before,
+            after,
+            duration_ms: None,
+        }))
     }
 
     async fn finish(
@@ -328,7 +366,7 @@ impl Queue for MemoryStore {
         else {
             return Ok(None);
         };
-        let retry = result.exit_code != 0 && st.retries_left > 0;
+        let retry = st.retry_on.retries_exit(result.exit_code) && st.retries_left > 0;
         if retry {
             st.retries_left -= 1;
             st.status = StepStatus::Queued;

@@ -55,6 +55,23 @@ impl Lease {
     }
 }
 
+/// Why a running step goes back to the queue.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// Its agent died, fell silent or could not be reached, or is unknown
+    /// to a restarted server: the attempt may have run, in part.
+    Lost,
+    /// Its agent gave it back unrun, or on purpose: busy, its machinery
+    /// failed, it is shutting down. Never spends a retry.
+    Returned,
+}
+
+impl Requeue {
+    /// The line a step failed by [`Requeue::Lost`] ends its log with.
+    pub const LOST_LINE: &'static str =
+        "ci: the step's agent was lost, and its retry (on: agent_lost) has no re-run left\n";
+}
+
 /// A queued step to start on an agent, with its first lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
@@ -111,8 +128,18 @@ pub trait Queue: Send + Sync {
     ) -> Result<Lease>;
 
     /// Puts a running step back in the queue, keeping its attempt number,
-    /// if `attempt` is still its latest. Returns whether it did.
-    async fn requeue(&self, id: StepId, attempt: Attempt) -> Result<bool>;
+    /// if `attempt` is still its latest; `None` if it is not. A step whose
+    /// agent was [lost](Requeue::Lost) and that counts such losses
+    /// ([`RetryOn::agent_lost`](crate::model::RetryOn)) spends a retry, and
+    /// with none left fails instead: its log is what the attempt streamed
+    /// and a line saying why, and the build moves on as with any failure.
+    async fn requeue(
+        &self,
+        id: StepId,
+        attempt: Attempt,
+        why: Requeue,
+        now: Timestamp,
+    ) -> Result<Option<Moved>>;
 
     /// Records the result of `attempt`, if the step is unfinished, its
     /// result not yet taken, and `attempt` its latest; returns what moved

@@ -54,6 +54,7 @@ impl CreateBuildForm {
             image: self.image,
             timeout_ms,
             labels: None,
+            event: None,
         })
     }
 }
@@ -77,8 +78,14 @@ fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
                 let form = kind
                     .as_deref()
                     .is_some_and(|k| k.starts_with("application/x-www-form-urlencoded"));
-                let trigger = if form { Trigger::Manual } else { Trigger::Api };
-                let created = create(&app, body, trigger).await;
+                let created = match (form, body.event) {
+                    (true, _) => create(&app, body, Trigger::Manual).await,
+                    (false, None) => create(&app, body, Trigger::Api).await,
+                    (false, Some(e @ (Trigger::Manual | Trigger::Api))) => create(&app, body, e).await,
+                    (false, Some(_)) => Err(ApiError::bad_request(
+                        "invalid event: must be manual or api (pushes, pull requests and tags come from the forge)",
+                    )),
+                };
                 // A plain HTML form (no JavaScript) goes to the build's page.
                 let browser = accept.as_deref().is_some_and(|a| a.contains("text/html"));
                 if let (Ok(b), true) = (&created, browser) {
@@ -338,6 +345,7 @@ async fn rebuild(app: &App, id: BuildId) -> Result<ci_core::Build> {
         image: b.image,
         timeout_ms: b.timeout_ms,
         labels: Some(b.labels),
+        event: None,
     };
     create(app, body, Trigger::Manual).await
 }
