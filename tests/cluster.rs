@@ -163,9 +163,16 @@ async fn an_agent_dead_during_a_build_loses_it_to_another_agent() {
         Some(true)
     );
 
-    let late = json!({"id": id, "attempt": 1, "status": 1, "stdout": "", "stderr": "zombie"});
-    let (status, body) = c.api.post("/notify_build_result", &late).await.unwrap();
-    assert_eq!(status, 409, "{body}");
+    // The first attempt's late result, with its own wire id, with or
+    // without saying its attempt.
+    let first = ci_core::DispatchId::new(done.steps[0].id, ci_core::Attempt(1)).unwrap();
+    for late in [
+        json!({"id": first, "attempt": 1, "status": 1, "stdout": "", "stderr": "zombie"}),
+        json!({"id": first, "status": 1, "stdout": "", "stderr": "zombie"}),
+    ] {
+        let (status, body) = c.api.post("/notify_build_result", &late).await.unwrap();
+        assert_eq!(status, 409, "{body}");
+    }
     let after = c.api.build(id).await.unwrap();
     assert_eq!((after.status, after.exit_code), (BuildStatus::Success, Some(0)));
 }

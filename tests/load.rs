@@ -29,8 +29,9 @@ async fn fifty_thousand_log_pieces_leave_the_server_responsive() {
     c.wait_server().await;
     let agent = FakeAgent::start(&c.api, None, true).await;
     let id = c.api.create(&sha).await.id;
-    wait_until("the dispatch", LONG, || async {
-        (!agent.builds.lock().unwrap().is_empty()).then_some(())
+    // N.B.: the wire id of the dispatch names its attempt.
+    let wire = wait_until("the dispatch", LONG, || async {
+        agent.builds.lock().unwrap().first().map(|d| d["id"].clone())
     })
     .await;
     // Alternating streams, so no two pieces can be joined.
@@ -40,7 +41,7 @@ async fn fifty_thousand_log_pieces_leave_the_server_responsive() {
             json!({"seq": seq, "stream": stream, "data": "x"})
         })
         .collect();
-    let body = json!({"id": id, "attempt": 1, "agentId": agent.id, "pieces": pieces});
+    let body = json!({"id": wire, "attempt": 1, "agentId": agent.id, "pieces": pieces});
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probe = {
         let (http, url, stop) = (c.api.http.clone(), c.api.url("/healthz"), stop.clone());

@@ -364,8 +364,10 @@ async fn a_requeued_build_takes_no_forged_result() {
             b.status == BuildStatus::Queued && b.attempt.0 == 1
         })
         .await;
+    let step = c.api.build(id).await.unwrap().steps[0].id;
+    let wire = ci_core::DispatchId::new(step, ci_core::Attempt(1)).unwrap();
     let forged =
-        json!({"id": id, "status": 0, "stdout": "forged", "stderr": "", "attempt": 1, "agentId": agent.id});
+        json!({"id": wire, "status": 0, "stdout": "forged", "stderr": "", "attempt": 1, "agentId": agent.id});
     let (status, body) = agent
         .post(&c.api, Some(TOKEN), false, "/notify_build_result", &forged)
         .await;
@@ -373,7 +375,7 @@ async fn a_requeued_build_takes_no_forged_result() {
     assert_eq!(c.api.build(id).await.unwrap().status, BuildStatus::Queued);
     // The agent that held the attempt still may, proven by its secret.
     let real =
-        json!({"id": id, "status": 0, "stdout": "real", "stderr": "", "attempt": 1, "agentId": agent.id});
+        json!({"id": wire, "status": 0, "stdout": "real", "stderr": "", "attempt": 1, "agentId": agent.id});
     let (status, body) = agent
         .post(&c.api, Some(TOKEN), true, "/notify_build_result", &real)
         .await;

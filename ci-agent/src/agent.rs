@@ -35,7 +35,7 @@ use ci_core::protocol::{
     NotifyBuildHandback, NotifyBuildResult,
 };
 use ci_core::retry::retry;
-use ci_core::{execute, AgentId, Attempt, Job, LogSink, Outcome, Runner, StepId};
+use ci_core::{execute, AgentId, Attempt, DispatchId, Job, LogSink, Outcome, Runner};
 use nix::fcntl::{Flock, FlockArg};
 use reqwest::StatusCode;
 use tokio::net::TcpListener;
@@ -101,7 +101,7 @@ struct State {
     id: Option<AgentId>,
     heartbeat: Option<Duration>,
     /// The builds being run, at most `CAPACITY`.
-    running: BTreeMap<StepId, Running>,
+    running: BTreeMap<DispatchId, Running>,
     /// Shutting down: no new builds.
     draining: bool,
 }
@@ -151,7 +151,7 @@ impl Agent {
     }
 
     /// The builds running now, oldest number first.
-    pub fn running(&self) -> Vec<StepId> {
+    pub fn running(&self) -> Vec<DispatchId> {
         self.inner.state().running.keys().copied().collect()
     }
 
@@ -444,7 +444,7 @@ impl Inner {
         let log = LogSink::default().with_live(live_tx);
         let forwarder = tokio::spawn(crate::live::forward(
             self.client.clone(),
-            job.step,
+            job.id,
             job.attempt,
             agent_id,
             live_rx,
@@ -461,7 +461,7 @@ impl Inner {
         };
         // The run is over (its processes or container killed if it did not
         // finish): free the slot.
-        self.state().running.remove(&job.step);
+        self.state().running.remove(&job.id);
         let _ = done.send(true);
         drop(log);
         let outcome = match outcome {
@@ -483,7 +483,7 @@ impl Inner {
         };
         info!(build = %job.step, exit_code = completion.exit_code, "build finished");
         let result = NotifyBuildResult {
-            id: job.step,
+            id: job.id,
             status: completion.exit_code,
             stdout: completion.stdout,
             stderr: completion.stderr,
@@ -508,7 +508,7 @@ impl Inner {
             return;
         };
         let back = NotifyBuildHandback {
-            id: job.step,
+            id: job.id,
             attempt,
             agent_id,
             reason,
@@ -521,7 +521,7 @@ impl Inner {
 
     /// Stops build `id` (of `attempt`, if given) if it runs here, and waits
     /// until it has. Returns whether it was running.
-    async fn stop(&self, id: StepId, attempt: Option<Attempt>) -> bool {
+    async fn stop(&self, id: DispatchId, attempt: Option<Attempt>) -> bool {
         let running = {
             let s = self.state();
             s.running
@@ -542,13 +542,13 @@ impl Inner {
     /// the grace period, then leave the server (which hands back what this
     /// agent still holds) and stop them.
     async fn drain(&self) {
-        let running: Vec<(StepId, watch::Receiver<bool>)> = {
+        let running: Vec<(DispatchId, watch::Receiver<bool>)> = {
             let mut s = self.state();
             s.draining = true;
             s.running.iter().map(|(b, r)| (*b, r.done.clone())).collect()
         };
         if !running.is_empty() {
-            let builds: Vec<StepId> = running.iter().map(|(b, _)| *b).collect();
+            let builds: Vec<DispatchId> = running.iter().map(|(b, _)| *b).collect();
             info!(?builds, grace = ?self.config.shutdown_grace, "shutting down: letting the builds finish");
             let all = futures_util::future::join_all(
                 running
@@ -564,7 +564,7 @@ impl Inner {
                 Err(e) => warn!(cause = %e, "could not tell the server this agent leaves"),
             }
         }
-        let still: Vec<(StepId, Option<Attempt>)> = self
+        let still: Vec<(DispatchId, Option<Attempt>)> = self
             .state()
             .running
             .iter()
@@ -582,7 +582,7 @@ impl Inner {
         let every = self.state().heartbeat.unwrap_or(Duration::from_secs(1));
         keep_alive(every, || async move {
             let hb = NotifyAgentAlive {
-                id: Some(job.step),
+                id: Some(job.id),
                 attempt: job.attempt,
                 agent_id: agent,
             };
@@ -772,7 +772,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path().to_path_buf()).unwrap();
         let r = NotifyBuildResult {
-            id: StepId(3),
+            id: DispatchId(3),
             status: 1,
             stdout: "o".into(),
             stderr: "e".into(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ci_core::protocol::{NotifyBuildLog, WirePiece};
 use ci_core::runner::LogChunk;
-use ci_core::{AgentId, Attempt, StepId, Stream};
+use ci_core::{AgentId, Attempt, DispatchId, Stream};
 use tokio::sync::mpsc::Receiver;
 use tracing::debug;
 
@@ -55,7 +55,7 @@ impl Utf8Splitter {
 /// nothing is duplicated, and the final result carries the whole log anyway.
 pub(crate) async fn forward(
     client: ServerClient,
-    build: StepId,
+    build: DispatchId,
     attempt: Option<Attempt>,
     agent: Option<AgentId>,
     mut rx: Receiver<LogChunk>,

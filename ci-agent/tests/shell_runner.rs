@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ci_agent::{Checkouts, ShellRunner};
 use ci_core::protocol::BuildRequest;
-use ci_core::{execute, Attempt, Completion, Job, LogSink, Outcome, RepoUrl, Runner, StepId};
+use ci_core::{execute, Attempt, Completion, DispatchId, Job, LogSink, Outcome, RepoUrl, Runner, StepId};
 use ci_testkit::{alive, wait_until, GitRepo};
 
 struct Fixture {
@@ -33,7 +33,8 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn request(&self, build: i64, hash: &str, command: &str) -> BuildRequest {
         BuildRequest {
-            id: StepId(build),
+            id: DispatchId(build),
+            step_id: Some(StepId(build)),
             command: command.into(),
             hash: hash.into(),
             repo: self.repo.url(),

@@ -60,8 +60,11 @@ pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Resu
             let now = Instant::now();
             // N.B.: a server of the original design sends the build as `id`.
             let build = req.build.map_or(req.id.0, |b| b.0);
+            // N.B.: marks go by the step's id, as the API shows it; the wire
+            // id names the attempt.
+            let step = req.step_id.map_or(req.id.0, |s| s.0);
             marks.received().insert(build, now);
-            marks.steps_received().insert(req.id.0, now);
+            marks.steps_received().insert(step, now);
             if !silent {
                 let (marks, client, url) = (marks.clone(), client.clone(), server_url.clone());
                 let agent = agent_id.load(Ordering::SeqCst);
@@ -74,7 +77,7 @@ pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Resu
                         attempt: req.attempt,
                         agent_id: Some(ci_core::AgentId(agent)),
                     };
-                    marks.steps_reported().insert(req.id.0, Instant::now());
+                    marks.steps_reported().insert(step, Instant::now());
                     let sent = client
                         .post(format!("{url}/notify_build_result"))
                         .json(&result)
@@ -83,7 +86,7 @@ pub(crate) async fn start(server: &str, marks: Arc<Marks>, silent: bool) -> Resu
                     if sent.is_ok_and(|r| r.status().is_success()) {
                         let now = Instant::now();
                         marks.done().insert(build, now);
-                        marks.steps_done().insert(req.id.0, now);
+                        marks.steps_done().insert(step, now);
                         marks.finished.notify_waiters();
                     }
                 });

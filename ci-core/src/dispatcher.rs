@@ -26,7 +26,7 @@ use crate::backoff::Backoff;
 use crate::clock::Timestamp;
 use crate::coordinator::{
     Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Fence, HandBack, Heartbeat,
-    Registration, Report, StopOrder,
+    Registration, Report, StopOrder, Stopped,
 };
 use crate::error::{Error, Result};
 use crate::model::{AgentId, Build, BuildId, LogPiece, NewBuild};
@@ -40,9 +40,11 @@ pub trait AgentLink: Send + Sync + 'static {
     /// the build (it runs in the background), not when it finishes.
     async fn dispatch(&self, dispatch: &Dispatch) -> Result<(), DispatchFailure>;
 
-    /// Tells an agent to stop an attempt (a cancel). Returns once it has,
-    /// or fails if the agent cannot be reached. The default does nothing:
-    /// the attempt's next heartbeat is refused and the agent stops it then.
+    /// Tells an agent to stop an attempt (a cancel). Returns once it has;
+    /// [`DispatchFailure::Rejected`] if the agent cannot stop work (it is
+    /// kept), another failure if it cannot be reached (it is dropped). The
+    /// default does nothing: the attempt's next heartbeat is refused and
+    /// the agent stops it then.
     async fn stop(&self, order: &StopOrder) -> Result<(), DispatchFailure> {
         let _ = order;
         Ok(())
@@ -58,7 +60,9 @@ enum Command {
     Complete(Report, Reply<Accepted>),
     HandBack(HandBack, Reply<()>),
     Cancel(BuildId, Reply<Build>),
-    Stopped(BuildId, Vec<(StopOrder, bool)>, Reply<Build>),
+    Stopped(BuildId, Vec<(StopOrder, Stopped)>, Reply<Build>),
+    /// Stop orders of attempts past their time limits went out.
+    StopsDelivered(Vec<(StopOrder, Stopped)>),
     Retry(BuildId, Reply<Build>),
     Left(AgentId, bool, Reply<()>),
     Failed(Box<Dispatch>, DispatchFailure, Option<Reply<()>>),
@@ -351,35 +355,23 @@ impl Task {
                 Ok(Cancel { stops, .. }) => {
                     // N.B.: the agents take a while to kill the work; the
                     // answer waits for them, the task does not.
-                    let (link, me) = (self.link.clone(), self.me.clone());
-                    self.deliveries.spawn(async move {
-                        let mut stopping = tokio::task::JoinSet::new();
-                        for order in stops {
-                            let link = link.clone();
-                            stopping.spawn(async move {
-                                let reached = link.stop(&order).await;
-                                if let Err(e) = &reached {
-                                    warn!(step = %order.step, agent = %order.agent, failure = ?e, "could not stop the step on its agent");
-                                }
-                                (order, reached.is_ok())
-                            });
-                        }
-                        let mut done = Vec::new();
-                        while let Some(stopped) = stopping.join_next().await {
-                            done.extend(stopped.ok());
-                        }
-                        if let Some(me) = me.upgrade() {
-                            let _ = me.send(Command::Stopped(id, done, reply)).await;
-                        }
-                    });
+                    self.deliver_stops(stops, move |done| Command::Stopped(id, done, reply));
                     false
                 }
                 Err(e) => answer(reply, Err(e)),
             },
+            Command::StopsDelivered(orders) => {
+                for (order, stopped) in &orders {
+                    if let Err(e) = self.c.stop_delivered(order, *stopped).await {
+                        error!(cause = %e, step = %order.step, "could not record a stop order's outcome");
+                    }
+                }
+                true
+            }
             Command::Stopped(id, orders, reply) => {
                 let mut done = Ok(());
-                for (order, reached) in &orders {
-                    done = done.and(self.c.stop_delivered(order, *reached).await);
+                for (order, stopped) in &orders {
+                    done = done.and(self.c.stop_delivered(order, *stopped).await);
                 }
                 let done = match done {
                     Ok(()) => self
@@ -458,7 +450,45 @@ impl Task {
             Ok(dropped) => info!(dropped, "dropped unresponsive agents"),
             Err(e) => error!(cause = %e, "could not expire leases"),
         }
+        let stops = self.c.time_out().await;
+        if !stops.is_empty() {
+            warn!(
+                steps = stops.len(),
+                "steps ran past their time limits; stopping them"
+            );
+            self.deliver_stops(stops, Command::StopsDelivered);
+        }
         self.deadline = self.next_deadline().await;
+    }
+
+    /// Sends stop orders to their agents in the background, all at once,
+    /// and hands their outcomes back to the task as `then` makes them.
+    fn deliver_stops(
+        &mut self,
+        stops: Vec<StopOrder>,
+        then: impl FnOnce(Vec<(StopOrder, Stopped)>) -> Command + Send + 'static,
+    ) {
+        let (link, me) = (self.link.clone(), self.me.clone());
+        self.deliveries.spawn(async move {
+            let mut stopping = tokio::task::JoinSet::new();
+            for order in stops {
+                let link = link.clone();
+                stopping.spawn(async move {
+                    let reached = link.stop(&order).await;
+                    if let Err(e) = &reached {
+                        warn!(step = %order.step, agent = %order.agent, failure = ?e, "could not stop the step on its agent");
+                    }
+                    (order, Stopped::from_link(&reached))
+                });
+            }
+            let mut done = Vec::new();
+            while let Some(stopped) = stopping.join_next().await {
+                done.extend(stopped.ok());
+            }
+            if let Some(me) = me.upgrade() {
+                let _ = me.send(then(done)).await;
+            }
+        });
     }
 
     async fn next_deadline(&self) -> Option<Timestamp> {

@@ -95,15 +95,15 @@ pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use coordinator::{
     Accepted, Cancel, Coordinator, Dispatch, DispatchFailure, Event, Fence, HandBack, Heartbeat, Report,
-    StopOrder,
+    StopOrder, Stopped,
 };
 pub use dispatcher::{AgentLink, Dispatcher};
 pub use error::{Error, Result};
 pub use lease::LeasePolicy;
 pub use local::LocalCluster;
 pub use model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, ImageRef,
-    Labels, LogInfo, LogPiece, NewBuild, NewStep, Page, RepoUrl, Step, StepId, StepStatus,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, DispatchId,
+    ImageRef, Labels, LogInfo, LogPiece, NewBuild, NewStep, Page, RepoUrl, Step, StepId, StepStatus,
 };
 pub use pool::{Agent, AgentPool, Enrollment, MemoryAgentPool, Offer, StoreAgentPool};
 pub use runner::{execute, Job, LogSink, Outcome, RunError, Runner, Stream};

@@ -58,6 +58,44 @@ impl Attempt {
     }
 }
 
+id_type!(
+    /// What the wire calls one attempt of one step: the `id` of `POST
+    /// /build`, and of every heartbeat, result, log piece, hand-back and
+    /// cancel about it. Because it names the attempt, a message that
+    /// carries nothing else (the original agent sends only `id`) is fenced
+    /// exactly: a stalled agent's late result can never pass for its
+    /// successor's.
+    ///
+    /// It is the step's id shifted left by [`DispatchId::ATTEMPT_BITS`],
+    /// plus the attempt: below 2^53 (exact in JavaScript, as the original
+    /// Node.js agent reads it) for the first 2^33 steps.
+    DispatchId(i64)
+);
+
+impl DispatchId {
+    /// Bits of the attempt number.
+    pub const ATTEMPT_BITS: u32 = 20;
+    /// The highest attempt a dispatch id can name.
+    pub const MAX_ATTEMPT: u32 = (1 << Self::ATTEMPT_BITS) - 1;
+
+    /// The id of `attempt` of `step`, if the attempt is at most
+    /// [`DispatchId::MAX_ATTEMPT`] and the step's id fits.
+    pub fn new(step: StepId, attempt: Attempt) -> Option<DispatchId> {
+        if attempt.0 > Self::MAX_ATTEMPT || step.0 < 0 {
+            return None;
+        }
+        let id = step.0.checked_mul(1 << Self::ATTEMPT_BITS)?;
+        Some(DispatchId(id | i64::from(attempt.0)))
+    }
+
+    /// The step and the attempt this id names. Attempt 0 (no attempt was
+    /// ever dispatched with it) names nothing an agent can hold.
+    pub fn parts(self) -> (StepId, Attempt) {
+        let attempt = self.0 & i64::from(Self::MAX_ATTEMPT);
+        (StepId(self.0 >> Self::ATTEMPT_BITS), Attempt(attempt as u32))
+    }
+}
+
 // === status ===
 
 /// Where a build is in its life.

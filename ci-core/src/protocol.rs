@@ -18,7 +18,8 @@ use serde::de::IntoDeserializer;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::{
-    AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus, Labels, Service, Step, StepId, StepStatus,
+    AgentId, Attempt, Build, BuildId, BuildLog, BuildStatus, DispatchId, Labels, Service, Step, StepId,
+    StepStatus,
 };
 use crate::pool::Agent;
 
@@ -121,9 +122,10 @@ pub struct NotifyAgentReply {
 /// an idle agent's ping with only `agentId`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyAgentAlive {
-    /// The build being run. Absent on an idle ping.
+    /// The attempt being run (the `id` of its `POST /build`). Absent on an
+    /// idle ping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<StepId>,
+    pub id: Option<DispatchId>,
     /// Extension: the attempt being run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<Attempt>,
@@ -135,8 +137,8 @@ pub struct NotifyAgentAlive {
 /// `POST /notify_build_result`: the outcome of a build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyBuildResult {
-    /// The step (the `id` of its `POST /build`).
-    pub id: StepId,
+    /// The attempt (the `id` of its `POST /build`).
+    pub id: DispatchId,
     /// Exit status; 0 is success, -1 means the build could not run.
     #[serde(deserialize_with = "integral")]
     pub status: i32,
@@ -158,8 +160,8 @@ pub struct NotifyBuildResult {
 /// in numbered pieces so that a retry never duplicates or drops text.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyBuildLog {
-    /// The step (the `id` of its `POST /build`).
-    pub id: StepId,
+    /// The attempt (the `id` of its `POST /build`).
+    pub id: DispatchId,
     /// The attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<Attempt>,
@@ -187,8 +189,8 @@ pub struct WirePiece {
 /// build); the build goes back to the queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyBuildHandback {
-    /// The step (the `id` of its `POST /build`).
-    pub id: StepId,
+    /// The attempt (the `id` of its `POST /build`).
+    pub id: DispatchId,
     /// The attempt given back.
     pub attempt: Attempt,
     /// The sending agent.
@@ -213,8 +215,8 @@ pub struct NotifyAgentLeave {
 /// work is dead.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelRequest {
-    /// The step (the `id` of its `POST /build`).
-    pub id: StepId,
+    /// The attempt (the `id` of its `POST /build`).
+    pub id: DispatchId,
     /// The attempt, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<Attempt>,
@@ -223,8 +225,12 @@ pub struct CancelRequest {
 /// `POST /build` on an agent: run this build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRequest {
-    /// The step (the `id` of its `POST /build`).
-    pub id: StepId,
+    /// This attempt of the step: what the agent's heartbeats, result, log
+    /// and hand-back about it say as `id`.
+    pub id: DispatchId,
+    /// Extension: the step's id, as the API shows it.
+    #[serde(rename = "stepId", default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<StepId>,
     /// Shell command to run.
     pub command: String,
     /// Commit or ref to check out.
@@ -767,7 +773,7 @@ mod tests {
     #[test]
     fn integers_may_arrive_as_integral_floats() {
         let r: NotifyBuildResult = serde_json::from_str(r#"{"id":7.0,"status":-1.0,"attempt":2.0}"#).unwrap();
-        assert_eq!((r.id, r.status, r.attempt), (StepId(7), -1, Some(Attempt(2))));
+        assert_eq!((r.id, r.status, r.attempt), (DispatchId(7), -1, Some(Attempt(2))));
         let c: CreateBuild = serde_json::from_str(r#"{"hash":"abcd","timeoutMs":1000.0}"#).unwrap();
         assert_eq!(c.timeout_ms, Some(1000));
         for bad in [
@@ -779,10 +785,10 @@ mod tests {
         }
         // Found by the fuzzer: without exact float parsing this read as ...247.25.
         let big: NotifyAgentAlive = serde_json::from_str(r#"{"id":-2251799813685247.0}"#).unwrap();
-        assert_eq!(big.id, Some(StepId(-2251799813685247)));
+        assert_eq!(big.id, Some(DispatchId(-2251799813685247)));
         // Found by the fuzzer: -(2^53 - 1), the most negative safe integer.
         let safe: NotifyAgentAlive = serde_json::from_str(r#"{"id":-9007199254740991.0}"#).unwrap();
-        assert_eq!(safe.id, Some(StepId(-9_007_199_254_740_991)));
+        assert_eq!(safe.id, Some(DispatchId(-9_007_199_254_740_991)));
         let huge = r#"{"id":1,"status":0,"attempt":1e19}"#;
         assert!(
             serde_json::from_str::<NotifyBuildResult>(huge).is_err(),
@@ -795,7 +801,7 @@ mod tests {
     #[test]
     fn original_fields_suffice() {
         let hb: NotifyAgentAlive = serde_json::from_str(r#"{"id":7}"#).unwrap();
-        assert_eq!(hb.id, Some(StepId(7)));
+        assert_eq!(hb.id, Some(DispatchId(7)));
         let r: NotifyBuildResult =
             serde_json::from_str(r#"{"id":7,"status":1,"stdout":"o","stderr":"e"}"#).unwrap();
         assert_eq!((r.status, r.attempt, r.agent_id), (1, None, None));
@@ -810,7 +816,7 @@ mod tests {
     #[test]
     fn extensions_use_the_documented_names() {
         let hb = NotifyAgentAlive {
-            id: Some(StepId(1)),
+            id: Some(DispatchId(1)),
             attempt: Some(Attempt(2)),
             agent_id: Some(AgentId(3)),
         };
@@ -819,7 +825,8 @@ mod tests {
             r#"{"id":1,"attempt":2,"agentId":3}"#
         );
         let req = BuildRequest {
-            id: StepId(1),
+            id: DispatchId(1),
+            step_id: None,
             command: "make".into(),
             hash: "abc1".into(),
             repo: "/r".into(),

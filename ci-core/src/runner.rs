@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::error::Result;
 use crate::model::{
-    limits, Attempt, BuildId, CommitRef, Completion, ImageRef, Labels, RepoUrl, Service, StepId,
+    limits, Attempt, BuildId, CommitRef, Completion, DispatchId, ImageRef, Labels, RepoUrl, Service, StepId,
 };
 use crate::protocol::BuildRequest;
 
@@ -21,7 +21,11 @@ use crate::protocol::BuildRequest;
 /// validated, so no runner parses a string again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
-    /// The step: the `id` the server sent.
+    /// The attempt as the wire names it: the `id` the server sent, which
+    /// every message about it echoes.
+    pub id: DispatchId,
+    /// The step, as the API shows it (the server's `stepId`; a server that
+    /// does not send it numbers its builds with `id`).
     pub step: StepId,
     /// The build, if the server says (else the step's id stands for it).
     pub build: Option<BuildId>,
@@ -52,7 +56,8 @@ impl Job {
             return Err(crate::Error::invalid("command", "must not be empty"));
         }
         Ok(Job {
-            step: r.id,
+            id: r.id,
+            step: r.step_id.unwrap_or(StepId(r.id.0)),
             build: r.build,
             name: r.step.clone(),
             attempt: r.attempt,
@@ -315,6 +320,7 @@ mod tests {
 
     fn job() -> Job {
         Job {
+            id: DispatchId(1),
             step: StepId(1),
             build: None,
             name: None,
@@ -392,7 +398,8 @@ mod tests {
     #[test]
     fn jobs_carry_validated_values() {
         let req = |repo: &str, hash: &str, command: &str| BuildRequest {
-            id: StepId(1),
+            id: DispatchId(1),
+            step_id: Some(StepId(3)),
             command: command.into(),
             hash: hash.into(),
             repo: repo.into(),

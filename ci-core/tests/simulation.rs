@@ -34,7 +34,8 @@ use ci_core::coordinator::{Accepted, Cancel, Dispatch, DispatchFailure, Heartbea
 use ci_core::store::{Builds, FaultyStore, Op, Queue};
 use ci_core::{
     AgentId, Attempt, BuildId, BuildStatus, Clock, CommitRef, Completion, Coordinator, Enrollment, Error,
-    Labels, LeasePolicy, ManualClock, MemoryStore, NewBuild, NewStep, RepoUrl, StepId, StepStatus, Timestamp,
+    Labels, LeasePolicy, ManualClock, MemoryStore, NewBuild, NewStep, RepoUrl, StepId, StepStatus, Stopped,
+    Timestamp,
 };
 
 const INTERVAL_MS: u64 = 100;
@@ -292,9 +293,13 @@ impl Sim {
                 check!(
                     self,
                     !ran || taken.last() == Some(&step.attempt),
-                    "step {} ({:?}) of build {id} ended without its last attempt's result: {taken:?}",
+                    "step {} ({:?}) of build {id} ended without its last attempt's result: {taken:?} \
+                     (attempt {}, exit {:?}, log {:?})",
                     step.id,
-                    step.status
+                    step.status,
+                    step.attempt,
+                    step.exit_code,
+                    log
                 );
                 check!(
                     self,
@@ -504,6 +509,13 @@ impl Sim {
         if let Err(e) = self.c.expire().await {
             check!(self, e.is_retryable(), "expire failed: {e}");
         }
+        // N.B.: the simulated agents ignore time limits, as the original
+        // agent does: the server ends such attempts itself, and the result
+        // it takes is its own.
+        for order in self.c.time_out().await {
+            self.accepted.entry(order.step).or_default().push(order.attempt);
+            self.send(Msg::Stop(order));
+        }
         let planned = self.c.plan().await;
         if let Ok(dispatches) = &planned {
             self.dispatched
@@ -565,20 +577,23 @@ impl Sim {
                     let reached = self.agents.iter_mut().find(|a| {
                         a.url == order.agent_url && a.health == Health::Up && a.id == Some(order.agent)
                     });
-                    let reached = match reached {
+                    let stopped = match reached {
+                        // The original agent has no /cancel: its work runs
+                        // on, and its result comes (and is refused).
+                        Some(a) if a.kind == Kind::Original => Stopped::Unsupported,
                         Some(a) => {
                             if a.job
                                 .is_some_and(|(s, at, _)| s == order.step && at == order.attempt)
                             {
                                 a.job = None;
                             }
-                            true
+                            Stopped::Yes
                         }
-                        None => false,
+                        None => Stopped::Unreachable,
                     };
-                    self.c.stop_delivered(&order, reached).await.unwrap();
+                    self.c.stop_delivered(&order, stopped).await.unwrap();
                 }
-                Msg::StopFailed(order) => self.c.stop_delivered(&order, false).await.unwrap(),
+                Msg::StopFailed(order) => self.c.stop_delivered(&order, Stopped::Unreachable).await.unwrap(),
             }
         }
     }
@@ -697,7 +712,10 @@ impl Sim {
                     Kind::Secure | Kind::Embedded => (Some(attempt), Some(id), true),
                     Kind::Claims => (Some(attempt), Some(id), false),
                     Kind::Attempts => (Some(attempt), None, false),
-                    Kind::Original => (None, None, false),
+                    // N.B.: it sends only the `id` it was given, which names
+                    // the attempt (`DispatchId`): the server reads the
+                    // attempt from it.
+                    Kind::Original => (Some(attempt), None, false),
                 };
                 if now >= done_at {
                     let report = Report {
@@ -862,6 +880,8 @@ impl Sim {
                 retries: u32::from(self.rng.u8(..4) == 0),
                 // Some count lost agents, and fail once their retry is spent.
                 retry_on: ci_core::model::RetryOn::from_bits(self.rng.u8(..8)),
+                // Some have a time limit shorter than some runs.
+                timeout_ms: (self.rng.u8(..4) == 0).then(|| self.rng.u64(100..INTERVAL_MS * 8)),
                 ..NewStep::default()
             });
         }

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ci_core::protocol::CancelRequest;
 use ci_core::protocol::ErrorBody;
 use ci_core::{AgentLink, Dispatch, DispatchFailure, StopOrder};
 use reqwest::StatusCode;
@@ -34,9 +33,8 @@ impl HttpLink {
 #[async_trait]
 impl AgentLink for HttpLink {
     async fn stop(&self, order: &StopOrder) -> Result<(), DispatchFailure> {
-        let body = CancelRequest {
-            id: order.step,
-            attempt: Some(order.attempt),
+        let Some(body) = order.request() else {
+            return Ok(());
         };
         let mut req = self
             .client
@@ -51,13 +49,15 @@ impl AgentLink for HttpLink {
             .send()
             .await
             .map_err(|e| DispatchFailure::Unreachable(ci_core::error::chain(&e)))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(DispatchFailure::Unreachable(format!(
-                "cancel answered {}",
-                resp.status()
-            )))
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            // N.B.: an agent of the original design has no /cancel (express
+            // answers "Cannot POST /cancel"): it cannot stop work, but it is
+            // alive and keeps it.
+            s @ (StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) => Err(DispatchFailure::Rejected(
+                format!("cancel answered {s}: this agent cannot cancel"),
+            )),
+            s => Err(DispatchFailure::Unreachable(format!("cancel answered {s}"))),
         }
     }
 

@@ -132,9 +132,13 @@ pub(crate) async fn json_reply(
     attempt: Option<Attempt>,
 ) -> Result<Response, ApiError> {
     let id = step.id;
+    // N.B.: an attempt with no log at all is complete only if it never
+    // ran (a step skipped, or canceled before its first dispatch); one that
+    // ran and left nothing lost its agent, or was canceled, and says so.
+    let asked = attempt.unwrap_or(step.attempt);
     let info = store.log_info(id, attempt).await?.unwrap_or(LogInfo {
-        attempt: attempt.unwrap_or(step.attempt),
-        complete: step.status.is_finished(),
+        attempt: asked,
+        complete: asked.0 == 0 && step.status.is_finished(),
         ..LogInfo::default()
     });
     if info.stdout_len + info.stderr_len <= INLINE {

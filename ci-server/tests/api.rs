@@ -283,8 +283,9 @@ async fn the_original_agent_protocol() {
     // Drive a build through the coordinator as the dispatcher would.
     f.call("POST", "/api/builds", Some(json!({"hash": "abcd"}))).await;
     let d = f.server.dispatcher().plan().await.unwrap().remove(0);
-    // The wire names the step; the API, the build.
-    let (id, build) = (d.step.id.0, d.step.build.0);
+    // The wire names the step's attempt; the API, the build.
+    let (id, build) = (d.request().id.0, d.step.build.0);
+    assert_eq!(d.request().step_id, Some(d.step.id));
     let (status, _) = f
         .call("POST", "/notify_agent_alive", Some(json!({ "id": id })))
         .await;
@@ -322,6 +323,7 @@ async fn superseded_attempts_get_409() {
         .await;
     f.call("POST", "/api/builds", Some(json!({"hash": "abcd"}))).await;
     let d1 = f.server.dispatcher().plan().await.unwrap().remove(0);
+    let d1_id = d1.id;
     f.server
         .dispatcher()
         .dispatch_failed(d1, ci_core::DispatchFailure::Unreachable("gone".into()))
@@ -331,19 +333,27 @@ async fn superseded_attempts_get_409() {
         .await;
     let d2 = f.server.dispatcher().plan().await.unwrap().remove(0);
     assert_eq!(d2.step.attempt.0, 2);
-    let id = d2.step.id.0;
-    let (status, _) = f
-        .call(
-            "POST",
-            "/notify_agent_alive",
-            Some(json!({"id": id, "attempt": 1})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    let late = json!({"id": id, "status": 0, "stdout": "", "stderr": "", "attempt": 1});
-    let (status, body) = f.call("POST", "/notify_build_result", Some(late)).await;
+    // N.B.: the wire id names the attempt: attempt 1's agent speaks with
+    // attempt 1's id, with or without saying the attempt.
+    let (id1, id2) = (d1_id.0, d2.id.0);
+    assert_ne!(id1, id2);
+    for hb in [json!({"id": id1, "attempt": 1}), json!({"id": id1})] {
+        let (status, _) = f.call("POST", "/notify_agent_alive", Some(hb)).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+    }
+    for late in [
+        json!({"id": id1, "status": 0, "stdout": "", "stderr": "", "attempt": 1}),
+        json!({"id": id1, "status": 0, "stdout": "", "stderr": ""}),
+    ] {
+        let (status, body) = f.call("POST", "/notify_build_result", Some(late)).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(error_of(&body).contains("superseded"));
+    }
+    // An id and an attempt that disagree are refused.
+    let mixed = json!({"id": id2, "status": 0, "stdout": "", "stderr": "", "attempt": 1});
+    let (status, body) = f.call("POST", "/notify_build_result", Some(mixed)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(error_of(&body).contains("superseded"));
+    assert!(error_of(&body).contains("names attempt 2"), "{body}");
     let (_, b) = f
         .call("GET", &format!("/api/builds/{}", d2.step.build), None)
         .await;
@@ -465,7 +475,7 @@ async fn a_session_secret_proves_who_speaks_for_a_build() {
         Some(_) => (a_id, a_secret, b_id, b_secret),
         None => (b_id, b_secret, a_id, a_secret),
     };
-    let (step, build) = (d[0].step.id.0, d[0].step.build.0);
+    let (step, build) = (d[0].id.0, d[0].step.build.0);
     let hb = |agent: i64| json!({"id": step, "attempt": 1, "agentId": agent});
 
     // Claiming the holder's id without its secret, or with another's.

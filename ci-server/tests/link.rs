@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use ci_core::{
-    AgentId, AgentLink, Attempt, Build, BuildId, CommitRef, Dispatch, DispatchFailure, NewBuild, RepoUrl,
-    Step, StepId, StepStatus, Timestamp,
+    AgentId, AgentLink, Attempt, Build, BuildId, CommitRef, Dispatch, DispatchFailure, DispatchId, NewBuild,
+    RepoUrl, Step, StepId, StepStatus, Timestamp,
 };
 use ci_server::HttpLink;
 use warp::http::StatusCode;
@@ -38,6 +38,7 @@ fn dispatch(agent_url: String) -> Dispatch {
     Dispatch {
         agent: AgentId(1),
         agent_url,
+        id: DispatchId::new(step.id, step.attempt).unwrap(),
         step,
     }
 }

@@ -186,8 +186,12 @@ async fn every_operation_is_routed_and_answers_as_documented() {
     )
     .await;
     let id = b["id"].as_i64().unwrap();
-    // N.B.: agents are sent the step's id, the API shows the build's.
+    // N.B.: agents are sent the step's attempt's id, the API shows the
+    // build's.
     let step = b["steps"][0]["id"].as_i64().unwrap();
+    let step = ci_core::DispatchId::new(ci_core::StepId(step), ci_core::Attempt(1))
+        .unwrap()
+        .0;
     check_call(
         &server,
         &doc,

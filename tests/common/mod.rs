@@ -465,6 +465,46 @@ impl FakeAgent {
             req = req.bearer_auth(t);
         }
         let reply: Value = req.send().await.unwrap().json().await.unwrap();
+        FakeAgent::registered(reply, addr, builds, task)
+    }
+
+    /// An agent of the original design: it registers with only `host` and
+    /// `port`, takes every `POST /build` it is sent (its `id` is what it
+    /// echoes), and says only the original fields.
+    pub async fn start_original(api: &Api) -> FakeAgent {
+        use warp::Filter;
+        let builds = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = builds.clone();
+        let route = warp::path!("build")
+            .and(warp::post())
+            .and(warp::body::json())
+            .map(move |body: Value| {
+                seen.lock().unwrap().push(body);
+                "OK"
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(warp::serve(route).incoming(listener).run());
+        let body = serde_json::json!({"host": "http://127.0.0.1", "port": addr.port()});
+        let reply: Value = api
+            .http
+            .post(api.url("/notify_agent"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        FakeAgent::registered(reply, addr, builds, task)
+    }
+
+    fn registered(
+        reply: Value,
+        addr: std::net::SocketAddr,
+        builds: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> FakeAgent {
         FakeAgent {
             url: format!("http://127.0.0.1:{}", addr.port()),
             id: reply["id"]

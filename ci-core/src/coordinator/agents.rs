@@ -1,9 +1,11 @@
 //! Agents joining and leaving: registration, takeover of a URL, drops,
 //! graceful leaves, stop orders and failed dispatches.
 
-use super::{Coordinator, Dispatch, DispatchFailure, Event, LeaveReason, Registration, Report, StopOrder};
+use super::{
+    Coordinator, Dispatch, DispatchFailure, Event, LeaveReason, Registration, Report, StopOrder, Stopped,
+};
 use crate::error::{Error, Result};
-use crate::model::{AgentId, Completion, StepStatus};
+use crate::model::{AgentId, Attempt, Completion, StepId, StepStatus};
 use crate::pool::Enrollment;
 use crate::store::{Lease, Requeue};
 
@@ -92,23 +94,42 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Records that a stop order was delivered (`reached`) or not; either
-    /// way the agent's slot is freed, and an agent that could not be reached
-    /// is dropped.
-    pub async fn stop_delivered(&mut self, order: &StopOrder, reached: bool) -> Result<()> {
-        if !reached {
-            return self.drop_agent(order.agent, LeaveReason::Unreachable).await;
-        }
+    /// Records how a stop order went: the agent's slot is freed once it
+    /// stopped; an agent that cannot stop work keeps the slot until the
+    /// attempt's result arrives or a lease's time has passed; an agent that
+    /// could not be reached is dropped.
+    pub async fn stop_delivered(&mut self, order: &StopOrder, stopped: Stopped) -> Result<()> {
         let now = self.clock.now();
-        // N.B.: the step may already run again on this agent (its build
-        // was retried), and that attempt holds the slot now.
-        let again = self.store.step(order.step).await?.is_some_and(|s| {
-            s.status == StepStatus::Running && s.attempt > order.attempt && s.agent_id == Some(order.agent)
+        match stopped {
+            Stopped::Unreachable => return self.drop_agent(order.agent, LeaveReason::Unreachable).await,
+            Stopped::Unsupported => {
+                let until = self.policy.deadline(now);
+                self.unstoppable
+                    .insert((order.step, order.attempt), (order.agent, until));
+                return Ok(());
+            }
+            Stopped::Yes => {}
+        }
+        self.release_attempt(order.agent, order.step, order.attempt).await
+    }
+
+    /// Frees `agent`'s slot of `step`, which held `attempt`, unless a
+    /// later attempt of the step runs on the same agent and holds it now
+    /// (its build was retried, or it was requeued, and it went there).
+    pub(super) async fn release_attempt(
+        &mut self,
+        agent: AgentId,
+        step: StepId,
+        attempt: Attempt,
+    ) -> Result<()> {
+        let again = self.store.step(step).await?.is_some_and(|s| {
+            s.status == StepStatus::Running && s.attempt > attempt && s.agent_id == Some(agent)
         });
         if again {
             return Ok(());
         }
-        self.pool.release(order.agent, order.step, now).await
+        let now = self.clock.now();
+        self.pool.release(agent, step, now).await
     }
 
     /// An agent leaves on purpose (graceful shutdown): whatever it holds

@@ -35,6 +35,15 @@ impl Coordinator {
         let id = report.step;
         let step = self.store.step(id).await?.ok_or(Error::StepNotFound(id))?;
         let attempt = report.attempt.unwrap_or(step.attempt);
+        // N.B.: the result of a canceled attempt its agent could not stop:
+        // refused below, but the agent is done with it.
+        if let Some((agent, _)) = self.unstoppable.get(&(id, attempt)).copied() {
+            if report.agent.is_none_or(|a| a == agent) {
+                self.release_attempt(agent, id, attempt).await?;
+                self.unstoppable.remove(&(id, attempt));
+                self.pool.seen(agent, self.clock.now(), false).await?;
+            }
+        }
         if attempt.0 == 0 || attempt > step.attempt {
             return Err(Error::Conflict(format!(
                 "step {id} has no attempt {attempt} (latest is {})",
@@ -116,7 +125,9 @@ impl Coordinator {
         }
         self.queued_since.remove(&id);
         self.hand_backs.remove(&id);
-        if let Some(agent) = report.agent {
+        // N.B.: a result is contact, whether or not it names its agent (the
+        // original agent does not; the attempt's holder sent it).
+        if let Some(agent) = report.agent.or(holder) {
             self.pool.seen(agent, now, false).await?;
         }
         self.advanced(&moved);
@@ -144,9 +155,11 @@ impl Coordinator {
             match status {
                 StepStatus::Queued => {
                     self.queued_since.entry(*step).or_insert(now);
+                    self.limits.clear(*step);
                 }
                 st if st.is_finished() => {
                     self.queued_since.remove(step);
+                    self.limits.clear(*step);
                     self.hand_backs.remove(step);
                     self.events.push(Event::StepFinished {
                         step: *step,
@@ -183,6 +196,7 @@ impl Coordinator {
                 back.attempt
             )));
         }
+        self.pool.seen(holder, self.clock.now(), false).await?;
         let count = self.hand_backs.entry(id).or_default();
         *count += 1;
         if *count >= MAX_HAND_BACKS {

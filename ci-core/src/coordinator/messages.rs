@@ -1,7 +1,9 @@
 //! What goes in and out of the coordinator: dispatches and their failures,
 //! heartbeats, results, stop orders, and events for observers.
 
-use crate::model::{AgentId, Attempt, Build, BuildId, BuildStatus, Completion, Step, StepId, StepStatus};
+use crate::model::{
+    AgentId, Attempt, Build, BuildId, BuildStatus, Completion, DispatchId, Step, StepId, StepStatus,
+};
 use crate::protocol::BuildRequest;
 
 /// A step handed to an agent: the caller must send it, and report back
@@ -14,13 +16,16 @@ pub struct Dispatch {
     pub agent_url: String,
     /// The step, with its new attempt number.
     pub step: Step,
+    /// What the wire calls this attempt.
+    pub id: DispatchId,
 }
 
 impl Dispatch {
     /// The `POST /build` body for the agent.
     pub fn request(&self) -> BuildRequest {
         BuildRequest {
-            id: self.step.id,
+            id: self.id,
+            step_id: Some(self.step.id),
             command: self.step.command.clone(),
             hash: self.step.hash.clone(),
             repo: self.step.repo.clone(),
@@ -204,6 +209,41 @@ pub struct StopOrder {
     pub step: StepId,
     /// The attempt to stop.
     pub attempt: Attempt,
+}
+
+/// How a stop order went.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The agent stopped the attempt: its slot is free.
+    Yes,
+    /// The agent cannot stop work (an agent of the original design, which
+    /// has no `/cancel`): it is kept, busy until the attempt's result
+    /// arrives (and is refused) or a lease's time has passed.
+    Unsupported,
+    /// The agent could not be reached: it is dropped.
+    Unreachable,
+}
+
+impl Stopped {
+    /// What an [`AgentLink::stop`](crate::AgentLink::stop) answer means.
+    pub fn from_link(answer: &Result<(), DispatchFailure>) -> Stopped {
+        match answer {
+            Ok(()) => Stopped::Yes,
+            Err(DispatchFailure::Rejected(_)) => Stopped::Unsupported,
+            Err(_) => Stopped::Unreachable,
+        }
+    }
+}
+
+impl StopOrder {
+    /// The `POST /cancel` body for the agent: the attempt's wire id (none
+    /// for an attempt that could never have been sent).
+    pub fn request(&self) -> Option<crate::protocol::CancelRequest> {
+        Some(crate::protocol::CancelRequest {
+            id: DispatchId::new(self.step, self.attempt)?,
+            attempt: Some(self.attempt),
+        })
+    }
 }
 
 /// The reply to a registration.

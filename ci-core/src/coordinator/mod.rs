@@ -40,13 +40,13 @@ use std::sync::Arc;
 pub use fence::{Fence, Sender};
 pub use messages::{
     Accepted, Cancel, Dispatch, DispatchFailure, Event, HandBack, Heartbeat, LeaveReason, Registration,
-    Report, StopOrder,
+    Report, StopOrder, Stopped,
 };
 
 use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, Result};
 use crate::lease::LeasePolicy;
-use crate::model::{AgentId, StepId, StepStatus};
+use crate::model::{AgentId, Completion, StepId, StepStatus};
 use crate::pool::{Agent, AgentPool, StoreAgentPool};
 use crate::scheduler::{Fifo, Scheduler};
 use crate::store::{Lease, Requeue, Store};
@@ -67,7 +67,55 @@ pub struct Coordinator {
     queued_since: HashMap<StepId, Timestamp>,
     /// Hand-backs per step, against [`MAX_HAND_BACKS`].
     hand_backs: HashMap<StepId, u32>,
+    /// Canceled attempts whose agents cannot stop work
+    /// ([`Stopped::Unsupported`]): each holds its agent's slot until its
+    /// result arrives or the deadline passes.
+    unstoppable: HashMap<(StepId, crate::model::Attempt), (AgentId, Timestamp)>,
+    /// When each running attempt with a time limit is past it (its
+    /// agent's own limit, plus a lease of grace): see
+    /// [`Coordinator::time_out`].
+    limits: TimeLimits,
     events: Vec<Event>,
+}
+
+/// Running attempts' time limits, by deadline.
+#[derive(Debug, Default)]
+struct TimeLimits {
+    by_time: std::collections::BTreeSet<(Timestamp, StepId)>,
+    by_step: HashMap<StepId, (Timestamp, crate::model::Attempt)>,
+}
+
+impl TimeLimits {
+    fn set(&mut self, step: StepId, attempt: crate::model::Attempt, at: Timestamp) {
+        self.clear(step);
+        self.by_time.insert((at, step));
+        self.by_step.insert(step, (at, attempt));
+    }
+
+    fn clear(&mut self, step: StepId) {
+        if let Some((at, _)) = self.by_step.remove(&step) {
+            self.by_time.remove(&(at, step));
+        }
+    }
+
+    fn next(&self) -> Option<Timestamp> {
+        self.by_time.first().map(|(at, _)| *at)
+    }
+
+    /// Takes the attempts past their limits at `now`.
+    fn due(&mut self, now: Timestamp) -> Vec<(StepId, crate::model::Attempt)> {
+        let mut due = Vec::new();
+        while let Some(&(at, step)) = self.by_time.first() {
+            if at > now {
+                break;
+            }
+            self.by_time.remove(&(at, step));
+            if let Some((_, attempt)) = self.by_step.remove(&step) {
+                due.push((step, attempt));
+            }
+        }
+        due
+    }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -138,6 +186,8 @@ impl CoordinatorBuilder {
             fence,
             queued_since: HashMap::new(),
             hand_backs: HashMap::new(),
+            unstoppable: HashMap::new(),
+            limits: TimeLimits::default(),
             events: Vec::new(),
         };
         c.recover(now).await?;
@@ -202,6 +252,9 @@ impl Coordinator {
             match holder {
                 Some(_) => {
                     self.pool.hold(lease.agent, lease.step).await?;
+                    if let Some(step) = self.store.step(lease.step).await? {
+                        self.limit(&step);
+                    }
                 }
                 None => self.requeue(&lease, Requeue::Lost, now).await?,
             }
@@ -251,6 +304,86 @@ impl Coordinator {
         self.pool.release(lease.agent, lease.step, now).await
     }
 
+    /// Records when `step`'s running attempt is past its time limit: its
+    /// start, its limit, and a lease of grace for its agent's own report.
+    pub(super) fn limit(&mut self, step: &crate::model::Step) {
+        if let (Some(limit), Some(started)) = (step.timeout_ms, step.started_at) {
+            let at = started
+                .plus(std::time::Duration::from_millis(limit))
+                .plus(self.policy.ttl());
+            self.limits.set(step.id, step.attempt, at);
+        }
+    }
+
+    /// Fails the running attempts past their steps' time limits (their
+    /// agents did not stop them: an agent of the original design ignores
+    /// `timeoutMs`) as timed out, exit code
+    /// [`TIMED_OUT`](crate::runner::TIMED_OUT), with what they streamed
+    /// and a line saying why. Returns the stop orders to send their agents;
+    /// each keeps its agent's slot until it is delivered
+    /// ([`Coordinator::stop_delivered`]). An attempt the store failed on is
+    /// tried again a second later.
+    pub async fn time_out(&mut self) -> Vec<StopOrder> {
+        let now = self.clock.now();
+        let mut stops = Vec::new();
+        for (id, attempt) in self.limits.due(now) {
+            match self.time_out_one(id, attempt).await {
+                Ok(order) => stops.extend(order),
+                Err(e) => {
+                    tracing::warn!(step = %id, %attempt, cause = %e, "could not end a step past its time limit; trying again");
+                    self.limits
+                        .set(id, attempt, now.plus(std::time::Duration::from_secs(1)));
+                }
+            }
+        }
+        stops
+    }
+
+    async fn time_out_one(
+        &mut self,
+        id: StepId,
+        attempt: crate::model::Attempt,
+    ) -> Result<Option<StopOrder>> {
+        let Some(step) = self.store.step(id).await? else {
+            return Ok(None);
+        };
+        let holder = step
+            .agent_id
+            .filter(|_| step.status == StepStatus::Running && step.attempt == attempt);
+        let Some(agent) = holder else {
+            return Ok(None);
+        };
+        let mut log = self.store.log(id, Some(attempt)).await?.unwrap_or_default();
+        let limit = std::time::Duration::from_millis(step.timeout_ms.unwrap_or_default());
+        log.stderr.push_str(&format!(
+            "ci: the step ran past its time limit of {}; the server ended it, as its agent did not\n",
+            humantime::format_duration(limit)
+        ));
+        let report = Report {
+            step: id,
+            attempt: Some(attempt),
+            agent: Some(agent),
+            verified: true,
+            completion: Completion {
+                exit_code: crate::runner::TIMED_OUT,
+                stdout: log.stdout,
+                stderr: log.stderr,
+            },
+        };
+        self.complete(report).await?;
+        // N.B.: the agent still runs it until told to stop; the result is
+        // taken, so the order goes out even if the pool cannot say so.
+        if let Err(e) = self.pool.hold(agent, id).await {
+            tracing::warn!(step = %id, %agent, cause = %e, "could not hold a timed-out step's slot");
+        }
+        Ok(Some(StopOrder {
+            agent,
+            agent_url: step.agent_url.clone().unwrap_or_default(),
+            step: id,
+            attempt,
+        }))
+    }
+
     /// Expires lapsed leases and silent agents: such an agent is dropped and
     /// its builds go back to the queue. Returns how many agents were
     /// dropped.
@@ -268,6 +401,18 @@ impl Coordinator {
         for agent in self.pool.silent(now, self.policy.ttl()).await? {
             dead.push((agent, LeaveReason::Silent));
         }
+        // Canceled attempts that could not be stopped hold their agents'
+        // slots for one lease at most.
+        let lapsed: Vec<(StepId, AgentId, crate::model::Attempt)> = self
+            .unstoppable
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|((step, attempt), (agent, _))| (*step, *agent, *attempt))
+            .collect();
+        for (step, agent, attempt) in lapsed {
+            self.release_attempt(agent, step, attempt).await?;
+            self.unstoppable.remove(&(step, attempt));
+        }
         dead.sort_by_key(|(a, _)| *a);
         dead.dedup_by_key(|(a, _)| *a);
         for (agent, reason) in &dead {
@@ -281,7 +426,14 @@ impl Coordinator {
     pub async fn next_deadline(&self) -> Result<Option<Timestamp>> {
         let leases = self.store.next_deadline().await?;
         let agents = self.pool.next_deadline(self.policy.ttl()).await?;
-        Ok(leases.into_iter().chain(agents).min())
+        let unstoppable = self.unstoppable.values().map(|(_, until)| *until).min();
+        let limits = self.limits.next();
+        Ok(leases
+            .into_iter()
+            .chain(agents)
+            .chain(unstoppable)
+            .chain(limits)
+            .min())
     }
 
     /// Refuses a request about `holder`'s work unless it came, proven, from

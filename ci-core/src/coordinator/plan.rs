@@ -2,9 +2,9 @@
 
 use std::collections::HashMap;
 
-use super::{Coordinator, Dispatch, Event};
+use super::{Coordinator, Dispatch, Event, Report};
 use crate::error::Result;
-use crate::model::{AgentId, Labels};
+use crate::model::{AgentId, Completion, DispatchId, Labels};
 use crate::store::Claim;
 
 impl Coordinator {
@@ -114,12 +114,18 @@ impl Coordinator {
         }
         let started = self.store.start(&claims, now).await?;
         let mut dispatches = Vec::with_capacity(started.len());
+        let mut spent = Vec::new();
         for step in started {
             let Some(agent) = step.agent_id else {
                 continue;
             };
+            let Some(id) = DispatchId::new(step.id, step.attempt) else {
+                spent.push((step.id, step.attempt, agent));
+                continue;
+            };
             let url = step.agent_url.clone().unwrap_or_default();
             self.pool.hold(agent, step.id).await?;
+            self.limit(&step);
             let since = self.queued_since.remove(&step.id).unwrap_or(step.created_at);
             self.events.push(Event::Started {
                 step: step.id,
@@ -132,7 +138,24 @@ impl Coordinator {
                 agent,
                 agent_url: url,
                 step,
+                id,
             });
+        }
+        // N.B.: a step dispatched over a million times (its agents lost,
+        // busy or handing it back each time) has no wire id left: it fails.
+        for (step, attempt, agent) in spent {
+            self.pool.hold(agent, step).await?;
+            let report = Report {
+                step,
+                attempt: Some(attempt),
+                agent: Some(agent),
+                verified: true,
+                completion: Completion::not_run(format!(
+                    "the step was dispatched {} times and has no attempt number left",
+                    DispatchId::MAX_ATTEMPT
+                )),
+            };
+            self.complete(report).await?;
         }
         Ok(dispatches)
     }

@@ -723,7 +723,7 @@ async fn cancel_queued_at_once_and_running_after_the_agent_stops() {
         f.c.plan().await.unwrap().is_empty(),
         "the slot stays taken until the agent has stopped"
     );
-    f.c.stop_delivered(&order, true).await.unwrap();
+    f.c.stop_delivered(&order, Stopped::Yes).await.unwrap();
     let next = f.c.plan().await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].step.build, another);
@@ -755,7 +755,7 @@ async fn an_unreachable_stop_drops_the_agent_and_a_leaving_agent_hands_back_its_
     let Some(order) = f.c.cancel(x).await.unwrap().stops.pop() else {
         panic!()
     };
-    f.c.stop_delivered(&order, false).await.unwrap();
+    f.c.stop_delivered(&order, Stopped::Unreachable).await.unwrap();
     assert!(f.c.agents().await.unwrap().is_empty());
 
     let b =

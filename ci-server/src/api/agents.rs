@@ -9,7 +9,7 @@ use ci_core::protocol::{
     NotifyAgent, NotifyAgentAlive, NotifyAgentLeave, NotifyAgentReply, NotifyBuildHandback, NotifyBuildLog,
     NotifyBuildResult,
 };
-use ci_core::{AgentId, Completion, Enrollment, LogPiece};
+use ci_core::{AgentId, Attempt, Completion, DispatchId, Enrollment, LogPiece, StepId};
 use warp::http::StatusCode;
 use warp::reply::{json, Response};
 use warp::{Filter, Rejection, Reply};
@@ -89,11 +89,31 @@ async fn sender(app: &App, secret: Option<&str>, claimed: Option<AgentId>) -> Re
     Ok(app.dispatcher.fence().sender(secret, claimed).await?)
 }
 
+/// The step and attempt a message's `id` names ([`DispatchId`]); an
+/// `attempt` it also carries must be the same.
+fn named(id: DispatchId, attempt: Option<Attempt>) -> Result<(StepId, Attempt)> {
+    let (step, named) = id.parts();
+    if step.0 <= 0 || named.0 == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no dispatch has id {id}"),
+        ));
+    }
+    match attempt {
+        Some(a) if a != named => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("id {id} names attempt {named} of step {step}, not attempt {a}"),
+        )),
+        _ => Ok((step, named)),
+    }
+}
+
 async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Result<Response> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
+    let named = body.id.map(|id| named(id, body.attempt)).transpose()?;
     let hb = Heartbeat {
-        step: body.id,
-        attempt: body.attempt,
+        step: named.map(|(step, _)| step),
+        attempt: named.map(|(_, attempt)| attempt).or(body.attempt),
         agent: sender.agent,
         verified: sender.verified,
     };
@@ -103,9 +123,10 @@ async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Resu
 
 async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Result<Response> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
+    let (step, attempt) = named(body.id, body.attempt)?;
     let report = Report {
-        step: body.id,
-        attempt: body.attempt,
+        step,
+        attempt: Some(attempt),
         agent: sender.agent,
         verified: sender.verified,
         completion: Completion {
@@ -123,9 +144,10 @@ async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Re
 
 async fn log(app: App, secret: Option<String>, body: NotifyBuildLog) -> Result<Response> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
+    let (step, attempt) = named(body.id, body.attempt)?;
     let hb = Heartbeat {
-        step: Some(body.id),
-        attempt: body.attempt,
+        step: Some(step),
+        attempt: Some(attempt),
         agent: sender.agent,
         verified: sender.verified,
     };
@@ -146,9 +168,10 @@ async fn handback(app: App, secret: Option<String>, body: NotifyBuildHandback) -
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let reason: String = body.reason.chars().take(4096).collect();
     tracing::warn!(build = %body.id, attempt = %body.attempt, agent = ?sender.agent, %reason, "attempt handed back");
+    let (step, attempt) = named(body.id, Some(body.attempt))?;
     let back = HandBack {
-        step: body.id,
-        attempt: body.attempt,
+        step,
+        attempt,
         agent: sender.agent,
         verified: sender.verified,
         reason,

@@ -1,0 +1,267 @@
+//! Agents that speak only the original protocol's fields, against our
+//! server: real HTTP on 127.0.0.1, a real `ci-server` process, and agents
+//! played by the test that send exactly what the original Node.js agent
+//! sends (`{"id"}` heartbeats, `{"id", "status", "stdout", "stderr"}`
+//! results) and nothing else.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+mod common;
+
+use std::time::Duration;
+
+use ci_core::protocol::AgentStatus;
+use ci_core::BuildStatus;
+use common::{wait_until, Cluster, FakeAgent};
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// The `id` of the latest `POST /build` the agent was sent.
+async fn dispatched(agent: &FakeAgent, n: usize) -> Value {
+    wait_until("a dispatch", LONG, || async {
+        agent.builds.lock().unwrap().get(n - 1).map(|d| d["id"].clone())
+    })
+    .await
+}
+
+/// Sends `{"id"}` heartbeats, as the original agent does, until dropped.
+fn heartbeats(c: &Cluster, id: Value) -> tokio::task::JoinHandle<()> {
+    let (http, url) = (c.api.http.clone(), c.api.url("/notify_agent_alive"));
+    tokio::spawn(async move {
+        loop {
+            let _ = http.post(&url).json(&json!({ "id": id })).send().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Agent A stalls past its lease and the build moves to agent B; A wakes
+/// and posts its result with no attempt. The wire id names A's attempt, so
+/// A's result is refused; B's heartbeats keep working, B stays busy until
+/// its own result, which is the one stored.
+#[tokio::test]
+async fn a_stalled_original_agent_s_late_result_never_wins() {
+    let mut c = Cluster::new(200, 3);
+    let sha = c.commit_script("true");
+    c.start_server();
+    c.wait_server().await;
+    let a = FakeAgent::start_original(&c.api).await;
+    let id = c.api.create(&sha).await.id;
+    let wire_a = dispatched(&a, 1).await;
+    // A says nothing: its lease lapses and the step waits for an agent.
+    c.api
+        .wait_build(id, LONG, "requeued", |b| {
+            b.status == BuildStatus::Queued && b.attempt.0 == 1
+        })
+        .await;
+    let b = FakeAgent::start_original(&c.api).await;
+    let wire_b = dispatched(&b, 1).await;
+    assert_ne!(wire_a, wire_b, "each attempt has its own wire id");
+    let beating = heartbeats(&c, wire_b.clone());
+    let running = c
+        .api
+        .wait_build(id, LONG, "attempt 2 to run", |b| {
+            b.status == BuildStatus::Running && b.attempt.0 == 2
+        })
+        .await;
+    assert_eq!(running.agent.as_deref(), Some(b.url.as_str()));
+
+    let late = json!({"id": wire_a, "status": 1, "stdout": "stale", "stderr": ""});
+    let (status, body) = c.api.post("/notify_build_result", &late).await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("superseded"), "{body}");
+    let (status, _) = c
+        .api
+        .post("/notify_agent_alive", &json!({ "id": wire_a }))
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "A's heartbeats are refused too");
+
+    // B is still running its attempt: busy, its heartbeats taken.
+    let (status, _) = c
+        .api
+        .post("/notify_agent_alive", &json!({ "id": wire_b }))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let agents = c.api.agents().await.unwrap();
+    let b_view = agents.iter().find(|v| v.url == b.url).unwrap();
+    assert_eq!(b_view.status, AgentStatus::Busy, "{agents:?}");
+    assert_eq!(c.api.build(id).await.unwrap().status, BuildStatus::Running);
+
+    let real = json!({"id": wire_b, "status": 0, "stdout": "fresh", "stderr": ""});
+    let (status, body) = c.api.post("/notify_build_result", &real).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    beating.abort();
+    let done = c.api.wait_finished(id, LONG).await;
+    assert_eq!((done.status, done.attempt.0), (BuildStatus::Success, 2));
+    assert_eq!(c.api.log(id).await.unwrap()["stdout"], "fresh");
+    // A's attempt streamed nothing (the original agent never does) and
+    // lost its agent: its log says it is not complete, and why.
+    let first = c
+        .api
+        .http
+        .get(c.api.url(&format!("/api/builds/{id}/log?attempt=1")))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(first["complete"], false, "{first}");
+    assert!(
+        first["note"]
+            .as_str()
+            .unwrap()
+            .contains("attempt 1 lost its agent"),
+        "{first}"
+    );
+    let agents = c.api.agents().await.unwrap();
+    assert_eq!(
+        agents.iter().find(|v| v.url == b.url).unwrap().status,
+        AgentStatus::Idle
+    );
+}
+
+/// Every request from an agent is contact: a result refreshes `lastSeen`
+/// as a heartbeat does, though the original agent names no agent in it.
+#[tokio::test]
+async fn a_result_refreshes_last_seen() {
+    let mut c = Cluster::new(1000, 5);
+    let sha = c.commit_script("true");
+    c.start_server();
+    c.wait_server().await;
+    let a = FakeAgent::start_original(&c.api).await;
+    let registered = common::millis(&c.api.agents().await.unwrap()[0].last_seen);
+    let id = c.api.create(&sha).await.id;
+    let wire = dispatched(&a, 1).await;
+    let clock = ci_core::SystemClock::new();
+    let now = || ci_core::Clock::now(&clock).0;
+    wait_until("the clock to move past the registration", LONG, || async {
+        (now() > registered).then_some(())
+    })
+    .await;
+    let sent = now();
+    let result = json!({"id": wire, "status": 0, "stdout": "", "stderr": ""});
+    let (status, body) = c.api.post("/notify_build_result", &result).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let seen = common::millis(&c.api.agents().await.unwrap()[0].last_seen);
+    assert!(seen >= sent, "lastSeen {seen} is before the result ({sent})");
+    assert_eq!(c.api.wait_finished(id, LONG).await.status, BuildStatus::Success);
+}
+
+/// The original agent has no `/cancel` (it answers 404). Canceling its
+/// build cancels it at once and keeps the agent: busy until the canceled
+/// attempt's result arrives (refused), or, with no result, for a lease;
+/// then it takes builds again.
+#[tokio::test]
+async fn an_agent_that_cannot_cancel_is_kept_and_busy_until_its_work_ends() {
+    let mut c = Cluster::new(300, 3);
+    let sha = c.commit_script("true");
+    c.start_server();
+    c.wait_server().await;
+    let a = FakeAgent::start_original(&c.api).await;
+    let busy = |agents: &[ci_core::protocol::AgentView]| {
+        agents
+            .iter()
+            .find(|v| v.url == a.url)
+            .map(|v| v.status == AgentStatus::Busy)
+    };
+
+    // 1. Canceled; its late result ends it.
+    let first = c.api.create(&sha).await.id;
+    let wire = dispatched(&a, 1).await;
+    let beating = heartbeats(&c, wire.clone());
+    let (status, body) = c
+        .api
+        .post(&format!("/api/builds/{first}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "canceled");
+    let agents = c.api.agents().await.unwrap();
+    assert_eq!(busy(&agents), Some(true), "kept, and still busy: {agents:?}");
+    let second = c.api.create(&sha).await.id;
+    assert_eq!(
+        c.api.build(second).await.unwrap().status,
+        BuildStatus::Queued,
+        "nothing goes to an agent still running canceled work"
+    );
+    beating.abort();
+    let late = json!({"id": wire, "status": 0, "stdout": "late", "stderr": ""});
+    let (status, body) = c.api.post("/notify_build_result", &late).await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(c.api.build(first).await.unwrap().status, BuildStatus::Canceled);
+
+    // 2. The agent took the next build once free; canceled again, it
+    // sends nothing: free after a lease, and still registered.
+    dispatched(&a, 2).await;
+    let (status, _) = c
+        .api
+        .post(&format!("/api/builds/{second}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    wait_until("the agent to be free again", LONG, || async {
+        (busy(&c.api.agents().await.unwrap()) == Some(false)).then_some(())
+    })
+    .await;
+    let third = c.api.create(&sha).await.id;
+    let wire = dispatched(&a, 3).await;
+    let done = json!({"id": wire, "status": 0, "stdout": "ok", "stderr": ""});
+    let (status, body) = c.api.post("/notify_build_result", &done).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        c.api.wait_finished(third, LONG).await.status,
+        BuildStatus::Success
+    );
+}
+
+/// An agent that ignores `timeoutMs`, as the original agent does, runs a
+/// step past its time limit: the server ends the attempt itself (a lease
+/// after the limit, the agent's own chance to report), as timed out with
+/// exit code 124, refuses the agent's late success, and keeps the agent,
+/// which cannot cancel, busy until that result arrives.
+#[tokio::test]
+async fn the_server_enforces_a_time_limit_its_agent_ignores() {
+    let mut c = Cluster::new(200, 3);
+    let sha = c.commit_script("true");
+    c.start_server();
+    c.wait_server().await;
+    let a = FakeAgent::start_original(&c.api).await;
+    let (status, body) = c
+        .api
+        .post(
+            "/api/builds",
+            &json!({"hash": sha, "command": "sleep 6", "timeoutMs": 1000}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = ci_core::BuildId(body["id"].as_i64().unwrap());
+    let wire = dispatched(&a, 1).await;
+    let beating = heartbeats(&c, wire.clone());
+    let done = c.api.wait_finished(id, LONG).await;
+    assert_eq!((done.status, done.exit_code), (BuildStatus::Failed, Some(124)));
+    let ran = common::millis(done.finished_at.as_deref().unwrap())
+        - common::millis(done.started_at.as_deref().unwrap());
+    assert!((1000..6000).contains(&ran), "ended after {ran} ms");
+    let log = c.api.log(id).await.unwrap();
+    assert!(
+        log["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("ran past its time limit of 1s"),
+        "{log}"
+    );
+    let agents = c.api.agents().await.unwrap();
+    assert_eq!(agents[0].status, AgentStatus::Busy, "it still runs the step");
+    beating.abort();
+    let late = json!({"id": wire, "status": 0, "stdout": "finished after all", "stderr": ""});
+    let (status, body) = c.api.post("/notify_build_result", &late).await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    let agents = c.api.agents().await.unwrap();
+    assert_eq!(agents[0].status, AgentStatus::Idle, "kept, and free");
+    assert_eq!(c.api.build(id).await.unwrap().exit_code, Some(124));
+}
