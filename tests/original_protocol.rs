@@ -265,3 +265,184 @@ async fn the_server_enforces_a_time_limit_its_agent_ignores() {
     assert_eq!(agents[0].status, AgentStatus::Idle, "kept, and free");
     assert_eq!(c.api.build(id).await.unwrap().exit_code, Some(124));
 }
+
+// === our agent with a server of the original design ===
+
+/// What the fake original server saw.
+#[derive(Default)]
+struct Seen {
+    /// `${host}:${port}` of each registration, as the original server forms it.
+    agents: Vec<String>,
+    /// Extension fields a registration carried (the original server
+    /// ignores them, as express does).
+    ignored: Vec<String>,
+    /// Each result: `(id, status)`.
+    results: Vec<(i64, i64)>,
+    /// Anything outside the original protocol after registration.
+    violations: Vec<String>,
+}
+
+/// A server of the original design on 127.0.0.1 (its port returned),
+/// strict: it answers `200 text/plain OK`
+/// to heartbeats and results, sends `timeout` as a string, and records any
+/// field or endpoint outside the original protocol as a violation (and
+/// answers it 400 or 404), as the Node.js server would choke on it.
+async fn original_server() -> (u16, std::sync::Arc<std::sync::Mutex<Seen>>) {
+    use warp::Filter;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let only = |body: &Value, allowed: &[&str]| -> Vec<String> {
+        body.as_object()
+            .map(|o| {
+                o.keys()
+                    .filter(|k| !allowed.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![format!("not an object: {body}")])
+    };
+    let s = seen.clone();
+    let register = warp::path!("notify_agent")
+        .and(warp::post())
+        .and(warp::body::json())
+        .map(move |body: Value| {
+            let mut seen = s.lock().unwrap();
+            seen.ignored.extend(only(&body, &["host", "port"]));
+            let host = body["host"].as_str().unwrap_or("undefined").to_owned();
+            let port = match &body["port"] {
+                Value::String(p) => p.clone(),
+                p => p.to_string(),
+            };
+            seen.agents.push(format!("{host}:{port}"));
+            let id = seen.agents.len();
+            warp::reply::json(&json!({"id": id, "timeout": "300"}))
+        });
+    let s = seen.clone();
+    let alive = warp::path!("notify_agent_alive")
+        .and(warp::post())
+        .and(warp::body::json())
+        .map(move |body: Value| {
+            let extra = only(&body, &["id"]);
+            let mut seen = s.lock().unwrap();
+            if body.get("id").is_none() {
+                seen.violations.push(format!("a heartbeat without an id: {body}"));
+            }
+            seen.violations
+                .extend(extra.into_iter().map(|k| format!("heartbeat field {k}")));
+            "OK"
+        });
+    let s = seen.clone();
+    let result = warp::path!("notify_build_result")
+        .and(warp::post())
+        .and(warp::body::json())
+        .map(move |body: Value| {
+            let extra = only(&body, &["id", "status", "stdout", "stderr"]);
+            let mut seen = s.lock().unwrap();
+            seen.violations
+                .extend(extra.into_iter().map(|k| format!("result field {k}")));
+            let (id, status) = (
+                body["id"].as_i64().unwrap_or(-1),
+                body["status"].as_i64().unwrap_or(-999),
+            );
+            seen.results.push((id, status));
+            "OK"
+        });
+    let s = seen.clone();
+    let other = warp::path::full()
+        .and(warp::method())
+        .map(move |path: warp::path::FullPath, method| {
+            s.lock()
+                .unwrap()
+                .violations
+                .push(format!("{method} {}", path.as_str()));
+            warp::reply::with_status("Cannot POST", warp::http::StatusCode::NOT_FOUND)
+        });
+    let routes = register
+        .map(warp::reply::Reply::into_response)
+        .or(alive.map(warp::reply::Reply::into_response))
+        .unify()
+        .or(result.map(warp::reply::Reply::into_response))
+        .unify()
+        .or(other.map(warp::reply::Reply::into_response))
+        .unify();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(warp::serve(routes).incoming(listener).run());
+    (addr.port(), seen)
+}
+
+/// Our agent against a server of the original design: it registers (host
+/// with its scheme), runs two builds the server posts (one failing),
+/// heartbeats with `{"id"}` alone, and delivers each result once, taking
+/// `200 OK` in plain text as the acknowledgement; it sends nothing the
+/// original protocol does not have. With `protocol` `auto` it learns this
+/// from the registration reply (the extension fields of its registration
+/// are ignored, as the original server ignores them); with `original` it
+/// sends none at all.
+async fn runs_builds_for_an_original_server(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = ci_testkit::GitRepo::new();
+    let pass = repo.commit(&[("build.sh", "sleep 1; echo fine")], "pass");
+    let fail = repo.commit(&[("build.sh", "echo broken; exit 3")], "fail");
+    let (port, seen) = original_server().await;
+    let port = port.to_string();
+    let work = dir.path().join("agent");
+    let _agent = ci_testkit::Proc::spawn(
+        "ci-agent",
+        &format!("agent-{protocol}"),
+        &[],
+        &[
+            ("SERVER_PORT", port.as_str()),
+            ("AGENT_PORT", "0"),
+            ("AGENT_HOST", "127.0.0.1"),
+            ("WORK_DIR", work.to_str().unwrap()),
+            ("RETRY_MAX_MS", "300"),
+            ("PROTOCOL", protocol),
+        ],
+        dir.path(),
+    );
+    let agent = wait_until("the agent to register", LONG, || async {
+        seen.lock().unwrap().agents.first().cloned()
+    })
+    .await;
+    assert!(agent.starts_with("http://127.0.0.1:"), "{agent}");
+    let http = reqwest::Client::new();
+    for (id, sha) in [(1, &pass), (2, &fail)] {
+        let build = json!({"id": id, "command": "sh build.sh", "hash": sha, "repo": repo.url()});
+        wait_until("the agent to take the build", LONG, || async {
+            let r = http
+                .post(format!("{agent}/build"))
+                .json(&build)
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        wait_until("its result", LONG, || async {
+            seen.lock()
+                .unwrap()
+                .results
+                .iter()
+                .any(|(r, _)| *r == id)
+                .then_some(())
+        })
+        .await;
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.results, [(1, 0), (2, 3)], "each result once");
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    assert_eq!(seen.agents.len(), 1, "registered once");
+    if protocol == "original" {
+        assert!(seen.ignored.is_empty(), "{:?}", seen.ignored);
+    }
+}
+
+#[tokio::test]
+async fn our_agent_speaks_only_the_original_protocol_when_told() {
+    runs_builds_for_an_original_server("original").await;
+}
+
+#[tokio::test]
+async fn our_agent_learns_the_server_speaks_only_the_original_protocol() {
+    runs_builds_for_an_original_server("auto").await;
+}

@@ -45,7 +45,7 @@ use warp::reply::{json, with_status, Response};
 use warp::{Filter, Rejection, Reply};
 
 use crate::client::{CallError, ServerClient};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Protocol};
 use crate::Error;
 
 /// How often the runner's housekeeping runs.
@@ -79,6 +79,9 @@ struct Inner {
     /// agent token is set; resolved again (at most once a second) when a
     /// request comes from elsewhere.
     server_addrs: Mutex<(Vec<IpAddr>, Option<tokio::time::Instant>)>,
+    /// The server speaks only the original protocol: no attempts, agent
+    /// ids, pings, live logs, hand-backs or leaves go to it.
+    original: std::sync::atomic::AtomicBool,
     /// Holds the work directory for this process alone.
     _lock: Flock<File>,
 }
@@ -133,6 +136,7 @@ impl Agent {
         let spool = Spool::open(dir.join("spool"))?;
         Ok(Agent {
             inner: Arc::new(Inner {
+                original: std::sync::atomic::AtomicBool::new(config.protocol == Protocol::Original),
                 config,
                 runner,
                 client,
@@ -272,18 +276,39 @@ impl Agent {
         let inner = &self.inner;
         loop {
             inner.deliver_spooled().await;
-            let announce = NotifyAgent {
-                host: inner.config.advertise_host.clone(),
-                port,
-                session: true,
-                capacity: Some(inner.config.capacity),
-                labels: Some(inner.config.labels.clone()).filter(|l| !l.is_empty()),
-                pings: true,
+            let forced = inner.config.protocol == Protocol::Original;
+            // N.B.: the original server forms the agent's URL as
+            // `${host}:${port}`: the host carries its scheme.
+            let host = inner
+                .config
+                .advertise_host
+                .as_deref()
+                .map(|h| match h.contains("://") {
+                    true => h.to_owned(),
+                    false => format!("http://{h}"),
+                });
+            let announce = match forced {
+                true => NotifyAgent {
+                    host,
+                    port,
+                    session: false,
+                    capacity: None,
+                    labels: None,
+                    pings: false,
+                },
+                false => NotifyAgent {
+                    host,
+                    port,
+                    session: true,
+                    capacity: Some(inner.config.capacity),
+                    labels: Some(inner.config.labels.clone()).filter(|l| !l.is_empty()),
+                    pings: true,
+                },
             };
             // The previous session's secret (kept across restarts) proves
             // that this is the same agent, so the server replaces that
             // session at once instead of waiting for it to lapse.
-            inner.client.set_secret(inner.load_session());
+            inner.client.set_secret(inner.load_session().filter(|_| !forced));
             let reply = retry("register", inner.config.retry, || {
                 inner.client.register(&announce)
             })
@@ -299,8 +324,22 @@ impl Agent {
                 s.id = Some(reply.id);
                 s.heartbeat = Some(heartbeat);
             }
+            let original = forced || !reply.extensions;
+            inner
+                .original
+                .store(original, std::sync::atomic::Ordering::SeqCst);
             inner.registered.send_replace(Some(reply.id));
-            info!(id = %reply.id, heartbeat = ?heartbeat, "registered");
+            info!(id = %reply.id, heartbeat = ?heartbeat, original, "registered");
+            if original {
+                if !forced {
+                    info!("the server speaks only the original protocol: sending only its messages");
+                }
+                if announce.host.is_none() {
+                    warn!("the original server cannot tell this agent's address: set HOST");
+                }
+                // N.B.: nothing tells us it forgot us (it never does).
+                return std::future::pending().await;
+            }
             inner.ping_while_known(reply.id, heartbeat).await;
             warn!(id = %reply.id, "the server no longer knows this agent; registering again");
         }
@@ -310,6 +349,11 @@ impl Agent {
 impl Inner {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// True while the server speaks only the original protocol.
+    fn is_original(&self) -> bool {
+        self.original.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Lets a dispatch or cancel through if it presents the agent token or,
@@ -440,15 +484,22 @@ impl Inner {
         stop: Arc<Notify>,
         done: watch::Sender<bool>,
     ) {
-        let (live_tx, live_rx) = tokio::sync::mpsc::channel(ci_core::runner::LIVE_BACKLOG);
-        let log = LogSink::default().with_live(live_tx);
-        let forwarder = tokio::spawn(crate::live::forward(
-            self.client.clone(),
-            job.id,
-            job.attempt,
-            agent_id,
-            live_rx,
-        ));
+        let original = self.is_original();
+        let agent_id = agent_id.filter(|_| !original);
+        let (log, forwarder) = if original {
+            // The original server takes no live output.
+            (LogSink::default(), tokio::spawn(async {}))
+        } else {
+            let (live_tx, live_rx) = tokio::sync::mpsc::channel(ci_core::runner::LIVE_BACKLOG);
+            let forwarder = tokio::spawn(crate::live::forward(
+                self.client.clone(),
+                job.id,
+                job.attempt,
+                agent_id,
+                live_rx,
+            ));
+            (LogSink::default().with_live(live_tx), forwarder)
+        };
         info!(build = %job.step, attempt = ?job.attempt, commit = %job.commit, "build started");
         let outcome = {
             let run = execute(&*self.runner, &job, &log, self.config.build_timeout);
@@ -502,6 +553,21 @@ impl Inner {
 
     /// Gives an attempt back to the server, retrying while it is away.
     async fn hand_back(&self, job: &Job, agent_id: Option<AgentId>, reason: String) {
+        if self.is_original() {
+            // N.B.: the original server takes nothing back and never runs a
+            // build again: the attempt fails, saying why.
+            let not_run = ci_core::Completion::not_run(&reason);
+            let result = NotifyBuildResult {
+                id: job.id,
+                status: not_run.exit_code,
+                stdout: not_run.stdout,
+                stderr: not_run.stderr,
+                attempt: None,
+                agent_id: None,
+            };
+            let spooled = self.spool.save(&result).ok();
+            return self.deliver(&result, spooled.as_deref()).await;
+        }
         let Some(attempt) = job.attempt else {
             // A server that numbers no attempts cannot take one back: the
             // lease lapses instead.
@@ -557,7 +623,7 @@ impl Inner {
             );
             let _ = tokio::time::timeout(self.config.shutdown_grace, all).await;
         }
-        let id = self.state().id;
+        let id = self.state().id.filter(|_| !self.is_original());
         if let Some(id) = id {
             match self.client.leave(&NotifyAgentLeave { agent_id: id }).await {
                 Ok(()) => info!("left the server"),

@@ -8,7 +8,6 @@ use ci_core::protocol::{
     NotifyBuildLog, NotifyBuildResult,
 };
 use reqwest::StatusCode;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// How a call to the server failed.
@@ -105,12 +104,15 @@ impl ServerClient {
         &self.base
     }
 
-    async fn post<B: Serialize, R: DeserializeOwned>(
+    /// Posts `body` and returns the answer's body, if it is a success.
+    /// N.B.: any 2xx is a success, whatever its body: the original server
+    /// answers `200 text/plain` `OK`.
+    async fn post<B: Serialize>(
         &self,
         path: &str,
         body: &B,
         timeout: Option<Duration>,
-    ) -> Result<R, CallError> {
+    ) -> Result<Vec<u8>, CallError> {
         let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -129,7 +131,11 @@ impl ServerClient {
         let resp = req.send().await.map_err(CallError::Unreachable)?;
         let status = resp.status();
         if status.is_success() {
-            return resp.json::<R>().await.map_err(CallError::Unreachable);
+            return resp
+                .bytes()
+                .await
+                .map(|b| b.to_vec())
+                .map_err(CallError::Unreachable);
         }
         let message = match resp.json::<ErrorBody>().await {
             Ok(b) => b.error,
@@ -154,43 +160,52 @@ impl ServerClient {
             Err(CallError::Refused { status, message }) if status == StatusCode::CONFLICT => {
                 Err(CallError::Server { status, message })
             }
-            r => r,
+            Err(e) => Err(e),
+            Ok(text) => parse(&text),
         }
     }
 
     /// `POST /notify_agent_alive`, giving up after `timeout` so that a lost
     /// heartbeat does not delay the next one.
     pub async fn alive(&self, body: &NotifyAgentAlive, timeout: Duration) -> Result<(), CallError> {
-        self.post::<_, serde_json::Value>("/notify_agent_alive", body, Some(timeout))
+        self.post("/notify_agent_alive", body, Some(timeout))
             .await
             .map(drop)
     }
 
     /// `POST /notify_build_log` (extension).
     pub async fn log(&self, body: &NotifyBuildLog) -> Result<(), CallError> {
-        self.post::<_, serde_json::Value>("/notify_build_log", body, Some(Duration::from_secs(5)))
+        self.post("/notify_build_log", body, Some(Duration::from_secs(5)))
             .await
             .map(drop)
     }
 
     /// `POST /notify_build_handback` (extension).
     pub async fn handback(&self, body: &NotifyBuildHandback) -> Result<(), CallError> {
-        self.post::<_, serde_json::Value>("/notify_build_handback", body, None)
-            .await
-            .map(drop)
+        self.post("/notify_build_handback", body, None).await.map(drop)
     }
 
     /// `POST /notify_agent_leave` (extension).
     pub async fn leave(&self, body: &NotifyAgentLeave) -> Result<(), CallError> {
-        self.post::<_, serde_json::Value>("/notify_agent_leave", body, Some(Duration::from_secs(2)))
+        self.post("/notify_agent_leave", body, Some(Duration::from_secs(2)))
             .await
             .map(drop)
     }
 
     /// `POST /notify_build_result`.
     pub async fn result(&self, body: &NotifyBuildResult) -> Result<(), CallError> {
-        self.post::<_, serde_json::Value>("/notify_build_result", body, None)
-            .await
-            .map(drop)
+        self.post("/notify_build_result", body, None).await.map(drop)
     }
+}
+
+/// A JSON answer, or why it is not one (a server that is not ours, or not
+/// well): retried, as an unreachable server is.
+fn parse<R: serde::de::DeserializeOwned>(body: &[u8]) -> Result<R, CallError> {
+    serde_json::from_slice(body).map_err(|e| CallError::Server {
+        status: StatusCode::OK,
+        message: format!(
+            "an answer that is not what the protocol says ({e}): {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ),
+    })
 }

@@ -145,6 +145,27 @@ pub struct Args {
     /// steps that ask for labels go only to agents that have them all.
     #[arg(long, env = "LABELS", value_name = "LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
+
+    /// Which protocol to speak: `auto` learns from the registration reply
+    /// whether the server takes this protocol's extensions; `original`
+    /// sends only the original design's messages and fields from the start.
+    #[arg(
+        long,
+        env = "PROTOCOL",
+        value_name = "PROTOCOL",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub protocol: Protocol,
+}
+
+/// Which protocol an agent speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// The extensions if the server says it takes them, else the original.
+    Auto,
+    /// Only the original messages and fields.
+    Original,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -187,6 +208,8 @@ pub struct AgentConfig {
     pub capacity: u32,
     /// What this agent can run.
     pub labels: ci_core::Labels,
+    /// Which protocol to speak.
+    pub protocol: Protocol,
 }
 
 impl AgentConfig {
@@ -208,6 +231,7 @@ impl AgentConfig {
             shutdown_grace: Duration::from_secs(10),
             capacity: 1,
             labels: ci_core::Labels::default(),
+            protocol: Protocol::Auto,
         }
     }
 }
@@ -366,6 +390,7 @@ impl TryFrom<Args> for AgentConfig {
             shutdown_grace: a.shutdown_grace,
             capacity: a.capacity,
             labels,
+            protocol: a.protocol,
             agent_token: match a.agent_token.filter(|t| !t.is_empty()) {
                 Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => {
                     return Err(Error::Config {

@@ -111,8 +111,16 @@ impl NotifyAgent {
 pub struct NotifyAgentReply {
     /// The agent's id.
     pub id: AgentId,
-    /// Heartbeat interval in milliseconds.
+    /// Heartbeat interval in milliseconds (the original server sends it as
+    /// a string, `"500"`).
+    #[serde(deserialize_with = "integral_or_string")]
     pub timeout: u64,
+    /// Extension: the server speaks this protocol's extensions (attempts,
+    /// agent ids, pings, live logs, hand-backs, leaves, cancel). A server
+    /// that does not say so (the original design's) gets only the original
+    /// messages and fields.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extensions: bool,
     /// Extension: the session secret, when the agent asked for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -672,6 +680,31 @@ where
     d.deserialize_any(V(std::marker::PhantomData))
 }
 
+/// [`integral`], also from a string of digits (`"500"`), as the original
+/// server writes its heartbeat interval.
+fn integral_or_string<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Number(serde_json::Value),
+    }
+    match Either::deserialize(d)? {
+        Either::Text(s) => {
+            let v: u64 = s
+                .trim()
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number")))?;
+            T::try_from(v).map_err(|_| serde::de::Error::custom(format!("{v} is out of range")))
+        }
+        Either::Number(v) => integral(v).map_err(serde::de::Error::custom),
+    }
+}
+
 /// [`integral`] for optional fields (absent or `null` is `None`).
 fn opt_integral<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
@@ -811,6 +844,16 @@ mod tests {
         assert_eq!(req.attempt, None);
         let create: CreateBuild = serde_json::from_str(r#"{"hash":"abc1","command":"make"}"#).unwrap();
         assert_eq!(create.command.as_deref(), Some("make"));
+    }
+
+    #[test]
+    fn the_original_server_s_registration_reply_is_read() {
+        let r: NotifyAgentReply = serde_json::from_str(r#"{"id": 1, "timeout": "500"}"#).unwrap();
+        assert_eq!((r.id, r.timeout, r.extensions), (AgentId(1), 500, false));
+        let r: NotifyAgentReply =
+            serde_json::from_str(r#"{"id": 2, "timeout": 1000, "extensions": true}"#).unwrap();
+        assert_eq!((r.timeout, r.extensions), (1000, true));
+        assert!(serde_json::from_str::<NotifyAgentReply>(r#"{"id": 1, "timeout": "soon"}"#).is_err());
     }
 
     #[test]

@@ -619,7 +619,8 @@ pub fn spec() -> Value {
                     "properties": {
                         "id": { "type": "integer" },
                         "timeout": { "type": "integer", "description": "Heartbeat interval, ms" },
-                        "secret": { "type": "string" }
+                        "secret": { "type": "string" },
+                        "extensions": { "type": "boolean", "description": "This server takes the protocol's extensions; a server of the original design says nothing" }
                     }
                 },
                 "NotifyAgentAlive": {

@@ -221,6 +221,7 @@ async fn register(
         id: reg.id,
         timeout: reg.heartbeat_ms,
         secret,
+        extensions: true,
     }))
 }
 
