@@ -232,19 +232,20 @@ async fn dispatches_follow_no_redirect() {
             .filter(|a| a.len() == 1 && a[0].url == elsewhere.url)
     })
     .await;
+    // N.B.: by build: a dispatch's `id` names the step's attempt.
     let to_elsewhere: Vec<i64> = elsewhere
         .builds
         .lock()
         .unwrap()
         .iter()
-        .filter_map(|b| b["id"].as_i64())
+        .filter_map(|b| b["build"].as_i64())
         .collect();
     let redirected: Vec<i64> = redirecting
         .builds
         .lock()
         .unwrap()
         .iter()
-        .filter_map(|b| b["id"].as_i64())
+        .filter_map(|b| b["build"].as_i64())
         .collect();
     assert_eq!(redirected.len(), 1, "{redirected:?}");
     assert_eq!(

@@ -35,7 +35,7 @@ use ci_core::protocol::{
     NotifyBuildHandback, NotifyBuildResult,
 };
 use ci_core::retry::retry;
-use ci_core::{execute, AgentId, Attempt, DispatchId, Job, LogSink, Outcome, Runner};
+use ci_core::{execute, AgentId, Attempt, DispatchId, Job, LogSink, Outcome, Runner, StepId};
 use nix::fcntl::{Flock, FlockArg};
 use reqwest::StatusCode;
 use tokio::net::TcpListener;
@@ -111,6 +111,8 @@ struct State {
 
 /// A build being run.
 struct Running {
+    /// The step, as the server's API shows it.
+    step: StepId,
     attempt: Option<Attempt>,
     /// Stops it (cancel, shutdown).
     stop: Arc<Notify>,
@@ -187,6 +189,7 @@ impl Agent {
                 "id": s.id,
                 "build": s.running.keys().next(),
                 "builds": s.running.keys().collect::<Vec<_>>(),
+                "steps": s.running.values().map(|r| r.step).collect::<Vec<_>>(),
             }))
             .into_response()
         });
@@ -732,6 +735,7 @@ async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
         s.running.insert(
             req.id,
             Running {
+                step: job.step,
                 attempt: req.attempt,
                 stop: stop.clone(),
                 done: done_rx,

@@ -52,12 +52,13 @@ pub fn spec() -> Value {
             "/healthz": { "get": {
                 "summary": "Liveness and current builds", "operationId": "healthz",
                 "responses": { "200": { "description": "Alive", "content": { "application/json": { "schema": {
-                    "type": "object", "required": ["status", "id", "build", "builds"],
+                    "type": "object", "required": ["status", "id", "build", "builds", "steps"],
                     "properties": {
                         "status": { "const": "ok" },
                         "id": { "type": ["integer", "null"], "description": "Its registration, once registered" },
                         "build": { "type": ["integer", "null"], "description": "One build it runs (the lowest id), for the original single-build view" },
-                        "builds": { "type": "array", "items": { "type": "integer" }, "description": "Every build it runs (up to CAPACITY)" }
+                        "builds": { "type": "array", "items": { "type": "integer" }, "description": "Every build it runs (up to CAPACITY), by the ids its server sent" },
+                        "steps": { "type": "array", "items": { "type": "integer" }, "description": "The same, by step id (the server's `stepId`, else the id it sent)" }
                     }
                 } } } } }
             } },

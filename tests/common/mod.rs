@@ -380,7 +380,9 @@ impl Api {
             .json()
             .await
             .ok()?;
-        let runs = health["builds"]
+        // N.B.: `builds` are the wire ids, which name attempts; `steps`
+        // are the steps' ids.
+        let runs = health["steps"]
             .as_array()?
             .iter()
             .any(|b| b.as_i64() == Some(step.0));
