@@ -252,8 +252,11 @@ impl Coordinator {
             match holder {
                 Some(_) => {
                     self.pool.hold(lease.agent, lease.step).await?;
+                    // N.B.: its agent gets a lease from now to report,
+                    // as its lease does: a result that waited out our
+                    // downtime in its spool is not beaten by our timer.
                     if let Some(step) = self.store.step(lease.step).await? {
-                        self.limit(&step);
+                        self.limit(&step, self.policy.deadline(now));
                     }
                 }
                 None => self.requeue(&lease, Requeue::Lost, now).await?,
@@ -306,12 +309,13 @@ impl Coordinator {
 
     /// Records when `step`'s running attempt is past its time limit: its
     /// start, its limit, and a lease of grace for its agent's own report.
-    pub(super) fn limit(&mut self, step: &crate::model::Step) {
+    /// Not before `not_before`.
+    pub(super) fn limit(&mut self, step: &crate::model::Step, not_before: Timestamp) {
         if let (Some(limit), Some(started)) = (step.timeout_ms, step.started_at) {
             let at = started
                 .plus(std::time::Duration::from_millis(limit))
                 .plus(self.policy.ttl());
-            self.limits.set(step.id, step.attempt, at);
+            self.limits.set(step.id, step.attempt, at.max(not_before));
         }
     }
 

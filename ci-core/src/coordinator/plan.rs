@@ -125,7 +125,7 @@ impl Coordinator {
             };
             let url = step.agent_url.clone().unwrap_or_default();
             self.pool.hold(agent, step.id).await?;
-            self.limit(&step);
+            self.limit(&step, now);
             let since = self.queued_since.remove(&step.id).unwrap_or(step.created_at);
             self.events.push(Event::Started {
                 step: step.id,

@@ -905,3 +905,75 @@ async fn a_step_deep_in_the_queue_is_found_by_its_labels() {
     assert_eq!(d.len(), 1, "{d:?}");
     assert_eq!((d[0].step.build, d[0].agent), (deep, gpu));
 }
+
+/// An attempt its agent does not end at its time limit is ended by the
+/// coordinator a lease later (timed out, 124, with a stop order, its
+/// agent's slot held until the order is delivered); after a restart, its
+/// agent gets a lease from then to report first.
+#[tokio::test]
+async fn attempts_past_their_time_limit_are_ended_by_the_server() {
+    let mut f = fixture().await;
+    let a = f.c.register_agent("http://a:1").await.unwrap().id;
+    let slow = NewBuild {
+        timeout_ms: Some(1000),
+        ..new_build("sleep 60")
+    };
+    let x = f.c.submit(&slow).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
+    let ttl = u64::try_from(policy().ttl().as_millis()).unwrap();
+    assert_eq!(
+        f.c.next_deadline().await.unwrap(),
+        Some(f.clock.now().plus(policy().ttl()))
+    );
+    for _ in 0..10 {
+        // Heartbeats keep the lease; the limit is the step's.
+        f.advance(100);
+        f.c.heartbeat(Heartbeat {
+            step: Some(d.step.id),
+            attempt: Some(d.step.attempt),
+            agent: Some(a),
+            verified: false,
+        })
+        .await
+        .unwrap();
+        if f.c.time_out().await.is_empty() {
+            continue;
+        }
+        panic!("timed out before its limit and grace");
+    }
+    f.advance(ttl);
+    let stops = f.c.time_out().await;
+    assert_eq!(stops.len(), 1);
+    assert_eq!(
+        (stops[0].step, stops[0].attempt, stops[0].agent),
+        (d.step.id, d.step.attempt, a)
+    );
+    let b = f.store.build(x).await.unwrap().unwrap();
+    assert_eq!((b.status, b.exit_code), (BuildStatus::Failed, Some(124)));
+    let log = f.store.log(d.step.id, None).await.unwrap().unwrap();
+    assert!(log.stderr.contains("ran past its time limit of 1s"), "{log:?}");
+    let next = f.c.submit(&new_build("next")).await.unwrap().id;
+    assert!(f.c.plan().await.unwrap().is_empty(), "its agent still runs it");
+    f.c.stop_delivered(&stops[0], Stopped::Yes).await.unwrap();
+    assert_eq!(f.c.plan().await.unwrap()[0].step.build, next);
+    assert!(f.c.time_out().await.is_empty(), "once");
+
+    // A restart long after the limit: the agent gets a lease from then to
+    // deliver the result it kept, which is taken.
+    let mut f = fixture().await;
+    f.c.register_agent("http://a:1").await.unwrap();
+    let y = f.c.submit(&slow).await.unwrap().id;
+    let d = f.c.plan().await.unwrap().remove(0);
+    f.advance(5000);
+    let mut c2 = Coordinator::builder(f.store.clone())
+        .clock(f.clock.clone())
+        .lease(policy())
+        .build()
+        .await
+        .unwrap();
+    assert!(c2.time_out().await.is_empty(), "not at once after the restart");
+    assert!(c2.complete(report(&d, 0)).await.is_ok());
+    assert_eq!(f.status(y).await, BuildStatus::Success);
+    f.advance(ttl);
+    assert!(c2.time_out().await.is_empty());
+}
