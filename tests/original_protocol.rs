@@ -377,7 +377,8 @@ async fn original_server() -> (u16, std::sync::Arc<std::sync::Mutex<Seen>>) {
 /// original protocol does not have. With `protocol` `auto` it learns this
 /// from the registration reply (the extension fields of its registration
 /// are ignored, as the original server ignores them); with `original` it
-/// sends none at all.
+/// sends none at all, not even in a result it kept from a run that spoke
+/// with a server of ours.
 async fn runs_builds_for_an_original_server(protocol: &str) {
     let dir = tempfile::tempdir().unwrap();
     let repo = ci_testkit::GitRepo::new();
@@ -386,6 +387,16 @@ async fn runs_builds_for_an_original_server(protocol: &str) {
     let (port, seen) = original_server().await;
     let port = port.to_string();
     let work = dir.path().join("agent");
+    let forced = protocol == "original";
+    if forced {
+        // A result kept from a run that spoke with a server of ours.
+        std::fs::create_dir_all(work.join("spool")).unwrap();
+        std::fs::write(
+            work.join("spool/77-1.json"),
+            r#"{"id":77,"status":0,"stdout":"kept","stderr":"","attempt":1,"agentId":5}"#,
+        )
+        .unwrap();
+    }
     let _agent = ci_testkit::Proc::spawn(
         "ci-agent",
         &format!("agent-{protocol}"),
@@ -429,10 +440,15 @@ async fn runs_builds_for_an_original_server(protocol: &str) {
         .await;
     }
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.results, [(1, 0), (2, 3)], "each result once");
+    let kept: &[(i64, i64)] = if forced { &[(77, 0)] } else { &[] };
+    assert_eq!(
+        seen.results,
+        [kept, &[(1, 0), (2, 3)]].concat(),
+        "each result once"
+    );
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
     assert_eq!(seen.agents.len(), 1, "registered once");
-    if protocol == "original" {
+    if forced {
         assert!(seen.ignored.is_empty(), "{:?}", seen.ignored);
     }
 }

@@ -674,6 +674,20 @@ impl Inner {
     /// Delivers a result until the server gives a definite answer, then
     /// removes it from the spool.
     async fn deliver(&self, result: &NotifyBuildResult, spooled: Option<&Path>) {
+        // N.B.: a result kept from a session with a server that took the
+        // extensions goes to one that does not with the original fields only.
+        let original;
+        let result = match self.is_original() {
+            true => {
+                original = NotifyBuildResult {
+                    attempt: None,
+                    agent_id: None,
+                    ..result.clone()
+                };
+                &original
+            }
+            false => result,
+        };
         match retry("deliver result", self.config.retry, || self.client.result(result)).await {
             Ok(()) => info!(build = %result.id, "result delivered"),
             Err(e) => warn!(build = %result.id, cause = %e, "result refused; dropping it"),
