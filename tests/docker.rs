@@ -183,11 +183,9 @@ async fn a_killed_agent_removes_a_step_s_services_and_network_when_it_restarts()
         return;
     }
     let mut c = docker_cluster(300, 3);
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            &format!(
-                r#"version: 1
+    let sha = c.commit_pipeline(
+        &format!(
+            r#"version: 1
 steps:
   - name: talk
     image: "{IMAGE}"
@@ -197,8 +195,7 @@ steps:
       - "if [ \"$CI_BUILD_ATTEMPT\" = 1 ]; then sleep 300; fi"
       - "for i in $(seq 100); do nc echo 9000 </dev/null && exit 0; sleep 0.1; done; exit 1"
 "#
-            ),
-        )],
+        ),
         "a step with a service",
     );
     c.start_server();
@@ -282,10 +279,8 @@ async fn a_pipeline_step_with_an_image_runs_in_it_on_a_docker_agent() {
         return;
     }
     let mut c = Cluster::new(500, 5);
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            &format!(
+    let sha = c.commit_pipeline(
+        &format!(
                 r#"version: 1
 steps:
   - name: in-debian
@@ -303,7 +298,6 @@ steps:
       - "for i in $(seq 100); do wget -q -O - http://web:8080/ && exit 0; sleep 0.1; done; exit 1"
 "#
             ),
-        )],
         "image steps",
     );
     c.start_server();

@@ -49,10 +49,8 @@ fn ci(c: &Cluster, args: &[&str]) -> (i32, String, String) {
 #[tokio::test]
 async fn a_diamond_runs_across_two_agents_in_dependency_order_and_by_label() {
     let mut c = Cluster::new(500, 5);
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            r#"version: 1
+    let sha = c.commit_pipeline(
+        r#"version: 1
 steps:
   - name: a
     commands: ["sleep 0.2", "echo a done"]
@@ -68,7 +66,6 @@ steps:
     depends_on: [b, c]
     commands: ["echo d done"]
 "#,
-        )],
         "a diamond",
     );
     c.start_server();
@@ -189,10 +186,8 @@ steps:
 #[tokio::test]
 async fn a_failing_step_skips_its_dependents_and_retry_reruns_only_them() {
     let mut c = Cluster::new(500, 5);
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            r#"version: 1
+    let sha = c.commit_pipeline(
+        r#"version: 1
 steps:
   - name: compile
     commands: ["echo compiling", "exit 3"]
@@ -206,7 +201,6 @@ steps:
     depends_on: [lint]
     commands: ["echo docs"]
 "#,
-        )],
         "compile fails",
     );
     c.start_server();
@@ -251,11 +245,9 @@ steps:
 async fn an_agent_killed_mid_step_reruns_only_that_step() {
     let mut c = Cluster::new(200, 3);
     let mark = c.dir.path().join("first-attempt");
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            &format!(
-                r#"version: 1
+    let sha = c.commit_pipeline(
+        &format!(
+            r#"version: 1
 steps:
   - name: setup
     commands: ["echo setup"]
@@ -264,9 +256,8 @@ steps:
   - name: after
     commands: ["echo after"]
 "#,
-                m = mark.display()
-            ),
-        )],
+            m = mark.display()
+        ),
         "a slow step",
     );
     c.start_server();
@@ -303,10 +294,8 @@ steps:
 #[tokio::test]
 async fn a_step_retried_on_lost_agents_fails_when_its_re_runs_are_spent() {
     let mut c = Cluster::new(200, 3);
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            r#"version: 1
+    let sha = c.commit_pipeline(
+        r#"version: 1
 steps:
   - name: fragile
     retry: { limit: 1, on: [agent_lost] }
@@ -314,7 +303,6 @@ steps:
   - name: after
     commands: ["echo after"]
 "#,
-        )],
         "a step that loses its agents",
     );
     c.start_server();
@@ -357,10 +345,8 @@ steps:
 #[tokio::test]
 async fn steps_are_selected_by_what_started_the_build() {
     let mut c = Cluster::new(500, 5);
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            r#"version: 1
+    let sha = c.commit_pipeline(
+        r#"version: 1
 steps:
   - name: always
     commands: ["true"]
@@ -368,7 +354,6 @@ steps:
     when: { event: [manual] }
     commands: ["true"]
 "#,
-        )],
         "a step for people",
     );
     c.start_server();
@@ -420,11 +405,8 @@ steps:
 #[tokio::test]
 async fn a_broken_pipeline_file_fails_the_build_at_once_with_where_and_why() {
     let mut c = Cluster::new(500, 5);
-    let sha = c.repo.commit(
-        &[(
-            ".ci.yml",
-            "version: 1\nsteps:\n  - name: a\n    comands: [\"true\"]\n",
-        )],
+    let sha = c.commit_pipeline(
+        "version: 1\nsteps:\n  - name: a\n    comands: [\"true\"]\n",
         "a typo",
     );
     c.start_server();

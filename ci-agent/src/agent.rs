@@ -729,6 +729,17 @@ async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
             );
         }
     }
+    if req.agent_id.is_none() && inner.registered.borrow().is_none() {
+        // N.B.: a server that names no agent (the original design's) may
+        // send a build before the reply to our registration has told us
+        // which protocol it speaks: wait for it, so the build is reported
+        // in that protocol.
+        let mut registered = inner.registered.subscribe();
+        let known = tokio::time::timeout(REGISTRATION_WAIT, registered.wait_for(Option::is_some)).await;
+        if !matches!(known, Ok(Ok(_))) {
+            return reply(StatusCode::CONFLICT, "not registered yet".into());
+        }
+    }
     let stop = Arc::new(Notify::new());
     let (done_tx, done_rx) = watch::channel(false);
     let agent_id = {

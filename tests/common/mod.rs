@@ -239,6 +239,11 @@ impl Cluster {
     pub fn commit_script(&self, script: &str) -> String {
         self.repo.commit(&[("build.sh", script)], script)
     }
+
+    /// Commits `yaml` as the pipeline file, `.ci.yml`; its SHA.
+    pub fn commit_pipeline(&self, yaml: &str, message: &str) -> String {
+        self.repo.commit(&[(".ci.yml", yaml)], message)
+    }
 }
 
 pub struct Api {
@@ -411,6 +416,26 @@ pub fn reset_peak_memory(pid: nix::unistd::Pid) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
 }
 
+/// Serves `route` on 127.0.0.1 (a port of its own) until the task ends.
+async fn serve<F>(route: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(warp::serve(route).incoming(listener).run()))
+}
+
+/// `POST /notify_agent` with `body` (and `token`, if given); the reply.
+async fn register(api: &Api, token: Option<&str>, body: &Value) -> Value {
+    let mut req = api.http.post(api.url("/notify_agent")).json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
 /// An agent played by the test: it registers with `/notify_agent` and
 /// accepts every `POST /build`, recording it, and runs nothing. Its
 /// heartbeats, results and logs are whatever the test sends.
@@ -457,16 +482,9 @@ impl FakeAgent {
                     None => warp::reply::Reply::into_response(reply),
                 }
             });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(warp::serve(route).incoming(listener).run());
-        let mut req = api.http.post(api.url("/notify_agent")).json(&serde_json::json!({
-            "host": "127.0.0.1", "port": addr.port(), "session": session,
-        }));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let reply: Value = req.send().await.unwrap().json().await.unwrap();
+        let (addr, task) = serve(route).await;
+        let body = serde_json::json!({"host": "127.0.0.1", "port": addr.port(), "session": session});
+        let reply = register(api, token, &body).await;
         FakeAgent::registered(reply, addr, builds, task)
     }
 
@@ -484,20 +502,9 @@ impl FakeAgent {
                 seen.lock().unwrap().push(body);
                 "OK"
             });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(warp::serve(route).incoming(listener).run());
+        let (addr, task) = serve(route).await;
         let body = serde_json::json!({"host": "http://127.0.0.1", "port": addr.port()});
-        let reply: Value = api
-            .http
-            .post(api.url("/notify_agent"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let reply = register(api, None, &body).await;
         FakeAgent::registered(reply, addr, builds, task)
     }
 
