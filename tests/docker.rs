@@ -213,7 +213,12 @@ steps:
         let ids = c.build_containers("d", step);
         let running = ids
             .iter()
-            .all(|id| common::docker(&["inspect", "-f", "{{.State.Running}}", id]).trim() == "true");
+            // N.B.: a container listed may be gone by the time it is
+            // inspected (the runner replacing one): not running yet.
+            .all(|id| {
+                common::docker_try(&["inspect", "-f", "{{.State.Running}}", id])
+                    .is_some_and(|o| o.trim() == "true")
+            });
         (ids.len() == 2 && running).then_some(ids)
     })
     .await;

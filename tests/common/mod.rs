@@ -591,6 +591,15 @@ pub fn docker_or_skip(images: &[&str]) -> bool {
     }
 }
 
+/// Runs `docker args...` and returns its stdout; `None` on failure (an
+/// object listed a moment ago may be gone).
+pub fn docker_try(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("docker").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs `docker args...` and returns its stdout; panics on failure.
 pub fn docker(args: &[&str]) -> String {
     let out = std::process::Command::new("docker").args(args).output().unwrap();
