@@ -26,6 +26,11 @@ pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
     ct_eq(presented.trim().as_bytes(), token.as_bytes())
 }
 
+/// Fills `buf` with random bytes from the operating system.
+pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
 /// 128 random bits from the operating system, as 32 hex digits.
 pub fn random_secret() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];

@@ -55,7 +55,7 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 
 /// What the task is asked to do.
 enum Command {
-    Submit(NewBuild, Reply<Build>),
+    Submit(Box<NewBuild>, Reply<Build>),
     Register(Enrollment, Option<String>, Reply<Registration>),
     Complete(Report, Reply<Accepted>),
     HandBack(HandBack, Reply<()>),
@@ -161,7 +161,7 @@ impl Dispatcher {
     /// Queues a build. See [`Coordinator::submit`].
     pub async fn submit(&self, new: &NewBuild) -> Result<Build> {
         let new = new.clone();
-        self.call(|r| Command::Submit(new, r)).await
+        self.call(|r| Command::Submit(Box::new(new), r)).await
     }
 
     /// Registers an agent. See [`Coordinator::register`].

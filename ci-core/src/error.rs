@@ -34,6 +34,10 @@ pub enum Error {
     #[error("step {0} not found")]
     StepNotFound(StepId),
 
+    /// No project has this name.
+    #[error("project {0:?} not found")]
+    ProjectNotFound(String),
+
     /// No registered agent has this id (it may have been dropped).
     #[error("agent {0} not found")]
     AgentNotFound(AgentId),

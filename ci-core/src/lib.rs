@@ -19,6 +19,8 @@
 //! - [`store`]: persistence, async and split by concern ([`Queue`] with
 //!   the leases, [`Logs`], [`Builds`], [`Agents`]), [`MemoryStore`], and the
 //!   conformance suite every store passes.
+//! - [`project`]: projects, where builds come from ([`Source`]), and
+//!   the names of their secrets.
 //! - [`pool`]: the [`AgentPool`] registry, in memory and store-backed.
 //! - [`scheduler`]: the [`Scheduler`] policy trait and [`Fifo`].
 //! - [`coordinator`]: the lifecycle, [`Coordinator`], and the [`Fence`]
@@ -84,6 +86,7 @@ pub mod pipeline;
 pub mod pool;
 #[cfg(feature = "cli")]
 pub mod process;
+pub mod project;
 pub mod protocol;
 pub mod retry;
 pub mod runner;
@@ -106,6 +109,7 @@ pub use model::{
     ImageRef, Labels, LogInfo, LogPiece, NewBuild, NewStep, Page, RepoUrl, Step, StepId, StepStatus,
 };
 pub use pool::{Agent, AgentPool, Enrollment, MemoryAgentPool, Offer, StoreAgentPool};
+pub use project::{Forge, ForgeKind, Project, SecretName, Source};
 pub use runner::{execute, Job, LogSink, Outcome, RunError, Runner, Stream};
 pub use scheduler::{Assignment, Fifo, Scheduler};
-pub use store::{Agents, Builds, Lease, Logs, MemoryStore, Queue, Requeue, Store};
+pub use store::{Agents, BuildFilter, Builds, Lease, Logs, MemoryStore, Projects, Queue, Requeue, Store};

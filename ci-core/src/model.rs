@@ -442,6 +442,8 @@ pub mod limits {
     /// Most characters in all of one step's services' environments and
     /// commands.
     pub const MAX_SERVICE_TEXT: usize = 16 * 1024;
+    /// Most secrets one step asks for.
+    pub const MAX_SECRETS: usize = 64;
 }
 
 /// What a user asks for when creating a build, after validation.
@@ -468,6 +470,8 @@ pub struct NewBuild {
     /// broken): it is stored as one failed step, named after the file
     /// ([`NewBuild::command`]), whose log says this.
     pub failure: Option<String>,
+    /// Its project and what started it.
+    pub source: crate::project::Source,
 }
 
 impl NewBuild {
@@ -483,6 +487,7 @@ impl NewBuild {
             labels: Labels::default(),
             steps: Vec::new(),
             failure: None,
+            source: crate::project::Source::default(),
         };
         build.validate()?;
         Ok(build)
@@ -530,6 +535,12 @@ impl NewBuild {
             ImageRef::parse(image)?;
         }
         check_timeout(self.timeout_ms)?;
+        crate::project::Project::check_name(&self.source.project).map_err(|_| {
+            Error::invalid(
+                "project",
+                format!("{:?} is not a project name", self.source.project),
+            )
+        })?;
         if self.steps.len() > limits::MAX_STEPS {
             return Err(Error::invalid(
                 "steps",
@@ -613,6 +624,10 @@ pub struct Build {
     /// depends on. The fields above from `attempt` to `finished_at` sum
     /// them up ([`Build::summarize`]).
     pub steps: Vec<Step>,
+    /// Its number in its project: `web#42`.
+    pub number: u64,
+    /// Its project and what started it.
+    pub source: crate::project::Source,
 }
 
 impl Build {
@@ -636,6 +651,8 @@ impl Build {
             finished_at: None,
             labels: new.labels.clone(),
             steps: Vec::new(),
+            number: 0,
+            source: new.source.clone(),
         }
     }
 
@@ -935,6 +952,8 @@ pub struct NewStep {
     pub matrix: std::collections::BTreeMap<String, String>,
     /// Containers beside it (Docker runner only).
     pub services: Vec<Service>,
+    /// The project's secrets it gets as environment variables, by name.
+    pub secrets: Vec<String>,
 }
 
 impl NewStep {
@@ -964,8 +983,18 @@ impl NewStep {
             labels: Labels::default(),
             steps: Vec::new(),
             failure: None,
+            source: crate::project::Source::default(),
         };
         probe.validate()?;
+        if self.secrets.len() > limits::MAX_SECRETS {
+            return Err(Error::invalid(
+                "secrets",
+                format!("step {:?}: more than {}", self.name, limits::MAX_SECRETS),
+            ));
+        }
+        for name in &self.secrets {
+            crate::project::SecretName::check(name)?;
+        }
         if !self.services.is_empty() && self.image.is_none() {
             return Err(Error::invalid(
                 "services",
@@ -1010,6 +1039,8 @@ pub struct Step {
     pub matrix: std::collections::BTreeMap<String, String>,
     /// Containers beside it (Docker runner only).
     pub services: Vec<Service>,
+    /// The project's secrets it gets as environment variables, by name.
+    pub secrets: Vec<String>,
     /// Where it is in its life.
     pub status: StepStatus,
     /// Number of the latest dispatch; 0 before the first.
@@ -1070,6 +1101,7 @@ impl Step {
             retry_on: new.retry_on,
             matrix: new.matrix.clone(),
             services: new.services.clone(),
+            secrets: new.secrets.clone(),
             status: if new.depends_on.is_empty() {
                 StepStatus::Queued
             } else {
@@ -1395,6 +1427,18 @@ impl Default for Page {
             before: None,
         }
     }
+}
+
+/// Truncates `s` to at most `max` bytes on a char boundary.
+pub fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
 }
 
 /// Truncates `s` to at most `max` bytes on a char boundary, appending a

@@ -308,6 +308,9 @@ pub struct CreateBuild {
     /// person, as `ci submit` says) or `api` (a program; the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<crate::pipeline::Trigger>,
+    /// The project; the default project (the server's `REPO`) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 /// A build as the API shows it.
@@ -356,6 +359,26 @@ pub struct BuildView {
     /// Its steps, every step after the steps it depends on.
     #[serde(default)]
     pub steps: Vec<StepView>,
+    /// Its project.
+    #[serde(default)]
+    pub project: String,
+    /// Its number in the project (`web#42`).
+    #[serde(default)]
+    pub number: u64,
+    /// What started it: push, pull_request, tag, manual, api; none for
+    /// builds older than projects.
+    #[serde(default)]
+    pub event: Option<crate::pipeline::Trigger>,
+    /// The commit's subject line.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// The commit's author.
+    #[serde(default)]
+    pub author: Option<String>,
+    /// Code from outside the project (a pull request from a fork): its
+    /// steps get no secrets.
+    #[serde(default)]
+    pub untrusted: bool,
 }
 
 impl BuildView {
@@ -485,8 +508,171 @@ impl From<&Build> for BuildView {
             labels: b.labels.clone(),
             waiting: None,
             steps: b.steps.iter().map(StepView::from).collect(),
+            project: b.source.project.clone(),
+            number: b.number,
+            event: b.source.event,
+            subject: b.source.subject.clone(),
+            author: b.source.author.clone(),
+            untrusted: b.source.untrusted,
         }
     }
+}
+
+// === projects ===
+
+/// `POST /api/projects` (all but `name` and `repo` optional) and
+/// `PATCH /api/projects/{name}` (each field given is changed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProjectSpec {
+    /// Its name: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// The main branch (default `main`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_branch: Option<String>,
+    /// Seconds between polls of the remote (default 60; 0: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<u32>,
+    /// The secret webhooks are signed with; empty: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
+    /// Branch patterns pushes must match to start builds; empty: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branches: Option<Vec<String>>,
+    /// A newer commit of a branch cancels the branch's unfinished build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_previous: Option<bool>,
+    /// Where commit statuses go; `null` removes it.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub forge: Option<Option<ForgeSpec>>,
+}
+
+/// A forge as set: its token is write-only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgeSpec {
+    /// `github`, `gitea` (also Forgejo) or `gitlab`.
+    pub kind: crate::project::ForgeKind,
+    /// The API's base URL.
+    pub url: String,
+    /// `owner/name`; for GitLab the project id or path.
+    pub repo: String,
+    /// The token statuses are posted with (kept sealed, never shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Absent: `None`; `null`: `Some(None)`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A project as the API shows it: no secret, only whether one is set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectView {
+    /// Its name.
+    pub name: String,
+    /// The repository, without credentials.
+    pub repo: String,
+    /// The main branch.
+    pub default_branch: String,
+    /// Seconds between polls; 0: off.
+    pub poll_interval: u32,
+    /// Branch patterns pushes must match.
+    pub branches: Vec<String>,
+    /// A newer commit cancels the branch's unfinished build.
+    pub cancel_previous: bool,
+    /// Whether webhooks are checked against a secret.
+    pub webhook_secret: bool,
+    /// Where commit statuses go.
+    pub forge: Option<ForgeView>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// The latest build of each branch, newest first.
+    #[serde(default)]
+    pub last_builds: Vec<BranchStatus>,
+}
+
+/// A forge as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgeView {
+    /// Which API.
+    pub kind: crate::project::ForgeKind,
+    /// Its base URL.
+    pub url: String,
+    /// The repository there.
+    pub repo: String,
+    /// Whether a token is set.
+    pub token: bool,
+}
+
+/// A branch's latest build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchStatus {
+    /// The branch.
+    pub branch: String,
+    /// The build's id.
+    pub id: BuildId,
+    /// Its number in the project.
+    pub number: u64,
+    /// Its status.
+    pub status: BuildStatus,
+    /// The commit.
+    pub hash: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+/// `GET /api/projects` reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectList {
+    /// Every project, by name.
+    pub projects: Vec<ProjectView>,
+}
+
+/// `POST /api/projects/{name}/secrets`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// A variable name.
+    pub name: String,
+    /// The value; never shown again.
+    pub value: String,
+}
+
+impl std::fmt::Debug for SecretSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretSpec")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `GET /api/projects/{name}/secrets` reply: names only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretList {
+    /// The secrets, by name.
+    pub secrets: Vec<SecretEntry>,
+}
+
+/// A secret as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretEntry {
+    /// Its name.
+    pub name: String,
+    /// RFC 3339: when it was last set.
+    pub updated_at: String,
 }
 
 /// `GET /api/builds` reply.

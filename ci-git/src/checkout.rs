@@ -35,6 +35,17 @@ pub struct Checkouts {
     resolved: Arc<Mutex<HashMap<(PathBuf, String), String>>>,
 }
 
+/// What a commit says of itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// The message's first line.
+    pub subject: String,
+    /// `Name <email>`.
+    pub author: String,
+    /// The whole message.
+    pub message: String,
+}
+
 /// A checked-out commit in its own directory, removed on drop.
 #[derive(Debug)]
 pub struct Workspace {
@@ -167,6 +178,48 @@ impl Checkouts {
             .bytes("read the file")
             .await?;
         Ok(Some(bytes))
+    }
+
+    /// The subject line, author and full message of commit `sha` of
+    /// `repo`, from the cache (resolve it first).
+    pub async fn commit_info(&self, repo: &RepoUrl, sha: &str) -> Result<CommitInfo, Error> {
+        if sha.len() < 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Checkout(format!("not a full commit SHA: {sha:?}")));
+        }
+        let cache = self.cache_dir(repo);
+        let out = git(
+            Some(&cache),
+            &["show", "-s", "--format=%an <%ae>%x00%B", "--end-of-options"],
+        )
+        .arg(sha)
+        .output("read the commit")
+        .await
+        .map_err(|e| scrub(repo, e))?;
+        let (author, message) = out.split_once('\0').unwrap_or(("", &out));
+        Ok(CommitInfo {
+            subject: message.lines().next().unwrap_or_default().trim().to_owned(),
+            author: author.trim().to_owned(),
+            message: message.trim_end().to_owned(),
+        })
+    }
+
+    /// The branches of `repo` and the commits they point at, asked of the
+    /// remote itself (`git ls-remote --heads`), without fetching.
+    pub async fn ls_remote(&self, repo: &RepoUrl) -> Result<Vec<(String, String)>, Error> {
+        let out = git(None, &["ls-remote", "--heads", "--end-of-options"])
+            .arg(repo.as_str())
+            .output("list the remote's branches")
+            .await
+            .map_err(|e| scrub(repo, e))?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let (sha, name) = l.split_once('\t')?;
+                let branch = name.strip_prefix("refs/heads/")?;
+                let ok = sha.len() >= 40 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+                ok.then(|| (branch.to_owned(), sha.to_owned()))
+            })
+            .collect())
     }
 
     /// Checks out `commit` of `repo` into a new workspace named `name`.

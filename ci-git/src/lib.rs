@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 mod checkout;
 
-pub use checkout::{Checkouts, Workspace};
+pub use checkout::{Checkouts, CommitInfo, Workspace};
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]

@@ -142,6 +142,21 @@ pub struct Args {
     /// idle kept-alive connection stays open (e.g. 10s).
     #[arg(long, env = "HEADER_TIMEOUT", value_name = "HEADER_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub header_timeout: Duration,
+
+    /// The key projects' secrets are sealed with, made (0600) on first
+    /// start (default: beside the database, `DB_PATH` + `.key`). Keep it
+    /// out of database backups.
+    #[arg(long, env = "SECRET_KEY_FILE", value_name = "SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+
+    /// Most `git ls-remote` processes polling projects at once.
+    #[arg(
+        long,
+        env = "POLL_PARALLEL",
+        value_name = "POLL_PARALLEL",
+        default_value_t = 4
+    )]
+    pub poll_parallel: usize,
 }
 
 /// Validated server settings.
@@ -182,6 +197,12 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// Connection limit and timeouts of the listener.
     pub limits: crate::listen::Limits,
+    /// The key file secrets are sealed with; none: `DB_PATH` + `.key`.
+    pub secret_key_file: Option<PathBuf>,
+    /// Repository URL schemes projects may use.
+    pub repo_schemes: Vec<String>,
+    /// Most `git ls-remote` at once.
+    pub poll_parallel: usize,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -217,7 +238,19 @@ impl ServerConfig {
             public_origin: None,
             insecure: false,
             limits: crate::listen::Limits::default(),
+            secret_key_file: None,
+            repo_schemes: DEFAULT_REPO_SCHEMES.iter().map(|s| s.to_string()).collect(),
+            poll_parallel: 4,
         }
+    }
+
+    /// The key file secrets are sealed with.
+    pub fn secret_key_path(&self) -> PathBuf {
+        self.secret_key_file.clone().unwrap_or_else(|| {
+            let mut p = self.db_path.clone().into_os_string();
+            p.push(".key");
+            PathBuf::from(p)
+        })
     }
 
     /// Refuses settings that are unsafe, with what to do instead.
@@ -330,6 +363,12 @@ impl TryFrom<Args> for ServerConfig {
             0 => crate::listen::Limits::connections_allowed(10_000),
             n => n,
         };
+        if !(1..=64).contains(&a.poll_parallel) {
+            return Err(Error::Config {
+                name: "POLL_PARALLEL",
+                reason: "must be 1 to 64".into(),
+            });
+        }
         if a.dispatch_timeout_ms == 0 {
             return Err(Error::Config {
                 name: "DISPATCH_TIMEOUT_MS",
@@ -360,6 +399,9 @@ impl TryFrom<Args> for ServerConfig {
                 max_connections,
                 header_timeout: a.header_timeout,
             },
+            secret_key_file: a.secret_key_file,
+            repo_schemes: a.repo_schemes,
+            poll_parallel: a.poll_parallel,
         };
         config.check()?;
         Ok(config)

@@ -13,6 +13,10 @@
 //! - [`listen`]: the bounded accept loop (timeouts, connection limit).
 //! - `logs` (private): logs of any size, read and sent a chunk at a time.
 //! - [`link`]: [`HttpLink`], delivering builds to agents.
+//! - [`triggers`]: builds started by pushes (webhooks, `api::hooks`, and
+//!   the [`triggers::Poller`]).
+//! - [`vault`]: projects' secrets, sealed with a key kept outside the
+//!   database.
 //! - [`openapi`]: the OpenAPI description, served at `/api/openapi.json`.
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
 //! - `follow` (private): `GET /api/builds/{id}/log?follow=1`, Server-Sent Events.
@@ -44,7 +48,9 @@ mod logs;
 pub mod metrics;
 pub mod openapi;
 pub mod resolve;
+pub mod triggers;
 mod ui;
+pub mod vault;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -129,6 +135,20 @@ impl Server {
             })?)),
             None => None,
         };
+        let vault = Arc::new(vault::Vault::open(&config.secret_key_path())?);
+        // The default project is the server's REPO.
+        let default = store
+            .project(ci_core::Project::DEFAULT)
+            .await?
+            .unwrap_or_else(ci_core::Project::default_project);
+        if default.repo != config.repo.as_str() {
+            store
+                .update_project(&ci_core::Project {
+                    repo: config.repo.as_str().to_owned(),
+                    ..default
+                })
+                .await?;
+        }
         let link = Arc::new(HttpLink::new(
             config.dispatch_timeout,
             config.agent_token.clone(),
@@ -141,6 +161,8 @@ impl Server {
                 metrics: Arc::default(),
                 draining: Arc::default(),
                 resolver,
+                vault,
+                poller: Arc::default(),
             },
         })
     }
@@ -203,6 +225,7 @@ impl Server {
             "connection limits"
         );
         self.app.dispatcher.start_scheduling().await?;
+        tokio::spawn(triggers::poll_loop(self.app.clone(), stopped(stop_rx.clone())));
         crate::listen::serve(listener, self.routes(), limits, stopped(stop_rx)).await;
         // Requests are done: let the dispatches in flight finish, then stop.
         self.app.dispatcher.shutdown().await;

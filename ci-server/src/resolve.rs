@@ -41,7 +41,9 @@ pub enum Unresolved {
 /// The server's repository cache.
 pub struct Resolver {
     git: Checkouts,
-    unreachable_until: Mutex<Option<Instant>>,
+    /// Repositories left alone until then, each on its own: one project's
+    /// dead git server holds up no other project.
+    unreachable_until: Mutex<std::collections::HashMap<RepoUrl, Instant>>,
     timeout: Duration,
     /// Pipeline files read lately, by commit and path: a commit's file
     /// never changes, and builds of one commit come in runs (rebuilds,
@@ -80,7 +82,7 @@ impl Resolver {
     pub fn new(dir: &std::path::Path) -> Result<Resolver, ci_git::Error> {
         Ok(Resolver {
             git: Checkouts::new(dir)?,
-            unreachable_until: Mutex::new(None),
+            unreachable_until: Mutex::default(),
             timeout: GIT_TIMEOUT,
             files: std::sync::Mutex::default(),
         })
@@ -102,13 +104,13 @@ impl Resolver {
                 branch: None,
             }));
         }
-        if self
-            .unreachable_until
-            .lock()
-            .await
-            .is_some_and(|until| Instant::now() < until)
         {
-            return Ok(None);
+            let mut left = self.unreachable_until.lock().await;
+            let now = Instant::now();
+            left.retain(|_, until| now < *until);
+            if left.contains_key(repo) {
+                return Ok(None);
+            }
         }
         // N.B.: git is killed when its future is dropped.
         let resolved = match tokio::time::timeout(self.timeout, self.git.resolve(repo, commit)).await {
@@ -131,9 +133,44 @@ impl Resolver {
             Err(ci_git::Error::NotFound(m)) => Err(Unresolved::NotFound(m)),
             Err(e) => {
                 tracing::warn!(repo = %repo.redacted(), cause = %e, "cannot reach the repository: builds keep their refs as given, agents resolve them");
-                *self.unreachable_until.lock().await = Some(Instant::now() + RETRY_AFTER);
+                self.unreachable_until
+                    .lock()
+                    .await
+                    .insert(repo.clone(), Instant::now() + RETRY_AFTER);
                 Ok(None)
             }
+        }
+    }
+}
+
+impl Resolver {
+    /// What commit `sha` (full, resolved before) says of itself; none if
+    /// git cannot tell in time.
+    pub async fn commit_info(&self, repo: &RepoUrl, sha: &CommitRef) -> Option<ci_git::CommitInfo> {
+        let read = async {
+            // N.B.: fetches the commit if the cache lacks it (a full SHA
+            // is resolved without git).
+            self.git.resolve(repo, sha).await?;
+            self.git.commit_info(repo, sha.as_str()).await
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(info)) => Some(info),
+            Ok(Err(e)) => {
+                tracing::debug!(repo = %repo.redacted(), cause = %e, "cannot read the commit");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The remote's branches and their commits (`git ls-remote`).
+    pub async fn ls_remote(&self, repo: &RepoUrl) -> Result<Vec<(String, String)>, ci_git::Error> {
+        match tokio::time::timeout(self.timeout, self.git.ls_remote(repo)).await {
+            Ok(r) => r,
+            Err(_) => Err(ci_git::Error::Checkout(format!(
+                "git ls-remote did not answer within {:?}",
+                self.timeout
+            ))),
         }
     }
 }
@@ -226,7 +263,7 @@ mod tests {
         let repo = RepoUrl::parse(&format!("git://127.0.0.1:{port}/repo")).unwrap();
         let main = CommitRef::parse("main").unwrap();
         assert!(resolver.resolve(&repo, &main).await.unwrap().is_none());
-        assert!(resolver.unreachable_until.lock().await.is_some());
+        assert!(resolver.unreachable_until.lock().await.contains_key(&repo));
         // Left alone: answered at once, without git.
         assert!(resolver.resolve(&repo, &main).await.unwrap().is_none());
         held.abort();

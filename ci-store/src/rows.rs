@@ -9,15 +9,15 @@ use std::str::FromStr;
 
 use crate::Error;
 
-pub(crate) const BUILD_COLUMNS: &str =
-    "id, repo, hash, branch, command, image, timeout_ms, status, created_at, labels";
+pub(crate) const BUILD_COLUMNS: &str = "id, repo, hash, branch, command, image, timeout_ms, status, \
+     created_at, labels, project, number, event, subject, author, untrusted, delivery";
 
 /// A step's own columns, as a literal for `concat!`.
 macro_rules! step_columns {
     () => {
         "id, build_id, name, command, image, timeout_ms, labels, depends_on, allow_failure, \
          retries_left, matrix, status, attempt, agent_id, agent_url, exit_code, created_at, \
-         started_at, finished_at, retry_on, services"
+         started_at, finished_at, retry_on, services, secrets"
     };
 }
 pub(crate) use step_columns;
@@ -60,6 +60,20 @@ pub(crate) fn build_from_row(row: &Row<'_>) -> rusqlite::Result<Build> {
         finished_at: None,
         labels: labels_from(&row.get::<_, String>(9)?),
         steps: Vec::new(),
+        number: row.get::<_, i64>(11)?.max(0) as u64,
+        source: ci_core::Source {
+            project: row.get(10)?,
+            event: match row.get::<_, Option<String>>(12)? {
+                Some(e) => Some(
+                    serde_json::from_value(serde_json::Value::String(e)).map_err(|e| conversion(12, e))?,
+                ),
+                None => None,
+            },
+            subject: row.get(13)?,
+            author: row.get(14)?,
+            untrusted: row.get(15)?,
+            delivery: row.get(16)?,
+        },
     })
 }
 
@@ -89,6 +103,7 @@ pub(crate) fn step_from_row(row: &Row<'_>) -> rusqlite::Result<Step> {
         retry_on: RetryOn::from_bits(row.get(19)?),
         matrix: serde_json::from_str(&matrix).map_err(|e| conversion(10, e))?,
         services,
+        secrets: serde_json::from_str(&row.get::<_, String>(21)?).map_err(|e| conversion(21, e))?,
         status,
         attempt: Attempt(row.get(12)?),
         agent_id: row.get::<_, Option<i64>>(13)?.map(AgentId),

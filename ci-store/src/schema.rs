@@ -155,6 +155,48 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // it (JSON; NULL for none).
     "ALTER TABLE steps ADD COLUMN retry_on INTEGER NOT NULL DEFAULT 3;
     ALTER TABLE steps ADD COLUMN services TEXT;",
+    // 10: projects. Builds so far belong to the default project (whose
+    // repository the server sets from REPO), numbered in order; what
+    // started them was not kept. Secrets are sealed by the server.
+    "CREATE TABLE projects (
+        name            TEXT PRIMARY KEY,
+        repo            TEXT NOT NULL,
+        default_branch  TEXT NOT NULL DEFAULT 'main',
+        poll_interval   INTEGER NOT NULL DEFAULT 60,
+        branches        TEXT NOT NULL DEFAULT '[]',
+        cancel_previous INTEGER NOT NULL DEFAULT 0,
+        forge           TEXT,
+        last_number     INTEGER NOT NULL DEFAULT 0,
+        created_at      INTEGER NOT NULL
+    );
+    INSERT INTO projects (name, repo, poll_interval, last_number, created_at)
+        VALUES ('default', COALESCE((SELECT repo FROM builds ORDER BY id DESC LIMIT 1), ''), 0,
+                (SELECT COUNT(*) FROM builds), COALESCE((SELECT MIN(created_at) FROM builds), 0));
+    ALTER TABLE builds ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE builds ADD COLUMN number INTEGER NOT NULL DEFAULT 0;
+    UPDATE builds SET number = (SELECT COUNT(*) FROM builds AS b WHERE b.id <= builds.id);
+    ALTER TABLE builds ADD COLUMN event TEXT;
+    ALTER TABLE builds ADD COLUMN subject TEXT;
+    ALTER TABLE builds ADD COLUMN author TEXT;
+    ALTER TABLE builds ADD COLUMN untrusted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE builds ADD COLUMN delivery TEXT;
+    CREATE UNIQUE INDEX builds_number ON builds (project, number);
+    CREATE UNIQUE INDEX builds_delivery ON builds (delivery) WHERE delivery IS NOT NULL;
+    CREATE INDEX builds_branch ON builds (project, branch, id);
+    ALTER TABLE steps ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE secrets (
+        project    TEXT NOT NULL REFERENCES projects (name) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        sealed     BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (project, name)
+    );
+    CREATE TABLE heads (
+        project TEXT NOT NULL REFERENCES projects (name) ON DELETE CASCADE,
+        branch  TEXT NOT NULL,
+        sha     TEXT NOT NULL,
+        PRIMARY KEY (project, branch)
+    );",
 ];
 
 /// Takes the exclusive `flock` on the file `conn` opened (by the name

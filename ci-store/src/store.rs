@@ -7,11 +7,12 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use ci_core::model::{LogPiece, Moved, RetryOn};
-use ci_core::store::{Agents, Builds, Claim, Lease, Logs, Queue, Requeue, Taken};
+use ci_core::store::{Agents, BuildFilter, Builds, Claim, Lease, Logs, Projects, Queue, Requeue, Taken};
 use ci_core::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, Labels,
     LogInfo, NewBuild, Page, Step, StepId, StepStatus, Stream, Timestamp,
 };
+use ci_core::{Forge, Project};
 use std::str::FromStr;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -203,9 +204,36 @@ impl Queue for SqliteStore {
     async fn create_build(&self, new: &NewBuild, now: Timestamp) -> ci_core::Result<Build> {
         let new = new.clone();
         self.write(Cost::Short, move |tx| {
+            let source = &new.source;
+            let number: Option<i64> = tx
+                .prepare_cached(
+                    "UPDATE projects SET last_number = last_number + 1 WHERE name = ?1 RETURNING last_number",
+                )?
+                .query_row([&source.project], |r| r.get(0))
+                .optional()?;
+            let Some(number) = number else {
+                return Err(Error::Refused(ci_core::Error::ProjectNotFound(source.project.clone())));
+            };
+            if let Some(d) = &source.delivery {
+                let seen = tx
+                    .prepare_cached("SELECT 1 FROM builds WHERE delivery = ?1")?
+                    .query_row([d], |_| Ok(()))
+                    .optional()?;
+                if seen.is_some() {
+                    return Err(Error::Refused(ci_core::Error::Conflict(format!(
+                        "delivery {d} already made a build"
+                    ))));
+                }
+            }
+            let event = source.event.map(|e| match serde_json::to_value(e) {
+                Ok(serde_json::Value::String(s)) => s,
+                _ => String::new(),
+            });
             let sql = format!(
-                "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at, labels)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8) RETURNING {BUILD_COLUMNS}"
+                "INSERT INTO builds (repo, hash, branch, command, image, timeout_ms, status, created_at, labels,
+                                     project, number, event, subject, author, untrusted, delivery)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                 RETURNING {BUILD_COLUMNS}"
             );
             let build = tx.prepare_cached(&sql)?.query_row(
                 params![
@@ -217,6 +245,13 @@ impl Queue for SqliteStore {
                     new.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
                     ts(now),
                     labels_text(&new.labels),
+                    source.project,
+                    number,
+                    event,
+                    source.subject,
+                    source.author,
+                    source.untrusted,
+                    source.delivery,
                 ],
                 build_from_row,
             )?;
@@ -246,8 +281,8 @@ impl Queue for SqliteStore {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO steps (build_id, name, command, image, timeout_ms, labels, depends_on,
                                     allow_failure, retries_left, matrix, status, created_at,
-                                    retry_on, services)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) RETURNING id",
+                                    retry_on, services, secrets)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) RETURNING id",
             )?;
             // N.B.: the steps are made here, not read back.
             let mut steps = Vec::new();
@@ -269,6 +304,7 @@ impl Queue for SqliteStore {
                     ts(now),
                     n.retry_on.bits(),
                     (!n.services.is_empty()).then(|| serde_json::to_string(&n.services).unwrap_or_default()),
+                    serde_json::to_string(&n.secrets).unwrap_or_default(),
                 ], |r| r.get(0))?;
                 steps.push(Step { id: StepId(id), ..step });
             }
@@ -784,6 +820,60 @@ impl Builds for SqliteStore {
         .await
     }
 
+    async fn find_builds(&self, filter: &BuildFilter, page: Page) -> ci_core::Result<Vec<Build>> {
+        if filter == &BuildFilter::default() {
+            return self.list_builds(page).await;
+        }
+        let filter = filter.clone();
+        self.read(Cost::Short, move |conn| {
+            // N.B.: every value is a bound parameter; only the shape of
+            // the query depends on which filters are given.
+            let mut sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id < ?1");
+            let mut args: Vec<rusqlite::types::Value> = vec![page.before.map_or(i64::MAX, |b| b.0).into()];
+            if let Some(p) = filter.project {
+                args.push(p.into());
+                sql.push_str(&format!(" AND project = ?{}", args.len()));
+            }
+            if let Some(b) = filter.branch {
+                args.push(b.into());
+                sql.push_str(&format!(" AND branch = ?{}", args.len()));
+            }
+            if !filter.status.is_empty() {
+                let list: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
+                args.push(serde_json::to_string(&list).unwrap_or_default().into());
+                sql.push_str(&format!(
+                    " AND status IN (SELECT value FROM json_each(?{}))",
+                    args.len()
+                ));
+            }
+            sql.push_str(" ORDER BY id DESC");
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), build_from_row)?
+                .skip(page.offset)
+                .take(page.limit);
+            let builds: Vec<Build> = rows.collect::<rusqlite::Result<_>>()?;
+            builds.into_iter().map(|b| with_steps(conn, b)).collect()
+        })
+        .await
+    }
+
+    async fn build_by_number(&self, project: &str, number: u64) -> ci_core::Result<Option<Build>> {
+        let project = project.to_owned();
+        self.read(Cost::Short, move |conn| {
+            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE project = ?1 AND number = ?2");
+            let build = conn
+                .prepare_cached(&sql)?
+                .query_row(
+                    params![project, i64::try_from(number).unwrap_or(i64::MAX)],
+                    build_from_row,
+                )
+                .optional()?;
+            build.map(|b| with_steps(conn, b)).transpose()
+        })
+        .await
+    }
+
     async fn status_counts(&self) -> ci_core::Result<Vec<(BuildStatus, u64)>> {
         // An index scan over the whole history.
         self.read(Cost::Long, |conn| {
@@ -856,6 +946,248 @@ impl Agents for SqliteStore {
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+}
+
+// === impl Projects ===
+
+const PROJECT_COLUMNS: &str =
+    "name, repo, default_branch, poll_interval, branches, cancel_previous, forge, created_at";
+
+fn project_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Project> {
+    let bad = |i, e: serde_json::Error| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    };
+    let forge = match row.get::<_, Option<String>>(6)? {
+        Some(json) => Some(serde_json::from_str::<Forge>(&json).map_err(|e| bad(6, e))?),
+        None => None,
+    };
+    Ok(Project {
+        name: row.get(0)?,
+        repo: row.get(1)?,
+        default_branch: row.get(2)?,
+        poll_interval_s: row.get::<_, i64>(3)?.clamp(0, i64::from(u32::MAX)) as u32,
+        branches: serde_json::from_str(&row.get::<_, String>(4)?).map_err(|e| bad(4, e))?,
+        cancel_previous: row.get(5)?,
+        forge,
+        created_at: Timestamp(row.get::<_, i64>(7)?.max(0) as u64),
+    })
+}
+
+fn project_exists(tx: &Connection, name: &str) -> Result<(), Error> {
+    let found = tx
+        .prepare_cached("SELECT 1 FROM projects WHERE name = ?1")?
+        .query_row([name], |_| Ok(()))
+        .optional()?;
+    found.ok_or_else(|| Error::Refused(ci_core::Error::ProjectNotFound(name.to_owned())))
+}
+
+#[async_trait]
+impl Projects for SqliteStore {
+    async fn create_project(&self, project: &Project, now: Timestamp) -> ci_core::Result<Project> {
+        let p = Project {
+            created_at: now,
+            ..project.clone()
+        };
+        self.write(Cost::Short, move |tx| {
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO projects (name, repo, default_branch, poll_interval, branches,
+                                           cancel_previous, forge, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO NOTHING",
+                )?
+                .execute(params![
+                    p.name,
+                    p.repo,
+                    p.default_branch,
+                    p.poll_interval_s,
+                    serde_json::to_string(&p.branches).unwrap_or_default(),
+                    p.cancel_previous,
+                    p.forge
+                        .as_ref()
+                        .map(|f| serde_json::to_string(f).unwrap_or_default()),
+                    ts(now),
+                ])?;
+            if inserted == 0 {
+                return Err(Error::Refused(ci_core::Error::Conflict(format!(
+                    "project {:?} exists",
+                    p.name
+                ))));
+            }
+            Ok(p)
+        })
+        .await
+    }
+
+    async fn update_project(&self, project: &Project) -> ci_core::Result<Project> {
+        let p = project.clone();
+        self.write(Cost::Short, move |tx| {
+            let sql = format!(
+                "UPDATE projects SET repo = ?2, default_branch = ?3, poll_interval = ?4, branches = ?5,
+                                     cancel_previous = ?6, forge = ?7
+                 WHERE name = ?1 RETURNING {PROJECT_COLUMNS}"
+            );
+            let stored = tx
+                .prepare_cached(&sql)?
+                .query_row(
+                    params![
+                        p.name,
+                        p.repo,
+                        p.default_branch,
+                        p.poll_interval_s,
+                        serde_json::to_string(&p.branches).unwrap_or_default(),
+                        p.cancel_previous,
+                        p.forge
+                            .as_ref()
+                            .map(|f| serde_json::to_string(f).unwrap_or_default()),
+                    ],
+                    project_from_row,
+                )
+                .optional()?;
+            stored.ok_or_else(|| Error::Refused(ci_core::Error::ProjectNotFound(p.name.clone())))
+        })
+        .await
+    }
+
+    async fn project(&self, name: &str) -> ci_core::Result<Option<Project>> {
+        let name = name.to_owned();
+        self.read(Cost::Short, move |conn| {
+            let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE name = ?1");
+            Ok(conn
+                .prepare_cached(&sql)?
+                .query_row([name], project_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn projects(&self) -> ci_core::Result<Vec<Project>> {
+        self.read(Cost::Short, move |conn| {
+            let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects ORDER BY name");
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map([], project_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn delete_project(&self, name: &str) -> ci_core::Result<bool> {
+        let name = name.to_owned();
+        self.write(Cost::Long, move |tx| {
+            if name == Project::DEFAULT {
+                return Err(Error::Refused(ci_core::Error::Conflict(
+                    "the default project cannot be deleted".into(),
+                )));
+            }
+            if project_exists(tx, &name).is_err() {
+                return Ok(false);
+            }
+            let unfinished = tx
+                .prepare_cached(
+                    "SELECT 1 FROM builds WHERE project = ?1 AND status IN ('queued', 'running') LIMIT 1",
+                )?
+                .query_row([&name], |_| Ok(()))
+                .optional()?;
+            if unfinished.is_some() {
+                return Err(Error::Refused(ci_core::Error::Conflict(format!(
+                    "project {name:?} has unfinished builds: cancel them first"
+                ))));
+            }
+            // Steps, their logs, secrets and heads go by foreign key.
+            tx.prepare_cached("DELETE FROM builds WHERE project = ?1")?
+                .execute([&name])?;
+            tx.prepare_cached("DELETE FROM projects WHERE name = ?1")?
+                .execute([&name])?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn put_secret(
+        &self,
+        project: &str,
+        name: &str,
+        sealed: &[u8],
+        now: Timestamp,
+    ) -> ci_core::Result<()> {
+        let (project, name, sealed) = (project.to_owned(), name.to_owned(), sealed.to_vec());
+        self.write(Cost::Short, move |tx| {
+            project_exists(tx, &project)?;
+            tx.prepare_cached(
+                "INSERT INTO secrets (project, name, sealed, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (project, name) DO UPDATE SET sealed = excluded.sealed, created_at = excluded.created_at",
+            )?
+            .execute(params![project, name, sealed, ts(now)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn secret_names(&self, project: &str) -> ci_core::Result<Vec<(String, Timestamp)>> {
+        let project = project.to_owned();
+        self.read(Cost::Short, move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT name, created_at FROM secrets WHERE project = ?1 ORDER BY name")?;
+            let rows = stmt.query_map([project], |r| {
+                Ok((r.get(0)?, Timestamp(r.get::<_, i64>(1)?.max(0) as u64)))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn secrets(&self, project: &str, names: &[String]) -> ci_core::Result<Vec<(String, Vec<u8>)>> {
+        let (project, names) = (project.to_owned(), names.to_vec());
+        self.read(Cost::Short, move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT sealed FROM secrets WHERE project = ?1 AND name = ?2")?;
+            let mut found = Vec::new();
+            for name in names {
+                if let Some(v) = stmt.query_row(params![project, name], |r| r.get(0)).optional()? {
+                    found.push((name, v));
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn delete_secret(&self, project: &str, name: &str) -> ci_core::Result<bool> {
+        let (project, name) = (project.to_owned(), name.to_owned());
+        self.write(Cost::Short, move |tx| {
+            let n = tx
+                .prepare_cached("DELETE FROM secrets WHERE project = ?1 AND name = ?2")?
+                .execute(params![project, name])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn heads(&self, project: &str) -> ci_core::Result<Vec<(String, String)>> {
+        let project = project.to_owned();
+        self.read(Cost::Short, move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT branch, sha FROM heads WHERE project = ?1 ORDER BY branch")?;
+            let rows = stmt.query_map([project], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn set_heads(&self, project: &str, heads: &[(String, String)]) -> ci_core::Result<()> {
+        let (project, heads) = (project.to_owned(), heads.to_vec());
+        self.write(Cost::Short, move |tx| {
+            project_exists(tx, &project)?;
+            tx.prepare_cached("DELETE FROM heads WHERE project = ?1")?
+                .execute([&project])?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO heads (project, branch, sha) VALUES (?1, ?2, ?3)")?;
+            for (branch, sha) in heads {
+                insert.execute(params![project, branch, sha])?;
+            }
+            Ok(())
         })
         .await
     }

@@ -367,3 +367,78 @@ async fn the_queue_by_label_set_is_indexed_and_planned_once() {
     );
     assert_eq!(replans, 0);
 }
+
+/// A database written by the code before projects (schema 9, by commit
+/// 82e8921: four builds, one a pipeline, one running with live output,
+/// one queued, and an agent) opens: its builds are the default project's,
+/// numbered in order, with their steps, logs and leases, and new builds
+/// go on from there.
+#[tokio::test]
+async fn a_database_from_before_projects_migrates() {
+    use ci_core::store::{Agents, Projects};
+    use ci_core::Project;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ci.sqlite");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema-v9.sqlite");
+    std::fs::copy(fixture, &path).unwrap();
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 9);
+
+    let store = SqliteStore::open(&path).unwrap();
+    let default = store.project(Project::DEFAULT).await.unwrap().unwrap();
+    assert_eq!(default.repo, "/srv/repo.git");
+    assert_eq!(default.poll_interval_s, 0, "an upgrade starts no polling");
+    let builds = store.list_builds(ci_core::Page::default()).await.unwrap();
+    let seen: Vec<(i64, u64, &str, BuildStatus)> = builds
+        .iter()
+        .map(|b| (b.id.0, b.number, b.source.project.as_str(), b.status))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (4, 4, "default", BuildStatus::Queued),
+            (3, 3, "default", BuildStatus::Running),
+            (2, 2, "default", BuildStatus::Failed),
+            (1, 1, "default", BuildStatus::Success),
+        ]
+    );
+    assert!(builds.iter().all(|b| b.source.event.is_none()));
+    let pipeline = &builds[2];
+    let steps: Vec<(&str, StepStatus)> = pipeline
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        steps,
+        [("lint", StepStatus::Failed), ("test", StepStatus::Skipped)]
+    );
+    assert!(pipeline.steps.iter().all(|s| s.secrets.is_empty()));
+    let log = store.log(builds[3].steps[0].id, None).await.unwrap().unwrap();
+    assert_eq!(log.stdout, "ok ä\n");
+    let running = builds[1].steps[0].id;
+    assert_eq!(store.log(running, None).await.unwrap().unwrap().stdout, "live\n");
+    let leases = store.leases().await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].step, running);
+    assert_eq!(store.agents().await.unwrap().len(), 1);
+
+    let next = store.create_build(&new_build(), Timestamp(10_000)).await.unwrap();
+    assert_eq!((next.id.0, next.number), (5, 5));
+    assert_eq!(
+        store.build_by_number("default", 2).await.unwrap().unwrap().id,
+        BuildId(2)
+    );
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    let fk: Vec<String> = store
+        .with_reader(|c| {
+            let mut st = c.prepare("PRAGMA foreign_key_check")?;
+            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .unwrap();
+    assert!(fk.is_empty(), "{fk:?}");
+}

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`GitRepo`]: a repository with commits made on demand.
+//! - [`GitDaemon`]: a git server (`git daemon`) on loopback.
 //! - [`Proc`]: a spawned binary, killed with SIGKILL when dropped, whose
 //!   output goes to a log file that is printed if the test fails.
 //! - [`wait_until`]: polls a condition until it holds or a deadline passes.
@@ -84,6 +85,68 @@ impl GitRepo {
         self.git(&["add", "--all"]);
         self.git(&["commit", "--quiet", "--allow-empty", "-m", message]);
         self.git(&["rev-parse", "HEAD"])
+    }
+}
+
+/// `git daemon` serving bare repositories on 127.0.0.1, pushes allowed:
+/// a real git server. Killed when dropped.
+pub struct GitDaemon {
+    root: tempfile::TempDir,
+    port: u16,
+    child: Child,
+}
+
+impl GitDaemon {
+    pub fn start() -> GitDaemon {
+        let root = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--enable=receive-pack",
+                "--listen=127.0.0.1",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", root.path().display()))
+            .arg(root.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let daemon = GitDaemon { root, port, child };
+        // Ready when it accepts connections.
+        let mut tries = 0;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            tries += 1;
+            assert!(tries < 1000, "git daemon did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        daemon
+    }
+
+    /// Makes the bare repository `name` (`web.git`) and returns its URL.
+    pub fn create(&self, name: &str) -> String {
+        let out = Command::new("git")
+            .args(["init", "--quiet", "--bare", "--initial-branch=main"])
+            .arg(self.root.path().join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        self.url(name)
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("git://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -269,6 +269,7 @@ struct Common {
     timeout: Option<Duration>,
     retry: Retry,
     when: When,
+    secrets: Vec<String>,
 }
 
 impl Common {
@@ -337,11 +338,34 @@ impl Common {
                 "services: only a step with an image has services (they run beside its container)",
             );
         }
+        let mut secrets = Vec::new();
+        if let Some(s) = &step.secrets {
+            if s.value.len() > limits::MAX_SECRETS {
+                return err(s.referenced, format!("secrets: at most {}", limits::MAX_SECRETS));
+            }
+            for name in &s.value {
+                if crate::project::SecretName::check(name).is_err() {
+                    return err(
+                        s.referenced,
+                        format!(
+                            "secrets: {name:?} is not a variable name (letters, digits, '_'; not CI_...)"
+                        ),
+                    );
+                }
+                if env.contains_key(name) {
+                    return err(s.referenced, format!("secrets: {name} is also set in env"));
+                }
+                if !secrets.contains(name) {
+                    secrets.push(name.clone());
+                }
+            }
+        }
         Ok(Common {
             env,
             timeout,
             retry,
             when,
+            secrets,
         })
     }
 
@@ -436,6 +460,7 @@ impl Common {
             when: self.when.clone(),
             allow_failure: step.allow_failure,
             services,
+            secrets: self.secrets.clone(),
         })
     }
 }

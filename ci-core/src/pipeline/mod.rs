@@ -211,7 +211,7 @@ impl When {
 /// `*` matches any run of bytes but `/`, `**` any run at all. Dynamic
 /// programming over (pattern, text) positions: no pattern can make it
 /// slow.
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
+pub fn glob(pattern: &[u8], text: &[u8]) -> bool {
     #[derive(Copy, Clone)]
     enum Tok {
         Byte(u8),
@@ -281,6 +281,9 @@ pub struct Step {
     pub allow_failure: bool,
     /// Containers beside it (Docker runner only).
     pub services: Vec<Service>,
+    /// The project's secrets it gets as environment variables.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 impl Step {
@@ -338,6 +341,7 @@ impl Pipeline {
                 when: When::default(),
                 allow_failure: false,
                 services: Vec::new(),
+                secrets: Vec::new(),
             }],
         }
     }
@@ -408,6 +412,7 @@ impl Step {
             retry_on: self.retry.causes(),
             matrix: self.matrix.clone(),
             services: self.services.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub(super) struct Step {
     pub allow_failure: bool,
     #[serde(default)]
     pub services: Option<Spanned<BTreeMap<String, Service>>>,
+    #[serde(default)]
+    pub secrets: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -58,6 +58,206 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(make: impl Fn
     the_queue_by_label_set(&make().await).await;
     retries_spent_by_their_causes(&make().await).await;
     services_are_kept(&make().await).await;
+    projects_number_their_builds(&make().await).await;
+    projects_keep_secrets_and_heads(&make().await).await;
+}
+
+fn in_project(project: &str, branch: &str) -> NewBuild {
+    let mut b = new_build("make");
+    b.branch = Some(branch.to_owned());
+    b.source.project = project.to_owned();
+    b
+}
+
+/// Each project numbers its builds from 1, the default project always
+/// exists, a project that does not is refused, listings filter, a webhook
+/// delivery makes one build, and a project goes with its builds, only
+/// when they are all finished.
+pub async fn projects_number_their_builds<S: Store>(s: &S) {
+    use crate::project::{Project, Source};
+    assert!(ok(s.project(Project::DEFAULT).await).is_some());
+    let web = ok(s
+        .create_project(&Project::new("web", "/srv/web"), Timestamp(5))
+        .await);
+    assert_eq!(web.created_at, Timestamp(5));
+    assert!(matches!(
+        s.create_project(&Project::new("web", "/x"), Timestamp(6)).await,
+        Err(crate::Error::Conflict(_))
+    ));
+    let a = ok(s.create_build(&in_project("web", "main"), Timestamp(7)).await);
+    let b = ok(s.create_build(&new_build("make"), Timestamp(7)).await);
+    let c = ok(s.create_build(&in_project("web", "dev"), Timestamp(7)).await);
+    assert_eq!((a.number, b.number, c.number), (1, 1, 2));
+    assert_eq!(b.source.project, Project::DEFAULT);
+    assert!(matches!(
+        s.create_build(&in_project("nope", "main"), Timestamp(7)).await,
+        Err(crate::Error::ProjectNotFound(_))
+    ));
+    let by_number = ok(s.build_by_number("web", 2).await).unwrap();
+    assert_eq!(by_number.id, c.id);
+    assert_eq!(by_number.branch.as_deref(), Some("dev"));
+
+    let filter = |project: Option<&str>, branch: Option<&str>, status: Vec<BuildStatus>| BuildFilter {
+        project: project.map(str::to_owned),
+        branch: branch.map(str::to_owned),
+        status,
+    };
+    let ids = |v: Vec<Build>| v.into_iter().map(|b| b.id).collect::<Vec<_>>();
+    let page = Page::default();
+    assert_eq!(
+        ids(ok(s.find_builds(&filter(Some("web"), None, vec![]), page).await)),
+        [c.id, a.id]
+    );
+    assert_eq!(
+        ids(ok(s
+            .find_builds(&filter(Some("web"), Some("main"), vec![]), page)
+            .await)),
+        [a.id]
+    );
+    assert_eq!(
+        ids(ok(s.find_builds(&filter(None, None, vec![]), page).await)),
+        [c.id, b.id, a.id]
+    );
+    assert!(ok(s
+        .find_builds(&filter(None, None, vec![BuildStatus::Success]), page)
+        .await)
+    .is_empty());
+    let one = Page {
+        limit: 1,
+        offset: 1,
+        before: None,
+    };
+    assert_eq!(
+        ids(ok(s.find_builds(&filter(Some("web"), None, vec![]), one).await)),
+        [a.id]
+    );
+
+    // Where it came from is kept.
+    let mut pushed = in_project("web", "main");
+    pushed.source = Source {
+        project: "web".into(),
+        event: Some(crate::pipeline::Trigger::Push),
+        subject: Some("Fix the thing".into()),
+        author: Some("Ada <ada@example.com>".into()),
+        untrusted: true,
+        delivery: Some("github:1234".into()),
+    };
+    let d = ok(s.create_build(&pushed, Timestamp(8)).await);
+    assert_eq!(ok(s.build(d.id).await).unwrap().source, pushed.source);
+    assert!(matches!(
+        s.create_build(&pushed, Timestamp(9)).await,
+        Err(crate::Error::Conflict(_))
+    ));
+    assert_eq!(
+        ok(s.build_by_number("web", 4).await),
+        None,
+        "a refused build takes no number"
+    );
+
+    // Settings are replaced; the default project too, keeping its numbers.
+    let mut changed = Project::new("web", "/srv/web2");
+    changed.poll_interval_s = 0;
+    changed.branches = vec!["main".into()];
+    changed.cancel_previous = true;
+    changed.forge = Some(crate::project::Forge {
+        kind: crate::project::ForgeKind::Gitea,
+        url: "http://127.0.0.1:3000".into(),
+        repo: "acme/web".into(),
+    });
+    let stored = ok(s.update_project(&changed).await);
+    assert_eq!(
+        stored,
+        Project {
+            created_at: Timestamp(5),
+            ..changed.clone()
+        }
+    );
+    assert_eq!(ok(s.project("web").await), Some(stored));
+    ok(s.update_project(&Project::new(Project::DEFAULT, "/srv/main"))
+        .await);
+    assert_eq!(
+        ok(s.create_build(&new_build("make"), Timestamp(9)).await).number,
+        2
+    );
+    let names: Vec<String> = ok(s.projects().await).into_iter().map(|p| p.name).collect();
+    assert_eq!(names, [Project::DEFAULT, "web"]);
+    assert!(matches!(
+        s.update_project(&Project::new("nope", "/x")).await,
+        Err(crate::Error::ProjectNotFound(_))
+    ));
+
+    // Deleting: refused while a build runs, and for the default project.
+    assert!(matches!(
+        s.delete_project("web").await,
+        Err(crate::Error::Conflict(_))
+    ));
+    assert!(matches!(
+        s.delete_project(Project::DEFAULT).await,
+        Err(crate::Error::Conflict(_))
+    ));
+    for id in [a.id, c.id, d.id] {
+        ok(s.cancel(id, Timestamp(10)).await);
+    }
+    assert!(ok(s.delete_project("web").await));
+    assert!(!ok(s.delete_project("web").await));
+    assert_eq!(ok(s.build(a.id).await), None);
+    assert!(ok(s.build(b.id).await).is_some());
+    // A project made again under the name starts again from 1.
+    ok(s.create_project(&Project::new("web", "/srv/web"), Timestamp(11))
+        .await);
+    assert_eq!(
+        ok(s.create_build(&in_project("web", "main"), Timestamp(12)).await).number,
+        1
+    );
+}
+
+/// Secrets are kept sealed as given, listed by name, replaced and
+/// deleted; heads are replaced as a whole; both go with their project.
+pub async fn projects_keep_secrets_and_heads<S: Store>(s: &S) {
+    use crate::project::Project;
+    ok(s.create_project(&Project::new("web", "/srv/web"), Timestamp(1))
+        .await);
+    ok(s.put_secret("web", "TOKEN", b"sealed-1", Timestamp(2)).await);
+    ok(s.put_secret("web", "A", b"sealed-2", Timestamp(3)).await);
+    ok(s.put_secret("web", "TOKEN", b"sealed-3", Timestamp(4)).await);
+    ok(s.put_secret(Project::DEFAULT, "TOKEN", b"other", Timestamp(4))
+        .await);
+    assert!(matches!(
+        s.put_secret("nope", "A", b"x", Timestamp(4)).await,
+        Err(crate::Error::ProjectNotFound(_))
+    ));
+    assert_eq!(
+        ok(s.secret_names("web").await),
+        [("A".to_owned(), Timestamp(3)), ("TOKEN".to_owned(), Timestamp(4))]
+    );
+    let wanted = ["TOKEN".to_owned(), "MISSING".to_owned()];
+    assert_eq!(
+        ok(s.secrets("web", &wanted).await),
+        [("TOKEN".to_owned(), b"sealed-3".to_vec())]
+    );
+    assert!(ok(s.delete_secret("web", "A").await));
+    assert!(!ok(s.delete_secret("web", "A").await));
+
+    assert!(ok(s.heads("web").await).is_empty());
+    let heads = [
+        ("main".to_owned(), "a".repeat(40)),
+        ("dev".to_owned(), "b".repeat(40)),
+    ];
+    ok(s.set_heads("web", &heads).await);
+    let mut got = ok(s.heads("web").await);
+    got.sort();
+    let mut want = heads.to_vec();
+    want.sort();
+    assert_eq!(got, want);
+    ok(s.set_heads("web", &heads[..1]).await);
+    assert_eq!(ok(s.heads("web").await), heads[..1]);
+
+    assert!(ok(s.delete_project("web").await));
+    ok(s.create_project(&Project::new("web", "/srv/web"), Timestamp(5))
+        .await);
+    assert!(ok(s.secret_names("web").await).is_empty());
+    assert!(ok(s.heads("web").await).is_empty());
+    assert_eq!(ok(s.secret_names(Project::DEFAULT).await).len(), 1);
 }
 
 /// Retries are spent only by the causes a step lists: a step that counts

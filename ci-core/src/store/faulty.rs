@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Agents, Builds, Claim, Lease, Logs, Queue, Requeue, Store};
+use super::{Agents, BuildFilter, Builds, Claim, Lease, Logs, Projects, Queue, Requeue, Store};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -13,6 +13,7 @@ use crate::model::{
     LogPiece, Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
+use crate::project::Project;
 use crate::runner::Stream;
 
 /// The writes a [`FaultyStore`] can fail.
@@ -173,6 +174,12 @@ impl Builds for FaultyStore {
     async fn list_builds(&self, page: Page) -> Result<Vec<Build>> {
         self.inner.list_builds(page).await
     }
+    async fn find_builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<Build>> {
+        self.inner.find_builds(filter, page).await
+    }
+    async fn build_by_number(&self, project: &str, number: u64) -> Result<Option<Build>> {
+        self.inner.build_by_number(project, number).await
+    }
     async fn status_counts(&self) -> Result<Vec<(BuildStatus, u64)>> {
         self.inner.status_counts().await
     }
@@ -188,5 +195,42 @@ impl Agents for FaultyStore {
     }
     async fn agents(&self) -> Result<Vec<AgentRecord>> {
         self.inner.agents().await
+    }
+}
+
+#[async_trait]
+impl Projects for FaultyStore {
+    async fn create_project(&self, project: &Project, now: Timestamp) -> Result<Project> {
+        self.inner.create_project(project, now).await
+    }
+    async fn update_project(&self, project: &Project) -> Result<Project> {
+        self.inner.update_project(project).await
+    }
+    async fn project(&self, name: &str) -> Result<Option<Project>> {
+        self.inner.project(name).await
+    }
+    async fn projects(&self) -> Result<Vec<Project>> {
+        self.inner.projects().await
+    }
+    async fn delete_project(&self, name: &str) -> Result<bool> {
+        self.inner.delete_project(name).await
+    }
+    async fn put_secret(&self, project: &str, name: &str, sealed: &[u8], now: Timestamp) -> Result<()> {
+        self.inner.put_secret(project, name, sealed, now).await
+    }
+    async fn secret_names(&self, project: &str) -> Result<Vec<(String, Timestamp)>> {
+        self.inner.secret_names(project).await
+    }
+    async fn secrets(&self, project: &str, names: &[String]) -> Result<Vec<(String, Vec<u8>)>> {
+        self.inner.secrets(project, names).await
+    }
+    async fn delete_secret(&self, project: &str, name: &str) -> Result<bool> {
+        self.inner.delete_secret(project, name).await
+    }
+    async fn heads(&self, project: &str) -> Result<Vec<(String, String)>> {
+        self.inner.heads(project).await
+    }
+    async fn set_heads(&self, project: &str, heads: &[(String, String)]) -> Result<()> {
+        self.inner.set_heads(project, heads).await
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 
-use super::{Agents, Builds, Claim, Lease, Logs, Queue, Requeue};
+use super::{Agents, BuildFilter, Builds, Claim, Lease, Logs, Projects, Queue, Requeue};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -13,6 +13,7 @@ use crate::model::{
     Completion, Labels, LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId, StepState, StepStatus,
 };
 use crate::pool::Enrollment;
+use crate::project::Project;
 use crate::runner::Stream;
 
 /// A [`Store`](super::Store) in memory: for tests, simulations and
@@ -40,6 +41,15 @@ struct Inner {
     /// Per attempt: the highest `seq` taken and the bytes kept per stream.
     live: HashMap<(StepId, Attempt), (Option<u64>, [usize; 2])>,
     agents: BTreeMap<AgentId, AgentRecord>,
+    /// Projects but the default one until it is written, with the last
+    /// build number each gave.
+    projects: BTreeMap<String, (Project, u64)>,
+    /// The default project's last build number, until it is written.
+    default_numbers: u64,
+    secrets: BTreeMap<(String, String), (Vec<u8>, Timestamp)>,
+    heads: HashMap<String, Vec<(String, String)>>,
+    /// Webhook deliveries that made builds.
+    deliveries: BTreeSet<String>,
 }
 
 impl MemoryStore {
@@ -190,8 +200,28 @@ pub fn refuse_renewal(
 impl Queue for MemoryStore {
     async fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build> {
         let mut s = self.lock();
+        let project = new.source.project.as_str();
+        if project != Project::DEFAULT && !s.projects.contains_key(project) {
+            return Err(Error::ProjectNotFound(project.to_owned()));
+        }
+        if let Some(d) = &new.source.delivery {
+            if !s.deliveries.insert(d.clone()) {
+                return Err(Error::Conflict(format!("delivery {d} already made a build")));
+            }
+        }
+        let number = match s.projects.get_mut(project) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                s.default_numbers += 1;
+                s.default_numbers
+            }
+        };
         s.last_build += 1;
         let mut build = Build::new(BuildId(s.last_build), new, now);
+        build.number = number;
         let mut ids = Vec::new();
         if let Some(why) = &new.failure {
             s.last_step += 1;
@@ -587,6 +617,27 @@ impl Builds for MemoryStore {
             .collect())
     }
 
+    async fn find_builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<Build>> {
+        let s = self.lock();
+        let end = page.before.unwrap_or(BuildId(i64::MAX));
+        Ok(s.builds
+            .range(..end)
+            .rev()
+            .map(|(_, b)| s.with_steps(b))
+            .filter(|b| filter.passes(b))
+            .skip(page.offset)
+            .take(page.limit)
+            .collect())
+    }
+
+    async fn build_by_number(&self, project: &str, number: u64) -> Result<Option<Build>> {
+        let s = self.lock();
+        Ok(s.builds
+            .values()
+            .find(|b| b.source.project == project && b.number == number)
+            .map(|b| s.with_steps(b)))
+    }
+
     async fn status_counts(&self) -> Result<Vec<(BuildStatus, u64)>> {
         let s = self.lock();
         Ok(BuildStatus::ALL
@@ -693,6 +744,146 @@ pub fn assemble<'a>(attempt: Attempt, pieces: impl IntoIterator<Item = &'a LogPi
         }
     }
     log
+}
+
+#[async_trait]
+impl Projects for MemoryStore {
+    async fn create_project(&self, project: &Project, now: Timestamp) -> Result<Project> {
+        let mut s = self.lock();
+        if project.name == Project::DEFAULT || s.projects.contains_key(&project.name) {
+            return Err(Error::Conflict(format!("project {:?} exists", project.name)));
+        }
+        let stored = Project {
+            created_at: now,
+            ..project.clone()
+        };
+        s.projects.insert(project.name.clone(), (stored.clone(), 0));
+        Ok(stored)
+    }
+
+    async fn update_project(&self, project: &Project) -> Result<Project> {
+        let mut s = self.lock();
+        if project.name == Project::DEFAULT && !s.projects.contains_key(Project::DEFAULT) {
+            // N.B.: the default project is written the first time it is
+            // changed, keeping the numbers it gave so far.
+            let n = s.default_numbers;
+            s.projects
+                .insert(project.name.clone(), (Project::default_project(), n));
+        }
+        let (stored, _) = s
+            .projects
+            .get_mut(&project.name)
+            .ok_or_else(|| Error::ProjectNotFound(project.name.clone()))?;
+        *stored = Project {
+            created_at: stored.created_at,
+            ..project.clone()
+        };
+        Ok(stored.clone())
+    }
+
+    async fn project(&self, name: &str) -> Result<Option<Project>> {
+        let s = self.lock();
+        Ok(match s.projects.get(name) {
+            Some((p, _)) => Some(p.clone()),
+            None if name == Project::DEFAULT => Some(Project::default_project()),
+            None => None,
+        })
+    }
+
+    async fn projects(&self) -> Result<Vec<Project>> {
+        let s = self.lock();
+        let mut all: Vec<Project> = s.projects.values().map(|(p, _)| p.clone()).collect();
+        if !s.projects.contains_key(Project::DEFAULT) {
+            all.push(Project::default_project());
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(all)
+    }
+
+    async fn delete_project(&self, name: &str) -> Result<bool> {
+        let mut s = self.lock();
+        if name == Project::DEFAULT {
+            return Err(Error::Conflict("the default project cannot be deleted".into()));
+        }
+        if !s.projects.contains_key(name) {
+            return Ok(false);
+        }
+        let builds: Vec<BuildId> = s
+            .builds
+            .values()
+            .filter(|b| b.source.project == name)
+            .map(|b| b.id)
+            .collect();
+        if builds
+            .iter()
+            .any(|id| s.builds.get(id).is_some_and(|b| !b.status.is_finished()))
+        {
+            return Err(Error::Conflict(format!(
+                "project {name:?} has unfinished builds: cancel them first"
+            )));
+        }
+        for id in builds {
+            s.builds.remove(&id);
+            for step in s.build_steps.remove(&id).unwrap_or_default() {
+                s.steps.remove(&step);
+                s.logs.retain(|(st, _), _| *st != step);
+                s.pieces.retain(|(st, _), _| *st != step);
+                s.live.retain(|(st, _), _| *st != step);
+            }
+        }
+        s.projects.remove(name);
+        s.secrets.retain(|(p, _), _| p != name);
+        s.heads.remove(name);
+        Ok(true)
+    }
+
+    async fn put_secret(&self, project: &str, name: &str, sealed: &[u8], now: Timestamp) -> Result<()> {
+        let mut s = self.lock();
+        if project != Project::DEFAULT && !s.projects.contains_key(project) {
+            return Err(Error::ProjectNotFound(project.to_owned()));
+        }
+        s.secrets
+            .insert((project.to_owned(), name.to_owned()), (sealed.to_vec(), now));
+        Ok(())
+    }
+
+    async fn secret_names(&self, project: &str) -> Result<Vec<(String, Timestamp)>> {
+        let s = self.lock();
+        Ok(s.secrets
+            .iter()
+            .filter(|((p, _), _)| p == project)
+            .map(|((_, n), (_, at))| (n.clone(), *at))
+            .collect())
+    }
+
+    async fn secrets(&self, project: &str, names: &[String]) -> Result<Vec<(String, Vec<u8>)>> {
+        let s = self.lock();
+        Ok(names
+            .iter()
+            .filter_map(|n| {
+                s.secrets
+                    .get(&(project.to_owned(), n.clone()))
+                    .map(|(v, _)| (n.clone(), v.clone()))
+            })
+            .collect())
+    }
+
+    async fn delete_secret(&self, project: &str, name: &str) -> Result<bool> {
+        Ok(self
+            .lock()
+            .secrets
+            .remove(&(project.to_owned(), name.to_owned()))
+            .is_some())
+    }
+
+    async fn heads(&self, project: &str) -> Result<Vec<(String, String)>> {
+        Ok(self.lock().heads.get(project).cloned().unwrap_or_default())
+    }
+
+    async fn set_heads(&self, project: &str, heads: &[(String, String)]) -> Result<()> {
+        self.lock().heads.insert(project.to_owned(), heads.to_vec());
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use crate::model::{
     LogPiece, Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
+use crate::project::Project;
 use crate::runner::Stream;
 
 mod faulty;
@@ -34,6 +35,29 @@ pub mod conformance;
 
 pub use faulty::{FaultyStore, Op};
 pub use memory::{assemble, refuse_renewal, MemoryStore, Taken};
+
+/// Which builds a listing shows. Each field given narrows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildFilter {
+    /// Only this project's.
+    pub project: Option<String>,
+    /// Only builds of this branch.
+    pub branch: Option<String>,
+    /// Only builds in one of these states.
+    pub status: Vec<BuildStatus>,
+}
+
+impl BuildFilter {
+    /// True if `build` passes.
+    pub fn passes(&self, build: &Build) -> bool {
+        self.project.as_ref().is_none_or(|p| &build.source.project == p)
+            && self
+                .branch
+                .as_ref()
+                .is_none_or(|b| build.branch.as_ref() == Some(b))
+            && (self.status.is_empty() || self.status.contains(&build.status))
+    }
+}
 
 /// A running attempt's hold on its step.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -91,7 +115,10 @@ pub struct Claim {
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Stores a new build and its steps ([`NewBuild::plan`]) and gives each
-    /// the next, never used, number. Steps without dependencies are queued,
+    /// the next, never used, number, and the build the next number of its
+    /// project. Refused: a project that does not exist
+    /// ([`ProjectNotFound`](crate::Error::ProjectNotFound)), a webhook
+    /// delivery that already made a build ([`Conflict`](crate::Error::Conflict)). Steps without dependencies are queued,
     /// the others pending.
     async fn create_build(&self, new: &NewBuild, now: Timestamp) -> Result<Build>;
 
@@ -236,6 +263,12 @@ pub trait Builds: Send + Sync {
     /// A page of builds, newest first, with their steps.
     async fn list_builds(&self, page: Page) -> Result<Vec<Build>>;
 
+    /// A page of the builds that pass `filter`, newest first.
+    async fn find_builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<Build>>;
+
+    /// The build of a project with this number.
+    async fn build_by_number(&self, project: &str, number: u64) -> Result<Option<Build>>;
+
     /// How many builds are in each status.
     async fn status_counts(&self) -> Result<Vec<(BuildStatus, u64)>>;
 }
@@ -254,7 +287,52 @@ pub trait Agents: Send + Sync {
     async fn agents(&self) -> Result<Vec<AgentRecord>>;
 }
 
-/// All of persistence: what a server runs on.
-pub trait Store: Queue + Logs + Builds + Agents {}
+/// Projects, their secrets (sealed: the store never sees a value), and
+/// what the server last saw of their remotes.
+///
+/// N.B.: every store has the [default project](Project::DEFAULT), which
+/// cannot be deleted; builds of a project that does not exist are refused
+/// ([`ProjectNotFound`](crate::Error::ProjectNotFound)).
+#[async_trait]
+pub trait Projects: Send + Sync {
+    /// Stores a new project. [`Conflict`](crate::Error::Conflict) if its
+    /// name is taken.
+    async fn create_project(&self, project: &Project, now: Timestamp) -> Result<Project>;
 
-impl<T: Queue + Logs + Builds + Agents> Store for T {}
+    /// Replaces a project's settings (all but its name and creation time).
+    async fn update_project(&self, project: &Project) -> Result<Project>;
+
+    /// The project with this name.
+    async fn project(&self, name: &str) -> Result<Option<Project>>;
+
+    /// Every project, by name.
+    async fn projects(&self) -> Result<Vec<Project>>;
+
+    /// Deletes a project with its builds, secrets and heads. Refused
+    /// ([`Conflict`](crate::Error::Conflict)) for the default project and
+    /// while one of its builds is unfinished. `false` if there is none.
+    async fn delete_project(&self, name: &str) -> Result<bool>;
+
+    /// Sets a secret (sealed by the caller), replacing one of that name.
+    async fn put_secret(&self, project: &str, name: &str, sealed: &[u8], now: Timestamp) -> Result<()>;
+
+    /// The names of a project's secrets and when each was set, by name.
+    async fn secret_names(&self, project: &str) -> Result<Vec<(String, Timestamp)>>;
+
+    /// The sealed values of the named secrets that exist.
+    async fn secrets(&self, project: &str, names: &[String]) -> Result<Vec<(String, Vec<u8>)>>;
+
+    /// Deletes a secret; `false` if there was none.
+    async fn delete_secret(&self, project: &str, name: &str) -> Result<bool>;
+
+    /// The branch heads last seen on a project's remote.
+    async fn heads(&self, project: &str) -> Result<Vec<(String, String)>>;
+
+    /// Replaces the heads last seen on a project's remote.
+    async fn set_heads(&self, project: &str, heads: &[(String, String)]) -> Result<()>;
+}
+
+/// All of persistence: what a server runs on.
+pub trait Store: Queue + Logs + Builds + Agents + Projects {}
+
+impl<T: Queue + Logs + Builds + Agents + Projects> Store for T {}

@@ -4,7 +4,8 @@
 
 use ci_core::pipeline::Trigger;
 use ci_core::protocol::{BuildList, BuildView, CreateBuild};
-use ci_core::{Build, BuildId, CommitRef, NewBuild, Page, Step};
+use ci_core::store::BuildFilter;
+use ci_core::{Build, BuildId, CommitRef, NewBuild, Page, Project, RepoUrl, Source, Step};
 use serde::Deserialize;
 use warp::http::StatusCode;
 use warp::reply::{json, with_status, Response};
@@ -55,6 +56,7 @@ impl CreateBuildForm {
             timeout_ms,
             labels: None,
             event: None,
+            project: None,
         })
     }
 }
@@ -78,10 +80,15 @@ fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
                 let form = kind
                     .as_deref()
                     .is_some_and(|k| k.starts_with("application/x-www-form-urlencoded"));
+                let by = |event| Source {
+                    project: body.project.clone().unwrap_or_else(|| Project::DEFAULT.to_owned()),
+                    event: Some(event),
+                    ..Source::default()
+                };
                 let created = match (form, body.event) {
-                    (true, _) => create(&app, body, Trigger::Manual).await,
-                    (false, None) => create(&app, body, Trigger::Api).await,
-                    (false, Some(e @ (Trigger::Manual | Trigger::Api))) => create(&app, body, e).await,
+                    (true, _) => create(&app, by(Trigger::Manual), body).await,
+                    (false, None) => create(&app, by(Trigger::Api), body).await,
+                    (false, Some(e @ (Trigger::Manual | Trigger::Api))) => create(&app, by(e), body).await,
                     (false, Some(_)) => Err(ApiError::bad_request(
                         "invalid event: must be manual or api (pushes, pull requests and tags come from the forge)",
                     )),
@@ -101,10 +108,62 @@ fn create_build(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
+pub(super) struct ListQuery {
     limit: Option<usize>,
     offset: Option<usize>,
     before: Option<i64>,
+    project: Option<String>,
+    branch: Option<String>,
+    /// Comma separated.
+    status: Option<String>,
+}
+
+impl ListQuery {
+    /// The filter and page asked for; `project` from the URL wins.
+    pub(super) fn filter(self, project: Option<String>) -> Result<(BuildFilter, Page)> {
+        let limit = self.limit.unwrap_or(Page::default().limit);
+        if !(1..=Page::MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(format!(
+                "limit must be 1 to {}",
+                Page::MAX_LIMIT
+            )));
+        }
+        let offset = self.offset.unwrap_or(0);
+        if offset > MAX_OFFSET {
+            return Err(ApiError::bad_request(format!(
+                "offset must be at most {MAX_OFFSET}"
+            )));
+        }
+        let page = Page {
+            limit,
+            offset,
+            before: self.before.map(BuildId),
+        };
+        let project = project.or(self.project.filter(|p| !p.is_empty()));
+        if let Some(p) = &project {
+            Project::check_name(p)?;
+        }
+        let mut status = Vec::new();
+        for s in self
+            .status
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            status.push(s.parse::<ci_core::BuildStatus>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "invalid status {s:?}: one of queued, running, success, failed, canceled"
+                ))
+            })?);
+        }
+        let filter = BuildFilter {
+            project,
+            branch: self.branch.filter(|b| !b.is_empty()),
+            status,
+        };
+        Ok((filter, page))
+    }
 }
 
 fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -115,25 +174,8 @@ fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
         .and(warp::query::<ListQuery>())
         .and_then(|app: App, q: ListQuery| async move {
             let list = async {
-                let limit = q.limit.unwrap_or(Page::default().limit);
-                if !(1..=Page::MAX_LIMIT).contains(&limit) {
-                    return Err(ApiError::bad_request(format!(
-                        "limit must be 1 to {}",
-                        Page::MAX_LIMIT
-                    )));
-                }
-                let offset = q.offset.unwrap_or(0);
-                if offset > MAX_OFFSET {
-                    return Err(ApiError::bad_request(format!(
-                        "offset must be at most {MAX_OFFSET}"
-                    )));
-                }
-                let page = Page {
-                    limit,
-                    offset,
-                    before: q.before.map(BuildId),
-                };
-                let builds = app.store.list_builds(page).await?;
+                let (filter, page) = q.filter(None)?;
+                let builds = app.store.find_builds(&filter, page).await?;
                 Ok(json(&BuildList {
                     builds: views(&app, &builds).await?,
                     limit: page.limit,
@@ -146,7 +188,7 @@ fn list_builds(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
 
 /// The API's view of `builds`, each queued step (and its build) saying
 /// why it waits, if no agent could take it.
-async fn views(app: &App, builds: &[ci_core::Build]) -> Result<Vec<BuildView>> {
+pub(super) async fn views(app: &App, builds: &[ci_core::Build]) -> Result<Vec<BuildView>> {
     let mut views: Vec<BuildView> = builds.iter().map(BuildView::from).collect();
     let labelled_waits = |v: &BuildView| {
         v.steps
@@ -346,24 +388,53 @@ async fn rebuild(app: &App, id: BuildId) -> Result<ci_core::Build> {
         timeout_ms: b.timeout_ms,
         labels: Some(b.labels),
         event: None,
+        project: None,
     };
-    create(app, body, Trigger::Manual).await
+    // N.B.: the same project, steps and trust: a rebuild of a fork's pull
+    // request gets no secrets either.
+    let source = Source {
+        event: Some(b.source.event.unwrap_or(Trigger::Manual)),
+        delivery: None,
+        ..b.source
+    };
+    create(app, source, body).await
 }
 
-/// Creates a build: of the command given; else of the commit's pipeline
-/// file; else of the server's `BUILD_COMMAND`.
-async fn create(app: &App, body: CreateBuild, trigger: Trigger) -> Result<ci_core::Build> {
+/// The repository of `project`, checked against the allowed schemes.
+pub(crate) fn project_repo(app: &App, project: &Project) -> Result<RepoUrl> {
+    if project.name == Project::DEFAULT {
+        return Ok(app.config.repo.clone());
+    }
+    RepoUrl::parse_with(&project.repo, &app.config.repo_schemes).map_err(|e| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("project {:?} has an unusable repository: {e}", project.name),
+        )
+    })
+}
+
+/// Creates a build in `source`'s project: of the command given; else of
+/// the commit's pipeline file; else of the server's `BUILD_COMMAND`.
+pub(crate) async fn create(app: &App, mut source: Source, body: CreateBuild) -> Result<ci_core::Build> {
     if app.draining.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",
         ));
     }
+    Project::check_name(&source.project)?;
+    let project = app
+        .store
+        .project(&source.project)
+        .await?
+        .ok_or_else(|| ci_core::Error::ProjectNotFound(source.project.clone()))?;
+    let repo = project_repo(app, &project)?;
+    let trigger = source.event.unwrap_or(Trigger::Api);
     let mut hash = CommitRef::parse(&body.hash)?;
     let mut branch = body.branch.filter(|b| !b.is_empty());
     let mut resolved = false;
     if let Some(resolver) = &app.resolver {
-        match resolver.resolve(&app.config.repo, &hash).await {
+        match resolver.resolve(&repo, &hash).await {
             Ok(Some(r)) => {
                 hash = r.sha;
                 branch = branch.or(r.branch);
@@ -372,9 +443,16 @@ async fn create(app: &App, body: CreateBuild, trigger: Trigger) -> Result<ci_cor
             Ok(None) => {}
             Err(crate::resolve::Unresolved::NotFound(m)) => return Err(ApiError::bad_request(m)),
         }
+        if resolved && source.subject.is_none() {
+            if let Some(info) = resolver.commit_info(&repo, &hash).await {
+                source.subject = Some(info.subject);
+                source.author = Some(info.author);
+            }
+        }
     }
+    source.tidy();
     let mut new = NewBuild {
-        repo: app.config.repo.clone(),
+        repo: repo.clone(),
         hash,
         branch,
         command: String::new(),
@@ -383,6 +461,7 @@ async fn create(app: &App, body: CreateBuild, trigger: Trigger) -> Result<ci_cor
         labels: body.labels.unwrap_or_default(),
         steps: Vec::new(),
         failure: None,
+        source,
     };
     if let Some(command) = body.command.filter(|c| !c.trim().is_empty()) {
         new.command = command;
@@ -391,7 +470,7 @@ async fn create(app: &App, body: CreateBuild, trigger: Trigger) -> Result<ci_cor
     let file = match (&app.resolver, resolved) {
         (Some(resolver), true) => {
             let path = &app.config.pipeline_file;
-            resolver.pipeline_file(&app.config.repo, &new.hash, path).await
+            resolver.pipeline_file(&repo, &new.hash, path).await
         }
         _ => crate::resolve::PipelineFile::Unreachable,
     };
@@ -408,6 +487,16 @@ async fn create(app: &App, body: CreateBuild, trigger: Trigger) -> Result<ci_cor
                         )));
                     }
                     new.steps = selected.to_new_steps();
+                    // N.B.: secrets are stored and listed by steps, but not
+                    // yet handed to agents (nor masked in logs): a step that
+                    // needs one must not run without it.
+                    if let Some(step) = new.steps.iter().find(|s| !s.secrets.is_empty()) {
+                        new.failure = Some(format!(
+                            "{path}: step {:?} lists secrets, which this server does not hand to steps yet",
+                            step.name
+                        ));
+                        new.steps.clear();
+                    }
                     // N.B.: a step without its own timeout gets the
                     // server's, as a build of one command does.
                     for step in new.steps.iter_mut().filter(|s| s.timeout_ms.is_none()) {

@@ -9,11 +9,17 @@
 //! - `agents`: the agent protocol (`/notify_*`).
 //! - `builds`: the build API (`/api/builds`, and the original form's
 //!   `POST /build`).
+//! - `projects`: `/api/projects`, their builds and secrets.
+//! - `hooks`: the forges' webhooks, `/hooks/{github,gitea,gitlab}`.
 //! - `misc`: agents list, metrics, health, the OpenAPI document, 405s.
 
 mod agents;
 mod builds;
+mod hooks;
 mod misc;
+mod projects;
+
+pub(crate) use builds::{create as create_build, project_repo};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -43,6 +49,10 @@ pub(crate) struct App {
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Resolves refs to full SHAs; none: refs stay as given.
     pub resolver: Option<Arc<crate::resolve::Resolver>>,
+    /// Seals and opens projects' secrets.
+    pub vault: Arc<crate::vault::Vault>,
+    /// Watches the projects' remotes.
+    pub poller: Arc<crate::triggers::Poller>,
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -65,6 +75,11 @@ impl ApiError {
         self.status
     }
 
+    /// What it says.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
@@ -77,9 +92,11 @@ impl From<ci_core::Error> for ApiError {
         use ci_core::Error as E;
         let status = match &e {
             E::Invalid { .. } => StatusCode::BAD_REQUEST,
-            E::BuildNotFound(_) | E::StepNotFound(_) | E::AgentNotFound(_) | E::NotRunning { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            E::BuildNotFound(_)
+            | E::StepNotFound(_)
+            | E::AgentNotFound(_)
+            | E::ProjectNotFound(_)
+            | E::NotRunning { .. } => StatusCode::NOT_FOUND,
             E::Superseded { .. } | E::Conflict(_) => StatusCode::CONFLICT,
             E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             E::Store(_) | E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -113,6 +130,10 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = I
     let guard = crate::guard::guard(app.config.clone());
     let served = agents::routes(app.clone())
         .or(builds::routes(app.clone()))
+        .unify()
+        .or(projects::routes(app.clone()))
+        .unify()
+        .or(hooks::routes(app.clone()))
         .unify()
         .or(misc::routes(app.clone()))
         .unify()
