@@ -441,3 +441,72 @@ async fn a_broken_pipeline_file_fails_the_build_at_once_with_where_and_why() {
     let done = c.api.wait_finished(one.id, LONG).await;
     assert_eq!(done.status, BuildStatus::Success);
 }
+
+/// A step gets the project's secrets it lists, as environment variables,
+/// and no other; their values never reach the log: not in stdout, not in
+/// stderr, not split across two live pieces, not in a failing command's
+/// error message, and not in the server's database.
+#[tokio::test]
+async fn secrets_reach_only_the_steps_that_list_them_and_are_masked() {
+    let mut c = Cluster::new(500, 5);
+    let value = "hunter2-correct-horse";
+    let sha = c.commit_pipeline(
+        r#"version: 1
+steps:
+  - name: uses
+    secrets: [DEPLOY_TOKEN]
+    commands:
+      - echo "out $DEPLOY_TOKEN"
+      - echo "err $DEPLOY_TOKEN" >&2
+      - printf 'split %s' "$(printf %s "$DEPLOY_TOKEN" | cut -c1-7)"; sleep 0.5; printf '%s done\n' "$(printf %s "$DEPLOY_TOKEN" | cut -c8-)"
+      - ls "/nonexistent/$DEPLOY_TOKEN"
+  - name: other
+    depends_on: []
+    commands: ['echo "other sees [${DEPLOY_TOKEN:-}]"']
+"#,
+        "secrets",
+    );
+    c.start_server();
+    c.wait_server().await;
+    let (status, body) = c
+        .api
+        .post(
+            "/api/projects/default/secrets",
+            &serde_json::json!({"name": "DEPLOY_TOKEN", "value": value}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    c.start_agent("a");
+    c.wait_agents(1).await;
+    let id = c.api.create(&sha).await.id;
+    let b = c.api.wait_finished(id, LONG).await;
+    assert_eq!(b.status, BuildStatus::Failed, "ls fails: {b:?}");
+    let log = c.api.step_log(id, "uses").await.unwrap();
+    let (out, err) = (log["stdout"].as_str().unwrap(), log["stderr"].as_str().unwrap());
+    assert!(out.contains("out ***\n"), "{out}");
+    assert!(out.contains("split *** done\n"), "split across pieces: {out}");
+    assert!(err.contains("err ***\n"), "{err}");
+    assert!(
+        err.contains("/nonexistent/***"),
+        "the failing command's message: {err}"
+    );
+    assert!(!format!("{out}{err}").contains("hunter2"), "{out}{err}");
+    let other = c.api.step_log(id, "other").await.unwrap();
+    assert!(
+        other["stdout"].as_str().unwrap().contains("other sees []"),
+        "{other}"
+    );
+    // Nothing the server keeps holds the value (live pieces included),
+    // nor any process's log.
+    c.kill_server();
+    let mut stored = Vec::new();
+    for e in std::fs::read_dir(c.db_path().parent().unwrap()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            stored.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    assert!(!stored.windows(value.len()).any(|w| w == value.as_bytes()));
+    assert!(!stored.windows(7).any(|w| w == b"hunter2"));
+}

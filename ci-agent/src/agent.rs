@@ -489,9 +489,10 @@ impl Inner {
     ) {
         let original = self.is_original();
         let agent_id = agent_id.filter(|_| !original);
+        let sink = || LogSink::default().with_secrets(job.secrets.0.values());
         let (log, forwarder) = if original {
             // The original server takes no live output.
-            (LogSink::default(), tokio::spawn(async {}))
+            (sink(), tokio::spawn(async {}))
         } else {
             let (live_tx, live_rx) = tokio::sync::mpsc::channel(ci_core::runner::LIVE_BACKLOG);
             let forwarder = tokio::spawn(crate::live::forward(
@@ -501,7 +502,7 @@ impl Inner {
                 agent_id,
                 live_rx,
             ));
-            (LogSink::default().with_live(live_tx), forwarder)
+            (sink().with_live(live_tx), forwarder)
         };
         info!(build = %job.step, attempt = ?job.attempt, commit = %job.commit, "build started");
         let outcome = {

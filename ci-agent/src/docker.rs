@@ -592,6 +592,7 @@ impl Runner for DockerRunner {
         let env = crate::env::ci_variables(job, &ws.commit, repo)
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
+            .chain(job.secrets.0.iter().map(|(k, v)| format!("{k}={v}")))
             .collect();
         let mut held = Held::new(&self.docker);
         if !job.services.is_empty() {

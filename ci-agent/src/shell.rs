@@ -92,6 +92,7 @@ impl Runner for ShellRunner {
             .env_clear()
             .envs(crate::env::inherited())
             .envs(crate::env::ci_variables(job, &ws.commit, repo))
+            .envs(&job.secrets.0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

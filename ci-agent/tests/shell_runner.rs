@@ -33,6 +33,7 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn request(&self, build: i64, hash: &str, command: &str) -> BuildRequest {
         BuildRequest {
+            secrets: Default::default(),
             id: DispatchId(build),
             step_id: Some(StepId(build)),
             command: command.into(),

@@ -32,6 +32,7 @@
 //! - [`heartbeat`], [`retry`]: the loops every agent runs.
 //! - [`lease`], [`backoff`], [`clock`], [`auth`]: lease policy, retry
 //!   delays, time, secrets.
+//! - [`mask`]: secrets masked in output that arrives in pieces.
 //! - [`local`]: [`LocalCluster`], a coordinator with in-process workers.
 //!
 //! # Embedding
@@ -81,6 +82,7 @@ pub mod error;
 pub mod heartbeat;
 pub mod lease;
 pub mod local;
+pub mod mask;
 pub mod model;
 pub mod pipeline;
 pub mod pool;

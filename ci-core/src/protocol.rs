@@ -275,6 +275,28 @@ pub struct BuildRequest {
     /// (Docker runner).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Service>,
+    /// Extension: the project's secrets the step lists, as environment
+    /// variables; the agent masks their values in the output.
+    #[serde(default, skip_serializing_if = "SecretEnv::is_empty")]
+    pub secrets: SecretEnv,
+}
+
+/// Secret values by variable name. Shown by `Debug` as names only.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretEnv(pub std::collections::BTreeMap<String, String>);
+
+impl SecretEnv {
+    /// True if there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 // === user → server ===
@@ -1054,6 +1076,7 @@ mod tests {
             r#"{"id":1,"attempt":2,"agentId":3}"#
         );
         let req = BuildRequest {
+            secrets: Default::default(),
             id: DispatchId(1),
             step_id: None,
             command: "make".into(),

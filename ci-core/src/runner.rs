@@ -46,6 +46,8 @@ pub struct Job {
     /// Containers to run beside it, reachable by name (runners that run
     /// containers).
     pub services: Vec<Service>,
+    /// Secrets, as environment variables; masked in its output.
+    pub secrets: crate::protocol::SecretEnv,
 }
 
 impl Job {
@@ -55,7 +57,17 @@ impl Job {
         if r.command.trim().is_empty() {
             return Err(crate::Error::invalid("command", "must not be empty"));
         }
+        if r.secrets.0.len() > crate::model::limits::MAX_SECRETS {
+            return Err(crate::Error::invalid("secrets", "too many"));
+        }
+        for (name, value) in &r.secrets.0 {
+            crate::project::SecretName::check(name)?;
+            if value.contains('\0') {
+                return Err(crate::Error::invalid("secrets", format!("{name} holds NUL")));
+            }
+        }
         Ok(Job {
+            secrets: r.secrets.clone(),
             id: r.id,
             step: r.step_id.unwrap_or(StepId(r.id.0)),
             build: r.build,
@@ -140,7 +152,7 @@ pub async fn execute(runner: &dyn Runner, job: &Job, log: &LogSink, max_timeout:
             log.write(Stream::Stderr, format!("ci: {why}\n").as_bytes());
             Completion::NOT_RUN
         }
-        Ok(Err(RunError::Infra(why))) => return Outcome::HandBack(why),
+        Ok(Err(RunError::Infra(why))) => return Outcome::HandBack(log.mask(&why)),
         Err(_) => {
             let msg = format!(
                 "ci: build timed out after {}\n",
@@ -213,6 +225,8 @@ struct Buffers {
     seq: u64,
     /// Live forwarding stopped: its reader fell behind.
     live_cut: bool,
+    /// Secrets masked in stdout and stderr.
+    masks: Option<Box<[crate::mask::Masker; 2]>>,
 }
 
 /// Room kept below [`limits::MAX_LOG`] for the truncation marker, so a
@@ -247,6 +261,26 @@ impl LogSink {
         self
     }
 
+    /// Masks every occurrence of each of `values` as `***`, also one
+    /// split across writes.
+    pub fn with_secrets<V: AsRef<[u8]>>(self, values: impl IntoIterator<Item = V>) -> LogSink {
+        let m = crate::mask::Masker::new(values);
+        if !m.is_empty() {
+            self.inner.lock().unwrap_or_else(PoisonError::into_inner).masks = Some(Box::new([m.clone(), m]));
+        }
+        self
+    }
+
+    /// `text` with the secrets masked: for messages that do not go
+    /// through [`LogSink::write`].
+    pub fn mask(&self, text: &str) -> String {
+        let b = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match &b.masks {
+            Some(m) => m[0].mask_all(text),
+            None => text.to_owned(),
+        }
+    }
+
     /// Appends output.
     pub fn write(&self, stream: Stream, data: &[u8]) {
         if data.is_empty() {
@@ -254,6 +288,17 @@ impl LogSink {
         }
         let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let b = &mut *guard;
+        let masked;
+        let data = match &mut b.masks {
+            Some(m) => {
+                masked = m[stream as usize].feed(data);
+                if masked.is_empty() {
+                    return;
+                }
+                masked.as_slice()
+            }
+            None => data,
+        };
         let cap = b.cap;
         let (buf, omitted) = match stream {
             Stream::Stdout => (&mut b.stdout, &mut b.stdout_omitted),
@@ -282,7 +327,25 @@ impl LogSink {
     /// The output so far, as text, with a marker where a stream was cut
     /// that says how many bytes were left out.
     pub fn contents(&self) -> (String, String) {
-        let b = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = &mut *guard;
+        // What the maskers held back is no secret: the streams are done.
+        if let Some(mut m) = b.masks.take() {
+            for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+                let rest = m[i].finish();
+                let cap = b.cap;
+                let (buf, omitted) = match stream {
+                    Stream::Stdout => (&mut b.stdout, &mut b.stdout_omitted),
+                    Stream::Stderr => (&mut b.stderr, &mut b.stderr_omitted),
+                };
+                let room = cap.saturating_sub(buf.len());
+                let kept = rest.len().min(room);
+                buf.extend_from_slice(&rest[..kept]);
+                *omitted += (rest.len() - kept) as u64;
+            }
+            b.masks = Some(m);
+        }
+        let b = &*b;
         let text = |buf: &[u8], mut omitted: u64| {
             let mut s = String::from_utf8_lossy(buf).into_owned();
             // Invalid bytes grow threefold as U+FFFD: cut back to the cap.
@@ -320,6 +383,7 @@ mod tests {
 
     fn job() -> Job {
         Job {
+            secrets: Default::default(),
             id: DispatchId(1),
             step: StepId(1),
             build: None,
@@ -398,6 +462,7 @@ mod tests {
     #[test]
     fn jobs_carry_validated_values() {
         let req = |repo: &str, hash: &str, command: &str| BuildRequest {
+            secrets: Default::default(),
             id: DispatchId(1),
             step_id: Some(StepId(3)),
             command: command.into(),

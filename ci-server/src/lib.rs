@@ -149,10 +149,10 @@ impl Server {
                 })
                 .await?;
         }
-        let link = Arc::new(HttpLink::new(
-            config.dispatch_timeout,
-            config.agent_token.clone(),
-        )?);
+        let link = Arc::new(
+            HttpLink::new(config.dispatch_timeout, config.agent_token.clone())?
+                .with_secrets(link::StepSecrets::new(store.clone(), vault.clone())),
+        );
         Ok(Server {
             app: api::App {
                 dispatcher: Dispatcher::spawn(coordinator, link),

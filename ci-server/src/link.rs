@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ci_core::protocol::ErrorBody;
+use std::sync::Arc;
+
+use ci_core::protocol::{ErrorBody, SecretEnv};
 use ci_core::{AgentLink, Dispatch, DispatchFailure, StopOrder};
 use reqwest::StatusCode;
 
@@ -12,6 +14,68 @@ use reqwest::StatusCode;
 pub struct HttpLink {
     client: reqwest::Client,
     token: Option<String>,
+    secrets: Option<Arc<StepSecrets>>,
+}
+
+/// Where the secrets a step lists come from: its project's, opened with
+/// the server's key.
+pub struct StepSecrets {
+    store: Arc<dyn ci_core::Store>,
+    vault: Arc<crate::vault::Vault>,
+}
+
+impl std::fmt::Debug for StepSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepSecrets").finish_non_exhaustive()
+    }
+}
+
+impl StepSecrets {
+    /// Secrets of the projects in `store`, sealed by `vault`.
+    pub fn new(store: Arc<dyn ci_core::Store>, vault: Arc<crate::vault::Vault>) -> StepSecrets {
+        StepSecrets { store, vault }
+    }
+
+    /// The values of the secrets `step` lists; none for a build of
+    /// untrusted code (a fork's pull request). A secret that is not set
+    /// fails the step: it must not run without it.
+    pub async fn for_step(&self, step: &ci_core::Step) -> Result<SecretEnv, DispatchFailure> {
+        let mut env = SecretEnv::default();
+        if step.secrets.is_empty() {
+            return Ok(env);
+        }
+        let unavailable =
+            |e: ci_core::Error| DispatchFailure::Busy(format!("cannot read the step's secrets: {e}"));
+        let build = self
+            .store
+            .build(step.build)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| DispatchFailure::Rejected(format!("build {} is gone", step.build)))?;
+        if build.source.untrusted {
+            return Ok(env);
+        }
+        let project = &build.source.project;
+        let sealed = self
+            .store
+            .secrets(project, &step.secrets)
+            .await
+            .map_err(unavailable)?;
+        for name in &step.secrets {
+            let value = sealed
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| self.vault.open_value(project, name, v))
+                .and_then(|v| String::from_utf8(v).ok())
+                .ok_or_else(|| {
+                    DispatchFailure::Rejected(format!(
+                        "secret {name} is not set in project {project:?} (or does not open with this server's key)"
+                    ))
+                })?;
+            env.0.insert(name.clone(), value);
+        }
+        Ok(env)
+    }
 }
 
 impl HttpLink {
@@ -26,7 +90,17 @@ impl HttpLink {
             .connect_timeout(timeout.min(Duration::from_secs(2)))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(HttpLink { client, token })
+        Ok(HttpLink {
+            client,
+            token,
+            secrets: None,
+        })
+    }
+
+    /// Sends each step the secrets it lists.
+    pub fn with_secrets(mut self, secrets: StepSecrets) -> HttpLink {
+        self.secrets = Some(Arc::new(secrets));
+        self
     }
 }
 
@@ -63,7 +137,11 @@ impl AgentLink for HttpLink {
 
     async fn dispatch(&self, d: &Dispatch) -> Result<(), DispatchFailure> {
         let url = format!("{}/build", d.agent_url);
-        let mut req = self.client.post(&url).json(&d.request());
+        let mut body = d.request();
+        if let Some(secrets) = &self.secrets {
+            body.secrets = secrets.for_step(&d.step).await?;
+        }
+        let mut req = self.client.post(&url).json(&body);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

@@ -1,5 +1,5 @@
 //! Builds started by the repositories themselves: a commit pushed
-//! ([`start`], shared by webhooks and polling) and the [`Poller`] that
+//! (`start`, shared by webhooks and polling) and the [`Poller`] that
 //! watches every project's remote with `git ls-remote`.
 
 use std::collections::{HashMap, HashSet};

@@ -36,6 +36,7 @@ impl Dispatch {
             build: Some(self.step.build),
             step: Some(self.step.name.clone()),
             services: self.step.services.clone(),
+            secrets: crate::protocol::SecretEnv::default(),
         }
     }
 }

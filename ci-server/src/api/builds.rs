@@ -487,16 +487,7 @@ pub(crate) async fn create(app: &App, mut source: Source, body: CreateBuild) -> 
                         )));
                     }
                     new.steps = selected.to_new_steps();
-                    // N.B.: secrets are stored and listed by steps, but not
-                    // yet handed to agents (nor masked in logs): a step that
-                    // needs one must not run without it.
-                    if let Some(step) = new.steps.iter().find(|s| !s.secrets.is_empty()) {
-                        new.failure = Some(format!(
-                            "{path}: step {:?} lists secrets, which this server does not hand to steps yet",
-                            step.name
-                        ));
-                        new.steps.clear();
-                    }
+
                     // N.B.: a step without its own timeout gets the
                     // server's, as a build of one command does.
                     for step in new.steps.iter_mut().filter(|s| s.timeout_ms.is_none()) {
