@@ -15,6 +15,7 @@
 //! - [`link`]: [`HttpLink`], delivering builds to agents.
 //! - [`triggers`]: builds started by pushes (webhooks, `api::hooks`, and
 //!   the [`triggers::Poller`]).
+//! - `status` (private): commit statuses posted to the projects' forges.
 //! - [`vault`]: projects' secrets, sealed with a key kept outside the
 //!   database.
 //! - [`openapi`]: the OpenAPI description, served at `/api/openapi.json`.
@@ -48,6 +49,7 @@ mod logs;
 pub mod metrics;
 pub mod openapi;
 pub mod resolve;
+mod status;
 pub mod triggers;
 mod ui;
 pub mod vault;
@@ -224,6 +226,9 @@ impl Server {
             header_timeout = ?limits.header_timeout,
             "connection limits"
         );
+        // N.B.: subscribed before scheduling starts, so no build's first
+        // state is missed.
+        tokio::spawn(status::report(self.app.clone(), self.app.dispatcher.subscribe()));
         self.app.dispatcher.start_scheduling().await?;
         tokio::spawn(triggers::poll_loop(self.app.clone(), stopped(stop_rx.clone())));
         crate::listen::serve(listener, self.routes(), limits, stopped(stop_rx)).await;

@@ -417,7 +417,7 @@ pub fn reset_peak_memory(pid: nix::unistd::Pid) {
 }
 
 /// Serves `route` on 127.0.0.1 (a port of its own) until the task ends.
-async fn serve<F>(route: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
+pub async fn serve<F>(route: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
 where
     F: warp::Filter + Clone + Send + Sync + 'static,
     F::Extract: warp::Reply,
