@@ -136,6 +136,13 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// The project: builds are started in it and listed from it, and a
+    /// build number is its number there (`--project web show 42` is
+    /// web#42). Default: the server's default project for new builds, and
+    /// global build ids.
+    #[arg(long, global = true, env = "CI_PROJECT", value_name = "CI_PROJECT")]
+    pub project: Option<String>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -169,6 +176,13 @@ pub enum Command {
         /// Page, from 1.
         #[arg(long, default_value_t = 1)]
         page: usize,
+        /// Only builds of this branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Only builds in these states (queued, running, success, failed,
+        /// canceled; repeat or separate with commas).
+        #[arg(long, value_delimiter = ',')]
+        status: Vec<String>,
     },
     /// Show one build.
     Show {
@@ -213,6 +227,8 @@ pub enum Command {
     },
     /// List agents.
     Agents,
+    /// List projects, each branch with its latest build.
+    Projects,
     /// Run the pipeline of the working tree (uncommitted changes
     /// included) on this machine, with the shell runner (and Docker for
     /// steps with an image) and the server's scheduling: exit 0 if every
@@ -292,11 +308,46 @@ impl Client {
 
     /// `GET /api/builds`.
     pub async fn list(&self, limit: usize, offset: usize) -> Result<BuildList, Error> {
-        self.send(self.request(
-            reqwest::Method::GET,
-            &format!("/api/builds?limit={limit}&offset={offset}"),
-        ))
-        .await
+        self.list_where(limit, offset, &[]).await
+    }
+
+    /// `GET /api/builds` with filters (`project`, `branch`, `status`).
+    pub async fn list_where(
+        &self,
+        limit: usize,
+        offset: usize,
+        filters: &[(&str, String)],
+    ) -> Result<BuildList, Error> {
+        let mut path = format!("/api/builds?limit={limit}&offset={offset}");
+        for (k, v) in filters {
+            path.push_str(&format!(
+                "&{k}={}",
+                percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
+            ));
+        }
+        self.send(self.request(reqwest::Method::GET, &path)).await
+    }
+
+    /// `GET /api/projects`.
+    pub async fn projects(&self) -> Result<ci_core::protocol::ProjectList, Error> {
+        self.send(self.request(reqwest::Method::GET, "/api/projects"))
+            .await
+    }
+
+    /// The global id of build `number` of `project`; `number` itself
+    /// without a project.
+    pub async fn build_id(&self, project: Option<&str>, number: i64) -> Result<i64, Error> {
+        let Some(project) = project else {
+            return Ok(number);
+        };
+        let enc = percent_encoding::utf8_percent_encode(project, percent_encoding::NON_ALPHANUMERIC);
+        let b: BuildView = self
+            .send(self.request(
+                reqwest::Method::GET,
+                &format!("/api/projects/{enc}/builds/{number}"),
+            ))
+            .await?;
+        Ok(b.id.0)
     }
 
     /// `GET /api/builds/{id}`.
@@ -490,6 +541,11 @@ fn build_rows(builds: &[BuildView]) -> String {
         .map(|b| {
             vec![
                 b.id.to_string(),
+                if b.project.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}#{}", b.project, b.number)
+                },
                 b.hash.chars().take(10).collect(),
                 b.status.to_string(),
                 b.agent.clone().unwrap_or_default(),
@@ -498,13 +554,19 @@ fn build_rows(builds: &[BuildView]) -> String {
             ]
         })
         .collect();
-    table(&["ID", "COMMIT", "STATUS", "AGENT", "DURATION", "COMMAND"], &rows)
+    table(
+        &["ID", "BUILD", "COMMIT", "STATUS", "AGENT", "DURATION", "COMMAND"],
+        &rows,
+    )
 }
 
 fn show(b: &BuildView) -> String {
     let opt = |s: &Option<String>| s.clone().unwrap_or_default();
     let rows = vec![
         vec!["build".into(), b.id.to_string()],
+        vec!["project".into(), format!("{}#{}", b.project, b.number)],
+        vec!["subject".into(), opt(&b.subject)],
+        vec!["author".into(), opt(&b.author)],
         vec!["status".into(), b.status.to_string()],
         vec!["commit".into(), b.hash.clone()],
         vec!["command".into(), b.command.clone()],
@@ -599,6 +661,9 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         } => {
             // N.B.: someone typed this: the pipeline's `when` sees `manual`.
             let mut body = serde_json::json!({ "hash": hash, "event": "manual" });
+            if let Some(p) = &cli.project {
+                body["project"] = p.clone().into();
+            }
             if !labels.is_empty() {
                 body["labels"] = labels.into();
             }
@@ -612,9 +677,24 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             let said = format!("build #{} queued ({})", b.id, b.hash);
             started(&client, b, wait, cli.json, &said).await
         }
-        Command::List { limit, page } => {
+        Command::List {
+            limit,
+            page,
+            branch,
+            status,
+        } => {
+            let mut filters = Vec::new();
+            if let Some(p) = &cli.project {
+                filters.push(("project", p.clone()));
+            }
+            if let Some(b) = branch {
+                filters.push(("branch", b));
+            }
+            if !status.is_empty() {
+                filters.push(("status", status.join(",")));
+            }
             let list = client
-                .list(limit.clamp(1, 500), (page.max(1) - 1) * limit)
+                .list_where(limit.clamp(1, 500), (page.max(1) - 1) * limit, &filters)
                 .await?;
             if cli.json {
                 print_json(&list.builds)?;
@@ -624,6 +704,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Show { id } => {
+            let id = client.build_id(cli.project.as_deref(), id).await?;
             let b = client.show(id).await?;
             if cli.json {
                 print_json(&b)?;
@@ -638,6 +719,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             follow,
             attempt,
         } => {
+            let id = client.build_id(cli.project.as_deref(), id).await?;
             // A build of several steps and no step named: each in turn.
             let steps: Vec<Option<String>> = match step {
                 Some(s) => vec![Some(s)],
@@ -688,6 +770,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Cancel { id } => {
+            let id = client.build_id(cli.project.as_deref(), id).await?;
             let b = client.action(id, "cancel").await?;
             if cli.json {
                 print_json(&b)?;
@@ -697,17 +780,48 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Rebuild { id, wait } => {
+            let id = client.build_id(cli.project.as_deref(), id).await?;
             let b = client.action(id, "rebuild").await?;
             let said = format!("build #{} queued (rebuild of #{id})", b.id);
             started(&client, b, wait, cli.json, &said).await
         }
         Command::Retry { id, wait } => {
+            let id = client.build_id(cli.project.as_deref(), id).await?;
             let b = client.action(id, "retry").await?;
             let said = format!("build #{} {} (its failed steps run again)", b.id, b.status);
             started(&client, b, wait, cli.json, &said).await
         }
         Command::Lint { file } => lint(&file, cli.json),
         Command::Exec { step, file, jobs } => exec::exec(&file, step.as_deref(), jobs).await,
+        Command::Projects => {
+            let list = client.projects().await?;
+            if cli.json {
+                print_json(&list.projects)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .projects
+                    .iter()
+                    .map(|p| {
+                        let branches: Vec<String> = p
+                            .last_builds
+                            .iter()
+                            .map(|b| format!("{} #{} {}", b.branch, b.number, b.status))
+                            .collect();
+                        vec![
+                            p.name.clone(),
+                            p.repo.clone(),
+                            match p.poll_interval {
+                                0 => "off".to_owned(),
+                                s => format!("{s}s"),
+                            },
+                            branches.join(", "),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["PROJECT", "REPO", "POLL", "BRANCHES"], &rows));
+            }
+            Ok(0)
+        }
         Command::Agents => {
             let agents = client.agents().await?;
             if cli.json {

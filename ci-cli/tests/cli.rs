@@ -367,3 +367,47 @@ fn exec_runs_the_working_tree_and_touches_nothing() {
     assert_eq!(code, 1);
     assert!(err.starts_with(".ci.yml:2:1:"), "{err}");
 }
+
+/// `--project` starts, lists and names builds by their project's numbers
+/// (`--project web show 1` is web#1), and `ci projects` lists projects
+/// with each branch's latest build.
+#[test]
+fn projects_and_their_numbers() {
+    let c = cluster();
+    let status = c._rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/api/projects", c.url))
+            .json(&serde_json::json!({"name": "web", "repo": c.repo.url(), "pollInterval": 0}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 201);
+    let (code, out, err) = c.ci(&["--project", "web", "submit", "main", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = c.ci(&["submit", "main", "--wait"]);
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = c.ci(&["--project", "web", "list"]);
+    assert!(out.contains("web#1"), "{out}");
+    assert!(!out.contains("default#"), "only web's: {out}");
+    let (_, out, _) = c.ci(&["list", "--status", "success,failed"]);
+    assert!(out.contains("web#1") && out.contains("default#1"), "{out}");
+    let (_, out, _) = c.ci(&["list", "--status", "queued"]);
+    assert!(!out.contains('#'), "{out}");
+    // This server does not resolve refs: its builds have no branch.
+    let (_, out, _) = c.ci(&["list", "--branch", "main"]);
+    assert!(!out.contains('#'), "{out}");
+    let (code, out, err) = c.ci(&["--project", "web", "show", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("web#1"), "{out}");
+    let (code, out, _) = c.ci(&["--project", "web", "log", "1"]);
+    assert_eq!(code, 0);
+    assert!(out.ends_with("hello\n"), "{out}");
+    let (code, _, err) = c.ci(&["--project", "web", "show", "9"]);
+    assert_eq!(code, 2, "an API error: {err}");
+    assert!(err.contains("no build 9"), "{err}");
+    let (code, out, _) = c.ci(&["projects"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("web") && out.contains("default"), "{out}");
+}

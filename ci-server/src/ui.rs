@@ -3,6 +3,8 @@
 //!
 //! - `GET /`: the form to start a build, the builds table (paginated with
 //!   `?page=`) and the agents table; both refresh every two seconds.
+//! - `GET /projects`, `GET /projects/{name}`: projects with each branch's
+//!   latest build, and a project's builds.
 //! - `GET /builds/{id}`: a build's details, its output live while it runs,
 //!   and Cancel and Rebuild buttons.
 //!
@@ -59,7 +61,7 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rej
         .and(warp::path::param::<String>())
         .and(warp::path::end())
         .and(warp::get())
-        .and(with_app(app))
+        .and(with_app(app.clone()))
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .and_then(
             |id: String, app: App, q: std::collections::HashMap<String, String>| async move {
@@ -73,7 +75,31 @@ pub(crate) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rej
                 })
             },
         );
-    assets.or(index).unify().or(build).unify()
+    let projects = warp::path("projects")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .and_then(|app: App| async move { Ok::<_, Rejection>(projects_page(&app).await) });
+    let project = warp::path("projects")
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .and_then(|name: String, app: App| async move {
+            let name = percent_encoding::percent_decode_str(&name)
+                .decode_utf8_lossy()
+                .into_owned();
+            Ok::<_, Rejection>(project_page(&app, &name).await)
+        });
+    assets
+        .or(index)
+        .unify()
+        .or(build)
+        .unify()
+        .or(projects)
+        .unify()
+        .or(project)
+        .unify()
 }
 
 /// Escapes text for HTML.
@@ -131,7 +157,7 @@ fn shell(title: &str, body_attrs: &str, main: &str, app: &App) -> String {
 <link rel="stylesheet" href="/ui/style.css">
 </head>
 <body data-token="{token}" {body_attrs}>
-<header><h1><a href="/">ci</a></h1><span class="muted">{repo}</span></header>
+<header><h1><a href="/">ci</a></h1><nav><a href="/projects">Projects</a></nav><span class="muted">{repo}</span></header>
 <main>
 <form id="token-form" class="new" hidden>
   <label for="token">API token</label><input id="token" name="token" type="password" autocomplete="current-password">
@@ -146,6 +172,165 @@ fn shell(title: &str, body_attrs: &str, main: &str, app: &App) -> String {
         title = esc(title),
         repo = esc(&app.config.repo.to_string()),
     )
+}
+
+/// What started a build, for people.
+fn event_name(b: &BuildView) -> String {
+    use ci_core::pipeline::Trigger;
+    let what = match b.event {
+        Some(Trigger::Push) => "push",
+        Some(Trigger::PullRequest) => "pull request",
+        Some(Trigger::Tag) => "tag",
+        Some(Trigger::Manual) => "manual",
+        Some(Trigger::Api) => "API",
+        None => "",
+    };
+    if b.untrusted {
+        format!("{what} (from a fork: no secrets)")
+    } else {
+        what.to_owned()
+    }
+}
+
+/// `GET /projects`: every project, each branch with its latest build.
+async fn projects_page(app: &App) -> Response {
+    let show = app.config.api_token.is_none();
+    let mut rows = String::new();
+    let projects = if show {
+        app.store.projects().await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    for p in &projects {
+        let filter = ci_core::store::BuildFilter {
+            project: Some(p.name.clone()),
+            ..Default::default()
+        };
+        let recent = app
+            .store
+            .find_builds(
+                &filter,
+                Page {
+                    limit: 100,
+                    ..Page::default()
+                },
+            )
+            .await
+            .unwrap_or_default();
+        let mut branches: Vec<String> = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for b in &recent {
+            let Some(branch) = b.branch.as_deref() else {
+                continue;
+            };
+            if seen.contains(&branch) {
+                continue;
+            }
+            seen.push(branch);
+            branches.push(format!(
+                r#"<li><code>{}</code> <a href="/builds/{}">#{}</a> {}</li>"#,
+                esc(branch),
+                b.id,
+                b.number,
+                status(b.status.as_str())
+            ));
+        }
+        let _ = write!(
+            rows,
+            r#"<tr><td><a href="/projects/{n}">{n}</a></td><td><code>{repo}</code></td><td><ul class="branches">{br}</ul></td></tr>"#,
+            n = esc(&p.name),
+            repo = esc(&ci_core::model::redact_url(&p.repo)),
+            br = branches.join(""),
+        );
+    }
+    if rows.is_empty() {
+        rows = r#"<tr><td colspan="3" class="muted">No projects.</td></tr>"#.into();
+    }
+    let main = format!(
+        r#"<section aria-labelledby="projects-h">
+<h2 id="projects-h">Projects</h2>
+<div class="table-wrap"><table id="projects">
+<thead><tr><th scope="col">Project</th><th scope="col">Repository</th><th scope="col">Branches</th></tr></thead>
+<tbody>{rows}</tbody>
+</table></div>
+</section>"#
+    );
+    html(shell("Projects", r#"data-page="projects""#, &main, app)).into_response()
+}
+
+/// `GET /projects/{name}`: a project's builds.
+async fn project_page(app: &App, name: &str) -> Response {
+    let show = app.config.api_token.is_none();
+    let project = match app.store.project(name).await {
+        Ok(Some(p)) => p,
+        _ => {
+            return with_status(
+                html(shell("Not found", "", "<p>No such project.</p>", app)),
+                StatusCode::NOT_FOUND,
+            )
+            .into_response()
+        }
+    };
+    let filter = ci_core::store::BuildFilter {
+        project: Some(project.name.clone()),
+        ..Default::default()
+    };
+    let builds = if show {
+        app.store
+            .find_builds(
+                &filter,
+                Page {
+                    limit: PAGE_SIZE,
+                    ..Page::default()
+                },
+            )
+            .await
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut rows = String::new();
+    for b in &builds {
+        let v = BuildView::from(b);
+        let _ = write!(
+            rows,
+            r#"<tr><td><a href="/builds/{id}">#{n}</a></td><td>{branch}</td><td><code>{hash}</code> {subject}</td><td>{event}</td><td>{st}</td><td>{dur}</td></tr>"#,
+            id = v.id,
+            n = v.number,
+            branch = esc(v.branch.as_deref().unwrap_or("")),
+            hash = esc(&v.hash[..v.hash.len().min(12)]),
+            subject = esc(v.subject.as_deref().unwrap_or("")),
+            event = esc(&event_name(&v)),
+            st = status(v.status.as_str()),
+            dur = duration(v.duration_ms),
+        );
+    }
+    if rows.is_empty() {
+        rows = r#"<tr><td colspan="6" class="muted">No builds yet.</td></tr>"#.into();
+    }
+    let main = format!(
+        r#"<h2>{name}</h2>
+<dl class="details">
+  <dt>Repository</dt><dd><code>{repo}</code></dd>
+  <dt>Default branch</dt><dd>{branch}</dd>
+  <dt>Polling</dt><dd>{poll}</dd>
+</dl>
+<section aria-labelledby="builds-h">
+<h3 id="builds-h">Builds</h3>
+<div class="table-wrap"><table id="project-builds">
+<thead><tr><th scope="col">Build</th><th scope="col">Branch</th><th scope="col">Commit</th><th scope="col">Started by</th><th scope="col">Status</th><th scope="col">Duration</th></tr></thead>
+<tbody>{rows}</tbody>
+</table></div>
+</section>"#,
+        name = esc(&project.name),
+        repo = esc(&ci_core::model::redact_url(&project.repo)),
+        branch = esc(&project.default_branch),
+        poll = match project.poll_interval_s {
+            0 => "off".to_owned(),
+            s => format!("every {s} s"),
+        },
+    );
+    html(shell(&project.name, r#"data-page="project""#, &main, app)).into_response()
 }
 
 fn build_row(b: &BuildView) -> String {
@@ -393,7 +578,11 @@ async fn build_page(app: &App, id: BuildId, asked: Option<&str>) -> Response {
     let main = format!(
         r#"<h2>Build #{id} <span id="status" aria-live="polite">{st}</span></h2>
 <dl class="details">
+  <dt>Project</dt><dd>{project}</dd>
+  <dt>Started by</dt><dd>{event}</dd>
   <dt>Commit</dt><dd><code>{hash}</code></dd>
+  <dt>Subject</dt><dd>{subject}</dd>
+  <dt>Author</dt><dd>{author}</dd>
   <dt>Command</dt><dd><code>{cmd}</code></dd>
   <dt>Branch</dt><dd>{branch}</dd>
   <dt>Labels</dt><dd>{labels}</dd>
@@ -417,6 +606,14 @@ async fn build_page(app: &App, id: BuildId, asked: Option<&str>) -> Response {
 <section aria-labelledby="out-h"><h4 id="out-h">stdout</h4><pre id="stdout" class="log" tabindex="0">{STDOUT_MARK}</pre></section>
 <section aria-labelledby="err-h"><h4 id="err-h">stderr</h4><pre id="stderr" class="log" tabindex="0">{STDERR_MARK}</pre></section>"#,
         st = field(&|b| status(b.status.as_str())),
+        project = field(&|b| format!(
+            r#"<a href="/projects/{p}">{p}</a> #{n}"#,
+            p = esc(&b.project),
+            n = b.number
+        )),
+        event = field(&|b| esc(&event_name(b))),
+        subject = field(&|b| esc(b.subject.as_deref().unwrap_or(""))),
+        author = field(&|b| esc(b.author.as_deref().unwrap_or(""))),
         hash = field(&|b| esc(&b.hash)),
         cmd = field(&|b| esc(&b.command)),
         branch = field(&|b| esc(b.branch.as_deref().unwrap_or(""))),

@@ -677,3 +677,60 @@ async fn polling_a_git_server_builds_what_is_pushed() {
     let _ = stop.send(());
     served.await.unwrap().unwrap();
 }
+
+/// The UI lists projects with each branch's latest build, shows a
+/// project's builds, and a build's project, number, full SHA, subject,
+/// author and what started it; text from commits is escaped.
+#[tokio::test]
+async fn the_ui_shows_projects_and_where_builds_came_from() {
+    let repo = ci_testkit::GitRepo::new();
+    let sha = repo.commit(&[("a", "1")], "Fix <b>bold</b> thing");
+    let f = fixture("/srv/repo").await;
+    f.call(
+        "POST",
+        "/api/projects",
+        Some(json!({"name": "web", "repo": repo.url(), "pollInterval": 0})),
+    )
+    .await;
+    let (s, b) = f
+        .call(
+            "POST",
+            "/api/projects/web/builds",
+            Some(json!({"hash": "main", "event": "manual"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let page = |path: &str| {
+        let path = path.to_owned();
+        let routes = f.server.routes();
+        async move {
+            let r = warp::test::request().path(&path).reply(&routes).await;
+            (r.status(), String::from_utf8_lossy(r.body()).into_owned())
+        }
+    };
+    let (s, list) = page("/projects").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(list.contains(r#"<a href="/projects/web">web</a>"#), "{list}");
+    assert!(
+        list.contains("<code>main</code>") && list.contains("status-queued"),
+        "{list}"
+    );
+    let (s, project) = page("/projects/web").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        project.contains(&format!(r#"<a href="/builds/{}">#1</a>"#, b["id"])),
+        "{project}"
+    );
+    assert!(project.contains("Fix &lt;b&gt;bold&lt;/b&gt; thing"), "{project}");
+    let (_, build) = page(&format!("/builds/{}", b["id"])).await;
+    for want in [
+        r#"<a href="/projects/web">web</a> #1"#,
+        &sha,
+        "Fix &lt;b&gt;bold&lt;/b&gt; thing",
+        "ci &lt;ci@localhost&gt;",
+        "<dt>Started by</dt><dd>manual</dd>",
+    ] {
+        assert!(build.contains(want), "{want} in {build}");
+    }
+    assert_eq!(page("/projects/nope").await.0, StatusCode::NOT_FOUND);
+}

@@ -122,6 +122,8 @@ pub async fn projects_number_their_builds<S: Store>(s: &S) {
         .find_builds(&filter(None, None, vec![BuildStatus::Success]), page)
         .await)
     .is_empty());
+    let some = filter(None, Some("main"), vec![BuildStatus::Queued, BuildStatus::Failed]);
+    assert_eq!(ids(ok(s.find_builds(&some, page).await)), [a.id]);
     let one = Page {
         limit: 1,
         offset: 1,
