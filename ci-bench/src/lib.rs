@@ -48,6 +48,7 @@ mod queue;
 mod setup;
 mod stats;
 mod throughput;
+mod triggers;
 
 use std::sync::Arc;
 
@@ -87,6 +88,13 @@ pub async fn run(opts: Opts) -> Result<(), Error> {
     }
     if let Some(shape) = opts.pipeline {
         return pipeline::run(&bench, &opts, shape).await;
+    }
+    if let Some(n) = opts.poll_projects {
+        return triggers::poll(&bench, n, opts.poll_interval).await;
+    }
+    if let Some(n) = opts.hooks {
+        let _agents = bench.agents(&opts, &Arc::default()).await?;
+        return triggers::hooks(&bench, &opts, n).await;
     }
     if opts.lone > 0 {
         let _agents = bench.agents(&opts, &Arc::default()).await?;

@@ -49,6 +49,17 @@ pub struct Opts {
     /// server's pace (open loop).
     #[arg(long, value_parser = positive_rate)]
     pub rate: Option<f64>,
+    /// Instead: this many pushes, each delivered as a signed webhook:
+    /// delivery to the step running.
+    #[arg(long)]
+    pub hooks: Option<usize>,
+    /// Instead: this many projects polled every `--poll-interval` seconds:
+    /// the server's CPU and git processes over one interval.
+    #[arg(long)]
+    pub poll_projects: Option<usize>,
+    /// With `--poll-projects`.
+    #[arg(long, default_value_t = 60)]
+    pub poll_interval: u32,
     /// With waiting submitters: a pause between a build's completion and
     /// the submitter's next build (lets the machine go idle between builds).
     #[arg(long, default_value_t = 0)]

@@ -118,6 +118,15 @@ impl Bench {
         Ok(self.repo.commit(files, message))
     }
 
+    /// The repository's path, as the server's REPO.
+    pub(crate) fn repo_path(&self) -> Result<String, Error> {
+        self.repo
+            .path()
+            .to_str()
+            .map(str::to_owned)
+            .ok_or(Error::Setup("a non-UTF-8 temp path".into()))
+    }
+
     /// A handle for another task: the same server and client.
     pub(crate) fn clone_handle(&self) -> Handle {
         Handle {
