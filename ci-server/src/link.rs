@@ -179,3 +179,76 @@ fn classify(status: StatusCode, reason: String) -> DispatchFailure {
         _ => DispatchFailure::Unreachable(reason),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ci_core::store::{Projects, Queue};
+    use ci_core::{CommitRef, MemoryStore, NewBuild, NewStep, RepoUrl, Source, Timestamp};
+
+    async fn step_of(store: &MemoryStore, untrusted: bool, secrets: &[&str]) -> ci_core::Step {
+        let mut new = NewBuild::new(
+            RepoUrl::parse("/srv/web").unwrap(),
+            CommitRef::parse("abcdef1").unwrap(),
+            ".ci.yml",
+        )
+        .unwrap();
+        new.steps = vec![NewStep {
+            name: "deploy".into(),
+            command: "true".into(),
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            ..NewStep::default()
+        }];
+        new.source = Source {
+            project: "web".into(),
+            untrusted,
+            ..Source::default()
+        };
+        store.create_build(&new, Timestamp(1)).await.unwrap().steps[0].clone()
+    }
+
+    /// A step gets exactly the secrets it lists, opened; a fork's pull
+    /// request gets none; one that is not set fails the step (it is
+    /// refused, not sent without it).
+    #[tokio::test]
+    async fn steps_get_the_secrets_they_list_and_forks_get_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Arc::new(crate::vault::Vault::open(&dir.path().join("k")).unwrap());
+        let store = Arc::new(MemoryStore::new());
+        store
+            .create_project(&ci_core::Project::new("web", "/srv/web"), Timestamp(0))
+            .await
+            .unwrap();
+        for (name, value) in [("TOKEN", "t0ken-value"), ("OTHER", "other-value")] {
+            let sealed = vault.seal("web", name, value.as_bytes()).unwrap();
+            store
+                .put_secret("web", name, &sealed, Timestamp(0))
+                .await
+                .unwrap();
+        }
+        let secrets = StepSecrets::new(store.clone(), vault);
+
+        let trusted = step_of(&store, false, &["TOKEN"]).await;
+        let env = secrets.for_step(&trusted).await.unwrap();
+        assert_eq!(
+            env.0.into_iter().collect::<Vec<_>>(),
+            [("TOKEN".into(), "t0ken-value".into())]
+        );
+        assert_eq!(
+            format!("{:?}", secrets.for_step(&trusted).await.unwrap()),
+            r#"{"TOKEN"}"#
+        );
+
+        let fork = step_of(&store, true, &["TOKEN"]).await;
+        assert!(secrets.for_step(&fork).await.unwrap().is_empty());
+
+        let none = step_of(&store, false, &[]).await;
+        assert!(secrets.for_step(&none).await.unwrap().is_empty());
+
+        let missing = step_of(&store, false, &["TOKEN", "NOT_SET"]).await;
+        match secrets.for_step(&missing).await {
+            Err(DispatchFailure::Rejected(why)) => assert!(why.contains("NOT_SET"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

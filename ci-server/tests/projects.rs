@@ -674,6 +674,55 @@ async fn polling_a_git_server_builds_what_is_pushed() {
     ci_testkit::wait_until("the skipped commit noted", Duration::from_secs(5), heads_moved).await;
     assert_eq!(builds().await.len(), 2);
 
+    // A webhook over real HTTP for a project that does not poll: the build
+    // of exactly the pushed commit is there when the delivery is answered.
+    let secret = "hook-secret-456";
+    let resp = http
+        .post(format!("{base}/api/projects"))
+        .json(&json!({"name": "hooked", "repo": url, "pollInterval": 0, "webhookSecret": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let pushed = work.commit(&[("c", "1")], "hooked push");
+    work.git(&["push", "--quiet", &url, "feature"]);
+    let body = serde_json::to_vec(&json!({
+        "ref": "refs/heads/feature", "after": pushed,
+        "repository": {"full_name": "acme/web", "clone_url": url},
+        "head_commit": {"id": pushed, "message": "hooked push", "author": {"name": "A", "email": "a@b"}}
+    }))
+    .unwrap();
+    let sent = tokio::time::Instant::now();
+    let resp = http
+        .post(format!("{base}/hooks/gitea?project=hooked"))
+        .header("content-type", "application/json")
+        .header("x-gitea-event", "push")
+        .header("x-gitea-delivery", "real-1")
+        .header("x-gitea-signature", sign(secret, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let reply: Value = resp.json().await.unwrap();
+    eprintln!("webhook to build: {:?}", sent.elapsed());
+    let b: Value = http
+        .get(format!("{base}/api/builds/{}", reply["build"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (b["hash"].as_str(), b["project"].as_str()),
+        (Some(pushed.as_str()), Some("hooked"))
+    );
+    assert_eq!(
+        (b["branch"].as_str(), b["event"].as_str()),
+        (Some("feature"), Some("push"))
+    );
+
     let _ = stop.send(());
     served.await.unwrap().unwrap();
 }
