@@ -278,6 +278,13 @@ async fn poll_one(
                 tracing::info!(project = %project.name, %branch, sha = %sha, why = why.as_str(), "poller: new commit, no build");
                 seen.push((branch.clone(), sha.clone()));
             }
+            Err(e) if e.status().is_client_error() => {
+                // The commit cannot be built as it is (its pipeline runs no
+                // step for a push to this branch, the server has no
+                // command for it): trying again would say the same.
+                tracing::info!(project = %project.name, %branch, sha = %sha, why = e.message(), "poller: new commit, no build");
+                seen.push((branch.clone(), sha.clone()));
+            }
             Err(e) => {
                 // N.B.: the old head is kept, so the next look tries again.
                 tracing::warn!(project = %project.name, %branch, cause = ?e, "poller: cannot start the build");

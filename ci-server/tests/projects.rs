@@ -674,6 +674,29 @@ async fn polling_a_git_server_builds_what_is_pushed() {
     ci_testkit::wait_until("the skipped commit noted", Duration::from_secs(5), heads_moved).await;
     assert_eq!(builds().await.len(), 2);
 
+    // A pipeline that runs nothing for a push to this branch: no build,
+    // and the commit is noted (not tried again on every look).
+    let filtered = work.commit(
+        &[(
+            ".ci.yml",
+            "version: 1\nsteps:\n  - name: deploy\n    when: {branch: [main]}\n    commands: [\"true\"]\n",
+        )],
+        "deploy only from main",
+    );
+    work.git(&["push", "--quiet", &url, "feature"]);
+    let noted = || async {
+        let c = rusqlite::Connection::open(dir.path().join("ci.sqlite")).ok()?;
+        c.query_row(
+            "SELECT sha FROM heads WHERE project = 'web' AND branch = 'feature'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+        .filter(|s| s == &filtered)
+    };
+    ci_testkit::wait_until("the filtered commit noted", Duration::from_secs(5), noted).await;
+    assert_eq!(builds().await.len(), 2);
+
     // A webhook over real HTTP for a project that does not poll: the build
     // of exactly the pushed commit is there when the delivery is answered.
     let secret = "hook-secret-456";
@@ -684,10 +707,11 @@ async fn polling_a_git_server_builds_what_is_pushed() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
+    work.git(&["checkout", "--quiet", "main"]);
     let pushed = work.commit(&[("c", "1")], "hooked push");
-    work.git(&["push", "--quiet", &url, "feature"]);
+    work.git(&["push", "--quiet", &url, "main"]);
     let body = serde_json::to_vec(&json!({
-        "ref": "refs/heads/feature", "after": pushed,
+        "ref": "refs/heads/main", "after": pushed,
         "repository": {"full_name": "acme/web", "clone_url": url},
         "head_commit": {"id": pushed, "message": "hooked push", "author": {"name": "A", "email": "a@b"}}
     }))
@@ -720,7 +744,7 @@ async fn polling_a_git_server_builds_what_is_pushed() {
     );
     assert_eq!(
         (b["branch"].as_str(), b["event"].as_str()),
-        (Some("feature"), Some("push"))
+        (Some("main"), Some("push"))
     );
 
     let _ = stop.send(());
