@@ -19,6 +19,8 @@ use crate::api::App;
 
 /// Tries per state before giving up.
 const MAX_TRIES: u32 = 12;
+/// How often to look whether any project has a forge.
+const FORGES_EVERY: Duration = Duration::from_secs(2);
 /// Time limit of one request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,6 +107,10 @@ pub(crate) async fn report(app: App, mut events: broadcast::Receiver<Event>) {
     let mut builds: HashMap<BuildId, Entry> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(BuildId, Option<State>, bool)>();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // N.B.: whether any project has a forge, looked up every few seconds:
+    // without one (the common case) events cost no store reads here, on
+    // the scheduler's hot path.
+    let mut forges = (false, Instant::now() - FORGES_EVERY);
     loop {
         tokio::select! {
             e = events.recv() => match e {
@@ -148,6 +154,23 @@ pub(crate) async fn report(app: App, mut events: broadcast::Receiver<Event>) {
             _ = tick.tick() => {}
         }
         let now = Instant::now();
+        if now.duration_since(forges.1) >= FORGES_EVERY {
+            let any = app
+                .store
+                .projects()
+                .await
+                .map(|p| p.iter().any(|p| p.forge.is_some()))
+                .unwrap_or(true);
+            forges = (any, now);
+        }
+        if !forges.0 {
+            // Kept a while: a forge set a moment ago still gets the
+            // states of builds made since (their current ones).
+            if builds.len() > 10_000 {
+                builds.clear();
+            }
+            continue;
+        }
         let due: Vec<BuildId> = builds
             .iter()
             .filter(|(_, e)| e.dirty && !e.in_flight && e.next <= now)
