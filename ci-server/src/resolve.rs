@@ -49,6 +49,10 @@ pub struct Resolver {
     /// never changes, and builds of one commit come in runs (rebuilds,
     /// retries, a matrix of triggers).
     files: std::sync::Mutex<FileCache>,
+    /// What commits said of themselves, by repository and SHA: builds of
+    /// one commit come in runs, and `git show` per build would cost more
+    /// than the rest of creating it.
+    infos: std::sync::Mutex<std::collections::HashMap<(RepoUrl, String), ci_git::CommitInfo>>,
 }
 
 /// The last [`FileCache::CAP`] pipeline files read.
@@ -85,6 +89,7 @@ impl Resolver {
             unreachable_until: Mutex::default(),
             timeout: GIT_TIMEOUT,
             files: std::sync::Mutex::default(),
+            infos: std::sync::Mutex::default(),
         })
     }
 
@@ -147,6 +152,29 @@ impl Resolver {
     /// What commit `sha` (full, resolved before) says of itself; none if
     /// git cannot tell in time.
     pub async fn commit_info(&self, repo: &RepoUrl, sha: &CommitRef) -> Option<ci_git::CommitInfo> {
+        let key = (repo.clone(), sha.as_str().to_owned());
+        let known = self
+            .infos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        if known.is_some() {
+            return known;
+        }
+        let info = self.read_commit_info(repo, sha).await?;
+        let mut infos = self
+            .infos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if infos.len() >= FileCache::CAP {
+            infos.clear();
+        }
+        infos.insert(key, info.clone());
+        Some(info)
+    }
+
+    async fn read_commit_info(&self, repo: &RepoUrl, sha: &CommitRef) -> Option<ci_git::CommitInfo> {
         let read = async {
             // N.B.: fetches the commit if the cache lacks it (a full SHA
             // is resolved without git).
