@@ -661,7 +661,8 @@ async fn polling_a_git_server_builds_what_is_pushed() {
     work.git(&["checkout", "--quiet", "-b", "feature"]);
     let skipped = work.commit(&[("b", "1")], "wip [skip ci]");
     work.git(&["push", "--quiet", &url, "feature"]);
-    let heads_moved = || async {
+    // The head the poller last noted for `feature`.
+    let feature_head = || {
         let c = rusqlite::Connection::open(dir.path().join("ci.sqlite")).ok()?;
         c.query_row(
             "SELECT sha FROM heads WHERE project = 'web' AND branch = 'feature'",
@@ -669,8 +670,8 @@ async fn polling_a_git_server_builds_what_is_pushed() {
             |r| r.get::<_, String>(0),
         )
         .ok()
-        .filter(|s| s == &skipped)
     };
+    let heads_moved = || async { feature_head().filter(|s| s == &skipped) };
     ci_testkit::wait_until("the skipped commit noted", Duration::from_secs(5), heads_moved).await;
     assert_eq!(builds().await.len(), 2);
 
@@ -684,16 +685,7 @@ async fn polling_a_git_server_builds_what_is_pushed() {
         "deploy only from main",
     );
     work.git(&["push", "--quiet", &url, "feature"]);
-    let noted = || async {
-        let c = rusqlite::Connection::open(dir.path().join("ci.sqlite")).ok()?;
-        c.query_row(
-            "SELECT sha FROM heads WHERE project = 'web' AND branch = 'feature'",
-            [],
-            |r| r.get::<_, String>(0),
-        )
-        .ok()
-        .filter(|s| s == &filtered)
-    };
+    let noted = || async { feature_head().filter(|s| s == &filtered) };
     ci_testkit::wait_until("the filtered commit noted", Duration::from_secs(5), noted).await;
     assert_eq!(builds().await.len(), 2);
 
