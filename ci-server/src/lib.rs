@@ -156,7 +156,7 @@ impl Server {
                 .with_secrets(link::StepSecrets::new(store.clone(), vault.clone())),
         );
         Ok(Server {
-            app: api::App {
+            app: api::App::new(api::Parts {
                 dispatcher: Dispatcher::spawn(coordinator, link),
                 store,
                 config: Arc::new(config),
@@ -165,7 +165,7 @@ impl Server {
                 resolver,
                 vault,
                 poller: Arc::default(),
-            },
+            }),
         })
     }
 

@@ -38,6 +38,7 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     writer: Writer,
     checkpointer: Option<JoinHandle<()>>,
+    projects: ProjectCache,
     /// N.B.: an exclusive `flock` on the database file for as long as the
     /// store lives. SQLite's own locks let a second server share the file,
     /// and two schedulers on one queue run builds twice. Last, so it is
@@ -84,6 +85,7 @@ impl SqliteStore {
             readers: Arc::new(Readers::new(move || Ok(connect(&reader_path, options)?))),
             writer: Writer::new(writer),
             checkpointer: Some(checkpointer),
+            projects: ProjectCache::default(),
             _owner: owner,
         })
     }
@@ -152,6 +154,41 @@ impl Drop for SqliteStore {
     }
 }
 
+/// Projects as last read, by name: every build's creation reads its
+/// project, and projects change seldom.
+///
+/// N.B.: every write of a project goes through this store (it holds the
+/// file's `flock`) and forgets all of them after committing. A read that
+/// began before a write is not kept: it fills only if no write happened
+/// since it looked (the generation).
+#[derive(Debug, Default)]
+struct ProjectCache(std::sync::Mutex<(u64, std::collections::HashMap<String, Project>)>);
+
+impl ProjectCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, std::collections::HashMap<String, Project>)> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The project, or the generation to fill it with.
+    fn get(&self, name: &str) -> Result<Project, u64> {
+        let cache = self.lock();
+        cache.1.get(name).cloned().ok_or(cache.0)
+    }
+
+    fn fill(&self, generation: u64, project: &Project) {
+        let mut cache = self.lock();
+        if cache.0 == generation {
+            cache.1.insert(project.name.clone(), project.clone());
+        }
+    }
+
+    fn forget(&self) {
+        let mut cache = self.lock();
+        cache.0 += 1;
+        cache.1.clear();
+    }
+}
+
 /// Why a renewal found nothing to renew, from what the step is now.
 fn refusal(tx: &Transaction<'_>, id: StepId, attempt: Option<Attempt>, agent: Option<AgentId>) -> Error {
     match get_step(tx, id) {
@@ -205,9 +242,14 @@ impl Queue for SqliteStore {
         let new = new.clone();
         self.write(Cost::Short, move |tx| {
             let source = &new.source;
+            // N.B.: the next number is read from the index `builds_number`,
+            // not counted in `projects.last_number` (left from migration 10):
+            // updating the project's row wrote one more page to the WAL on
+            // every build. Builds are never deleted without their project.
             let number: Option<i64> = tx
                 .prepare_cached(
-                    "UPDATE projects SET last_number = last_number + 1 WHERE name = ?1 RETURNING last_number",
+                    "SELECT (SELECT COALESCE(MAX(number), 0) + 1 FROM builds WHERE project = ?1)
+                     FROM projects WHERE name = ?1",
                 )?
                 .query_row([&source.project], |r| r.get(0))
                 .optional()?;
@@ -991,48 +1033,15 @@ impl Projects for SqliteStore {
             created_at: now,
             ..project.clone()
         };
-        self.write(Cost::Short, move |tx| {
-            let inserted = tx
-                .prepare_cached(
-                    "INSERT INTO projects (name, repo, default_branch, poll_interval, branches,
+        let created = self
+            .write(Cost::Short, move |tx| {
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO projects (name, repo, default_branch, poll_interval, branches,
                                            cancel_previous, forge, created_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO NOTHING",
-                )?
-                .execute(params![
-                    p.name,
-                    p.repo,
-                    p.default_branch,
-                    p.poll_interval_s,
-                    serde_json::to_string(&p.branches).unwrap_or_default(),
-                    p.cancel_previous,
-                    p.forge
-                        .as_ref()
-                        .map(|f| serde_json::to_string(f).unwrap_or_default()),
-                    ts(now),
-                ])?;
-            if inserted == 0 {
-                return Err(Error::Refused(ci_core::Error::Conflict(format!(
-                    "project {:?} exists",
-                    p.name
-                ))));
-            }
-            Ok(p)
-        })
-        .await
-    }
-
-    async fn update_project(&self, project: &Project) -> ci_core::Result<Project> {
-        let p = project.clone();
-        self.write(Cost::Short, move |tx| {
-            let sql = format!(
-                "UPDATE projects SET repo = ?2, default_branch = ?3, poll_interval = ?4, branches = ?5,
-                                     cancel_previous = ?6, forge = ?7
-                 WHERE name = ?1 RETURNING {PROJECT_COLUMNS}"
-            );
-            let stored = tx
-                .prepare_cached(&sql)?
-                .query_row(
-                    params![
+                    )?
+                    .execute(params![
                         p.name,
                         p.repo,
                         p.default_branch,
@@ -1042,25 +1051,73 @@ impl Projects for SqliteStore {
                         p.forge
                             .as_ref()
                             .map(|f| serde_json::to_string(f).unwrap_or_default()),
-                    ],
-                    project_from_row,
-                )
-                .optional()?;
-            stored.ok_or_else(|| Error::Refused(ci_core::Error::ProjectNotFound(p.name.clone())))
-        })
-        .await
+                        ts(now),
+                    ])?;
+                if inserted == 0 {
+                    return Err(Error::Refused(ci_core::Error::Conflict(format!(
+                        "project {:?} exists",
+                        p.name
+                    ))));
+                }
+                Ok(p)
+            })
+            .await;
+        self.projects.forget();
+        created
+    }
+
+    async fn update_project(&self, project: &Project) -> ci_core::Result<Project> {
+        let p = project.clone();
+        let updated = self
+            .write(Cost::Short, move |tx| {
+                let sql = format!(
+                    "UPDATE projects SET repo = ?2, default_branch = ?3, poll_interval = ?4, branches = ?5,
+                                     cancel_previous = ?6, forge = ?7
+                 WHERE name = ?1 RETURNING {PROJECT_COLUMNS}"
+                );
+                let stored = tx
+                    .prepare_cached(&sql)?
+                    .query_row(
+                        params![
+                            p.name,
+                            p.repo,
+                            p.default_branch,
+                            p.poll_interval_s,
+                            serde_json::to_string(&p.branches).unwrap_or_default(),
+                            p.cancel_previous,
+                            p.forge
+                                .as_ref()
+                                .map(|f| serde_json::to_string(f).unwrap_or_default()),
+                        ],
+                        project_from_row,
+                    )
+                    .optional()?;
+                stored.ok_or_else(|| Error::Refused(ci_core::Error::ProjectNotFound(p.name.clone())))
+            })
+            .await;
+        self.projects.forget();
+        updated
     }
 
     async fn project(&self, name: &str) -> ci_core::Result<Option<Project>> {
-        let name = name.to_owned();
-        self.read(Cost::Short, move |conn| {
-            let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE name = ?1");
-            Ok(conn
-                .prepare_cached(&sql)?
-                .query_row([name], project_from_row)
-                .optional()?)
-        })
-        .await
+        let generation = match self.projects.get(name) {
+            Ok(hit) => return Ok(Some(hit)),
+            Err(generation) => generation,
+        };
+        let key = name.to_owned();
+        let found = self
+            .read(Cost::Short, move |conn| {
+                let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE name = ?1");
+                Ok(conn
+                    .prepare_cached(&sql)?
+                    .query_row([key], project_from_row)
+                    .optional()?)
+            })
+            .await?;
+        if let Some(p) = &found {
+            self.projects.fill(generation, p);
+        }
+        Ok(found)
     }
 
     async fn projects(&self) -> ci_core::Result<Vec<Project>> {
@@ -1075,34 +1132,37 @@ impl Projects for SqliteStore {
 
     async fn delete_project(&self, name: &str) -> ci_core::Result<bool> {
         let name = name.to_owned();
-        self.write(Cost::Long, move |tx| {
-            if name == Project::DEFAULT {
-                return Err(Error::Refused(ci_core::Error::Conflict(
-                    "the default project cannot be deleted".into(),
-                )));
-            }
-            if project_exists(tx, &name).is_err() {
-                return Ok(false);
-            }
-            let unfinished = tx
-                .prepare_cached(
-                    "SELECT 1 FROM builds WHERE project = ?1 AND status IN ('queued', 'running') LIMIT 1",
-                )?
-                .query_row([&name], |_| Ok(()))
-                .optional()?;
-            if unfinished.is_some() {
-                return Err(Error::Refused(ci_core::Error::Conflict(format!(
-                    "project {name:?} has unfinished builds: cancel them first"
-                ))));
-            }
-            // Steps, their logs, secrets and heads go by foreign key.
-            tx.prepare_cached("DELETE FROM builds WHERE project = ?1")?
-                .execute([&name])?;
-            tx.prepare_cached("DELETE FROM projects WHERE name = ?1")?
-                .execute([&name])?;
-            Ok(true)
-        })
-        .await
+        let deleted = self
+            .write(Cost::Long, move |tx| {
+                if name == Project::DEFAULT {
+                    return Err(Error::Refused(ci_core::Error::Conflict(
+                        "the default project cannot be deleted".into(),
+                    )));
+                }
+                if project_exists(tx, &name).is_err() {
+                    return Ok(false);
+                }
+                let unfinished = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM builds WHERE project = ?1 AND status IN ('queued', 'running') LIMIT 1",
+                    )?
+                    .query_row([&name], |_| Ok(()))
+                    .optional()?;
+                if unfinished.is_some() {
+                    return Err(Error::Refused(ci_core::Error::Conflict(format!(
+                        "project {name:?} has unfinished builds: cancel them first"
+                    ))));
+                }
+                // Steps, their logs, secrets and heads go by foreign key.
+                tx.prepare_cached("DELETE FROM builds WHERE project = ?1")?
+                    .execute([&name])?;
+                tx.prepare_cached("DELETE FROM projects WHERE name = ?1")?
+                    .execute([&name])?;
+                Ok(true)
+            })
+            .await;
+        self.projects.forget();
+        deleted
     }
 
     async fn put_secret(

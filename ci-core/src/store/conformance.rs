@@ -157,6 +157,11 @@ pub async fn projects_number_their_builds<S: Store>(s: &S) {
     );
 
     // Settings are replaced; the default project too, keeping its numbers.
+    // (Read first: a store that keeps what it read must forget it.)
+    assert_eq!(
+        ok(s.project("web").await).map(|p| p.repo),
+        Some("/srv/web".to_owned())
+    );
     let mut changed = Project::new("web", "/srv/web2");
     changed.poll_interval_s = 0;
     changed.branches = vec!["main".into()];
@@ -202,6 +207,7 @@ pub async fn projects_number_their_builds<S: Store>(s: &S) {
     }
     assert!(ok(s.delete_project("web").await));
     assert!(!ok(s.delete_project("web").await));
+    assert_eq!(ok(s.project("web").await), None);
     assert_eq!(ok(s.build(a.id).await), None);
     assert!(ok(s.build(b.id).await).is_some());
     // A project made again under the name starts again from 1.

@@ -38,9 +38,27 @@ pub(crate) use misc::agent_views;
 /// Largest `offset` of a listing (SQLite takes a signed 64-bit offset).
 pub const MAX_OFFSET: usize = i64::MAX as usize;
 
-/// What every handler needs.
+/// What every handler needs: one `Arc`, because every request clones it
+/// once per filter that takes it.
 #[derive(Clone)]
-pub(crate) struct App {
+pub(crate) struct App(Arc<Parts>);
+
+impl App {
+    pub(crate) fn new(parts: Parts) -> App {
+        App(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for App {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+/// The parts of an [`App`].
+pub(crate) struct Parts {
     pub dispatcher: Dispatcher,
     pub store: Arc<dyn Store>,
     pub config: Arc<ServerConfig>,
