@@ -42,5 +42,6 @@ RUN if ! command -v git >/dev/null; then \
     fi
 COPY --from=build /out/ci-agent /usr/local/bin/ci-agent
 ENV AGENT_BIND=0.0.0.0 AGENT_PORT=3001 WORK_DIR=/work RUNNER=docker
-EXPOSE 3001
+# Agents connect to the server (AGENT_MODE=connect, the default) and listen
+# on no port; with AGENT_MODE=push they listen on AGENT_PORT.
 ENTRYPOINT ["/usr/local/bin/ci-agent"]

@@ -1,5 +1,5 @@
 //! The whole system in one process: a server with a temporary SQLite file
-//! and two shell agents on free loopback ports, building a small git
+//! and two shell agents that connect to it (listening on no port), building a small git
 //! repository with a passing and a failing commit.
 //!
 //! ```text
@@ -83,17 +83,15 @@ async fn run() -> Result<bool, Error> {
     let server_task = tokio::spawn(server.serve(listener, until_stopped(stopped.clone())));
     println!("server   {base}  (SQLite in {})", tmp.path().display());
 
-    // Two shell agents, each with its own work dir.
+    // Two shell agents, each with its own work dir. They connect to the
+    // server and listen on no port.
     let mut agent_tasks = Vec::new();
     for name in ["agent-1", "agent-2"] {
         let config = AgentConfig::new(&base, tmp.path().join(name));
         let runner = ShellRunner::new(Checkouts::new(&config.work_dir)?, config.repo_schemes.clone());
         let agent = Agent::new(config, Arc::new(runner))?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        println!("{name}  http://{}", listener.local_addr()?);
-        agent_tasks.push(tokio::spawn(
-            agent.serve(listener, until_stopped(stopped.clone())),
-        ));
+        println!("{name}  connected to {base}");
+        agent_tasks.push(tokio::spawn(agent.connect(until_stopped(stopped.clone()))));
     }
 
     let http = reqwest::Client::new();

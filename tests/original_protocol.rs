@@ -402,6 +402,8 @@ async fn runs_builds_for_an_original_server(protocol: &str) {
         &format!("agent-{protocol}"),
         &[],
         &[
+            // The original server takes no connections: builds are posted.
+            ("AGENT_MODE", "push"),
             ("SERVER_PORT", port.as_str()),
             ("AGENT_PORT", "0"),
             ("AGENT_HOST", "127.0.0.1"),

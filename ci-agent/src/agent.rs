@@ -45,7 +45,7 @@ use warp::reply::{json, with_status, Response};
 use warp::{Filter, Rejection, Reply};
 
 use crate::client::{CallError, ServerClient};
-use crate::config::{AgentConfig, Protocol};
+use crate::config::{AgentConfig, Mode, Protocol};
 use crate::Error;
 
 /// How often the runner's housekeeping runs.
@@ -82,6 +82,12 @@ struct Inner {
     /// The server speaks only the original protocol: no attempts, agent
     /// ids, pings, live logs, hand-backs or leaves go to it.
     original: std::sync::atomic::AtomicBool,
+    /// The connection to the server, when the agent connects out.
+    tunnel: Arc<crate::tunnel::Tunnel>,
+    /// Counts the connections opened, so the session learns of a new one.
+    lines: watch::Sender<u64>,
+    /// Its name when it connects: its work directory's, across restarts.
+    name: String,
     /// Holds the work directory for this process alone.
     _lock: Flock<File>,
 }
@@ -133,9 +139,14 @@ impl Agent {
         // An agent bound to one address also speaks from it: on a host with
         // several, that is the one its server and firewall know it by.
         let source = Some(config.addr.ip()).filter(|ip| !ip.is_unspecified());
-        let client = ServerClient::new(&config.server_url, config.request_timeout, source)?
+        let tunnel = Arc::new(crate::tunnel::Tunnel::default());
+        let mut client = ServerClient::new(&config.server_url, config.request_timeout, source)?
             .with_token(config.agent_token.clone());
+        if config.mode == Mode::Connect {
+            client = client.over(tunnel.clone());
+        }
         let spool = Spool::open(dir.join("spool"))?;
+        let name = crate::instance_id(dir)?;
         Ok(Agent {
             inner: Arc::new(Inner {
                 original: std::sync::atomic::AtomicBool::new(config.protocol == Protocol::Original),
@@ -146,6 +157,9 @@ impl Agent {
                 state: Mutex::default(),
                 registered: watch::Sender::new(None),
                 server_addrs: Mutex::default(),
+                tunnel,
+                lines: watch::Sender::new(0),
+                name,
                 _lock: lock,
             }),
         })
@@ -177,7 +191,10 @@ impl Agent {
                         if let Err(refused) = inner.authorize(auth.as_deref(), remote).await {
                             return Ok::<_, Infallible>(refused.into_response());
                         }
-                        Ok(accept_build(&inner, req).await)
+                        Ok(match accept_build(&inner, req).await {
+                            Ok(v) => json(&v).into_response(),
+                            Err(refused) => refused.into_response(),
+                        })
                     }
                 },
             );
@@ -279,60 +296,9 @@ impl Agent {
         let inner = &self.inner;
         loop {
             inner.deliver_spooled().await;
+            let announce = inner.announce(port);
             let forced = inner.config.protocol == Protocol::Original;
-            // N.B.: the original server forms the agent's URL as
-            // `${host}:${port}`: the host carries its scheme.
-            let host = inner
-                .config
-                .advertise_host
-                .as_deref()
-                .map(|h| match h.contains("://") {
-                    true => h.to_owned(),
-                    false => format!("http://{h}"),
-                });
-            let announce = match forced {
-                true => NotifyAgent {
-                    host,
-                    port,
-                    session: false,
-                    capacity: None,
-                    labels: None,
-                    pings: false,
-                },
-                false => NotifyAgent {
-                    host,
-                    port,
-                    session: true,
-                    capacity: Some(inner.config.capacity),
-                    labels: Some(inner.config.labels.clone()).filter(|l| !l.is_empty()),
-                    pings: true,
-                },
-            };
-            // The previous session's secret (kept across restarts) proves
-            // that this is the same agent, so the server replaces that
-            // session at once instead of waiting for it to lapse.
-            inner.client.set_secret(inner.load_session().filter(|_| !forced));
-            let reply = retry("register", inner.config.retry, || {
-                inner.client.register(&announce)
-            })
-            .await
-            .map_err(Error::Registration)?;
-            let heartbeat = Duration::from_millis(reply.timeout.max(10));
-            inner.client.set_secret(reply.secret.clone());
-            if let Some(secret) = &reply.secret {
-                inner.save_session(secret);
-            }
-            {
-                let mut s = inner.state();
-                s.id = Some(reply.id);
-                s.heartbeat = Some(heartbeat);
-            }
-            let original = forced || !reply.extensions;
-            inner
-                .original
-                .store(original, std::sync::atomic::Ordering::SeqCst);
-            inner.registered.send_replace(Some(reply.id));
-            info!(id = %reply.id, heartbeat = ?heartbeat, original, "registered");
+            let (id, heartbeat, original) = inner.enroll(&announce).await?;
             if original {
                 if !forced {
                     info!("the server speaks only the original protocol: sending only its messages");
@@ -343,8 +309,252 @@ impl Agent {
                 // N.B.: nothing tells us it forgot us (it never does).
                 return std::future::pending().await;
             }
-            inner.ping_while_known(reply.id, heartbeat).await;
-            warn!(id = %reply.id, "the server no longer knows this agent; registering again");
+            inner.ping_while_known(id, heartbeat).await;
+            warn!(%id, "the server no longer knows this agent; registering again");
+        }
+    }
+
+    /// Connects to the server and keeps connecting whenever the connection
+    /// is lost, taking builds and cancels over it, until `shutdown`
+    /// resolves. Listens on no port. Fails only if the server refuses to
+    /// register this agent (a configuration error).
+    pub async fn connect(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+        let url =
+            crate::tunnel::connect_url(&self.inner.config.server_url).map_err(|reason| Error::Config {
+                name: "SERVER_HOST",
+                reason,
+            })?;
+        info!(server = %url, "ci-agent connecting to its server (listening on no port)");
+        let runner = self.inner.runner.clone();
+        let maintenance = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+            loop {
+                tick.tick().await;
+                runner.maintain().await;
+            }
+        });
+        let (incoming_tx, incoming) = tokio::sync::mpsc::channel(64);
+        let carrier = tokio::spawn(self.inner.clone().carry(url, incoming_tx));
+        let server = tokio::spawn(self.inner.clone().answer(incoming));
+        let result = tokio::select! {
+            r = self.connected_session() => r,
+            () = shutdown => Ok(()),
+        };
+        // N.B.: the connection stays up while draining: leaving and the
+        // last results go over it.
+        self.inner.drain().await;
+        carrier.abort();
+        server.abort();
+        maintenance.abort();
+        self.inner.runner.shutdown().await;
+        result
+    }
+
+    /// Register once connected; on a new connection, say who we are (the
+    /// server binds the connection to us) or register again if the server
+    /// forgot us; deliver the spool; ping while idle.
+    async fn connected_session(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        let mut lines = inner.lines.subscribe();
+        let announce = inner.announce(0);
+        loop {
+            let _ = lines.wait_for(|n| *n > 0).await;
+            lines.mark_unchanged();
+            let known = {
+                let s = inner.state();
+                s.id.zip(s.heartbeat)
+            };
+            let (id, heartbeat) = match known {
+                Some((id, every)) if inner.hello(id).await => (id, every),
+                _ => {
+                    let (id, every, _) = inner.enroll(&announce).await?;
+                    (id, every)
+                }
+            };
+            inner.deliver_spooled().await;
+            tokio::select! {
+                () = inner.ping_while_known(id, heartbeat) => {
+                    warn!(%id, "the server no longer knows this agent; registering again");
+                    inner.state().id = None;
+                    // Not a new connection: go round at once.
+                    inner.lines.send_modify(|n| *n = (*n).max(1));
+                }
+                _ = lines.changed() => info!("connected again"),
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// What this agent says of itself when it registers.
+    fn announce(&self, port: u16) -> NotifyAgent {
+        let forced = self.config.protocol == Protocol::Original;
+        // N.B.: the original server forms the agent's URL as
+        // `${host}:${port}`: the host carries its scheme.
+        let host = self
+            .config
+            .advertise_host
+            .as_deref()
+            .map(|h| match h.contains("://") {
+                true => h.to_owned(),
+                false => format!("http://{h}"),
+            });
+        let connected = self.config.mode == Mode::Connect;
+        match forced {
+            true => NotifyAgent {
+                host,
+                port,
+                session: false,
+                capacity: None,
+                labels: None,
+                pings: false,
+                name: None,
+                version: None,
+            },
+            false => NotifyAgent {
+                host: host.filter(|_| !connected),
+                port,
+                session: true,
+                capacity: Some(self.config.capacity),
+                labels: Some(self.config.labels.clone()).filter(|l| !l.is_empty()),
+                pings: true,
+                name: connected.then(|| self.name.clone()),
+                version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            },
+        }
+    }
+
+    /// Registers, retrying until the server answers; returns the id, the
+    /// heartbeat interval, and whether the server speaks only the original
+    /// protocol.
+    async fn enroll(&self, announce: &NotifyAgent) -> Result<(AgentId, Duration, bool), Error> {
+        let forced = self.config.protocol == Protocol::Original;
+        // The previous session's secret (kept across restarts) proves
+        // that this is the same agent, so the server replaces that
+        // session at once instead of waiting for it to lapse.
+        self.client.set_secret(self.load_session().filter(|_| !forced));
+        let reply = retry("register", self.config.retry, || self.client.register(announce))
+            .await
+            .map_err(Error::Registration)?;
+        let heartbeat = Duration::from_millis(reply.timeout.max(10));
+        self.client.set_secret(reply.secret.clone());
+        if let Some(secret) = &reply.secret {
+            self.save_session(secret);
+        }
+        if let Some(token) = &reply.token {
+            self.save_private(&self.credential_path(), token, "agent's own token");
+            info!("the server issued this agent its own token; it connects with it from now on");
+        }
+        {
+            let mut s = self.state();
+            s.id = Some(reply.id);
+            s.heartbeat = Some(heartbeat);
+        }
+        let original = forced || !reply.extensions;
+        self.original.store(original, std::sync::atomic::Ordering::SeqCst);
+        self.registered.send_replace(Some(reply.id));
+        info!(id = %reply.id, heartbeat = ?heartbeat, original, "registered");
+        Ok((reply.id, heartbeat, original))
+    }
+
+    /// Tells the server over a new connection that this is agent `id`.
+    /// False if it no longer knows us.
+    async fn hello(&self, id: AgentId) -> bool {
+        let ping = NotifyAgentAlive {
+            agent_id: Some(id),
+            ..NotifyAgentAlive::default()
+        };
+        let timeout = self.config.request_timeout;
+        match retry("hello", self.config.retry, || self.client.alive(&ping, timeout)).await {
+            Ok(()) => {
+                info!(%id, "the server still knows this agent");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Opens the connection to the server and opens it again whenever it
+    /// closes, with the capped, jittered backoff.
+    async fn carry(
+        self: Arc<Self>,
+        url: String,
+        incoming: tokio::sync::mpsc::Sender<crate::tunnel::Incoming>,
+    ) {
+        let mut delays = self.config.retry.delays(fastrand::Rng::new());
+        let mut failures = 0u32;
+        loop {
+            // N.B.: its own token, once issued, else the shared one.
+            let own = self.load_credential();
+            let token = own.as_deref().or(self.config.agent_token.as_deref());
+            match crate::tunnel::open(&url, token, self.config.request_timeout).await {
+                Ok(ws) => {
+                    failures = 0;
+                    delays.reset();
+                    info!(server = %url, "connected to the server");
+                    let lines = &self.lines;
+                    crate::tunnel::carry(&self.tunnel, ws, incoming.clone(), || {
+                        lines.send_modify(|n| *n += 1);
+                    })
+                    .await;
+                    warn!(server = %url, "the connection to the server closed; connecting again");
+                }
+                Err(crate::tunnel::ConnectError::Refused(_)) if own.is_some() => {
+                    failures += 1;
+                    warn!(
+                        server = %url,
+                        failures,
+                        credential = %self.credential_path().display(),
+                        "the server refused this agent's own token (revoked?): remove the credential file \
+                         to register again with AGENT_TOKEN, if this agent should"
+                    );
+                }
+                Err(e) => {
+                    failures += 1;
+                    // N.B.: a refused token is an operator's to fix: said
+                    // every time, not every tenth.
+                    let refused = matches!(e, crate::tunnel::ConnectError::Refused(_));
+                    if refused || failures == 1 || failures.is_multiple_of(10) {
+                        warn!(server = %url, failures, cause = %e, "cannot connect to the server");
+                    }
+                }
+            }
+            let delay = delays.next().unwrap_or(self.config.retry.cap());
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Answers the server's requests over the connection: builds and
+    /// cancels, as the HTTP routes would.
+    async fn answer(self: Arc<Self>, mut incoming: tokio::sync::mpsc::Receiver<crate::tunnel::Incoming>) {
+        while let Some(request) = incoming.recv().await {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let refuse = |status: StatusCode, error: String| {
+                    (
+                        status.as_u16(),
+                        serde_json::to_value(ErrorBody { error }).unwrap_or_default(),
+                    )
+                };
+                let (status, body) = match request.path.as_str() {
+                    "/build" => match serde_json::from_value::<BuildRequest>(request.body.clone()) {
+                        Ok(req) => match accept_build(&inner, req).await {
+                            Ok(v) => (200, v),
+                            Err(Refusal(status, error)) => refuse(status, error),
+                        },
+                        Err(e) => refuse(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+                    },
+                    "/cancel" => match serde_json::from_value::<CancelRequest>(request.body.clone()) {
+                        Ok(req) => {
+                            let stopped = inner.stop(req.id, req.attempt).await;
+                            (200, serde_json::json!({ "stopped": stopped }))
+                        }
+                        Err(e) => refuse(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+                    },
+                    other => refuse(StatusCode::NOT_FOUND, format!("no such request: {other:?}")),
+                };
+                request.answer(status, body).await;
+            });
         }
     }
 }
@@ -430,18 +640,33 @@ impl Inner {
 
     /// Keeps the session secret (readable by this user only).
     fn save_session(&self, secret: &str) {
+        self.save_private(&self.session_path(), secret, "session secret");
+    }
+
+    fn credential_path(&self) -> PathBuf {
+        self.config.work_dir.join("credential")
+    }
+
+    /// This agent's own token, once the server issued one.
+    fn load_credential(&self) -> Option<String> {
+        let s = std::fs::read_to_string(self.credential_path()).ok()?;
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
+    }
+
+    /// Writes `text` to `path`, readable by this user only.
+    fn save_private(&self, path: &Path, text: &str, what: &str) {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let path = self.session_path();
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(secret.as_bytes()));
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()));
         if let Err(e) = written {
-            warn!(path = %path.display(), cause = %e, "cannot keep the session secret");
+            warn!(path = %path.display(), cause = %e, "cannot keep the {what}");
         }
     }
 
@@ -706,9 +931,8 @@ impl Inner {
     }
 }
 
-async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
-    let reply =
-        |status: StatusCode, error: String| with_status(json(&ErrorBody { error }), status).into_response();
+async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Result<serde_json::Value, Refusal> {
+    let reply = |status: StatusCode, error: String| Err(Refusal(status, error));
     let job = match Job::from_request(&req, &inner.config.repo_schemes) {
         Ok(job) => job,
         Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
@@ -771,7 +995,7 @@ async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Response {
         req.agent_id.or(s.id)
     };
     tokio::spawn(inner.clone().run_build(job, agent_id, stop, done_tx));
-    json(&serde_json::json!({"accepted": true})).into_response()
+    Ok(serde_json::json!({"accepted": true}))
 }
 
 async fn recover(err: Rejection) -> Result<Response, Infallible> {

@@ -16,6 +16,10 @@ pub enum CallError {
     /// No answer: connection refused, reset, or timed out. Retry later.
     #[error("server unreachable: {}", ci_core::error::chain(.0))]
     Unreachable(#[source] reqwest::Error),
+    /// No connection to the server is open, or it closed before the answer
+    /// came. Retry later.
+    #[error("server unreachable: {0}")]
+    Disconnected(String),
     /// The server answered 5xx (or 401, which an operator can fix). Retry later.
     #[error("server error {status}: {message}")]
     Server {
@@ -62,6 +66,9 @@ pub struct ServerClient {
     base: String,
     token: Option<String>,
     secret: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    timeout: Duration,
+    /// Set when the agent connects out: every call goes over it.
+    tunnel: Option<std::sync::Arc<crate::tunnel::Tunnel>>,
 }
 
 impl ServerClient {
@@ -82,12 +89,20 @@ impl ServerClient {
             base: base.into().trim_end_matches('/').to_owned(),
             token: None,
             secret: Default::default(),
+            timeout,
+            tunnel: None,
         })
     }
 
     /// Presents `token` (the agent token) on every call.
     pub fn with_token(mut self, token: Option<String>) -> ServerClient {
         self.token = token;
+        self
+    }
+
+    /// Sends every call over `tunnel`, the agent's connection.
+    pub fn over(mut self, tunnel: std::sync::Arc<crate::tunnel::Tunnel>) -> ServerClient {
+        self.tunnel = Some(tunnel);
         self
     }
 
@@ -113,15 +128,30 @@ impl ServerClient {
         body: &B,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, CallError> {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
         let secret = self
             .secret
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        if let Some(tunnel) = &self.tunnel {
+            let body = serde_json::to_value(body).map_err(|e| CallError::Disconnected(e.to_string()))?;
+            let (status, answer) = tunnel
+                .request(path, secret, body, timeout.unwrap_or(self.timeout))
+                .await
+                .map_err(|e| CallError::Disconnected(e.0))?;
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            if status.is_success() {
+                return serde_json::to_vec(&answer).map_err(|e| CallError::Disconnected(e.to_string()));
+            }
+            let message = serde_json::from_value::<ErrorBody>(answer)
+                .map(|b| b.error)
+                .unwrap_or_default();
+            return Err(classify(status, message));
+        }
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(s) = secret {
             req = req.header(ci_core::auth::SESSION_HEADER, s);
         }
@@ -141,14 +171,7 @@ impl ServerClient {
             Ok(b) => b.error,
             Err(_) => String::new(),
         };
-        if status.is_server_error()
-            || status == StatusCode::UNAUTHORIZED
-            || status == StatusCode::TOO_MANY_REQUESTS
-        {
-            Err(CallError::Server { status, message })
-        } else {
-            Err(CallError::Refused { status, message })
-        }
+        Err(classify(status, message))
     }
 
     /// `POST /notify_agent`. A 409 (a live session of this agent's URL
@@ -195,6 +218,19 @@ impl ServerClient {
     /// `POST /notify_build_result`.
     pub async fn result(&self, body: &NotifyBuildResult) -> Result<(), CallError> {
         self.post("/notify_build_result", body, None).await.map(drop)
+    }
+}
+
+/// What a failed call's status means: 5xx, 401 (which an operator can
+/// fix) and 429 are worth retrying; other refusals are for good.
+fn classify(status: StatusCode, message: String) -> CallError {
+    if status.is_server_error()
+        || status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
+        CallError::Server { status, message }
+    } else {
+        CallError::Refused { status, message }
     }
 }
 

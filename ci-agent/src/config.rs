@@ -157,6 +157,23 @@ pub struct Args {
         default_value = "auto"
     )]
     pub protocol: Protocol,
+
+    /// How builds reach this agent: `connect` opens one connection to the
+    /// server and takes everything over it, listening on no port (behind
+    /// NAT too); `push` listens on AGENT_PORT for the server's `POST /build`
+    /// (the original design). Default: `connect`, or `push` with
+    /// PROTOCOL=original.
+    #[arg(long, env = "AGENT_MODE", value_name = "AGENT_MODE", value_enum)]
+    pub mode: Option<Mode>,
+}
+
+/// How builds reach an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The agent connects to the server and listens on no port.
+    Connect,
+    /// The server posts builds to the agent's port.
+    Push,
 }
 
 /// Which protocol an agent speaks.
@@ -210,6 +227,8 @@ pub struct AgentConfig {
     pub labels: ci_core::Labels,
     /// Which protocol to speak.
     pub protocol: Protocol,
+    /// How builds reach it.
+    pub mode: Mode,
 }
 
 impl AgentConfig {
@@ -232,6 +251,7 @@ impl AgentConfig {
             capacity: 1,
             labels: ci_core::Labels::default(),
             protocol: Protocol::Auto,
+            mode: Mode::Connect,
         }
     }
 }
@@ -370,6 +390,24 @@ impl TryFrom<Args> for AgentConfig {
             name: "LABELS",
             reason: e.to_string(),
         })?;
+        let mode = match (a.mode, a.protocol) {
+            (Some(Mode::Connect), Protocol::Original) => {
+                return Err(Error::Config {
+                    name: "AGENT_MODE",
+                    reason: "connect needs this protocol's extensions: use push with PROTOCOL=original"
+                        .into(),
+                })
+            }
+            (Some(m), _) => m,
+            (None, Protocol::Original) => Mode::Push,
+            (None, Protocol::Auto) => Mode::Connect,
+        };
+        if mode == Mode::Connect {
+            crate::tunnel::connect_url(&server_url).map_err(|reason| Error::Config {
+                name: "SERVER_HOST",
+                reason,
+            })?;
+        }
         if a.work_dir.as_os_str().is_empty() {
             return Err(Error::Config {
                 name: "WORK_DIR",
@@ -391,6 +429,7 @@ impl TryFrom<Args> for AgentConfig {
             capacity: a.capacity,
             labels,
             protocol: a.protocol,
+            mode,
             agent_token: match a.agent_token.filter(|t| !t.is_empty()) {
                 Some(t) if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) => {
                     return Err(Error::Config {

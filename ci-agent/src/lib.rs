@@ -1,6 +1,7 @@
-//! The ci build agent: registers with a server, receives builds over HTTP,
-//! checks out the commit, runs the command, sends heartbeats while it runs,
-//! and delivers the result, retrying until the server has it.
+//! The ci build agent: connects to a server (or, in push mode, listens for
+//! it), receives builds, checks out the commit, runs the command, sends
+//! heartbeats while it runs, and delivers the result, retrying until the
+//! server has it.
 //!
 //! # Layout
 //! - [`config`]: flags and environment ([`Args`]) and validated settings
@@ -8,6 +9,8 @@
 //! - [`Agent`]: the service: registration, presence, builds, heartbeats,
 //!   results and the on-disk spool of undelivered results.
 //! - [`client`]: calls to the server and their retry policy.
+//! - [`tunnel`]: the agent's connection to its server, which carries every
+//!   call both ways when it connects out ([`Agent::connect`], the default).
 //! - [`Checkouts`] (from `ci-git`): per-repository caches and fresh
 //!   workspaces.
 //! - [`shell`]: [`ShellRunner`], `sh -c` in a process group.
@@ -22,8 +25,9 @@
 //! let config = AgentConfig::new("http://127.0.0.1:3000", "/var/lib/ci-agent");
 //! let runner = ShellRunner::new(Checkouts::new(&config.work_dir)?, config.repo_schemes.clone());
 //! let agent = Agent::new(config, Arc::new(runner))?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await.map_err(|e| ci_agent::Error::io("bind", e))?;
-//! agent.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! // Connects out and listens on no port; `Agent::serve` takes builds
+//! // pushed to a listener instead.
+//! agent.connect(async { let _ = tokio::signal::ctrl_c().await; }).await
 //! # }
 //! ```
 
@@ -37,12 +41,13 @@ pub mod env;
 mod live;
 pub mod openapi;
 pub mod shell;
+pub mod tunnel;
 
 use std::path::{Path, PathBuf};
 
 pub use agent::Agent;
 pub use ci_git::{Checkouts, Workspace};
-pub use config::{AgentConfig, Args, RunnerKind};
+pub use config::{AgentConfig, Args, Mode, RunnerKind};
 pub use docker::{DockerRunner, DockerSettings};
 pub use shell::ShellRunner;
 

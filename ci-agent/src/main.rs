@@ -1,6 +1,6 @@
 //! `ci-agent`: parse settings, pick a runner, serve until Ctrl-C or SIGTERM.
 
-use ci_agent::{Agent, AgentConfig, Args};
+use ci_agent::{Agent, AgentConfig, Args, Mode};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -24,16 +24,19 @@ async fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    let addr = config.addr;
+    let (addr, mode) = (config.addr, config.mode);
     let agent = match Agent::new(config, runner) {
         Ok(a) => a,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => return fail(EXIT_CONFIG, &format!("cannot listen on {addr}: {e}")),
+    let served = match mode {
+        Mode::Connect => agent.connect(ci_core::process::shutdown_signal()).await,
+        Mode::Push => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => agent.serve(l, ci_core::process::shutdown_signal()).await,
+            Err(e) => return fail(EXIT_CONFIG, &format!("cannot listen on {addr}: {e}")),
+        },
     };
-    match agent.serve(listener, ci_core::process::shutdown_signal()).await {
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
     }

@@ -157,6 +157,7 @@ impl Bench {
                     &[],
                     &[
                         ("SERVER_PORT", &self.port.to_string()),
+                        ("AGENT_MODE", "push"),
                         ("AGENT_PORT", "0"),
                         ("WORK_DIR", work),
                         ("RUST_LOG", "warn"),

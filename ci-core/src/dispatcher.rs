@@ -65,6 +65,7 @@ enum Command {
     StopsDelivered(Vec<(StopOrder, Stopped)>),
     Retry(BuildId, Reply<Build>),
     Left(AgentId, bool, Reply<()>),
+    Disconnected(AgentId, Reply<()>),
     Failed(Box<Dispatch>, DispatchFailure, Option<Reply<()>>),
     Plan(Reply<Vec<Dispatch>>),
     Start,
@@ -194,6 +195,11 @@ impl Dispatcher {
     /// An agent leaves on purpose. See [`Coordinator::agent_left`].
     pub async fn agent_left(&self, id: AgentId, verified: bool) -> Result<()> {
         self.call(|r| Command::Left(id, verified, r)).await
+    }
+
+    /// The connection of agent `id` closed: requeue what it held, now.
+    pub async fn agent_disconnected(&self, id: AgentId) -> Result<()> {
+        self.call(|r| Command::Disconnected(id, r)).await
     }
 
     /// One scheduling pass, now, whose dispatches go to the caller instead
@@ -350,6 +356,7 @@ impl Task {
             Command::Complete(report, reply) => answer(reply, self.c.complete(report).await),
             Command::HandBack(back, reply) => answer(reply, self.c.hand_back(back).await),
             Command::Left(id, verified, reply) => answer(reply, self.c.agent_left(id, verified).await),
+            Command::Disconnected(id, reply) => answer(reply, self.c.agent_disconnected(id).await),
             Command::Cancel(id, reply) => match self.c.cancel(id).await {
                 Ok(Cancel { build, stops }) if stops.is_empty() => answer(reply, Ok(*build)),
                 Ok(Cancel { stops, .. }) => {

@@ -107,8 +107,9 @@ pub use error::{Error, Result};
 pub use lease::LeasePolicy;
 pub use local::LocalCluster;
 pub use model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, DispatchId,
-    ImageRef, Labels, LogInfo, LogPiece, NewBuild, NewStep, Page, RepoUrl, Step, StepId, StepStatus,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, CommitRef, Completion, Credential,
+    DispatchId, ImageRef, Labels, LogInfo, LogPiece, NewBuild, NewStep, Page, RepoUrl, Step, StepId,
+    StepStatus,
 };
 pub use pool::{Agent, AgentPool, Enrollment, MemoryAgentPool, Offer, StoreAgentPool};
 pub use project::{Forge, ForgeKind, Project, SecretName, Source};

@@ -1317,6 +1317,21 @@ pub struct LogPiece {
     pub data: String,
 }
 
+/// An agent's own credential, issued when it first registered with the
+/// shared agent token. The store keeps the SHA-256 digest of its token,
+/// never the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    /// Its id, never reused.
+    pub id: i64,
+    /// The name of the agent it was issued to.
+    pub name: String,
+    /// When it was issued.
+    pub created_at: Timestamp,
+    /// When it was revoked: it opens nothing from then on.
+    pub revoked_at: Option<Timestamp>,
+}
+
 /// A registered agent, as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRecord {

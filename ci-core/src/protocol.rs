@@ -66,6 +66,63 @@ pub mod limits {
     const _: () = assert!(JSON_CHAR * (MAX_COMMAND as u64 + MAX_BRANCH as u64) < MAX_BODY);
 }
 
+// === an agent's connection (extension) ===
+
+/// Where an agent opens its connection: `GET` upgraded to a WebSocket,
+/// with the agent token (or the agent's own) as a bearer token.
+pub const CONNECT_PATH: &str = "/agent/connect";
+
+/// One message over an agent's connection, a JSON text message.
+///
+/// The connection carries the HTTP protocol's requests both ways, each
+/// answered by one [`Frame::Response`] with the same `id` (numbered by the
+/// side that asks):
+/// - agent → server: the `POST`s of this module (`/notify_agent`,
+///   `/notify_agent_alive`, `/notify_build_result`, `/notify_build_log`,
+///   `/notify_build_handback`, `/notify_agent_leave`), with the session
+///   secret the `X-Agent-Secret` header would carry;
+/// - server → agent: `/build` and `/cancel`.
+///
+/// A response's `status` and `body` are what the HTTP answer would be, so
+/// both ends keep one meaning for every message. What differs is the
+/// connection itself: when it closes, the server requeues the builds of
+/// the agent registered over it at once, instead of waiting for their
+/// leases.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    /// A request.
+    Request {
+        /// Numbered by the side that asks; the response carries it back.
+        id: u64,
+        /// The HTTP path it stands for, e.g. `/notify_agent_alive`.
+        path: String,
+        /// The session secret (`X-Agent-Secret`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        /// The JSON body.
+        body: serde_json::Value,
+    },
+    /// The answer to the other side's request `id`.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// The HTTP status it stands for.
+        status: u16,
+        /// The JSON body (`{"error": ...}` for a failure).
+        body: serde_json::Value,
+    },
+}
+
+/// The pseudo-URL of an agent that connected as `name`: it is reached
+/// over its connection, never at an address.
+pub fn connected_url(name: &str) -> String {
+    format!("{CONNECTED_SCHEME}{name}")
+}
+
+/// How [`connected_url`]s begin.
+pub const CONNECTED_SCHEME: &str = "connected://";
+
 // === agent → server ===
 
 /// `POST /notify_agent`: an agent announces itself.
@@ -75,8 +132,13 @@ pub struct NotifyAgent {
     /// an IP. When absent, the server uses the request's source address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// The agent's port, as a string or a number.
-    #[serde(deserialize_with = "port_from_string_or_number")]
+    /// The agent's port, as a string or a number. Required over HTTP;
+    /// absent (0 here) for an agent that connects ([`Frame`]).
+    #[serde(
+        default,
+        deserialize_with = "port_from_string_or_number",
+        skip_serializing_if = "is_zero"
+    )]
     pub port: u16,
     /// Extension: ask for a session secret, to be presented in the
     /// `X-Agent-Secret` header from then on. Only the holder of the secret
@@ -99,9 +161,30 @@ pub struct NotifyAgent {
     /// only dropped for silence once it has pinged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pings: bool,
+    /// Extension, for an agent that connects to the server
+    /// ([`Frame`]): a name that stays the same across its restarts (its
+    /// work directory's), under which a new registration replaces the last
+    /// one. Letters, digits, `.`, `_` and `-`, at most 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Extension: the agent's version, for `GET /api/agents`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 impl NotifyAgent {
+    /// Most bytes of an agent's name or version.
+    pub const MAX_NAME: usize = 64;
+
+    /// An agent's name or version, if well formed: letters, digits, `.`,
+    /// `_`, `-` and `+`, 1 to [`NotifyAgent::MAX_NAME`] bytes.
+    pub fn check_name(name: &str) -> bool {
+        (1..=Self::MAX_NAME).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
+    }
+
     /// Most builds an agent may say it runs at once.
     pub const MAX_CAPACITY: u32 = 1024;
 }
@@ -124,6 +207,12 @@ pub struct NotifyAgentReply {
     /// Extension: the session secret, when the agent asked for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// Extension, for an agent that connected with the shared agent token:
+    /// its own token, to connect with from now on (kept in its work
+    /// directory). Revoking it (`DELETE /api/agents/{id}`) shuts that
+    /// agent out alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// `POST /notify_agent_alive`: a heartbeat while building, or (extension)
@@ -800,6 +889,20 @@ pub struct AgentView {
     /// What it can run.
     #[serde(default)]
     pub labels: Labels,
+    /// It is connected to the server (it connects out): its connection
+    /// closing requeues its builds at once.
+    #[serde(default)]
+    pub connected: bool,
+    /// Where its connection comes from, for an agent that connects; for
+    /// the others, see `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The version it says it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The id of its own credential (`DELETE /api/agents/{id}` revokes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<i64>,
 }
 
 fn one() -> u32 {
@@ -835,6 +938,10 @@ impl From<&Agent> for AgentView {
             steps: a.running.clone(),
             capacity: a.capacity,
             labels: a.labels.clone(),
+            connected: false,
+            address: None,
+            version: None,
+            credential: None,
         }
     }
 }
@@ -926,6 +1033,10 @@ where
 
 // === port: string or number ===
 
+fn is_zero(port: &u16) -> bool {
+    *port == 0
+}
+
 fn port_from_string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     struct PortVisitor;
 
@@ -983,10 +1094,12 @@ mod tests {
             r#"{"port":-1}"#,
             r#"{"port":"x"}"#,
             r#"{"port":1.5}"#,
-            "{}",
         ] {
             assert!(serde_json::from_str::<NotifyAgent>(bad).is_err(), "{bad}");
         }
+        // Absent for an agent that connects; `POST /notify_agent` refuses it.
+        let connected: NotifyAgent = serde_json::from_str("{}").unwrap();
+        assert_eq!(connected.port, 0);
     }
 
     #[test]

@@ -41,6 +41,7 @@
 
 mod api;
 pub mod config;
+mod connect;
 mod follow;
 mod guard;
 pub mod link;
@@ -151,10 +152,10 @@ impl Server {
                 })
                 .await?;
         }
-        let link = Arc::new(
-            HttpLink::new(config.dispatch_timeout, config.agent_token.clone())?
-                .with_secrets(link::StepSecrets::new(store.clone(), vault.clone())),
-        );
+        let hub = Arc::new(connect::Hub::default());
+        let http = HttpLink::new(config.dispatch_timeout, config.agent_token.clone())?
+            .with_secrets(link::StepSecrets::new(store.clone(), vault.clone()));
+        let link = Arc::new(connect::Links::new(http, hub.clone(), config.dispatch_timeout));
         Ok(Server {
             app: api::App::new(api::Parts {
                 dispatcher: Dispatcher::spawn(coordinator, link),
@@ -165,6 +166,7 @@ impl Server {
                 resolver,
                 vault,
                 poller: Arc::default(),
+                hub,
             }),
         })
     }
@@ -203,7 +205,7 @@ impl Server {
                 }
             }
         });
-        let draining = self.app.draining.clone();
+        let (draining, hub) = (self.app.draining.clone(), self.app.hub.clone());
         tokio::spawn(async move {
             shutdown.await;
             // Drain: refuse new builds, finish the requests and dispatches
@@ -211,6 +213,8 @@ impl Server {
             // agents report to the next server process.
             draining.store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::info!("draining");
+            // Agents that connected go to the next server process.
+            hub.close_all();
             let _ = stop_tx.send(true);
         });
         if let Ok(addr) = listener.local_addr() {

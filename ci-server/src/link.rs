@@ -104,6 +104,21 @@ impl HttpLink {
     }
 }
 
+impl HttpLink {
+    /// What the agent is sent for `d`: the build and the secrets its step
+    /// lists.
+    pub(crate) async fn request_body(
+        &self,
+        d: &Dispatch,
+    ) -> Result<ci_core::protocol::BuildRequest, DispatchFailure> {
+        let mut body = d.request();
+        if let Some(secrets) = &self.secrets {
+            body.secrets = secrets.for_step(&d.step).await?;
+        }
+        Ok(body)
+    }
+}
+
 #[async_trait]
 impl AgentLink for HttpLink {
     async fn stop(&self, order: &StopOrder) -> Result<(), DispatchFailure> {
@@ -137,10 +152,7 @@ impl AgentLink for HttpLink {
 
     async fn dispatch(&self, d: &Dispatch) -> Result<(), DispatchFailure> {
         let url = format!("{}/build", d.agent_url);
-        let mut body = d.request();
-        if let Some(secrets) = &self.secrets {
-            body.secrets = secrets.for_step(&d.step).await?;
-        }
+        let body = self.request_body(d).await?;
         let mut req = self.client.post(&url).json(&body);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -169,7 +181,7 @@ impl AgentLink for HttpLink {
 ///   address) or at this URL: drop it; it registers again with a clean slate.
 /// - any other 4xx: it refuses this build, which would fail anywhere.
 /// - 3xx (never followed), 5xx: drop it.
-fn classify(status: StatusCode, reason: String) -> DispatchFailure {
+pub(crate) fn classify(status: StatusCode, reason: String) -> DispatchFailure {
     match status {
         StatusCode::CONFLICT => DispatchFailure::Busy(reason),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {

@@ -69,16 +69,17 @@ pub struct Metrics {
     heartbeat_misses: AtomicU64,
     requeues: AtomicU64,
     dispatches: AtomicU64,
-    agents_dropped: [AtomicU64; 5],
+    agents_dropped: [AtomicU64; 6],
     lagged: AtomicU64,
 }
 
-const LEAVE_REASONS: [(LeaveReason, &str); 5] = [
+const LEAVE_REASONS: [(LeaveReason, &str); 6] = [
     (LeaveReason::Unreachable, "unreachable"),
     (LeaveReason::MissedHeartbeats, "missed_heartbeats"),
     (LeaveReason::Silent, "silent"),
     (LeaveReason::Replaced, "replaced"),
     (LeaveReason::Left, "left"),
+    (LeaveReason::Disconnected, "disconnected"),
 ];
 
 impl Default for Metrics {
@@ -110,6 +111,8 @@ pub struct Snapshot {
     pub idle: u64,
     /// Busy agents.
     pub busy: u64,
+    /// Agents' connections open (agents that connect out).
+    pub connections: u64,
 }
 
 /// How long a count of builds per status is reused.
@@ -194,6 +197,13 @@ impl Metrics {
             "# HELP ci_agents Registered agents by state.\n# TYPE ci_agents gauge\nci_agents{{state=\"idle\"}} {}\nci_agents{{state=\"busy\"}} {}",
             now.idle, now.busy
         );
+        let _ = writeln!(
+            out,
+            "# HELP ci_agent_connections Open connections of agents that connect to the server.
+# TYPE ci_agent_connections gauge
+ci_agent_connections {}",
+            now.connections
+        );
         self.dispatch_latency.render(
             &mut out,
             "ci_dispatch_latency_seconds",
@@ -276,11 +286,13 @@ mod tests {
             builds: vec![(BuildStatus::Queued, 4), (BuildStatus::Success, 1)],
             idle: 2,
             busy: 1,
+            connections: 3,
         });
         for line in [
             "ci_builds{status=\"queued\"} 4",
             "ci_queue_depth 4",
             "ci_agents{state=\"busy\"} 1",
+            "ci_agent_connections 3",
             "ci_dispatch_latency_seconds_bucket{le=\"0.0025\"} 0",
             "ci_dispatch_latency_seconds_bucket{le=\"0.005\"} 1",
             "ci_dispatch_latency_seconds_count 1",

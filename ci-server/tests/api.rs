@@ -200,6 +200,10 @@ async fn malformed_bodies_get_json_errors() {
         status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE,
         "{status} {v}"
     );
+    // Only an agent that connects may leave its port out.
+    let (status, v) = f.call("POST", "/notify_agent", Some(json!({"host": "a"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("port is required"), "{v}");
 }
 
 #[tokio::test]

@@ -197,6 +197,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         sha     TEXT NOT NULL,
         PRIMARY KEY (project, branch)
     );",
+    // 11: agents' own credentials, by their token's SHA-256.
+    "CREATE TABLE agent_credentials (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        name       TEXT NOT NULL,
+        digest     BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );",
 ];
 
 /// Takes the exclusive `flock` on the file `conn` opened (by the name

@@ -12,7 +12,7 @@ use ci_core::{
     AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Enrollment, Labels,
     LogInfo, NewBuild, Page, Step, StepId, StepStatus, Stream, Timestamp,
 };
-use ci_core::{Forge, Project};
+use ci_core::{Credential, Forge, Project};
 use std::str::FromStr;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -988,6 +988,61 @@ impl Agents for SqliteStore {
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn issue_credential(
+        &self,
+        name: &str,
+        digest: &[u8],
+        now: Timestamp,
+    ) -> ci_core::Result<Credential> {
+        let (name, digest) = (name.to_owned(), digest.to_vec());
+        self.write(Cost::Short, move |tx| {
+            let id: i64 = tx
+                .prepare_cached(
+                    "INSERT INTO agent_credentials (name, digest, created_at) VALUES (?1, ?2, ?3) RETURNING id",
+                )?
+                .query_row(params![name, digest, ts(now)], |r| r.get(0))?;
+            Ok(Credential {
+                id,
+                name,
+                created_at: now,
+                revoked_at: None,
+            })
+        })
+        .await
+    }
+
+    async fn credential(&self, digest: &[u8]) -> ci_core::Result<Option<Credential>> {
+        let digest = digest.to_vec();
+        self.read(Cost::Short, move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, name, created_at, revoked_at FROM agent_credentials WHERE digest = ?1",
+                )?
+                .query_row([digest], |r| {
+                    Ok(Credential {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        created_at: Timestamp(r.get::<_, i64>(2)?.max(0) as u64),
+                        revoked_at: r.get::<_, Option<i64>>(3)?.map(|t| Timestamp(t.max(0) as u64)),
+                    })
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn revoke_credential(&self, id: i64, now: Timestamp) -> ci_core::Result<bool> {
+        self.write(Cost::Short, move |tx| {
+            let found = tx
+                .prepare_cached(
+                    "UPDATE agent_credentials SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                )?
+                .execute(params![id, ts(now)])?;
+            Ok(found > 0)
         })
         .await
     }

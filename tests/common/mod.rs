@@ -121,7 +121,11 @@ impl Cluster {
     pub fn start_agent(&mut self, name: &str) -> usize {
         let work = self.dir.path().join(name);
         let port = self.port.to_string();
+        // N.B.: push, the mode these suites were written for (they find
+        // agents by port and cut them off by address); `connect` is set
+        // through `agent_env` by the suites about it.
         let mut env = vec![
+            ("AGENT_MODE", "push"),
             ("SERVER_PORT", port.as_str()),
             ("AGENT_PORT", "0"),
             ("WORK_DIR", work.to_str().unwrap()),

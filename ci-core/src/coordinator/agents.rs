@@ -142,6 +142,13 @@ impl Coordinator {
         self.drop_agent(id, LeaveReason::Left).await
     }
 
+    /// Drops an agent whose connection closed: what it held goes back to
+    /// the queue at once, as lost. Nothing if it was already gone (it left,
+    /// or registered again on a new connection).
+    pub async fn agent_disconnected(&mut self, id: AgentId) -> Result<()> {
+        self.drop_agent(id, LeaveReason::Disconnected).await
+    }
+
     /// Records that a dispatch could not be delivered.
     pub async fn dispatch_failed(&mut self, dispatch: &Dispatch, failure: DispatchFailure) -> Result<()> {
         let step = dispatch.step.id;

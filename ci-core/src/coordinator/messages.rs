@@ -127,6 +127,9 @@ pub enum LeaveReason {
     Replaced,
     /// It said it was going (graceful shutdown).
     Left,
+    /// Its connection to the server closed (the process died, or the
+    /// network or the server cut it).
+    Disconnected,
 }
 
 /// Something that happened, for observers (logs, metrics, live views).

@@ -60,6 +60,29 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(make: impl Fn
     services_are_kept(&make().await).await;
     projects_number_their_builds(&make().await).await;
     projects_keep_secrets_and_heads(&make().await).await;
+    credentials_are_found_by_digest_and_revoked(&make().await).await;
+}
+
+/// Agents' credentials: found by their token's digest, each with its own
+/// id; revoked once (the first time stays); an unknown one is none.
+pub async fn credentials_are_found_by_digest_and_revoked<S: Store>(s: &S) {
+    let a = ok(s.issue_credential("agent-a", &[1; 32], Timestamp(1)).await);
+    let b = ok(s.issue_credential("agent-b", &[2; 32], Timestamp(2)).await);
+    assert_ne!(a.id, b.id);
+    assert_eq!(
+        (a.name.as_str(), a.created_at, a.revoked_at),
+        ("agent-a", Timestamp(1), None)
+    );
+    assert_eq!(ok(s.credential(&[1; 32]).await), Some(a.clone()));
+    assert_eq!(ok(s.credential(&[3; 32]).await), None);
+    assert!(ok(s.revoke_credential(a.id, Timestamp(5)).await));
+    assert!(ok(s.revoke_credential(a.id, Timestamp(6)).await));
+    assert!(!ok(s.revoke_credential(999, Timestamp(6)).await));
+    assert_eq!(
+        ok(s.credential(&[1; 32]).await).and_then(|c| c.revoked_at),
+        Some(Timestamp(5))
+    );
+    assert_eq!(ok(s.credential(&[2; 32]).await).and_then(|c| c.revoked_at), None);
 }
 
 fn in_project(project: &str, branch: &str) -> NewBuild {

@@ -9,8 +9,8 @@ use super::{Agents, BuildFilter, Builds, Claim, Lease, Logs, Projects, Queue, Re
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Labels, LogInfo,
-    LogPiece, Moved, NewBuild, Page, Step, StepId,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Credential, Labels,
+    LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::project::Project;
@@ -195,6 +195,15 @@ impl Agents for FaultyStore {
     }
     async fn agents(&self) -> Result<Vec<AgentRecord>> {
         self.inner.agents().await
+    }
+    async fn issue_credential(&self, name: &str, digest: &[u8], now: Timestamp) -> Result<Credential> {
+        self.inner.issue_credential(name, digest, now).await
+    }
+    async fn credential(&self, digest: &[u8]) -> Result<Option<Credential>> {
+        self.inner.credential(digest).await
+    }
+    async fn revoke_credential(&self, id: i64, now: Timestamp) -> Result<bool> {
+        self.inner.revoke_credential(id, now).await
     }
 }
 

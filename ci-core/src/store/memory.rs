@@ -10,7 +10,8 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{
     build_status, limits, settle, AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus,
-    Completion, Labels, LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId, StepState, StepStatus,
+    Completion, Credential, Labels, LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId, StepState,
+    StepStatus,
 };
 use crate::pool::Enrollment;
 use crate::project::Project;
@@ -41,6 +42,8 @@ struct Inner {
     /// Per attempt: the highest `seq` taken and the bytes kept per stream.
     live: HashMap<(StepId, Attempt), (Option<u64>, [usize; 2])>,
     agents: BTreeMap<AgentId, AgentRecord>,
+    /// Agents' credentials, each with its token's digest.
+    credentials: Vec<(Credential, Vec<u8>)>,
     /// Projects but the default one until it is written, with the last
     /// build number each gave.
     projects: BTreeMap<String, (Project, u64)>,
@@ -672,6 +675,40 @@ impl Agents for MemoryStore {
 
     async fn agents(&self) -> Result<Vec<AgentRecord>> {
         Ok(self.lock().agents.values().cloned().collect())
+    }
+
+    async fn issue_credential(&self, name: &str, digest: &[u8], now: Timestamp) -> Result<Credential> {
+        let mut s = self.lock();
+        if s.credentials.iter().any(|(_, d)| d == digest) {
+            return Err(Error::Conflict("a credential with this digest exists".into()));
+        }
+        let c = Credential {
+            id: s.credentials.len() as i64 + 1,
+            name: name.to_owned(),
+            created_at: now,
+            revoked_at: None,
+        };
+        s.credentials.push((c.clone(), digest.to_vec()));
+        Ok(c)
+    }
+
+    async fn credential(&self, digest: &[u8]) -> Result<Option<Credential>> {
+        let s = self.lock();
+        Ok(s.credentials
+            .iter()
+            .find(|(_, d)| d == digest)
+            .map(|(c, _)| c.clone()))
+    }
+
+    async fn revoke_credential(&self, id: i64, now: Timestamp) -> Result<bool> {
+        let mut s = self.lock();
+        match s.credentials.iter_mut().find(|(c, _)| c.id == id) {
+            Some((c, _)) => {
+                c.revoked_at.get_or_insert(now);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 

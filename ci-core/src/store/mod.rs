@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::model::{
-    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Labels, LogInfo,
-    LogPiece, Moved, NewBuild, Page, Step, StepId,
+    AgentId, AgentRecord, Attempt, Build, BuildId, BuildLog, BuildStatus, Completion, Credential, Labels,
+    LogInfo, LogPiece, Moved, NewBuild, Page, Step, StepId,
 };
 use crate::pool::Enrollment;
 use crate::project::Project;
@@ -285,6 +285,17 @@ pub trait Agents: Send + Sync {
 
     /// Every registered agent.
     async fn agents(&self) -> Result<Vec<AgentRecord>>;
+
+    /// Issues agent `name` a credential, found from now on by `digest`
+    /// (the SHA-256 of its token; the token itself is never stored).
+    async fn issue_credential(&self, name: &str, digest: &[u8], now: Timestamp) -> Result<Credential>;
+
+    /// The credential whose token has this digest, revoked or not.
+    async fn credential(&self, digest: &[u8]) -> Result<Option<Credential>>;
+
+    /// Revokes credential `id` at `now`. `false` if there is none; a
+    /// credential revoked before keeps its first time.
+    async fn revoke_credential(&self, id: i64, now: Timestamp) -> Result<bool>;
 }
 
 /// Projects, their secrets (sealed: the store never sees a value), and

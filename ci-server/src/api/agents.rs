@@ -10,6 +10,7 @@ use ci_core::protocol::{
     NotifyBuildResult,
 };
 use ci_core::{AgentId, Attempt, Completion, DispatchId, Enrollment, LogPiece, StepId};
+use serde_json::Value;
 use warp::http::StatusCode;
 use warp::reply::{json, Response};
 use warp::{Filter, Rejection, Reply};
@@ -36,7 +37,7 @@ pub(super) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rej
         .unify()
 }
 
-fn agent_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+pub(crate) fn agent_auth(app: &App) -> impl Filter<Extract = (), Error = Rejection> + Clone {
     bearer(app.config.agent_token.clone(), "AGENT_TOKEN")
 }
 
@@ -55,7 +56,7 @@ fn notify<B, F, Fut>(
 where
     B: serde::de::DeserializeOwned + Send + 'static,
     F: Fn(App, Option<String>, B) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response>> + Send,
+    Fut: std::future::Future<Output = Result<serde_json::Value>> + Send,
 {
     warp::path(name)
         .and(warp::path::end())
@@ -66,7 +67,10 @@ where
         .and(json_body::<B>(limit))
         .and_then(move |app: App, secret: Option<String>, body: B| {
             let handle = handle.clone();
-            async move { Ok::<_, Rejection>(respond(handle(app, secret, body).await)) }
+            async move {
+                let answer = handle(app, secret, body).await;
+                Ok::<_, Rejection>(respond(answer.map(|v| json(&v))))
+            }
         })
 }
 
@@ -85,7 +89,7 @@ fn notify_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
         )
 }
 
-async fn sender(app: &App, secret: Option<&str>, claimed: Option<AgentId>) -> Result<Sender> {
+pub(crate) async fn sender(app: &App, secret: Option<&str>, claimed: Option<AgentId>) -> Result<Sender> {
     Ok(app.dispatcher.fence().sender(secret, claimed).await?)
 }
 
@@ -108,7 +112,7 @@ fn named(id: DispatchId, attempt: Option<Attempt>) -> Result<(StepId, Attempt)> 
     }
 }
 
-async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Result<Response> {
+pub(crate) async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Result<Value> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let named = body.id.map(|id| named(id, body.attempt)).transpose()?;
     let hb = Heartbeat {
@@ -118,10 +122,10 @@ async fn alive(app: App, secret: Option<String>, body: NotifyAgentAlive) -> Resu
         verified: sender.verified,
     };
     app.dispatcher.heartbeat(hb).await?;
-    Ok(json(&serde_json::json!({"ok": true})).into_response())
+    Ok(serde_json::json!({"ok": true}))
 }
 
-async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Result<Response> {
+pub(crate) async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Result<Value> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let (step, attempt) = named(body.id, body.attempt)?;
     let report = Report {
@@ -139,10 +143,10 @@ async fn result(app: App, secret: Option<String>, body: NotifyBuildResult) -> Re
         Accepted::Finished(b) => serde_json::json!({"stored": true, "status": b.status}),
         Accepted::Duplicate(b) => serde_json::json!({"stored": true, "duplicate": true, "status": b.status}),
     };
-    Ok(json(&reply).into_response())
+    Ok(reply)
 }
 
-async fn log(app: App, secret: Option<String>, body: NotifyBuildLog) -> Result<Response> {
+pub(crate) async fn log(app: App, secret: Option<String>, body: NotifyBuildLog) -> Result<Value> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let (step, attempt) = named(body.id, body.attempt)?;
     let hb = Heartbeat {
@@ -161,10 +165,10 @@ async fn log(app: App, secret: Option<String>, body: NotifyBuildLog) -> Result<R
         })
         .collect();
     let stored = app.dispatcher.output(hb, &pieces).await?;
-    Ok(json(&serde_json::json!({ "stored": stored })).into_response())
+    Ok(serde_json::json!({ "stored": stored }))
 }
 
-async fn handback(app: App, secret: Option<String>, body: NotifyBuildHandback) -> Result<Response> {
+pub(crate) async fn handback(app: App, secret: Option<String>, body: NotifyBuildHandback) -> Result<Value> {
     let sender = sender(&app, secret.as_deref(), body.agent_id).await?;
     let reason: String = body.reason.chars().take(4096).collect();
     tracing::warn!(build = %body.id, attempt = %body.attempt, agent = ?sender.agent, %reason, "attempt handed back");
@@ -177,14 +181,14 @@ async fn handback(app: App, secret: Option<String>, body: NotifyBuildHandback) -
         reason,
     };
     app.dispatcher.hand_back(back).await?;
-    Ok(json(&serde_json::json!({ "ok": true })).into_response())
+    Ok(serde_json::json!({ "ok": true }))
 }
 
-async fn leave(app: App, secret: Option<String>, body: NotifyAgentLeave) -> Result<Response> {
+pub(crate) async fn leave(app: App, secret: Option<String>, body: NotifyAgentLeave) -> Result<Value> {
     let sender = sender(&app, secret.as_deref(), Some(body.agent_id)).await?;
     app.dispatcher.agent_left(body.agent_id, sender.verified).await?;
     tracing::info!(agent = %body.agent_id, "agent left");
-    Ok(json(&serde_json::json!({ "ok": true })).into_response())
+    Ok(serde_json::json!({ "ok": true }))
 }
 
 async fn register(
@@ -193,7 +197,22 @@ async fn register(
     proof: Option<String>,
     body: NotifyAgent,
 ) -> Result<impl Reply> {
+    if body.port == 0 {
+        return Err(ApiError::bad_request(
+            "invalid body: port is required (1-65535), as a number or a string",
+        ));
+    }
     let url = agent_url(body.host.as_deref(), body.port, remote)?;
+    Ok(json(&enroll(app, url, proof, body).await?))
+}
+
+/// Registers the agent `body` describes, reached at `url`.
+pub(crate) async fn enroll(
+    app: &App,
+    url: String,
+    proof: Option<String>,
+    body: NotifyAgent,
+) -> Result<NotifyAgentReply> {
     let capacity = body.capacity.unwrap_or(1);
     if !(1..=NotifyAgent::MAX_CAPACITY).contains(&capacity) {
         return Err(ApiError::bad_request(format!(
@@ -217,12 +236,13 @@ async fn register(
     };
     let reg = app.dispatcher.register(enrollment, proof).await?;
     tracing::info!(agent = %reg.id, %url, session = body.session, capacity, "agent registered");
-    Ok(json(&NotifyAgentReply {
+    Ok(NotifyAgentReply {
         id: reg.id,
         timeout: reg.heartbeat_ms,
         secret,
         extensions: true,
-    }))
+        token: None,
+    })
 }
 
 /// The base URL of an agent from what it announced: `host` with or without

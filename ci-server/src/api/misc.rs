@@ -11,6 +11,8 @@ use super::{api_auth, respond, with_app, ApiError, App, Result};
 /// The routes of this module but `wrong_method`, which goes last.
 pub(super) fn routes(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     list_agents(app.clone())
+        .or(delete_agent(app.clone()))
+        .unify()
         .or(metrics(app))
         .unify()
         .or(healthz())
@@ -28,6 +30,42 @@ fn list_agents(app: App) -> impl Filter<Extract = (Response,), Error = Rejection
         })
 }
 
+/// `DELETE /api/agents/{id}`: revokes the agent's own credential (so it
+/// cannot connect again), closes its connection and drops it; its builds
+/// go back to the queue at once. An agent the server pushes builds to is
+/// dropped (it may register again with the agent token).
+fn delete_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("api" / "agents" / i64)
+        .and(warp::delete())
+        .and(api_auth(&app))
+        .and(with_app(app))
+        .and_then(|id: i64, app: App| async move {
+            let answer = async {
+                let id = ci_core::AgentId(id);
+                if !app.dispatcher.agents().await?.iter().any(|a| a.id == id) {
+                    return Err(ApiError::new(
+                        warp::http::StatusCode::NOT_FOUND,
+                        format!("no agent has id {id}"),
+                    ));
+                }
+                // N.B.: revoked first, so that it cannot connect again
+                // between its connection closing and the revocation.
+                let credential = app.hub.describe(id).and_then(|(_, _, c)| c);
+                if let Some(c) = credential {
+                    let now = ci_core::Clock::now(&ci_core::SystemClock::new());
+                    app.store.revoke_credential(c, now).await?;
+                }
+                app.hub.close(id);
+                app.dispatcher.agent_disconnected(id).await?;
+                tracing::warn!(agent = %id, credential = ?credential, "agent removed by the API");
+                Ok(json(
+                    &serde_json::json!({ "id": id, "removed": true, "revoked": credential }),
+                ))
+            };
+            Ok::<_, Rejection>(respond(answer.await))
+        })
+}
+
 /// Every agent, with the builds of the steps it runs.
 pub(crate) async fn agent_views(app: &App) -> Result<Vec<AgentView>> {
     let mut views = Vec::new();
@@ -38,7 +76,14 @@ pub(crate) async fn agent_views(app: &App) -> Result<Vec<AgentView>> {
                 builds.push(s.build);
             }
         }
-        views.push(AgentView::with_builds(&a, builds));
+        let mut view = AgentView::with_builds(&a, builds);
+        if let Some((remote, version, credential)) = app.hub.describe(a.id) {
+            view.connected = true;
+            view.address = remote.map(|r| r.ip().to_string());
+            view.version = version;
+            view.credential = credential;
+        }
+        views.push(view);
     }
     Ok(views)
 }
@@ -60,6 +105,7 @@ fn metrics(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + 
                     builds,
                     idle,
                     busy: agents.len() as u64 - idle,
+                    connections: app.hub.open(),
                 })
             };
             let reply: Result<Response> = snapshot.await.map(|now| {

@@ -13,7 +13,7 @@
 //! - `hooks`: the forges' webhooks, `/hooks/{github,gitea,gitlab}`.
 //! - `misc`: agents list, metrics, health, the OpenAPI document, 405s.
 
-mod agents;
+pub(crate) mod agents;
 mod builds;
 mod hooks;
 mod misc;
@@ -71,6 +71,8 @@ pub(crate) struct Parts {
     pub vault: Arc<crate::vault::Vault>,
     /// Watches the projects' remotes.
     pub poller: Arc<crate::triggers::Poller>,
+    /// The connections of agents that connected out.
+    pub hub: Arc<crate::connect::Hub>,
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -147,6 +149,8 @@ pub(crate) fn respond<T: Reply>(r: Result<T>) -> Response {
 pub(crate) fn routes(app: App) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let guard = crate::guard::guard(app.config.clone());
     let served = agents::routes(app.clone())
+        .or(crate::connect::route(app.clone()))
+        .unify()
         .or(builds::routes(app.clone()))
         .unify()
         .or(projects::routes(app.clone()))
