@@ -22,6 +22,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/api/builds/{id}/rebuild"),
     ("post", "/api/builds/{id}/retry"),
     ("get", "/api/agents"),
+    ("delete", "/api/agents/{id}"),
     ("get", "/metrics"),
     ("post", "/notify_build_log"),
     ("post", "/notify_agent_leave"),
@@ -357,6 +358,30 @@ pub fn spec() -> Value {
                     }
                 }
             },
+            "/api/agents/{id}": {
+                "delete": {
+                    "tags": ["builds"], "summary": "Remove an agent: revoke its own credential, close its connection, requeue its builds", "operationId": "removeAgent",
+                    "security": api_security,
+                    "parameters": [id_param()],
+                    "responses": {
+                        "200": {
+                            "description": "Removed",
+                            "content": { "application/json": { "schema": {
+                                "type": "object", "required": ["id", "removed", "revoked"],
+                                "properties": {
+                                    "id": { "type": "integer" },
+                                    "removed": { "const": true },
+                                    "revoked": nullable("integer")
+                                }
+                            } } }
+                        },
+                        "400": error("Invalid id"),
+                        "401": error("Missing or wrong API token"),
+                        "404": error("No such agent"),
+                        "503": error("Storage unavailable; retry")
+                    }
+                }
+            },
             "/api/openapi.json": {
                 "get": {
                     "tags": ["builds"], "summary": "This document", "operationId": "openapi",
@@ -560,7 +585,11 @@ pub fn spec() -> Value {
                         "builds": { "type": "array", "items": { "type": "integer" }, "description": "The builds of the steps it runs" },
                         "steps": { "type": "array", "items": { "type": "integer" }, "description": "The steps it runs, by the ids agents are sent" },
                         "capacity": { "type": "integer", "minimum": 1 },
-                        "labels": { "type": "array", "items": { "type": "string" } }
+                        "labels": { "type": "array", "items": { "type": "string" } },
+                        "connected": { "type": "boolean", "description": "It connects out: its connection closing requeues its builds at once" },
+                        "address": { "type": "string", "description": "Where its connection comes from" },
+                        "version": { "type": "string" },
+                        "credential": { "type": "integer", "description": "Its own credential's id" }
                     }
                 },
                 "NotifyAgent": {
