@@ -26,7 +26,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,8 +69,11 @@ enum Health {
 /// How an agent speaks the protocol.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
-    /// Session secret, attempts, agentId: what `ci-agent` does.
+    /// Session secret, attempts, agentId: what `ci-agent` does in push mode.
     Secure,
+    /// As `Secure`, over a connection it opened (`ci-agent`'s default): the
+    /// server learns at once when the connection closes, and drops it.
+    Connected,
     /// Attempts and a claimed agentId, no secret.
     Claims,
     /// Attempts only.
@@ -97,6 +100,8 @@ struct SimAgent {
     next_beat: u64,
     /// A result not yet acknowledged, and when to retry it.
     outbox: Option<(Report, u64)>,
+    /// Its credential was revoked: it never connects again.
+    revoked: bool,
 }
 
 struct Sim {
@@ -331,8 +336,9 @@ impl Sim {
 
     async fn add_agent(&mut self, every_label: bool) {
         let n = self.agents.len();
-        let kind = match self.rng.u8(..11) {
+        let kind = match self.rng.u8(..13) {
             0..=3 => Kind::Secure,
+            11..=12 => Kind::Connected,
             4..=5 => Kind::Claims,
             6..=7 => Kind::Attempts,
             8..=9 => Kind::Original,
@@ -347,7 +353,10 @@ impl Sim {
         };
         self.agents.push(SimAgent {
             kind,
-            url: format!("http://agent-{n}:3001"),
+            url: match kind {
+                Kind::Connected => ci_core::protocol::connected_url(&format!("agent-{n}")),
+                _ => format!("http://agent-{n}:3001"),
+            },
             id: None,
             secret: format!("secret-{n}-0"),
             labels,
@@ -355,6 +364,7 @@ impl Sim {
             job: None,
             next_beat: 0,
             outbox: None,
+            revoked: false,
         });
         self.register(n).await;
     }
@@ -374,7 +384,7 @@ impl Sim {
             ..Enrollment::new(url.clone())
         };
         let registered = match kind {
-            Kind::Secure => {
+            Kind::Secure | Kind::Connected => {
                 let e = Enrollment {
                     secret: Some(secret),
                     ..e
@@ -412,6 +422,8 @@ impl Sim {
                 let i = self.rng.usize(..self.agents.len());
                 if self.agents[i].kind != Kind::Embedded {
                     self.agents[i].health = Health::Dead;
+                    // Its connection, if it has one, closes with it.
+                    self.connection_closed(i).await;
                 }
             }
             31..=35 => {
@@ -426,9 +438,36 @@ impl Sim {
                 // A dead agent's machine comes back: a new process registers
                 // at the same URL.
                 let i = self.rng.usize(..self.agents.len());
-                if self.agents[i].health == Health::Dead {
+                if self.agents[i].health == Health::Dead && !self.agents[i].revoked {
                     self.agents[i].health = Health::Up;
                     self.register(i).await;
+                }
+            }
+            42..=43 => {
+                // A connected agent's connection is reset; the process
+                // lives: the server drops it at once, and the agent
+                // registers again over a new one, its abandoned job gone
+                // but its unacknowledged result kept (the spool), to be
+                // refused as superseded.
+                let i = self.rng.usize(..self.agents.len());
+                if self.agents[i].kind == Kind::Connected && self.agents[i].health == Health::Up {
+                    self.connection_closed(i).await;
+                    let outbox = self.agents[i].outbox.take();
+                    if outbox.is_some() {
+                        SPOOLED_ACROSS.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.register(i).await;
+                    self.agents[i].outbox = outbox;
+                }
+            }
+            44 => {
+                // A connected agent is revoked: dropped with its
+                // connection, and it never comes back.
+                let i = self.rng.usize(..self.agents.len());
+                if self.agents[i].kind == Kind::Connected {
+                    self.agents[i].revoked = true;
+                    self.agents[i].health = Health::Dead;
+                    self.connection_closed(i).await;
                 }
             }
             38 => self.restart_server().await,
@@ -457,6 +496,26 @@ impl Sim {
         }
     }
 
+    /// The server sees a connected agent's connection close: it drops the
+    /// agent, requeueing what it held. A store failure leaves it to the
+    /// leases, as the server does.
+    async fn connection_closed(&mut self, i: usize) {
+        let (kind, id) = (self.agents[i].kind, self.agents[i].id);
+        let (Kind::Connected, Some(id)) = (kind, id) else {
+            return;
+        };
+        if self.agents[i].job.is_some() {
+            CLOSED_HOLDING.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.c.agent_disconnected(id).await {
+            check!(
+                self,
+                e.is_retryable(),
+                "dropping a disconnected agent failed: {e}"
+            );
+        }
+    }
+
     async fn restart_server(&mut self) {
         // Recovery reads the store; a store failing then is a server that
         // fails to start, and is started again.
@@ -482,7 +541,7 @@ impl Sim {
         let known: Vec<AgentId> = self.c.agents().await.unwrap().iter().map(|a| a.id).collect();
         for i in 0..self.agents.len() {
             let a = &self.agents[i];
-            let pings = matches!(a.kind, Kind::Secure | Kind::Claims);
+            let pings = matches!(a.kind, Kind::Secure | Kind::Connected | Kind::Claims);
             if !pings && a.health == Health::Up && !a.id.is_some_and(|id| known.contains(&id)) {
                 self.register(i).await;
             }
@@ -709,7 +768,7 @@ impl Sim {
             let Some(id) = a.id else { continue };
             if let Some((step, attempt, done_at)) = a.job {
                 let (attempt_field, agent_field, verified) = match a.kind {
-                    Kind::Secure | Kind::Embedded => (Some(attempt), Some(id), true),
+                    Kind::Secure | Kind::Connected | Kind::Embedded => (Some(attempt), Some(id), true),
                     Kind::Claims => (Some(attempt), Some(id), false),
                     Kind::Attempts => (Some(attempt), None, false),
                     // N.B.: it sends only the `id` it was given, which names
@@ -741,13 +800,13 @@ impl Sim {
                     };
                     out.push(Msg::Heartbeat { from: i, hb });
                 }
-            } else if now >= a.next_beat && matches!(a.kind, Kind::Secure | Kind::Claims) {
+            } else if now >= a.next_beat && matches!(a.kind, Kind::Secure | Kind::Connected | Kind::Claims) {
                 a.next_beat = now + INTERVAL_MS;
                 let ping = Heartbeat {
                     step: None,
                     attempt: None,
                     agent: Some(id),
-                    verified: a.kind == Kind::Secure,
+                    verified: matches!(a.kind, Kind::Secure | Kind::Connected),
                 };
                 out.push(Msg::Heartbeat { from: i, hb: ping });
             }
@@ -909,6 +968,12 @@ impl Sim {
     }
 }
 
+/// How often, over all seeds, a connection closed while its agent held a
+/// step, and an agent reconnected with a result not yet acknowledged: the
+/// run checks the new transport's cases happened.
+static CLOSED_HOLDING: AtomicUsize = AtomicUsize::new(0);
+static SPOOLED_ACROSS: AtomicUsize = AtomicUsize::new(0);
+
 #[test]
 fn simulated_clusters_keep_every_invariant() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
@@ -928,9 +993,17 @@ fn simulated_clusters_keep_every_invariant() {
         .iter()
         .map(|seed| rt.block_on(async { Sim::new(*seed).await.run().await }))
         .sum();
+    let (closed, spooled) = (
+        CLOSED_HOLDING.load(Ordering::Relaxed),
+        SPOOLED_ACROSS.load(Ordering::Relaxed),
+    );
     println!(
-        "simulated {} seeds x {STEPS} steps, {builds} builds, in {:.2?}",
+        "simulated {} seeds x {STEPS} steps, {builds} builds, in {:.2?}; {closed} connections closed \
+         holding a step, {spooled} reconnects with a result in the spool",
         seeds.len(),
         t0.elapsed()
     );
+    if seeds.len() >= 100 {
+        assert!(closed > 0 && spooled > 0, "the connection cases never happened");
+    }
 }
