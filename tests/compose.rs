@@ -164,13 +164,17 @@ async fn compose_up_builds_survives_an_agent_kill_and_comes_down_clean() {
         .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
         .await;
     let victim_url = running.agent.unwrap();
-    api.wait_agent_runs(&victim_url, id).await;
-    let victim_ip = victim_url
-        .trim_start_matches("http://")
-        .split(':')
-        .next()
+    // N.B.: the agents connect out: the server knows each by the address
+    // its connection comes from (the build container existing, below,
+    // shows the agent runs the build).
+    let victim_ip = api
+        .agents()
+        .await
         .unwrap()
-        .to_owned();
+        .into_iter()
+        .find(|a| a.url == victim_url)
+        .and_then(|a| a.address)
+        .expect("the running agent's address");
     let victim = project
         .containers("agent")
         .into_iter()

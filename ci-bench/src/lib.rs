@@ -39,6 +39,7 @@
 #![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // figures
 
 mod failover;
+mod fleet;
 mod load;
 mod lone;
 mod noop;
@@ -77,6 +78,10 @@ pub async fn run(opts: Opts) -> Result<(), Error> {
         return queue::run(&opts, n).await;
     }
     setup::build_binaries()?;
+    if let Some(n) = opts.fleet {
+        // N.B.: before the server starts: it inherits the limit.
+        fleet::raise_fd_limit(n)?;
+    }
     let (heartbeat_ms, missed) = if opts.failover {
         (failover::HEARTBEAT_MS, failover::MISSED_HEARTBEATS)
     } else {
@@ -88,6 +93,9 @@ pub async fn run(opts: Opts) -> Result<(), Error> {
     }
     if let Some(shape) = opts.pipeline {
         return pipeline::run(&bench, &opts, shape).await;
+    }
+    if let Some(n) = opts.fleet {
+        return fleet::run(&bench, n, opts.builds.min(1000)).await;
     }
     if let Some(n) = opts.poll_projects {
         return triggers::poll(&bench, n, opts.poll_interval).await;

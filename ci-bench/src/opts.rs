@@ -57,6 +57,12 @@ pub struct Opts {
     /// the server's CPU and git processes over one interval.
     #[arg(long)]
     pub poll_projects: Option<usize>,
+    /// Instead: this many simulated agents connected at once over real
+    /// WebSockets, pinging every second: the server's memory and CPU,
+    /// then dispatch latency over `--builds` builds one at a time (at most
+    /// 1,000).
+    #[arg(long)]
+    pub fleet: Option<usize>,
     /// With `--poll-projects`.
     #[arg(long, default_value_t = 60)]
     pub poll_interval: u32,

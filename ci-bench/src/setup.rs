@@ -56,7 +56,7 @@ pub(crate) struct Bench {
     pub(crate) sha: String,
     pub(crate) base: String,
     pub(crate) http: reqwest::Client,
-    port: u16,
+    pub(crate) port: u16,
     server: Proc,
     db: PathBuf,
     // Last: the processes above are stopped before their files go.

@@ -1,0 +1,225 @@
+//! Many agents connected at once: `n` simulated agents, each a real
+//! WebSocket on loopback (`GET /agent/connect`) that registers, pings once
+//! a second while idle, and takes builds, against a real server. Reports
+//! the server's memory, the CPU its heartbeat handling costs, dispatch
+//! latency with that many agents, and how fast a killed agent's build
+//! moves.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ci_core::protocol::{Frame, NotifyAgentReply, CONNECT_PATH};
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::setup::Bench;
+use crate::stats::{ms, pct, rss_kib, sorted, usage};
+use crate::Error;
+
+/// How long heartbeats are measured.
+const STEADY: Duration = Duration::from_secs(20);
+
+/// When each build (by number) reached its agent.
+#[derive(Default)]
+struct Arrivals {
+    at: Mutex<HashMap<i64, Instant>>,
+    registered: AtomicUsize,
+}
+
+/// Raises the open-file limit to what `n` agents need on both ends (the
+/// server is a child of this process), and says what it raised.
+pub(crate) fn raise_fd_limit(n: usize) -> Result<(), Error> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| Error::Setup(e.to_string()))?;
+    let want = (2 * n as u64 + 1024).min(hard);
+    if want > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard).map_err(|e| Error::Setup(e.to_string()))?;
+        println!("  open-file limit raised from {soft} to {want} (hard limit {hard})");
+    }
+    if want < 2 * n as u64 + 64 {
+        return Err(Error::Setup(format!(
+            "{n} agents need about {} open files on this machine; the hard limit is {hard}",
+            2 * n + 64
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the fleet of `n` agents, then `builds` builds one at a time.
+pub(crate) async fn run(b: &Bench, n: usize, builds: usize) -> Result<(), Error> {
+    let url = format!("ws://127.0.0.1:{}{CONNECT_PATH}", b.port);
+    let arrivals = Arc::new(Arrivals::default());
+    let pid = b.server_pid();
+    let rss_before = rss_kib(pid);
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        tasks.push(tokio::spawn(agent(url.clone(), i, arrivals.clone())));
+        // N.B.: a few hundred at a time, as a fleet starting up would.
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while arrivals.registered.load(Ordering::Relaxed) < n {
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(format!(
+                "only {} of {n} agents registered in 120 s",
+                arrivals.registered.load(Ordering::Relaxed)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "  {n} agents connected and registered in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Steady state: every agent pings once a second.
+    let (cpu0, _) = usage(pid);
+    tokio::time::sleep(STEADY).await;
+    let (cpu1, _) = usage(pid);
+    let rss = rss_kib(pid);
+    let share = (cpu1 - cpu0) / STEADY.as_secs_f64();
+    println!(
+        "  server RSS {:.1} MiB with {n} agents connected ({:.1} MiB before; {:.1} KiB per agent)",
+        rss as f64 / 1024.0,
+        rss_before as f64 / 1024.0,
+        (rss.saturating_sub(rss_before)) as f64 / n as f64
+    );
+    println!(
+        "  heartbeats: {n}/s cost the server {:.1}% of one core ({:.1} us each)",
+        share * 100.0,
+        share * 1e6 / n as f64
+    );
+
+    // Dispatch with that many agents: one build at a time.
+    let h = b.clone_handle();
+    let mut lat = Vec::with_capacity(builds);
+    for _ in 0..builds {
+        let sent = Instant::now();
+        let build: serde_json::Value = h
+            .http
+            .post(format!("{}/api/builds", b.base))
+            .json(&serde_json::json!({"hash": b.sha, "command": "true"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = build["id"]
+            .as_i64()
+            .ok_or_else(|| Error::Setup(format!("no id in {build}")))?;
+        let arrived = loop {
+            if let Some(at) = arrivals
+                .at
+                .lock()
+                .map_err(|_| Error::Setup("poisoned".into()))?
+                .remove(&id)
+            {
+                break at;
+            }
+            if sent.elapsed() > Duration::from_secs(30) {
+                return Err(Error::Timeout(format!("build {id} never reached an agent")));
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        lat.push(ms(arrived.saturating_duration_since(sent)));
+    }
+    let v = sorted(lat);
+    println!(
+        "  dispatch with {n} agents: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} builds, one at a time)",
+        pct(&v, 0.5),
+        pct(&v, 0.99),
+        v.last().copied().unwrap_or(f64::NAN),
+        v.len()
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "fleet", "agents": n, "server_rss_mib": rss as f64 / 1024.0,
+            "heartbeat_core_share": share, "dispatch_ms": {"p50": pct(&v, 0.5), "p99": pct(&v, 0.99)},
+        })
+    );
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// One simulated agent: connects, registers, pings every second while
+/// idle, takes each build, records when it arrived and reports success.
+async fn agent(url: String, i: usize, arrivals: Arc<Arrivals>) -> Result<(), String> {
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sink, mut stream) = ws.split();
+    let send = |frame: &Frame| {
+        serde_json::to_string(frame)
+            .map(Message::text)
+            .map_err(|e| e.to_string())
+    };
+    let hello = Frame::Request {
+        id: 1,
+        path: "/notify_agent".into(),
+        session: None,
+        body: serde_json::json!({"session": true, "pings": true, "name": format!("bench-{i}")}),
+    };
+    sink.send(send(&hello)?).await.map_err(|e| e.to_string())?;
+    let reply: NotifyAgentReply = loop {
+        let m = stream.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
+        if let Ok(Frame::Response { id: 1, body, .. }) =
+            serde_json::from_str::<Frame>(m.to_text().unwrap_or(""))
+        {
+            break serde_json::from_value(body).map_err(|e| e.to_string())?;
+        }
+    };
+    arrivals.registered.fetch_add(1, Ordering::Relaxed);
+    let mut next = 2u64;
+    // Spread over the second, as a real fleet's pings are.
+    let offset = Duration::from_millis(fastrand::u64(..1000));
+    let mut tick = tokio::time::interval_at(Instant::now() + offset, Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                next += 1;
+                let ping = Frame::Request {
+                    id: next,
+                    path: "/notify_agent_alive".into(),
+                    session: reply.secret.clone(),
+                    body: serde_json::json!({"agentId": reply.id}),
+                };
+                sink.send(send(&ping)?).await.map_err(|e| e.to_string())?;
+            }
+            m = stream.next() => {
+                let m = m.ok_or("closed")?.map_err(|e| e.to_string())?;
+                let Ok(Frame::Request { id, path, body, .. }) = serde_json::from_str::<Frame>(m.to_text().unwrap_or("")) else {
+                    continue;
+                };
+                if path != "/build" {
+                    continue;
+                }
+                if let Some(build) = body["build"].as_i64() {
+                    if let Ok(mut at) = arrivals.at.lock() {
+                        at.insert(build, Instant::now());
+                    }
+                }
+                let ok = Frame::Response { id, status: 200, body: serde_json::json!({"accepted": true}) };
+                sink.send(send(&ok)?).await.map_err(|e| e.to_string())?;
+                next += 1;
+                let result = Frame::Request {
+                    id: next,
+                    path: "/notify_build_result".into(),
+                    session: reply.secret.clone(),
+                    body: serde_json::json!({
+                        "id": body["id"], "status": 0, "stdout": "", "stderr": "",
+                        "attempt": body["attempt"], "agentId": reply.id,
+                    }),
+                };
+                sink.send(send(&result)?).await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
