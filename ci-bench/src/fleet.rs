@@ -29,20 +29,21 @@ struct Arrivals {
     registered: AtomicUsize,
 }
 
-/// Raises the open-file limit to what `n` agents need on both ends (the
-/// server is a child of this process), and says what it raised.
+/// Raises the open-file limit to what `n` agents need at each end (this
+/// process holds their sockets, and the server, a child that inherits the
+/// limit, theirs), and says what it raised.
 pub(crate) fn raise_fd_limit(n: usize) -> Result<(), Error> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| Error::Setup(e.to_string()))?;
-    let want = (2 * n as u64 + 1024).min(hard);
+    let want = (n as u64 + 1024).min(hard);
     if want > soft {
         setrlimit(Resource::RLIMIT_NOFILE, want, hard).map_err(|e| Error::Setup(e.to_string()))?;
         println!("  open-file limit raised from {soft} to {want} (hard limit {hard})");
     }
-    if want < 2 * n as u64 + 64 {
+    if want < n as u64 + 64 {
         return Err(Error::Setup(format!(
-            "{n} agents need about {} open files on this machine; the hard limit is {hard}",
-            2 * n + 64
+            "{n} agents need about {} open files per process; the hard limit is {hard}",
+            n + 64
         )));
     }
     Ok(())

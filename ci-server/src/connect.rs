@@ -24,9 +24,12 @@ use ci_core::protocol::{
 };
 use ci_core::{AgentId, AgentLink, Dispatch, DispatchFailure, StopOrder};
 use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
-use warp::filters::ws::{Message, WebSocket, Ws};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -232,21 +235,12 @@ impl Conn {
             }
         }
     }
-
-    fn answer(&self, id: u64, status: StatusCode, body: Value) {
-        let frame = Frame::Response {
-            id,
-            status: status.as_u16(),
-            body,
-        };
-        if let Ok(text) = serde_json::to_string(&frame) {
-            if self.out.try_send(Message::text(text)).is_err() {
-                // It does not read: let it go.
-                self.close.notify_one();
-            }
-        }
-    }
 }
+
+/// What one connection reads into at a time. N.B.: tungstenite's default,
+/// 128 KiB, is allocated and touched per connection: 1.25 GiB for 10,000
+/// agents. Messages larger than this still arrive, in several reads.
+const READ_BUFFER: usize = 4 * 1024;
 
 /// `GET /agent/connect`: the agent token, then a WebSocket.
 pub(crate) fn route(app: App) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -255,21 +249,68 @@ pub(crate) fn route(app: App) -> impl Filter<Extract = (Response,), Error = Reje
         .and(connect_auth(&app))
         .and(crate::api::with_app(app))
         .and(crate::listen::remote())
-        .and(warp::ws())
-        .map(|auth: Auth, app: App, remote: Option<SocketAddr>, ws: Ws| {
-            let limit = usize::try_from(crate::MAX_RESULT_BODY).unwrap_or(usize::MAX) + 64 * 1024;
-            ws.max_message_size(limit)
-                .max_frame_size(limit)
-                .on_upgrade(move |socket| serve(app, auth, remote, socket))
-                .into_response()
-        })
+        .and(warp::header::optional::<String>("upgrade"))
+        .and(warp::header::optional::<String>("sec-websocket-version"))
+        .and(warp::header::optional::<String>("sec-websocket-key"))
+        .and(warp::ext::optional::<crate::listen::Upgrade>())
+        .map(
+            |auth: Auth,
+             app: App,
+             remote: Option<SocketAddr>,
+             upgrade: Option<String>,
+             version: Option<String>,
+             key: Option<String>,
+             pending: Option<crate::listen::Upgrade>| {
+                let websocket = upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+                let (true, Some("13"), Some(key)) = (websocket, version.as_deref(), key) else {
+                    return crate::ApiError::bad_request(
+                        "a WebSocket upgrade is required (Upgrade: websocket, Sec-WebSocket-Version: 13)",
+                    )
+                    .into_response();
+                };
+                let on_upgrade = pending.and_then(|p| lock(&p.0).take());
+                let Some(on_upgrade) = on_upgrade else {
+                    return crate::ApiError::bad_request("this connection cannot be upgraded").into_response();
+                };
+                let limit = usize::try_from(crate::MAX_RESULT_BODY).unwrap_or(usize::MAX) + 64 * 1024;
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(READ_BUFFER)
+                    .write_buffer_size(0)
+                    .max_message_size(Some(limit))
+                    .max_frame_size(Some(limit));
+                tokio::spawn(async move {
+                    match on_upgrade.await {
+                        Ok(upgraded) => {
+                            let io = TokioIo::new(upgraded);
+                            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                            serve(app, auth, remote, socket).await;
+                        }
+                        Err(e) => tracing::debug!(?remote, cause = %e, "agent connection upgrade failed"),
+                    }
+                });
+                let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let reply = warp::http::Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-accept", accept)
+                    .body(warp::hyper::body::Bytes::new());
+                match reply {
+                    Ok(r) => r.map(Into::into),
+                    Err(e) => crate::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                }
+            },
+        )
 }
 
 /// Serves one connection until it closes, then requeues what its agent
 /// held (unless the server is stopping: the next server process takes the
 /// agents' results, as with HTTP).
-async fn serve(app: App, auth: Auth, remote: Option<SocketAddr>, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
+async fn serve<S>(app: App, auth: Auth, remote: Option<SocketAddr>, socket: WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut socket = socket;
     let (out, mut outbox) = mpsc::channel::<Message>(OUTBOX);
     let conn = Arc::new(Conn {
         out,
@@ -286,18 +327,19 @@ async fn serve(app: App, auth: Auth, remote: Option<SocketAddr>, socket: WebSock
         remote,
     });
     app.hub.open.fetch_add(1, Ordering::Relaxed);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = outbox.recv().await {
-            if sink.send(m).await.is_err() {
-                return;
-            }
-        }
-        let _ = sink.close().await;
-    });
     tracing::debug!(?remote, "agent connected");
+    // N.B.: one task reads and writes. A heartbeat (one a second from
+    // every agent) is answered right here: handing it to another task and
+    // its answer to a writer task cost more than handling it.
     loop {
         let message = tokio::select! {
-            m = stream.next() => m,
+            m = socket.next() => m,
+            Some(m) = outbox.recv() => {
+                if socket.send(m).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             () = conn.close.notified() => break,
         };
         let message = match message {
@@ -308,13 +350,27 @@ async fn serve(app: App, auth: Auth, remote: Option<SocketAddr>, socket: WebSock
             }
             None => break,
         };
-        if message.is_close() {
-            break;
-        }
-        let Ok(text) = message.to_str() else {
-            continue; // Pings, pongs and binary messages mean nothing here.
+        let text = match &message {
+            Message::Text(text) => text.as_str(),
+            Message::Close(_) => break,
+            // Pings (answered by tungstenite), pongs and binary messages
+            // mean nothing here.
+            _ => continue,
         };
         match serde_json::from_str::<Frame>(text) {
+            Ok(Frame::Request {
+                id,
+                path,
+                session,
+                body,
+            }) if path == "/notify_agent_alive" => {
+                let bound = *lock(&conn.agent);
+                let handled = agents::BOUND.scope(bound, handle(&app, &conn, &path, session, body));
+                let frame = answer_frame(id, handled.await);
+                if socket.send(frame).await.is_err() {
+                    break;
+                }
+            }
             Ok(Frame::Request {
                 id,
                 path,
@@ -323,11 +379,12 @@ async fn serve(app: App, auth: Auth, remote: Option<SocketAddr>, socket: WebSock
             }) => {
                 let (app, conn) = (app.clone(), conn.clone());
                 tokio::spawn(async move {
-                    let (status, body) = match handle(&app, &conn, &path, session, body).await {
-                        Ok(v) => (StatusCode::OK, v),
-                        Err(e) => (e.status(), error_body(e.message())),
-                    };
-                    conn.answer(id, status, body);
+                    let bound = *lock(&conn.agent);
+                    let handled = agents::BOUND.scope(bound, handle(&app, &conn, &path, session, body));
+                    if conn.out.try_send(answer_frame(id, handled.await)).is_err() {
+                        // It does not read: let it go.
+                        conn.close.notify_one();
+                    }
                 });
             }
             Ok(Frame::Response { id, status, body }) => {
@@ -341,11 +398,11 @@ async fn serve(app: App, auth: Auth, remote: Option<SocketAddr>, socket: WebSock
             }
         }
     }
+    let _ = socket.close(None).await;
     app.hub.open.fetch_sub(1, Ordering::Relaxed);
     // Waiting requests fail at once (their senders go).
     lock(&conn.pending).clear();
     let agent = *lock(&conn.agent);
-    writer.abort();
     let Some(id) = agent else {
         return;
     };
@@ -359,6 +416,20 @@ async fn serve(app: App, auth: Auth, remote: Option<SocketAddr>, socket: WebSock
     if let Err(e) = app.dispatcher.agent_disconnected(id).await {
         tracing::warn!(agent = %id, cause = %e, "could not drop a disconnected agent; its leases will lapse");
     }
+}
+
+/// The response to request `id`, as its HTTP answer would be.
+fn answer_frame(id: u64, handled: crate::api::Result<Value>) -> Message {
+    let (status, body) = match handled {
+        Ok(v) => (StatusCode::OK, v),
+        Err(e) => (e.status(), error_body(e.message())),
+    };
+    let frame = Frame::Response {
+        id,
+        status: status.as_u16(),
+        body,
+    };
+    Message::text(serde_json::to_string(&frame).unwrap_or_default())
 }
 
 fn error_body(message: &str) -> Value {

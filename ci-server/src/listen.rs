@@ -107,6 +107,11 @@ pub(crate) fn remote() -> impl Filter<Extract = (Option<SocketAddr>,), Error = I
         .map(|peer: Option<Peer>, warp: Option<SocketAddr>| peer.map(|p| p.0).or(warp))
 }
 
+/// The upgrade of a request's connection, for the route that takes it
+/// over (`GET /agent/connect`).
+#[derive(Clone, Debug)]
+pub(crate) struct Upgrade(pub(crate) Arc<std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>>);
+
 /// Serves `filter` on `listener` until `shutdown` resolves, then stops
 /// accepting and waits (up to 30 s) for the connections open to finish.
 pub(crate) async fn serve<F>(
@@ -158,6 +163,11 @@ pub(crate) async fn serve<F>(
         let service = warp::service(filter.clone());
         let handler = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(Peer(peer));
+            // N.B.: hyper leaves a request's upgrade in its extensions, where
+            // warp's filters cannot take it; the agents' connections do.
+            if let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() {
+                req.extensions_mut().insert(Upgrade(Arc::new(std::sync::Mutex::new(Some(upgrade)))));
+            }
             let mut service = service.clone();
             async move { service.call(req).await.map(unwrap_streamed) }
         });

@@ -90,7 +90,25 @@ fn notify_agent(app: App) -> impl Filter<Extract = (Response,), Error = Rejectio
 }
 
 pub(crate) async fn sender(app: &App, secret: Option<&str>, claimed: Option<AgentId>) -> Result<Sender> {
+    if let Some(bound) = BOUND.try_with(|b| *b).ok().flatten() {
+        // N.B.: a request over the connection of the agent registered over
+        // it is that agent's, proven by the connection: no secret to look
+        // up (which compares against every agent's). A request claiming
+        // another agent (a result of a registration before this
+        // connection) proves itself with its secret, as over HTTP.
+        if claimed.is_none_or(|c| c == bound) {
+            return Ok(Sender {
+                agent: Some(bound),
+                verified: true,
+            });
+        }
+    }
     Ok(app.dispatcher.fence().sender(secret, claimed).await?)
+}
+
+tokio::task_local! {
+    /// The agent whose connection the request being handled came over.
+    pub(crate) static BOUND: Option<AgentId>;
 }
 
 /// The step and attempt a message's `id` names ([`DispatchId`]); an
