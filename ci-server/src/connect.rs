@@ -270,7 +270,8 @@ pub(crate) fn route(app: App) -> impl Filter<Extract = (Response,), Error = Reje
                 };
                 let on_upgrade = pending.and_then(|p| lock(&p.0).take());
                 let Some(on_upgrade) = on_upgrade else {
-                    return crate::ApiError::bad_request("this connection cannot be upgraded").into_response();
+                    return crate::ApiError::bad_request("this connection cannot be upgraded")
+                        .into_response();
                 };
                 let limit = usize::try_from(crate::MAX_RESULT_BODY).unwrap_or(usize::MAX) + 64 * 1024;
                 let config = WebSocketConfig::default()
@@ -282,7 +283,8 @@ pub(crate) fn route(app: App) -> impl Filter<Extract = (Response,), Error = Reje
                     match on_upgrade.await {
                         Ok(upgraded) => {
                             let io = TokioIo::new(upgraded);
-                            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                            let socket =
+                                WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                             serve(app, auth, remote, socket).await;
                         }
                         Err(e) => tracing::debug!(?remote, cause = %e, "agent connection upgrade failed"),
@@ -297,7 +299,9 @@ pub(crate) fn route(app: App) -> impl Filter<Extract = (Response,), Error = Reje
                     .body(warp::hyper::body::Bytes::new());
                 match reply {
                     Ok(r) => r.map(Into::into),
-                    Err(e) => crate::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                    Err(e) => {
+                        crate::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                    }
                 }
             },
         )

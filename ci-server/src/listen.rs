@@ -166,7 +166,8 @@ pub(crate) async fn serve<F>(
             // N.B.: hyper leaves a request's upgrade in its extensions, where
             // warp's filters cannot take it; the agents' connections do.
             if let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() {
-                req.extensions_mut().insert(Upgrade(Arc::new(std::sync::Mutex::new(Some(upgrade)))));
+                req.extensions_mut()
+                    .insert(Upgrade(Arc::new(std::sync::Mutex::new(Some(upgrade)))));
             }
             let mut service = service.clone();
             async move { service.call(req).await.map(unwrap_streamed) }
