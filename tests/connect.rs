@@ -37,18 +37,10 @@ fn hanging_first_attempt(c: &Cluster) -> String {
     ))
 }
 
-fn read_pid(c: &Cluster, attempt: u32) -> Option<i32> {
-    std::fs::read_to_string(c.dir.path().join(format!("pid-{attempt}")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Starts a build and waits until its first attempt's script runs.
 async fn running(c: &Cluster, sha: &str) -> (BuildId, String, i32) {
     let id = c.api.create(sha).await.id;
-    let pgid = wait_until("the build's script to run", LONG, || async { read_pid(c, 1) }).await;
+    let pgid = wait_until("the build's script to run", LONG, || async { c.read_pid(1) }).await;
     let b = c.api.build(id).await.unwrap();
     (id, b.agent.expect("a running build has an agent"), pgid)
 }

@@ -33,14 +33,6 @@ fn hanging_first_attempt(c: &Cluster) -> String {
     ))
 }
 
-fn read_pid(c: &Cluster, attempt: u32) -> Option<i32> {
-    std::fs::read_to_string(c.dir.path().join(format!("pid-{attempt}")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Stops or continues an agent and the process group of the build it runs,
 /// as when its whole machine freezes.
 fn freeze(c: &Cluster, agent: usize, build_pgid: i32, sig: Signal) {
@@ -59,7 +51,7 @@ async fn sigstop_longer_than_the_lease_fences_the_zombie() {
     c.start_agent("zombie");
     c.wait_agents(1).await;
     let (id, zombie_url) = c.create_running(&sha).await;
-    let pgid = wait_until("the build's pid", LONG, || async { read_pid(&c, 1) }).await;
+    let pgid = wait_until("the build's pid", LONG, || async { c.read_pid(1) }).await;
     c.start_agent("rescuer");
     c.wait_agents(2).await;
 
@@ -107,7 +99,7 @@ async fn sigstop_shorter_than_the_lease_is_not_a_failure() {
     c.start_agent("idle");
     c.wait_agents(2).await;
     let (id, url) = c.create_running(&sha).await;
-    let pgid = wait_until("the build's pid", LONG, || async { read_pid(&c, 1) }).await;
+    let pgid = wait_until("the build's pid", LONG, || async { c.read_pid(1) }).await;
     let napper = c.agent_index_by_url(&url);
 
     freeze(&c, napper, pgid, Signal::SIGSTOP);
@@ -381,7 +373,7 @@ async fn partition_longer_than_the_lease_moves_the_build() {
     c.wait_agents(1).await;
     let (id, url) = c.create_running(&sha).await;
     assert!(url.contains(&ip), "{url} is the agent at {ip}");
-    let pgid = wait_until("the build's pid", LONG, || async { read_pid(&c, 1) }).await;
+    let pgid = wait_until("the build's pid", LONG, || async { c.read_pid(1) }).await;
     c.start_agent_at("other", &agent_ip());
     c.wait_agents(2).await;
 

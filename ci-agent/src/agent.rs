@@ -45,7 +45,7 @@ use warp::reply::{json, with_status, Response};
 use warp::{Filter, Rejection, Reply};
 
 use crate::client::{CallError, ServerClient};
-use crate::config::{AgentConfig, Mode, Protocol};
+use crate::config::{AgentConfig, Protocol};
 use crate::Error;
 
 /// How often the runner's housekeeping runs.
@@ -140,11 +140,12 @@ impl Agent {
         // several, that is the one its server and firewall know it by.
         let source = Some(config.addr.ip()).filter(|ip| !ip.is_unspecified());
         let tunnel = Arc::new(crate::tunnel::Tunnel::default());
-        let mut client = ServerClient::new(&config.server_url, config.request_timeout, source)?
-            .with_token(config.agent_token.clone());
-        if config.mode == Mode::Connect {
-            client = client.over(tunnel.clone());
-        }
+        // N.B.: which way calls go is decided by how the agent is run
+        // (`serve` or `connect`), not by `config.mode` (which tells the
+        // binary which to run).
+        let client = ServerClient::new(&config.server_url, config.request_timeout, source)?
+            .with_token(config.agent_token.clone())
+            .over(tunnel.clone());
         let spool = Spool::open(dir.join("spool"))?;
         let name = crate::instance_id(dir)?;
         Ok(Agent {
@@ -325,6 +326,7 @@ impl Agent {
                 reason,
             })?;
         info!(server = %url, "ci-agent connecting to its server (listening on no port)");
+        self.inner.tunnel.use_it();
         let runner = self.inner.runner.clone();
         let maintenance = tokio::spawn(async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
@@ -399,7 +401,7 @@ impl Inner {
                 true => h.to_owned(),
                 false => format!("http://{h}"),
             });
-        let connected = self.config.mode == Mode::Connect;
+        let connected = self.tunnel.in_use();
         match forced {
             true => NotifyAgent {
                 host,
@@ -633,9 +635,7 @@ impl Inner {
 
     /// The session secret of the last registration, if one was kept.
     fn load_session(&self) -> Option<String> {
-        let s = std::fs::read_to_string(self.session_path()).ok()?;
-        let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_owned())
+        read_private(&self.session_path(), |b| b.is_ascii_hexdigit())
     }
 
     /// Keeps the session secret (readable by this user only).
@@ -649,9 +649,7 @@ impl Inner {
 
     /// This agent's own token, once the server issued one.
     fn load_credential(&self) -> Option<String> {
-        let s = std::fs::read_to_string(self.credential_path()).ok()?;
-        let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
+        read_private(&self.credential_path(), |b| b.is_ascii_graphic())
     }
 
     /// Writes `text` to `path`, readable by this user only.
@@ -929,6 +927,14 @@ impl Inner {
             self.deliver(&result, Some(&path)).await;
         }
     }
+}
+
+/// What a file this agent keeps holds, if it is there, not empty, and
+/// every byte passes `ok`.
+fn read_private(path: &Path, ok: fn(u8) -> bool) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    (!s.is_empty() && s.bytes().all(ok)).then(|| s.to_owned())
 }
 
 async fn accept_build(inner: &Arc<Inner>, req: BuildRequest) -> Result<serde_json::Value, Refusal> {

@@ -100,7 +100,8 @@ impl ServerClient {
         self
     }
 
-    /// Sends every call over `tunnel`, the agent's connection.
+    /// Sends every call over `tunnel`, the agent's connection, once it is
+    /// in use ([`Tunnel::use_it`](crate::tunnel::Tunnel::use_it)).
     pub fn over(mut self, tunnel: std::sync::Arc<crate::tunnel::Tunnel>) -> ServerClient {
         self.tunnel = Some(tunnel);
         self
@@ -133,7 +134,7 @@ impl ServerClient {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        if let Some(tunnel) = &self.tunnel {
+        if let Some(tunnel) = self.tunnel.as_ref().filter(|t| t.in_use()) {
             let body = serde_json::to_value(body).map_err(|e| CallError::Disconnected(e.to_string()))?;
             let (status, answer) = tunnel
                 .request(path, secret, body, timeout.unwrap_or(self.timeout))

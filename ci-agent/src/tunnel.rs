@@ -29,6 +29,8 @@ const OUTBOX: usize = 256;
 #[derive(Debug, Default)]
 pub struct Tunnel {
     current: Mutex<Option<Arc<Line>>>,
+    /// Calls go over it (the agent connects out), rather than over HTTP.
+    in_use: std::sync::atomic::AtomicBool,
 }
 
 /// One open connection.
@@ -49,6 +51,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Unanswered(pub String);
 
 impl Tunnel {
+    /// From now on, calls go over the connection (when one is open).
+    pub fn use_it(&self) {
+        self.in_use.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the agent connects out: its calls go over the connection.
+    pub fn in_use(&self) -> bool {
+        self.in_use.load(Ordering::SeqCst)
+    }
+
     /// Sends a request for `path` and waits up to `timeout` for its answer.
     pub async fn request(
         &self,

@@ -239,6 +239,16 @@ impl Cluster {
         (id, url)
     }
 
+    /// The pid a build script wrote to `pid-{attempt}` in the cluster's
+    /// directory (`echo $$ > .../pid-$CI_BUILD_ATTEMPT`), once it has.
+    pub fn read_pid(&self, attempt: u32) -> Option<i32> {
+        std::fs::read_to_string(self.dir.path().join(format!("pid-{attempt}")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Commits `build.sh` with `script` and returns the SHA.
     pub fn commit_script(&self, script: &str) -> String {
         self.repo.commit(&[("build.sh", script)], script)
