@@ -118,6 +118,40 @@ async fn a_stopped_agent_loses_its_build_with_its_lease() {
     c.assert_exactly_once(&[id]);
 }
 
+/// A stop shorter than the lease changes nothing for a connected agent:
+/// its connection stays open, no requeue, attempt 1 finishes where it
+/// started.
+#[tokio::test]
+async fn a_stop_shorter_than_the_lease_is_not_a_failure() {
+    let mut c = connected(300, 5); // lease 1.5 s
+    let dir = c.dir.path().display().to_string();
+    let sha = c.commit_script(&format!(
+        "echo $$ > {dir}/pid-$CI_BUILD_ATTEMPT; sleep 1; echo done"
+    ));
+    c.start_server();
+    c.start_agent("napper");
+    c.wait_agents(1).await;
+    let (id, url, pgid) = running(&c, &sha).await;
+    c.start_agent("idle");
+    c.wait_agents(2).await;
+
+    c.agents[0].signal(Signal::SIGSTOP);
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(600)).await; // the fault: a 600 ms freeze
+    c.agents[0].signal(Signal::SIGCONT);
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGCONT);
+
+    let b = c.api.wait_finished(id, LONG).await;
+    assert_eq!(
+        (b.status, b.attempt.0),
+        (BuildStatus::Success, 1),
+        "no false requeue"
+    );
+    assert_eq!(b.agent.as_deref(), Some(url.as_str()));
+    assert_eq!(c.api.agents().await.unwrap().len(), 2);
+    c.assert_exactly_once(&[id]);
+}
+
 /// The server is SIGKILLed while a build runs; the build finishes while
 /// no server is up, and its result waits in the agent's spool. The
 /// restarted server still knows the agent: the agent says who it is over
@@ -284,4 +318,54 @@ async fn agents_get_their_own_token_and_a_revoked_one_is_shut_out() {
         assert!(!bytes.windows(token.len()).any(|w| w == token.as_bytes()));
     }
     c.assert_exactly_once(&[id]);
+}
+
+/// The server is SIGKILLed and restarted while 50 connected agents each
+/// run a build. Every agent comes back over a new connection without
+/// registering again, every result (finished while the server was down
+/// or after) is delivered, every build counts its first attempt, once.
+#[tokio::test]
+async fn fifty_connected_agents_come_back_after_a_server_restart() {
+    let mut c = connected(1000, 10); // lease 10 s
+    let dir = c.dir.path().display().to_string();
+    let sha = c.commit_script(&format!(
+        "touch {dir}/ran-$CI_BUILD_ID-$CI_BUILD_ATTEMPT\n\
+         while [ ! -e {dir}/go ]; do sleep 0.05; done\n\
+         echo done $CI_BUILD_ID\n"
+    ));
+    c.start_server();
+    for i in 0..50 {
+        c.start_agent(&format!("fleet{i}"));
+    }
+    let before: std::collections::BTreeSet<_> = c.wait_agents(50).await.into_iter().map(|a| a.id).collect();
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids.push(c.api.create(&sha).await.id);
+    }
+    wait_until("50 builds running on the agents", LONG, || async {
+        let ran = std::fs::read_dir(c.dir.path())
+            .ok()?
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("ran-"))
+            })
+            .count();
+        (ran == 50).then_some(())
+    })
+    .await;
+
+    c.kill_server();
+    // They finish while the server is down, or just after it is back.
+    std::fs::write(c.dir.path().join("go"), "").unwrap();
+    c.start_server();
+    c.wait_server().await;
+    for id in &ids {
+        let b = c.api.wait_finished(*id, LONG).await;
+        assert_eq!((b.status, b.attempt.0), (BuildStatus::Success, 1), "build {id}");
+    }
+    let after: std::collections::BTreeSet<_> = c.wait_agents(50).await.into_iter().map(|a| a.id).collect();
+    assert_eq!(before, after, "every agent came back as itself");
+    let again = c.api.agents().await.unwrap();
+    assert!(again.iter().all(|a| a.connected), "all connected again");
+    c.assert_exactly_once(&ids);
 }
