@@ -271,14 +271,7 @@ impl Agent {
         for w in self.inner.config.security_warnings() {
             warn!("SECURITY: {w}");
         }
-        let runner = self.inner.runner.clone();
-        let maintenance = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
-            loop {
-                tick.tick().await;
-                runner.maintain().await;
-            }
-        });
+        let maintenance = self.inner.maintain();
         let session = self.session(port);
         let result = tokio::select! {
             r = session => r,
@@ -327,14 +320,7 @@ impl Agent {
             })?;
         info!(server = %url, "ci-agent connecting to its server (listening on no port)");
         self.inner.tunnel.use_it();
-        let runner = self.inner.runner.clone();
-        let maintenance = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
-            loop {
-                tick.tick().await;
-                runner.maintain().await;
-            }
-        });
+        let maintenance = self.inner.maintain();
         let (incoming_tx, incoming) = tokio::sync::mpsc::channel(64);
         let carrier = tokio::spawn(self.inner.clone().carry(url, incoming_tx));
         let server = tokio::spawn(self.inner.clone().answer(incoming));
@@ -388,6 +374,19 @@ impl Agent {
 }
 
 impl Inner {
+    /// Runs the runner's housekeeping every [`MAINTENANCE_EVERY`] until
+    /// aborted.
+    fn maintain(&self) -> tokio::task::JoinHandle<()> {
+        let runner = self.runner.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+            loop {
+                tick.tick().await;
+                runner.maintain().await;
+            }
+        })
+    }
+
     /// What this agent says of itself when it registers.
     fn announce(&self, port: u16) -> NotifyAgent {
         let forced = self.config.protocol == Protocol::Original;

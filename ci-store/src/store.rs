@@ -154,6 +154,18 @@ impl Drop for SqliteStore {
     }
 }
 
+/// A project's branch filter as stored (JSON).
+fn branches_text(p: &Project) -> String {
+    serde_json::to_string(&p.branches).unwrap_or_default()
+}
+
+/// A project's forge as stored (JSON; NULL for none).
+fn forge_text(p: &Project) -> Option<String> {
+    p.forge
+        .as_ref()
+        .map(|f| serde_json::to_string(f).unwrap_or_default())
+}
+
 /// Projects as last read, by name: every build's creation reads its
 /// project, and projects change seldom.
 ///
@@ -1101,11 +1113,9 @@ impl Projects for SqliteStore {
                         p.repo,
                         p.default_branch,
                         p.poll_interval_s,
-                        serde_json::to_string(&p.branches).unwrap_or_default(),
+                        branches_text(&p),
                         p.cancel_previous,
-                        p.forge
-                            .as_ref()
-                            .map(|f| serde_json::to_string(f).unwrap_or_default()),
+                        forge_text(&p),
                         ts(now),
                     ])?;
                 if inserted == 0 {
@@ -1138,11 +1148,9 @@ impl Projects for SqliteStore {
                             p.repo,
                             p.default_branch,
                             p.poll_interval_s,
-                            serde_json::to_string(&p.branches).unwrap_or_default(),
+                            branches_text(&p),
                             p.cancel_previous,
-                            p.forge
-                                .as_ref()
-                                .map(|f| serde_json::to_string(f).unwrap_or_default()),
+                            forge_text(&p),
                         ],
                         project_from_row,
                     )
