@@ -1,8 +1,11 @@
 //! Agents that connect out (the default): real `ci-server` and `ci-agent`
 //! processes on loopback, the agents listening on no port. A killed
 //! agent's build moves at once (its connection closes), a stopped one's
-//! when its lease lapses, a result finished while the server is down is
-//! delivered over the next connection, and a wrong token is refused.
+//! when its lease lapses, as does a partitioned one's (iptables on the
+//! agent's own loopback address, which it connects from); a stop or a
+//! partition shorter than the lease changes nothing; a result finished
+//! while the server is down is delivered over the next connection; a
+//! wrong or revoked token is refused.
 //! Every case ends with each build finished exactly once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
@@ -12,7 +15,7 @@ mod common;
 use std::time::Duration;
 
 use ci_core::{BuildId, BuildStatus};
-use common::{wait_until, Cluster};
+use common::{agent_ip, partitions_or_skip, wait_until, Cluster, Partition};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::time::Instant;
@@ -149,6 +152,97 @@ async fn a_stop_shorter_than_the_lease_is_not_a_failure() {
     );
     assert_eq!(b.agent.as_deref(), Some(url.as_str()));
     assert_eq!(c.api.agents().await.unwrap().len(), 2);
+    c.assert_exactly_once(&[id]);
+}
+
+/// The loopback address agent `url`'s connection comes from, as the
+/// server sees it.
+async fn address_of(c: &Cluster, url: &str) -> String {
+    let agents = c.api.agents().await.unwrap();
+    let agent = agents.iter().find(|a| a.url == url).expect("the agent is listed");
+    agent
+        .address
+        .clone()
+        .expect("a connected agent's address is known")
+}
+
+/// A partition shorter than the lease (packets to and from the agent's
+/// address dropped): the connection survives it, no requeue, attempt 1
+/// finishes where it started.
+#[tokio::test]
+async fn a_partition_shorter_than_the_lease_changes_nothing() {
+    if !partitions_or_skip() {
+        return;
+    }
+    let mut c = connected(400, 5); // lease 2 s
+    let sha = c.commit_script("sleep 2; echo done");
+    c.start_server();
+    c.start_agent_at("cut-off", &agent_ip());
+    c.start_agent_at("other", &agent_ip());
+    c.wait_agents(2).await;
+    let id = c.api.create(&sha).await.id;
+    let b = c
+        .api
+        .wait_build(id, LONG, "running", |b| b.status == BuildStatus::Running)
+        .await;
+    let url = b.agent.unwrap();
+    let ip = address_of(&c, &url).await;
+    assert_ne!(ip, "127.0.0.1", "the agent connects from its own address");
+
+    let cut = Partition::cut(&ip);
+    tokio::time::sleep(Duration::from_millis(700)).await; // the fault: 700 ms without a network
+    drop(cut);
+
+    let b = c.api.wait_finished(id, LONG).await;
+    assert_eq!((b.status, b.attempt.0), (BuildStatus::Success, 1), "no requeue");
+    assert_eq!(b.agent.as_deref(), Some(url.as_str()));
+    assert_eq!(c.api.agents().await.unwrap().len(), 2);
+    c.assert_exactly_once(&[id]);
+}
+
+/// A partition longer than the lease: the connection stays open but
+/// silent, so the build moves when the lease lapses; when the network
+/// heals, the cut-off agent learns its attempt was superseded, stops its
+/// copy and comes back.
+#[tokio::test]
+async fn a_partition_longer_than_the_lease_moves_the_build() {
+    if !partitions_or_skip() {
+        return;
+    }
+    let mut c = connected(200, 3); // lease 600 ms
+    let sha = hanging_first_attempt(&c);
+    c.start_server();
+    c.start_agent_at("cut-off", &agent_ip());
+    c.wait_agents(1).await;
+    let (id, url, pgid) = running(&c, &sha).await;
+    let ip = address_of(&c, &url).await;
+    c.start_agent_at("other", &agent_ip());
+    c.wait_agents(2).await;
+
+    let cut = Partition::cut(&ip);
+    let done = c
+        .api
+        .wait_build(id, LONG, "attempt 2 done", |b| {
+            b.attempt.0 == 2 && b.status.is_finished()
+        })
+        .await;
+    assert_eq!(done.status, BuildStatus::Success);
+    assert_ne!(done.agent.as_deref(), Some(url.as_str()));
+    drop(cut);
+
+    wait_until("the cut-off agent to abandon its copy", LONG, || async {
+        c.agents[0].log().contains("build abandoned").then_some(())
+    })
+    .await;
+    wait_until("its work to stop", Duration::from_secs(10), || async {
+        (!ci_testkit::alive(pgid)).then_some(())
+    })
+    .await;
+    c.wait_agents(2).await;
+    let b = c.api.build(id).await.unwrap();
+    assert_eq!((b.status, b.attempt.0), (BuildStatus::Success, 2));
+    let log = c.api.log(id).await.unwrap().to_string();
+    assert!(!log.contains("finished attempt 1"), "{log}");
     c.assert_exactly_once(&[id]);
 }
 

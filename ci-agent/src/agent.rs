@@ -136,9 +136,7 @@ impl Agent {
         let file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| Error::WorkDirInUse(dir.clone()))?;
-        // An agent bound to one address also speaks from it: on a host with
-        // several, that is the one its server and firewall know it by.
-        let source = Some(config.addr.ip()).filter(|ip| !ip.is_unspecified());
+        let source = config.source;
         let tunnel = Arc::new(crate::tunnel::Tunnel::default());
         // N.B.: which way calls go is decided by how the agent is run
         // (`serve` or `connect`), not by `config.mode` (which tells the
@@ -488,7 +486,7 @@ impl Inner {
             // N.B.: its own token, once issued, else the shared one.
             let own = self.load_credential();
             let token = own.as_deref().or(self.config.agent_token.as_deref());
-            match crate::tunnel::open(&url, token, self.config.request_timeout).await {
+            match crate::tunnel::open(&url, token, self.config.source, self.config.request_timeout).await {
                 Ok(ws) => {
                     failures = 0;
                     delays.reset();

@@ -35,14 +35,11 @@ pub struct Args {
     #[arg(long, env = "AGENT_PORT", value_name = "AGENT_PORT", default_value_t = 3001)]
     pub port: u16,
 
-    /// Address to bind.
-    #[arg(
-        long,
-        env = "AGENT_BIND",
-        value_name = "AGENT_BIND",
-        default_value = "127.0.0.1"
-    )]
-    pub bind: IpAddr,
+    /// Address to bind: the one a pushed-to agent listens on (default
+    /// 127.0.0.1), and the one an agent that connects out connects from
+    /// (default: the one the system picks).
+    #[arg(long, env = "AGENT_BIND", value_name = "AGENT_BIND")]
+    pub bind: Option<IpAddr>,
 
     /// The server's host, with or without `http://`.
     #[arg(
@@ -198,6 +195,10 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 pub struct AgentConfig {
     /// Where to listen.
     pub addr: SocketAddr,
+    /// The address calls to the server come from; `None` lets the system
+    /// pick. On a host with several, it is the one the server and its
+    /// firewall know the agent by.
+    pub source: Option<IpAddr>,
     /// Host announced to the server; `None` lets the server use the source
     /// address.
     pub advertise_host: Option<String>,
@@ -237,6 +238,7 @@ impl AgentConfig {
     pub fn new(server_url: impl Into<String>, work_dir: impl Into<PathBuf>) -> AgentConfig {
         AgentConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            source: None,
             advertise_host: None,
             server_url: server_url.into(),
             runner: RunnerKind::Shell,
@@ -260,7 +262,8 @@ impl AgentConfig {
     /// What is risky about these settings, one warning per line.
     pub fn security_warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        if self.agent_token.is_none() && !self.addr.ip().is_loopback() {
+        // N.B.: an agent that connects out listens nowhere.
+        if self.mode == Mode::Push && self.agent_token.is_none() && !self.addr.ip().is_loopback() {
             w.push(format!(
                 "listening on {} without AGENT_TOKEN: builds are accepted from the server's address \
                  only, which anyone on that host (or spoofing it) can use to run commands here. \
@@ -414,8 +417,17 @@ impl TryFrom<Args> for AgentConfig {
                 reason: "must not be empty".into(),
             });
         }
+        // N.B.: an agent that listens speaks from where it listens; one
+        // that connects out, from where it is told to, if it is.
+        let listen = a.bind.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let source = match mode {
+            Mode::Push => Some(listen),
+            Mode::Connect => a.bind,
+        }
+        .filter(|ip| !ip.is_unspecified());
         Ok(AgentConfig {
-            addr: SocketAddr::new(a.bind, a.port),
+            addr: SocketAddr::new(listen, a.port),
+            source,
             advertise_host: a.host.filter(|h| !h.trim().is_empty()),
             server_url,
             runner: a.runner,
@@ -501,10 +513,33 @@ mod tests {
             )
             .unwrap()
         };
-        assert!(parse(&[]).security_warnings().is_empty(), "loopback");
-        let exposed = parse(&["--bind", "0.0.0.0"]).security_warnings();
+        assert!(
+            parse(&["--mode", "push"]).security_warnings().is_empty(),
+            "loopback"
+        );
+        let exposed = parse(&["--mode", "push", "--bind", "0.0.0.0"]).security_warnings();
         assert!(exposed[0].contains("without AGENT_TOKEN"), "{exposed:?}");
-        let tokened = parse(&["--bind", "0.0.0.0", "--agent-token", "0123456789abcdef0123"]);
+        let tokened = parse(&[
+            "--mode",
+            "push",
+            "--bind",
+            "0.0.0.0",
+            "--agent-token",
+            "0123456789abcdef0123",
+        ]);
         assert!(tokened.security_warnings().is_empty());
+        let connecting = parse(&["--bind", "0.0.0.0"]);
+        assert!(connecting.security_warnings().is_empty(), "listens nowhere");
+    }
+
+    #[test]
+    fn bind_is_where_a_pushed_to_agent_listens_and_a_connecting_one_connects_from() {
+        let push = parse(&["--mode", "push"]).unwrap();
+        assert_eq!(push.addr.ip(), IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(push.source, Some(push.addr.ip()));
+        assert_eq!(parse(&[]).unwrap().source, None, "the system picks");
+        let bound = parse(&["--bind", "127.0.0.7"]).unwrap();
+        assert_eq!(bound.source, Some(IpAddr::from([127, 0, 0, 7])));
+        assert_eq!(parse(&["--bind", "0.0.0.0"]).unwrap().source, None);
     }
 }

@@ -8,6 +8,7 @@
 //! an unreachable server's do, and are retried as those are.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -158,10 +159,11 @@ pub fn connect_url(base: &str) -> Result<String, String> {
     }
 }
 
-/// Opens a connection to `url` presenting `token`.
+/// Opens a connection to `url` presenting `token`, from `source` if set.
 pub async fn open(
     url: &str,
     token: Option<&str>,
+    source: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, ConnectError> {
     let mut request = url
@@ -177,10 +179,27 @@ pub async fn open(
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));
-    let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let connecting = async {
+        let Some(ip) = source else {
+            return tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+                .await
+                .map(|(ws, _)| ws);
+        };
+        let host = request
+            .uri()
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = request.uri().port_u16().unwrap_or(80);
+        let stream = connect_from(ip, &host, port).await?;
+        tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
+            .await
+            .map(|(ws, _)| ws)
+    };
     match tokio::time::timeout(timeout, connecting).await {
         Err(_) => Err(ConnectError::Failed(format!("no answer in {timeout:?}"))),
-        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Ok(ws)) => Ok(ws),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) if resp.status().as_u16() == 401 => {
             Err(ConnectError::Refused(401))
         }
@@ -190,6 +209,33 @@ pub async fn open(
         ))),
         Ok(Err(e)) => Err(ConnectError::Failed(ci_core::error::chain(&e))),
     }
+}
+
+/// A TCP connection to `host:port` from address `source`: to the first of
+/// the host's addresses of `source`'s family.
+async fn connect_from(
+    source: IpAddr,
+    host: &str,
+    port: u16,
+) -> Result<TcpStream, tokio_tungstenite::tungstenite::Error> {
+    let no_address = || {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{host} has no address of the same family as AGENT_BIND {source}"),
+        )
+    };
+    let to = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4() == source.is_ipv4())
+        .ok_or_else(no_address)?;
+    let socket = match source {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(to).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Carries `ws` for `tunnel` until it closes: responses go to the calls

@@ -67,3 +67,111 @@ pub(crate) async fn run(b: &Bench) -> Result<(), Error> {
     );
     Ok(())
 }
+
+/// Measures, `rounds` times, SIGKILL to a real `ci-agent` that connects
+/// out, mid-build, to its build running again on another one. The lease
+/// is the shipped default (5 s): what moves the build is the connection
+/// closing.
+pub(crate) async fn killed(b: &Bench, rounds: usize) -> Result<(), Error> {
+    use nix::sys::signal::{killpg, Signal};
+    use nix::unistd::Pid;
+    use tokio::time::{Duration, Instant};
+
+    let h = b.clone_handle();
+    let pid_file = b.dir().join("pid");
+    let command = format!(
+        "echo $$ > {}; if [ \"$CI_BUILD_ATTEMPT\" = 1 ]; then exec sleep 60; fi",
+        pid_file.display()
+    );
+    let mut moved = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let _ = std::fs::remove_file(&pid_file);
+        let mut victim = b.spawn_agent(&format!("victim-{round}"), "connect")?;
+        b.wait_agents(1).await?;
+        let build: serde_json::Value = h
+            .http
+            .post(format!("{}/api/builds", b.base))
+            .json(&serde_json::json!({"hash": b.sha, "command": command}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = build["id"]
+            .as_i64()
+            .ok_or_else(|| Error::Setup(format!("no id in {build}")))?;
+        let pgid = wait_for("the first attempt to run", Duration::from_secs(30), || {
+            let pid = std::fs::read_to_string(&pid_file).ok();
+            std::future::ready(pid.and_then(|p| p.trim().parse::<i32>().ok()))
+        })
+        .await?;
+        let mut rescuer = b.spawn_agent(&format!("rescuer-{round}"), "connect")?;
+        b.wait_agents(2).await?;
+
+        let killed = Instant::now();
+        victim.kill();
+        let deadline = killed + Duration::from_secs(30);
+        loop {
+            let v: serde_json::Value = h.get(&format!("/api/builds/{id}")).await?;
+            if v["attempt"].as_u64() == Some(2) {
+                moved.push(ms(killed.elapsed()));
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(format!("build {id} did not move in 30 s")));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        wait_for(
+            "the second attempt to finish",
+            Duration::from_secs(30),
+            || async {
+                let v: serde_json::Value = h.get(&format!("/api/builds/{id}")).await.ok()?;
+                (v["status"] == "success").then_some(())
+            },
+        )
+        .await?;
+        rescuer.signal(Signal::SIGTERM);
+        rescuer.wait();
+        wait_for("the rescuer to leave", Duration::from_secs(30), || async {
+            let agents: Vec<serde_json::Value> = h.get("/api/agents").await.ok()?;
+            agents.is_empty().then_some(())
+        })
+        .await?;
+    }
+    let v = sorted(moved);
+    println!(
+        "killed agent (connected, lease 5 s): SIGKILL mid-build -> the build running again on another agent"
+    );
+    println!(
+        "  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} kills; Buildbot 4.3: 1.3 s)",
+        pct(&v, 0.5),
+        pct(&v, 0.99),
+        v.last().copied().unwrap_or(f64::NAN),
+        v.len()
+    );
+    println!(
+        "{}",
+        serde_json::json!({"mode": "kill", "moved_ms": {"p50": pct(&v, 0.5), "p99": pct(&v, 0.99), "max": v.last()}})
+    );
+    Ok(())
+}
+
+/// Polls `check` every millisecond until it gives a value, for at most
+/// `limit`.
+async fn wait_for<T, F, Fut>(what: &str, limit: tokio::time::Duration, mut check: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::Timeout(format!("waited {limit:?} for {what}")));
+        }
+        tokio::time::sleep(tokio::time::Duration::from_millis(1)).await;
+    }
+}

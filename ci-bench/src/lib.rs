@@ -6,6 +6,8 @@
 //! cargo run --release -p ci-bench -- --agents 2 --builds 200 --shell        # real ci-agent processes, shell runner
 //! cargo run --release -p ci-bench -- --lone 50 --shell                        # one build at a time
 //! cargo run --release -p ci-bench -- --failover                               # dead-agent detection and requeue
+//! cargo run --release -p ci-bench -- --kill 20                                # SIGKILL a connected agent mid-build
+//! cargo run --release -p ci-bench -- --fleet 10000                            # 10,000 connected agents
 //! cargo run --release -p ci-bench -- --pipeline linear                        # 5-step pipelines: next-step dispatch
 //! cargo run --release -p ci-bench -- --pipeline fan                           # 100 parallel steps + 1: overhead
 //! cargo run --release -p ci-bench -- --queue 100000 --agents 1000             # a scheduling pass, deep labelled queue
@@ -90,6 +92,9 @@ pub async fn run(opts: Opts) -> Result<(), Error> {
     let mut bench = setup::Bench::start(heartbeat_ms, missed).await?;
     if opts.failover {
         return failover::run(&bench).await;
+    }
+    if let Some(rounds) = opts.kill {
+        return failover::killed(&bench, rounds).await;
     }
     if let Some(shape) = opts.pipeline {
         return pipeline::run(&bench, &opts, shape).await;

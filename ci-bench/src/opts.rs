@@ -26,6 +26,10 @@ pub struct Opts {
     /// Instead: dead-agent detection and requeue (heartbeat 100 ms, 3 missed).
     #[arg(long)]
     pub failover: bool,
+    /// Instead: this many times, a real `ci-agent` that connects out is
+    /// SIGKILLed mid-build: how soon its build runs again on another.
+    #[arg(long)]
+    pub kill: Option<usize>,
     /// Instead: pipelines of no-op steps read from a `.ci.yml`, five in a
     /// row (`linear`) or 100 at once and a final one (`fan`).
     #[arg(long, value_enum)]

@@ -147,23 +147,7 @@ impl Bench {
         let mut procs = Vec::new();
         if opts.shell {
             for i in 0..opts.agents {
-                let work = self.tmp.path().join(format!("agent-{i}"));
-                let work = work
-                    .to_str()
-                    .ok_or(Error::Setup("a non-UTF-8 temp path".into()))?;
-                procs.push(Proc::spawn(
-                    "ci-agent",
-                    &format!("agent-{i}"),
-                    &[],
-                    &[
-                        ("SERVER_PORT", &self.port.to_string()),
-                        ("AGENT_MODE", "push"),
-                        ("AGENT_PORT", "0"),
-                        ("WORK_DIR", work),
-                        ("RUST_LOG", "warn"),
-                    ],
-                    self.tmp.path(),
-                ));
+                procs.push(self.spawn_agent(&format!("agent-{i}"), "push")?);
             }
         } else {
             for _ in 0..opts.agents {
@@ -172,6 +156,33 @@ impl Bench {
         }
         self.wait_agents(opts.agents).await?;
         Ok(procs)
+    }
+
+    /// Starts a real `ci-agent` process with the shell runner, working in
+    /// its own directory named `label`, in `mode` (`push` or `connect`).
+    pub(crate) fn spawn_agent(&self, label: &str, mode: &str) -> Result<Proc, Error> {
+        let work = self.tmp.path().join(label);
+        let work = work
+            .to_str()
+            .ok_or(Error::Setup("a non-UTF-8 temp path".into()))?;
+        Ok(Proc::spawn(
+            "ci-agent",
+            label,
+            &[],
+            &[
+                ("SERVER_PORT", &self.port.to_string()),
+                ("AGENT_MODE", mode),
+                ("AGENT_PORT", "0"),
+                ("WORK_DIR", work),
+                ("RUST_LOG", "warn"),
+            ],
+            self.tmp.path(),
+        ))
+    }
+
+    /// A scratch directory that lives as long as the bench.
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        self.tmp.path()
     }
 
     async fn wait_server(&self) -> Result<(), Error> {
@@ -185,7 +196,7 @@ impl Bench {
         Err(Error::Timeout("the server did not start within 5 s".into()))
     }
 
-    async fn wait_agents(&self, n: usize) -> Result<(), Error> {
+    pub(crate) async fn wait_agents(&self, n: usize) -> Result<(), Error> {
         for _ in 0..3000 {
             let agents: Vec<serde_json::Value> = self.get("/api/agents").await?;
             if agents.len() >= n {

@@ -661,3 +661,107 @@ impl Cluster {
         .collect()
     }
 }
+
+// === partitions ===
+
+/// iptables rules that cut one loopback address off, removed on drop.
+pub struct Partition {
+    rules: Vec<Vec<String>>,
+}
+
+impl Partition {
+    /// Whether this machine lets us add iptables rules (root, iptables).
+    pub fn available() -> Result<(), String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("not root".into());
+        }
+        let ok = std::process::Command::new("iptables")
+            .args(["-w", "-L", "INPUT", "-n"])
+            .output()
+            .map_err(|e| format!("iptables: {e}"))?;
+        if !ok.status.success() {
+            return Err(format!(
+                "iptables -L failed: {}",
+                String::from_utf8_lossy(&ok.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Drops every packet from and to `ip` on the loopback interface.
+    pub fn cut(ip: &str) -> Partition {
+        let tag = format!("ci-test-{}", std::process::id());
+        let rules: Vec<Vec<String>> = [["-s", ip], ["-d", ip]]
+            .iter()
+            .map(|[dir, addr]| {
+                [
+                    "INPUT",
+                    "-i",
+                    "lo",
+                    dir,
+                    addr,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &tag,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            })
+            .collect();
+        for r in &rules {
+            iptables("-I", r);
+        }
+        Partition { rules }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for r in &self.rules {
+            iptables("-D", r);
+        }
+    }
+}
+
+fn iptables(op: &str, rule: &[String]) {
+    let out = std::process::Command::new("iptables")
+        .arg("-w")
+        .arg(op)
+        .args(rule)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "iptables {op} {rule:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Partition tests need root and iptables. Under CI (`CI_REQUIRE_FAULTS=1`)
+/// their absence is a failure; elsewhere the test is skipped with a reason.
+pub fn partitions_or_skip() -> bool {
+    match Partition::available() {
+        Ok(()) => true,
+        Err(why) if std::env::var_os("CI_REQUIRE_FAULTS").is_some() => {
+            panic!("partition tests are required but cannot run: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED: partition tests need root and iptables: {why}");
+            false
+        }
+    }
+}
+
+/// A loopback address for one agent, distinct across tests running at once.
+pub fn agent_ip() -> String {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let base = 20 + (std::process::id() % 50) as u8 * 4;
+    format!(
+        "127.0.0.{}",
+        base + NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 4
+    )
+}
