@@ -682,7 +682,7 @@ impl Inner {
                 agent_id: Some(id),
                 ..NotifyAgentAlive::default()
             };
-            match self.client.alive(&ping, every).await {
+            match self.client.ping(&ping, every).await {
                 Ok(()) => Beat::Alive,
                 // Unknown, or our secret is no longer valid: start over.
                 Err(e) if matches!(e.refused_status(), Some(StatusCode::NOT_FOUND)) => Beat::Refused,

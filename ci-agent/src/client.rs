@@ -140,14 +140,7 @@ impl ServerClient {
                 .request(path, secret, body, timeout.unwrap_or(self.timeout))
                 .await
                 .map_err(|e| CallError::Disconnected(e.0))?;
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            if status.is_success() {
-                return serde_json::to_vec(&answer).map_err(|e| CallError::Disconnected(e.to_string()));
-            }
-            let message = serde_json::from_value::<ErrorBody>(answer)
-                .map(|b| b.error)
-                .unwrap_or_default();
-            return Err(classify(status, message));
+            return answered(status, answer);
         }
         let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
         if let Some(t) = &self.token {
@@ -195,6 +188,29 @@ impl ServerClient {
         self.post("/notify_agent_alive", body, Some(timeout))
             .await
             .map(drop)
+    }
+
+    /// An idle agent's ping (`POST /notify_agent_alive`). Over the agent's
+    /// connection it goes quiet (answered only if refused) and returns at
+    /// once: what it fails with is the refusal of an earlier ping, if one
+    /// came. Over HTTP it is [`ServerClient::alive`].
+    pub async fn ping(&self, body: &NotifyAgentAlive, timeout: Duration) -> Result<(), CallError> {
+        let Some(tunnel) = self.tunnel.as_ref().filter(|t| t.in_use()) else {
+            return self.alive(body, timeout).await;
+        };
+        if let Some((status, answer)) = tunnel.take_refusal() {
+            return answered(status, answer).map(drop);
+        }
+        let secret = self
+            .secret
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let body = serde_json::to_value(body).map_err(|e| CallError::Disconnected(e.to_string()))?;
+        tunnel
+            .notify("/notify_agent_alive", secret, body)
+            .await
+            .map_err(|e| CallError::Disconnected(e.0))
     }
 
     /// `POST /notify_build_log` (extension).
@@ -245,4 +261,17 @@ fn parse<R: serde::de::DeserializeOwned>(body: &[u8]) -> Result<R, CallError> {
             String::from_utf8_lossy(&body[..body.len().min(200)])
         ),
     })
+}
+
+/// What an answer over the agent's connection means, as its HTTP answer
+/// would.
+fn answered(status: u16, answer: serde_json::Value) -> Result<Vec<u8>, CallError> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_success() {
+        return serde_json::to_vec(&answer).map_err(|e| CallError::Disconnected(e.to_string()));
+    }
+    let message = serde_json::from_value::<ErrorBody>(answer)
+        .map(|b| b.error)
+        .unwrap_or_default();
+    Err(classify(status, message))
 }

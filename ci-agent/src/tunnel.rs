@@ -7,7 +7,7 @@
 //! its HTTP answer would have. While no connection is open, calls fail as
 //! an unreachable server's do, and are retried as those are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -30,6 +30,9 @@ const OUTBOX: usize = 256;
 #[derive(Debug, Default)]
 pub struct Tunnel {
     current: Mutex<Option<Arc<Line>>>,
+    /// The server's refusal of a quiet request over the current
+    /// connection, not yet taken.
+    refused: Mutex<Option<(u16, Value)>>,
     /// Calls go over it (the agent connects out), rather than over HTTP.
     in_use: std::sync::atomic::AtomicBool,
 }
@@ -39,8 +42,14 @@ pub struct Tunnel {
 pub struct Line {
     out: mpsc::Sender<Message>,
     pending: Mutex<HashMap<u64, oneshot::Sender<(u16, Value)>>>,
+    /// The latest quiet requests' ids: their answers, if any, are
+    /// refusals.
+    quiet: Mutex<VecDeque<u64>>,
     next: AtomicU64,
 }
+
+/// How many quiet requests' ids a connection remembers.
+const QUIET: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -82,6 +91,7 @@ impl Tunnel {
             path: path.to_owned(),
             session,
             body,
+            quiet: false,
         };
         let text = serde_json::to_string(&frame).map_err(|e| Unanswered(e.to_string()))?;
         if line.out.send(Message::text(text)).await.is_err() {
@@ -98,7 +108,44 @@ impl Tunnel {
         }
     }
 
+    /// Sends a quiet request for `path`: one the server answers only if
+    /// it refuses it, which [`Tunnel::take_refusal`] then gives.
+    pub async fn notify(&self, path: &str, session: Option<String>, body: Value) -> Result<(), Unanswered> {
+        let line = lock(&self.current).clone();
+        let Some(line) = line else {
+            return Err(Unanswered("not connected to the server".into()));
+        };
+        let id = line.next.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut quiet = lock(&line.quiet);
+            if quiet.len() == QUIET {
+                quiet.pop_front();
+            }
+            quiet.push_back(id);
+        }
+        let frame = Frame::Request {
+            id,
+            path: path.to_owned(),
+            session,
+            body,
+            quiet: true,
+        };
+        let text = serde_json::to_string(&frame).map_err(|e| Unanswered(e.to_string()))?;
+        if line.out.send(Message::text(text)).await.is_err() {
+            return Err(Unanswered("the connection to the server closed".into()));
+        }
+        Ok(())
+    }
+
+    /// The server's refusal (status and body) of a quiet request sent
+    /// over the current connection, once.
+    pub fn take_refusal(&self) -> Option<(u16, Value)> {
+        lock(&self.refused).take()
+    }
+
     fn attach(&self, line: Arc<Line>) {
+        // N.B.: a refusal over the last connection says nothing of this one.
+        lock(&self.refused).take();
         *lock(&self.current) = Some(line);
     }
 
@@ -252,6 +299,7 @@ pub async fn carry(
     let line = Arc::new(Line {
         out,
         pending: Mutex::default(),
+        quiet: Mutex::default(),
         next: AtomicU64::new(1),
     });
     tunnel.attach(line.clone());
@@ -273,8 +321,19 @@ pub async fn carry(
             };
             match serde_json::from_str::<Frame>(text) {
                 Ok(Frame::Response { id, status, body }) => {
-                    if let Some(waiting) = lock(&line.pending).remove(&id) {
+                    let waiting = lock(&line.pending).remove(&id);
+                    if let Some(waiting) = waiting {
                         let _ = waiting.send((status, body));
+                        continue;
+                    }
+                    let mut quiet = lock(&line.quiet);
+                    if let Some(i) = quiet.iter().position(|q| *q == id) {
+                        quiet.remove(i);
+                        // N.B.: a server that does not know quiet requests
+                        // answers their successes too.
+                        if !(200..300).contains(&status) {
+                            *lock(&tunnel.refused) = Some((status, body));
+                        }
                     }
                 }
                 Ok(Frame::Request { id, path, body, .. }) => {

@@ -27,6 +27,10 @@ const STEADY: Duration = Duration::from_secs(20);
 struct Arrivals {
     at: Mutex<HashMap<i64, Instant>>,
     registered: AtomicUsize,
+    /// The first agent that failed, and why.
+    failed: Mutex<Option<String>>,
+    /// Registrations tried again.
+    retries: AtomicUsize,
 }
 
 /// Raises the open-file limit to what `n` agents need at each end (this
@@ -35,18 +39,39 @@ struct Arrivals {
 pub(crate) fn raise_fd_limit(n: usize) -> Result<(), Error> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| Error::Setup(e.to_string()))?;
-    let want = (n as u64 + 1024).min(hard);
-    if want > soft {
-        setrlimit(Resource::RLIMIT_NOFILE, want, hard).map_err(|e| Error::Setup(e.to_string()))?;
-        println!("  open-file limit raised from {soft} to {want} (hard limit {hard})");
+    let want = n as u64 + 1024;
+    if want <= soft {
+        return Ok(());
     }
-    if want < n as u64 + 64 {
+    // N.B.: past the hard limit only with CAP_SYS_RESOURCE, up to the
+    // kernel's fs.nr_open.
+    let raised_hard = want > hard && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok();
+    if raised_hard {
+        println!("  open-file limit raised from {soft} to {want} (hard limit raised from {hard})");
+        return Ok(());
+    }
+    let got = want.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, got, hard).map_err(|e| Error::Setup(e.to_string()))?;
+    println!("  open-file limit raised from {soft} to {got} (hard limit {hard})");
+    if got < n as u64 + 64 {
         return Err(Error::Setup(format!(
-            "{n} agents need about {} open files per process; the hard limit is {hard}",
+            "{n} agents need about {} open files per process; the hard limit is {hard}, \
+             and raising it needs CAP_SYS_RESOURCE",
             n + 64
         )));
     }
     Ok(())
+}
+
+/// Connections one source address can open to one server port: the
+/// kernel's ephemeral ports (32768-60999 by default), with room to spare.
+const PER_SOURCE: usize = 20_000;
+
+/// The loopback address simulated agent `i` connects from: past
+/// [`PER_SOURCE`] agents, one address cannot hold them all.
+fn source(i: usize) -> std::net::SocketAddr {
+    let n = u8::try_from(2 + i / PER_SOURCE).unwrap_or(u8::MAX);
+    std::net::SocketAddr::from(([127, 0, 0, n], 0))
 }
 
 /// Runs the fleet of `n` agents, then `builds` builds one at a time.
@@ -58,7 +83,14 @@ pub(crate) async fn run(b: &Bench, n: usize, builds: usize) -> Result<(), Error>
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        tasks.push(tokio::spawn(agent(url.clone(), i, arrivals.clone())));
+        let (url, arrivals) = (url.clone(), arrivals.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = agent(url, i, arrivals.clone()).await {
+                if let Ok(mut first) = arrivals.failed.lock() {
+                    first.get_or_insert(format!("agent {i}: {e}"));
+                }
+            }
+        }));
         // N.B.: a few hundred at a time, as a fleet starting up would.
         if i % 200 == 199 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -66,6 +98,14 @@ pub(crate) async fn run(b: &Bench, n: usize, builds: usize) -> Result<(), Error>
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while arrivals.registered.load(Ordering::Relaxed) < n {
+        let failed = arrivals.failed.lock().ok().and_then(|f| f.clone());
+        if let Some(e) = failed {
+            return Err(Error::Setup(format!(
+                "{} of {n} agents registered, then one failed: {e}\nthe server's last words:\n{}",
+                arrivals.registered.load(Ordering::Relaxed),
+                b.server_log_tail(10)
+            )));
+        }
         if Instant::now() > deadline {
             return Err(Error::Timeout(format!(
                 "only {} of {n} agents registered in 120 s",
@@ -75,8 +115,9 @@ pub(crate) async fn run(b: &Bench, n: usize, builds: usize) -> Result<(), Error>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
-        "  {n} agents connected and registered in {:.1} s",
-        t.elapsed().as_secs_f64()
+        "  {n} agents connected and registered in {:.1} s ({} tried again)",
+        t.elapsed().as_secs_f64(),
+        arrivals.retries.load(Ordering::Relaxed)
     );
 
     // Steady state: every agent pings once a second.
@@ -150,32 +191,71 @@ pub(crate) async fn run(b: &Bench, n: usize, builds: usize) -> Result<(), Error>
     Ok(())
 }
 
-/// One simulated agent: connects, registers, pings every second while
-/// idle, takes each build, records when it arrived and reports success.
-async fn agent(url: String, i: usize, arrivals: Arc<Arrivals>) -> Result<(), String> {
-    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Connects simulated agent `i` and registers it.
+async fn register(url: &str, i: usize) -> Result<(Socket, NotifyAgentReply), String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(source(i))
+        .map_err(|e| format!("bind {}: {e}", source(i)))?;
+    let port = url
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('/').next()?.parse::<u16>().ok())
+        .ok_or("no port in the URL")?;
+    let stream = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await
         .map_err(|e| e.to_string())?;
-    let (mut sink, mut stream) = ws.split();
-    let send = |frame: &Frame| {
-        serde_json::to_string(frame)
-            .map(Message::text)
-            .map_err(|e| e.to_string())
-    };
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .map_err(|e| e.to_string())?;
     let hello = Frame::Request {
         id: 1,
         path: "/notify_agent".into(),
         session: None,
         body: serde_json::json!({"session": true, "pings": true, "name": format!("bench-{i}")}),
+        quiet: false,
     };
-    sink.send(send(&hello)?).await.map_err(|e| e.to_string())?;
-    let reply: NotifyAgentReply = loop {
-        let m = stream.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
+    let text = serde_json::to_string(&hello).map_err(|e| e.to_string())?;
+    ws.send(Message::text(text)).await.map_err(|e| e.to_string())?;
+    loop {
+        let m = ws.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
         if let Ok(Frame::Response { id: 1, body, .. }) =
             serde_json::from_str::<Frame>(m.to_text().unwrap_or(""))
         {
-            break serde_json::from_value(body).map_err(|e| e.to_string())?;
+            let reply = serde_json::from_value(body).map_err(|e| e.to_string())?;
+            return Ok((ws, reply));
         }
+    }
+}
+
+/// One simulated agent: connects, registers (trying again after a
+/// failure, as `ci-agent` does), pings every second while idle, takes
+/// each build, records when it arrived and reports success.
+async fn agent(url: String, i: usize, arrivals: Arc<Arrivals>) -> Result<(), String> {
+    let mut tries = 0u64;
+    let (ws, reply) = loop {
+        match register(&url, i).await {
+            Ok(r) => break r,
+            Err(e) if tries == 10 => return Err(e),
+            Err(e) => {
+                tries += 1;
+                if arrivals.retries.fetch_add(1, Ordering::Relaxed) == 0 {
+                    println!("  agent {i} could not register ({e}); it tries again, as ci-agent does");
+                }
+                let pause = 100 * tries + fastrand::u64(..100 * tries);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        }
+    };
+    let (mut sink, mut stream) = ws.split();
+    let send = |frame: &Frame| {
+        serde_json::to_string(frame)
+            .map(Message::text)
+            .map_err(|e| e.to_string())
     };
     arrivals.registered.fetch_add(1, Ordering::Relaxed);
     let mut next = 2u64;
@@ -191,6 +271,8 @@ async fn agent(url: String, i: usize, arrivals: Arc<Arrivals>) -> Result<(), Str
                     path: "/notify_agent_alive".into(),
                     session: reply.secret.clone(),
                     body: serde_json::json!({"agentId": reply.id}),
+                    // As `ci-agent`'s idle pings: answered only if refused.
+                    quiet: true,
                 };
                 sink.send(send(&ping)?).await.map_err(|e| e.to_string())?;
             }
@@ -218,6 +300,7 @@ async fn agent(url: String, i: usize, arrivals: Arc<Arrivals>) -> Result<(), Str
                         "id": body["id"], "status": 0, "stdout": "", "stderr": "",
                         "attempt": body["attempt"], "agentId": reply.id,
                     }),
+                    quiet: false,
                 };
                 sink.send(send(&result)?).await.map_err(|e| e.to_string())?;
             }

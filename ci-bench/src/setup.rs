@@ -135,6 +135,13 @@ impl Bench {
         }
     }
 
+    /// The last `n` lines the server logged.
+    pub(crate) fn server_log_tail(&self, n: usize) -> String {
+        let log = self.server.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// The server's process id.
     pub(crate) fn server_pid(&self) -> u32 {
         self.server.pid().as_raw().unsigned_abs()

@@ -83,6 +83,13 @@ pub const CONNECT_PATH: &str = "/agent/connect";
 ///   secret the `X-Agent-Secret` header would carry;
 /// - server → agent: `/build` and `/cancel`.
 ///
+/// A request marked `quiet` is answered only if it fails: an idle agent's
+/// ping, one a second from every agent, needs no answer when all is well,
+/// and not sending one halves what a fleet's pings cost the server. Its
+/// sender learns of a refusal (the server forgot the agent) from the
+/// failure's response. A server that does not know the mark answers
+/// anyway, and a success is ignored.
+///
 /// A response's `status` and `body` are what the HTTP answer would be, so
 /// both ends keep one meaning for every message. What differs is the
 /// connection itself: when it closes, the server requeues the builds of
@@ -102,6 +109,9 @@ pub enum Frame {
         session: Option<String>,
         /// The JSON body.
         body: serde_json::Value,
+        /// Answer only a failure.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet: bool,
     },
     /// The answer to the other side's request `id`.
     Response {

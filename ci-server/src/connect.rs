@@ -217,6 +217,7 @@ impl Conn {
             path: path.to_owned(),
             session: None,
             body,
+            quiet: false,
         };
         let sent = match serde_json::to_string(&frame) {
             Ok(text) => self.out.try_send(Message::text(text)).is_ok(),
@@ -367,10 +368,13 @@ where
                 path,
                 session,
                 body,
+                quiet,
             }) if path == "/notify_agent_alive" => {
                 let bound = *lock(&conn.agent);
                 let handled = agents::BOUND.scope(bound, handle(&app, &conn, &path, session, body));
-                let frame = answer_frame(id, handled.await);
+                let Some(frame) = answer_frame(id, handled.await, quiet) else {
+                    continue;
+                };
                 if socket.send(frame).await.is_err() {
                     break;
                 }
@@ -380,12 +384,16 @@ where
                 path,
                 session,
                 body,
+                quiet,
             }) => {
                 let (app, conn) = (app.clone(), conn.clone());
                 tokio::spawn(async move {
                     let bound = *lock(&conn.agent);
                     let handled = agents::BOUND.scope(bound, handle(&app, &conn, &path, session, body));
-                    if conn.out.try_send(answer_frame(id, handled.await)).is_err() {
+                    let Some(frame) = answer_frame(id, handled.await, quiet) else {
+                        return;
+                    };
+                    if conn.out.try_send(frame).is_err() {
                         // It does not read: let it go.
                         conn.close.notify_one();
                     }
@@ -422,9 +430,11 @@ where
     }
 }
 
-/// The response to request `id`, as its HTTP answer would be.
-fn answer_frame(id: u64, handled: crate::api::Result<Value>) -> Message {
+/// The response to request `id`, as its HTTP answer would be; none to
+/// a `quiet` one that succeeded.
+fn answer_frame(id: u64, handled: crate::api::Result<Value>, quiet: bool) -> Option<Message> {
     let (status, body) = match handled {
+        Ok(_) if quiet => return None,
         Ok(v) => (StatusCode::OK, v),
         Err(e) => (e.status(), error_body(e.message())),
     };
@@ -433,7 +443,7 @@ fn answer_frame(id: u64, handled: crate::api::Result<Value>) -> Message {
         status: status.as_u16(),
         body,
     };
-    Message::text(serde_json::to_string(&frame).unwrap_or_default())
+    Some(Message::text(serde_json::to_string(&frame).unwrap_or_default()))
 }
 
 fn error_body(message: &str) -> Value {

@@ -32,7 +32,7 @@
 //! use ci_server::{Server, ServerConfig};
 //! let config = ServerConfig::new(ci_core::RepoUrl::parse("/srv/repo.git")?, "ci.sqlite");
 //! let server = Server::open(config).await?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.map_err(ci_server::Error::Io)?;
+//! let listener = ci_server::listen::bind(([127, 0, 0, 1], 3000).into()).map_err(ci_server::Error::Io)?;
 //! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
 //! # }
 //! ```

@@ -41,7 +41,7 @@ async fn run() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match ci_server::listen::bind(addr) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_CONFIG, &format!("cannot listen on {addr}: {e}")),
     };
