@@ -166,6 +166,23 @@ async fn address_of(c: &Cluster, url: &str) -> String {
         .expect("a connected agent's address is known")
 }
 
+/// The server's `ci_agent_connections`.
+async fn open_connections(c: &Cluster) -> Option<u64> {
+    let text = c
+        .api
+        .http
+        .get(c.api.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ci_agent_connections "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// A partition shorter than the lease (packets to and from the agent's
 /// address dropped): the connection survives it, no requeue, attempt 1
 /// finishes where it started.
@@ -201,9 +218,9 @@ async fn a_partition_shorter_than_the_lease_changes_nothing() {
 }
 
 /// A partition longer than the lease: the connection stays open but
-/// silent, so the build moves when the lease lapses; when the network
-/// heals, the cut-off agent learns its attempt was superseded, stops its
-/// copy and comes back.
+/// silent, so the build moves when the lease lapses, and after two leases
+/// the server closes the connection; when the network heals, the cut-off
+/// agent learns its attempt was superseded, stops its copy and comes back.
 #[tokio::test]
 async fn a_partition_longer_than_the_lease_moves_the_build() {
     if !partitions_or_skip() {
@@ -228,6 +245,12 @@ async fn a_partition_longer_than_the_lease_moves_the_build() {
         .await;
     assert_eq!(done.status, BuildStatus::Success);
     assert_ne!(done.agent.as_deref(), Some(url.as_str()));
+    // Silent for two leases: the server lets the connection go (a host
+    // that died without a FIN would otherwise hold its socket forever).
+    wait_until("the server to close the silent connection", LONG, || async {
+        (open_connections(&c).await == Some(1)).then_some(())
+    })
+    .await;
     drop(cut);
 
     wait_until("the cut-off agent to abandon its copy", LONG, || async {

@@ -333,20 +333,39 @@ where
     });
     app.hub.open.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(?remote, "agent connected");
+    // N.B.: an agent speaks at least once a heartbeat. One silent for two
+    // leases was dropped by its first lease: its host died without a FIN,
+    // or a partition holds it. Closing lets the socket go; an agent that
+    // is still there finds the connection gone and connects again.
+    let silence = app.config.lease.ttl() * 2;
+    let mut watch = tokio::time::interval(silence / 2);
+    let mut heard = tokio::time::Instant::now();
     // N.B.: one task reads and writes. A heartbeat (one a second from
     // every agent) is answered right here: handing it to another task and
     // its answer to a writer task cost more than handling it.
     loop {
         let message = tokio::select! {
-            m = socket.next() => m,
+            // N.B.: in this order, so a message waiting is read before
+            // silence is judged (after a stall of the server's own).
+            biased;
+            () = conn.close.notified() => break,
             Some(m) = outbox.recv() => {
                 if socket.send(m).await.is_err() {
                     break;
                 }
                 continue;
             }
-            () = conn.close.notified() => break,
+            m = socket.next() => m,
+            _ = watch.tick() => {
+                if heard.elapsed() < silence {
+                    continue;
+                }
+                let agent = *lock(&conn.agent);
+                tracing::info!(?agent, ?remote, ?silence, "agent connection silent; closing it");
+                break;
+            }
         };
+        heard = tokio::time::Instant::now();
         let message = match message {
             Some(Ok(m)) => m,
             Some(Err(e)) => {
