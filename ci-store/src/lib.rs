@@ -11,6 +11,8 @@
 //! - `schema`: migrations, connections, and why a file cannot be opened.
 //! - `checkpoint`: WAL checkpoints on a thread of their own.
 //! - `rows`: rows to values, and shared queries.
+//! - [`Objects`] (`objects`): artifacts, caches and finished logs in a
+//!   directory or an S3 bucket, streamed.
 //! - [`Error`]: what can go wrong opening or using the file.
 //!
 //! # Durability
@@ -31,12 +33,14 @@
 use std::path::PathBuf;
 
 mod checkpoint;
+pub mod objects;
 mod options;
 mod rows;
 mod schema;
 mod store;
 mod writer;
 
+pub use objects::Objects;
 pub use options::{Options, Synchronous};
 pub use store::SqliteStore;
 
@@ -93,6 +97,38 @@ pub enum Error {
     /// error (superseded, not running, another agent's).
     #[error(transparent)]
     Refused(ci_core::Error),
+    /// `OBJECT_STORE_URL` names no store this program can use.
+    #[error("OBJECT_STORE_URL {url:?}: {why}")]
+    ObjectStoreUrl {
+        /// What was given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An object key that is not one (see [`objects::valid_key`]).
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    /// No object has this key.
+    #[error("no object {0:?}")]
+    NoObject(String),
+    /// The object store failed (unreachable, refused, disk full).
+    #[error("object {key:?}: {source}")]
+    Objects {
+        /// The object.
+        key: String,
+        /// What the store said.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A local file being uploaded or downloaded.
+    #[error("{}: {source}", path.display())]
+    ObjectIo {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<Error> for ci_core::Error {
