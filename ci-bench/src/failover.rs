@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::noop::{self, wait_done, wait_received, Marks};
 use crate::setup::Bench;
-use crate::stats::{ms, pct, sorted};
+use crate::stats::{ms, pct, sorted, spread};
 use crate::Error;
 
 /// The server's heartbeat interval in this scenario, ms.
@@ -143,13 +143,7 @@ pub(crate) async fn killed(b: &Bench, rounds: usize) -> Result<(), Error> {
     println!(
         "killed agent (connected, lease 5 s): SIGKILL mid-build -> the build running again on another agent"
     );
-    println!(
-        "  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} kills; Buildbot 4.3: 1.3 s)",
-        pct(&v, 0.5),
-        pct(&v, 0.99),
-        v.last().copied().unwrap_or(f64::NAN),
-        v.len()
-    );
+    println!("  {}  ({} kills; Buildbot 4.3: 1.3 s)", spread(&v), v.len());
     println!(
         "{}",
         serde_json::json!({"mode": "kill", "moved_ms": {"p50": pct(&v, 0.5), "p99": pct(&v, 0.99), "max": v.last()}})

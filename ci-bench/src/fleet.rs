@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::setup::Bench;
-use crate::stats::{ms, pct, rss_kib, sorted, usage};
+use crate::stats::{ms, pct, rss_kib, sorted, spread, usage};
 use crate::Error;
 
 /// How long heartbeats are measured.
@@ -172,10 +172,8 @@ pub(crate) async fn run(b: &Bench, n: usize, builds: usize) -> Result<(), Error>
     }
     let v = sorted(lat);
     println!(
-        "  dispatch with {n} agents: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} builds, one at a time)",
-        pct(&v, 0.5),
-        pct(&v, 0.99),
-        v.last().copied().unwrap_or(f64::NAN),
+        "  dispatch with {n} agents: {}  ({} builds, one at a time)",
+        spread(&v),
         v.len()
     );
     println!(

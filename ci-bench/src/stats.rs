@@ -11,6 +11,16 @@ pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// "p50 … ms  p99 … ms  max … ms" of sorted milliseconds.
+pub(crate) fn spread(sorted: &[f64]) -> String {
+    format!(
+        "p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        pct(sorted, 0.5),
+        pct(sorted, 0.99),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
 /// Milliseconds.
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
