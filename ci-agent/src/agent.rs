@@ -436,6 +436,9 @@ impl Inner {
             .await
             .map_err(Error::Registration)?;
         let heartbeat = Duration::from_millis(reply.timeout.max(10));
+        // N.B.: a refusal of a ping sent before this registration (a slow
+        // server's late answer) is not one of the new registration's.
+        let _ = self.tunnel.take_refusal();
         self.client.set_secret(reply.secret.clone());
         if let Some(secret) = &reply.secret {
             self.save_session(secret);
