@@ -88,17 +88,7 @@ pub(crate) async fn killed(b: &Bench, rounds: usize) -> Result<(), Error> {
         let _ = std::fs::remove_file(&pid_file);
         let mut victim = b.spawn_agent(&format!("victim-{round}"), "connect")?;
         b.wait_agents(1).await?;
-        let build: serde_json::Value = h
-            .http
-            .post(format!("{}/api/builds", b.base))
-            .json(&serde_json::json!({"hash": b.sha, "command": command}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let id = build["id"]
-            .as_i64()
-            .ok_or_else(|| Error::Setup(format!("no id in {build}")))?;
+        let id = b.submit(&command).await?;
         let pgid = wait_for("the first attempt to run", Duration::from_secs(30), || {
             let pid = std::fs::read_to_string(&pid_file).ok();
             std::future::ready(pid.and_then(|p| p.trim().parse::<i32>().ok()))

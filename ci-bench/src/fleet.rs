@@ -139,21 +139,10 @@ pub(crate) async fn run(b: &Bench, n: usize, builds: usize) -> Result<(), Error>
     );
 
     // Dispatch with that many agents: one build at a time.
-    let h = b.clone_handle();
     let mut lat = Vec::with_capacity(builds);
     for _ in 0..builds {
         let sent = Instant::now();
-        let build: serde_json::Value = h
-            .http
-            .post(format!("{}/api/builds", b.base))
-            .json(&serde_json::json!({"hash": b.sha, "command": "true"}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let id = build["id"]
-            .as_i64()
-            .ok_or_else(|| Error::Setup(format!("no id in {build}")))?;
+        let id = b.submit("true").await?;
         let arrived = loop {
             if let Some(at) = arrivals
                 .at

@@ -135,6 +135,22 @@ impl Bench {
         }
     }
 
+    /// Submits a build of the bench's commit running `command`; returns
+    /// its id.
+    pub(crate) async fn submit(&self, command: &str) -> Result<i64, Error> {
+        let build: serde_json::Value = self
+            .http
+            .post(format!("{}/api/builds", self.base))
+            .json(&serde_json::json!({"hash": self.sha, "command": command}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        build["id"]
+            .as_i64()
+            .ok_or_else(|| Error::Setup(format!("no id in {build}")))
+    }
+
     /// The last `n` lines the server logged.
     pub(crate) fn server_log_tail(&self, n: usize) -> String {
         let log = self.server.log();
