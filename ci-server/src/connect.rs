@@ -389,9 +389,7 @@ where
                 body,
                 quiet,
             }) if path == "/notify_agent_alive" => {
-                let bound = *lock(&conn.agent);
-                let handled = agents::BOUND.scope(bound, handle(&app, &conn, &path, session, body));
-                let Some(frame) = answer_frame(id, handled.await, quiet) else {
+                let Some(frame) = answer(&app, &conn, id, &path, session, body, quiet).await else {
                     continue;
                 };
                 if socket.send(frame).await.is_err() {
@@ -407,9 +405,7 @@ where
             }) => {
                 let (app, conn) = (app.clone(), conn.clone());
                 tokio::spawn(async move {
-                    let bound = *lock(&conn.agent);
-                    let handled = agents::BOUND.scope(bound, handle(&app, &conn, &path, session, body));
-                    let Some(frame) = answer_frame(id, handled.await, quiet) else {
+                    let Some(frame) = answer(&app, &conn, id, &path, session, body, quiet).await else {
                         return;
                     };
                     if conn.out.try_send(frame).is_err() {
@@ -447,6 +443,22 @@ where
     if let Err(e) = app.dispatcher.agent_disconnected(id).await {
         tracing::warn!(agent = %id, cause = %e, "could not drop a disconnected agent; its leases will lapse");
     }
+}
+
+/// Handles request `id` as the agent bound to `conn`, if any; its
+/// response, if it gets one.
+async fn answer(
+    app: &App,
+    conn: &Arc<Conn>,
+    id: u64,
+    path: &str,
+    session: Option<String>,
+    body: Value,
+    quiet: bool,
+) -> Option<Message> {
+    let bound = *lock(&conn.agent);
+    let handled = agents::BOUND.scope(bound, handle(app, conn, path, session, body));
+    answer_frame(id, handled.await, quiet)
 }
 
 /// The response to request `id`, as its HTTP answer would be; none to
